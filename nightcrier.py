@@ -1,0 +1,1977 @@
+#!/usr/bin/env python3
+"""nightcrier: turns Kubernetes faults into triaged incidents.
+
+nightcrier holds one MCP session to each configured cluster's events-enabled
+``kubernetes-mcp-server`` and subscribes to its fault stream. Every fault the
+server pushes becomes an incident row in SQL (SQLite by default, PostgreSQL for
+teams that run several replicas). A dispatcher claims pending incidents and runs
+an AI triage agent for each one -- at most ``max_concurrent_agents`` at once and
+never two at once on the same cluster -- then stores the report and tells Slack.
+
+The database is both the record and the job queue: ingestion never waits for an
+agent, a crash loses nothing that was received, and a restart picks up where the
+previous process stopped.
+
+Usage::
+
+    python nightcrier.py --config config.yaml            # run the service
+    python nightcrier.py check-config --config config.yaml
+
+The module is organised in sections, in the order data flows through it:
+Config, Model, Store, MCP client, Intake, Engine, Reporting, Ops, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shlex
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("nightcrier")
+
+T = TypeVar("T")
+
+
+###############################################################################
+# Config #######################################################################
+###############################################################################
+
+CONFIG_SEARCH_PATH = ("./config.yaml", "./configs/config.yaml", "/etc/nightcrier/config.yaml")
+CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_./-]+$")
+LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]*$")
+SECRET_MASK = "********"
+
+# Keys a Go-era configuration may carry that mean nothing here. They load with
+# a warning so that an existing deployment can switch binaries without edits.
+OBSOLETE_KEYS: dict[str, str] = {
+    "agent_script_path": "agents are started directly; run-agent.sh is not used",
+    "kubeconfig_path": "use clusters[].triage.kubeconfig",
+    "kubernetes_context": "use clusters[].triage.kubeconfig",
+    "severity_threshold": "every fault is triaged; nothing is filtered by severity",
+    "cluster_queue_size": "the database is the queue; there are no in-memory per-cluster queues",
+    "dedup_window_seconds": "every fault becomes one incident; nothing is deduplicated",
+    "queue_overflow_policy": "overflow goes to the on-disk spool; no event is dropped",
+    "sse_read_timeout": "liveness is checked with MCP pings every mcp_ping_interval seconds",
+    "azure_storage_connection_string": "reports stay in the workspace and the database",
+    "azure_storage_account": "reports stay in the workspace and the database",
+    "azure_storage_key": "reports stay in the workspace and the database",
+    "azure_storage_container": "reports stay in the workspace and the database",
+    "azure_sas_expiry": "reports stay in the workspace and the database",
+    "upload_failed_investigations": "reports of failed runs are kept in the workspace",
+    "state_storage.migrations_path": "the schema ships inside nightcrier",
+}
+
+LLM_KEY_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY")
+
+
+def setting(default: Any, env: str, doc: str, *, minimum: float | None = None,
+            choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+    """A configuration key: its default, environment variable and one-line doc."""
+    meta = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StateStorageConfig:
+    """Where incidents live. ``sqlite`` is embedded; ``postgres`` is for several replicas."""
+
+    type: str = setting("sqlite", "STATE_STORAGE_TYPE", "sqlite (embedded) or postgres",
+                        choices=("sqlite", "postgres"))
+    sqlite_path: str = setting("", "STATE_STORAGE_SQLITE_PATH",
+                               "SQLite file; default <workspace_root>/nightcrier.db")
+    postgres_connection_string: str = setting(
+        "", "STATE_STORAGE_POSTGRES_CONNECTION_STRING",
+        "libpq URL or key=value string; sslmode is honoured", secret=True)
+    postgres_host: str = setting("", "STATE_STORAGE_POSTGRES_HOST",
+                                 "used when no connection string is given")
+    postgres_port: int = setting(5432, "STATE_STORAGE_POSTGRES_PORT", "PostgreSQL port", minimum=1)
+    postgres_database: str = setting("", "STATE_STORAGE_POSTGRES_DATABASE", "database name")
+    postgres_user: str = setting("", "STATE_STORAGE_POSTGRES_USER", "database user")
+    postgres_password: str = setting("", "STATE_STORAGE_POSTGRES_PASSWORD", "database password",
+                                     secret=True)
+    postgres_sslmode: str = setting("prefer", "STATE_STORAGE_POSTGRES_SSLMODE",
+                                    "sslmode when no connection string is given",
+                                    choices=("disable", "allow", "prefer", "require",
+                                             "verify-ca", "verify-full"))
+    postgres_max_open_conns: int = setting(25, "STATE_STORAGE_POSTGRES_MAX_OPEN_CONNS",
+                                           "connections open at most", minimum=1)
+    postgres_max_idle_conns: int = setting(5, "STATE_STORAGE_POSTGRES_MAX_IDLE_CONNS",
+                                           "idle connections kept", minimum=0)
+    postgres_conn_max_lifetime: float = setting(300.0, "STATE_STORAGE_POSTGRES_CONN_MAX_LIFETIME",
+                                                "seconds before a connection is replaced", minimum=1)
+    postgres_conn_max_idle_time: float = setting(600.0, "STATE_STORAGE_POSTGRES_CONN_MAX_IDLE_TIME",
+                                                 "seconds an idle connection is kept", minimum=1)
+    postgres_pool_wait: float = setting(30.0, "STATE_STORAGE_POSTGRES_POOL_WAIT",
+                                        "seconds to wait for a free connection", minimum=0.1)
+    postgres_statement_timeout: float = setting(30.0, "STATE_STORAGE_POSTGRES_STATEMENT_TIMEOUT",
+                                                "seconds any statement may run", minimum=0.1)
+    sqlite_busy_timeout: float = setting(30.0, "STATE_STORAGE_SQLITE_BUSY_TIMEOUT",
+                                         "seconds a writer waits for the SQLite lock", minimum=0.1)
+
+
+@dataclass
+class SkillsConfig:
+    """Agent skills mounted read-only into the agent's home."""
+
+    cache_dir: str = setting("", "SKILLS_CACHE_DIR", "directory of skills mounted into the agent")
+    disable_triage_preload: bool = setting(False, "SKILLS_DISABLE_TRIAGE_PRELOAD",
+                                           "do not preload the incident into the prompt")
+
+
+@dataclass
+class McpConfig:
+    """How to reach one cluster's kubernetes-mcp-server."""
+
+    endpoint: str = ""
+    api_key: str = ""
+    ca_bundle: str = ""
+
+
+@dataclass
+class TriageConfig:
+    """Whether and how agents may look at one cluster."""
+
+    enabled: bool = False
+    kubeconfig: str = ""
+    allow_secrets_access: bool = False
+    check_permissions: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """One watched cluster. Its name becomes part of paths and metric labels."""
+
+    name: str
+    mcp: McpConfig
+    triage: TriageConfig
+    environment: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The effective configuration: defaults < file < environment < flags.
+
+    Built only by :func:`load_config`, which validates every key and raises
+    :class:`ConfigError` listing all problems at once.
+    """
+
+    clusters: list[ClusterConfig] = field(default_factory=list)
+    workspace_root: str = setting("./incidents", "WORKSPACE_ROOT", "incident workspaces live here")
+    log_level: str = setting("info", "LOG_LEVEL", "debug, info, warning or error",
+                             choices=("debug", "info", "warn", "warning", "error"))
+    log_format: str = setting("text", "LOG_FORMAT", "text or json", choices=("text", "json"))
+    subscribe_mode: str = setting("faults", "SUBSCRIBE_MODE",
+                                  "events_subscribe mode; resource-faults is the old name",
+                                  choices=("faults", "resource-faults"))
+    global_queue_size: int = setting(10000, "GLOBAL_QUEUE_SIZE",
+                                     "events held in memory before spilling to the spool", minimum=1)
+    max_concurrent_agents: int = setting(5, "MAX_CONCURRENT_AGENTS", "agents running at once",
+                                         minimum=1)
+    agent_runner: str = setting("docker", "AGENT_RUNNER", "docker or process",
+                                choices=("docker", "process"))
+    agent_command: list[str] = setting([], "AGENT_COMMAND",
+                                       "argv of the agent (process runner; overrides agent_cli)")
+    agent_cli: str = setting("claude", "AGENT_CLI", "claude, codex, gemini or goose",
+                             choices=("claude", "codex", "gemini", "goose"))
+    agent_image: str = setting("nightcrier-agent:latest", "AGENT_IMAGE", "agent container image")
+    agent_model: str = setting("sonnet", "AGENT_MODEL", "model name passed to the agent CLI")
+    agent_allowed_tools: str = setting("Read,Write,Grep,Glob,Bash,Skill", "AGENT_ALLOWED_TOOLS",
+                                       "tools the agent CLI may use")
+    agent_verbose: bool = setting(False, "AGENT_VERBOSE", "ask the agent CLI for verbose output")
+    agent_timeout: int = setting(300, "AGENT_TIMEOUT", "seconds an agent may run", minimum=1)
+    agent_system_prompt_file: str = setting("", "AGENT_SYSTEM_PROMPT_FILE",
+                                            "replaces the built-in triage prompt")
+    additional_agent_prompt: str = setting("", "ADDITIONAL_AGENT_PROMPT",
+                                           "appended to the triage prompt")
+    agent_user: str = setting("", "AGENT_USER", "uid:gid in the container; default nightcrier's own")
+    agent_network: str = setting("host", "AGENT_NETWORK", "container network mode")
+    agent_memory: str = setting("", "AGENT_MEMORY", "container memory limit, e.g. 2g")
+    agent_cpus: float = setting(0.0, "AGENT_CPUS", "container CPU limit; 0 = none", minimum=0)
+    agent_pids_limit: int = setting(0, "AGENT_PIDS_LIMIT", "container process limit; 0 = none",
+                                    minimum=0)
+    anthropic_api_key: str = setting("", "ANTHROPIC_API_KEY", "passed to the agent", secret=True)
+    openai_api_key: str = setting("", "OPENAI_API_KEY", "passed to the agent", secret=True)
+    gemini_api_key: str = setting("", "GEMINI_API_KEY", "passed to the agent", secret=True)
+    investigation_min_size_bytes: int = setting(100, "INVESTIGATION_MIN_SIZE_BYTES",
+                                                "smallest report that counts", minimum=0)
+    stale_after_seconds: float = setting(60.0, "STALE_AFTER_SECONDS",
+                                         "a running incident without heartbeat this long is orphaned",
+                                         minimum=1)
+    max_attempts: int = setting(2, "MAX_ATTEMPTS", "runs of one incident before it fails", minimum=1)
+    dispatch_poll_interval: float = setting(1.0, "DISPATCH_POLL_INTERVAL",
+                                            "fallback seconds between claim attempts", minimum=0.01)
+    shutdown_timeout: int = setting(30, "SHUTDOWN_TIMEOUT_SECONDS",
+                                    "seconds running agents get to finish on shutdown", minimum=0)
+    mcp_ping_interval: float = setting(30.0, "MCP_PING_INTERVAL",
+                                       "seconds between liveness pings to each MCP server", minimum=1)
+    mcp_connect_timeout: float = setting(5.0, "MCP_CONNECT_TIMEOUT",
+                                         "seconds to connect to an MCP server", minimum=0.1)
+    mcp_request_timeout: float = setting(15.0, "MCP_REQUEST_TIMEOUT",
+                                         "seconds to wait for an MCP reply", minimum=0.1)
+    sse_reconnect_initial_backoff: float = setting(1.0, "SSE_RECONNECT_INITIAL_BACKOFF",
+                                                   "first reconnect delay, seconds", minimum=0.01)
+    sse_reconnect_max_backoff: float = setting(60.0, "SSE_RECONNECT_MAX_BACKOFF",
+                                               "largest reconnect delay, seconds", minimum=0.01)
+    slack_webhook_url: str = setting("", "SLACK_WEBHOOK_URL", "incoming webhook; empty = no Slack",
+                                     secret=True)
+    slack_timeout_seconds: float = setting(10.0, "SLACK_TIMEOUT_SECONDS", "per Slack request",
+                                           minimum=0.1)
+    slack_max_attempts: int = setting(5, "SLACK_MAX_ATTEMPTS", "deliveries tried per message",
+                                      minimum=1)
+    report_base_url: str = setting("", "REPORT_BASE_URL",
+                                   "http(s) URL under which workspaces are served, for Slack buttons")
+    notify_on_agent_failure: bool = setting(True, "NOTIFY_ON_AGENT_FAILURE",
+                                            "send degraded and recovered alerts")
+    failure_threshold_for_alert: int = setting(3, "FAILURE_THRESHOLD_FOR_ALERT",
+                                               "consecutive agent failures before an alert", minimum=1)
+    health_port: int = setting(8080, "HEALTH_PORT", "health and metrics port; 0 disables", minimum=0)
+    health_bind: str = setting("127.0.0.1", "HEALTH_BIND", "health and metrics bind address")
+    permission_check_interval: float = setting(60.0, "PERMISSION_CHECK_INTERVAL",
+                                               "minutes between RBAC checks", minimum=1)
+    failover_seconds: float = setting(15.0, "FAILOVER_SECONDS",
+                                      "seconds before a standby takes over a cluster", minimum=1)
+    state_storage: StateStorageConfig = field(default_factory=StateStorageConfig)
+    skills: SkillsConfig = field(default_factory=SkillsConfig)
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file, derived from ``workspace_root`` unless set."""
+        return self.state_storage.sqlite_path or os.path.join(self.workspace_root, "nightcrier.db")
+
+    def api_keys(self) -> dict[str, str]:
+        """LLM keys from configuration, falling back to nightcrier's environment."""
+        keys = {"ANTHROPIC_API_KEY": self.anthropic_api_key, "OPENAI_API_KEY": self.openai_api_key,
+                "GEMINI_API_KEY": self.gemini_api_key}
+        return {k: v or os.environ.get(k, "") for k, v in keys.items() if v or os.environ.get(k)}
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One scalar key of the settings tree, as the loader walks it."""
+
+    path: str                 # dotted, e.g. "state_storage.type"
+    owner: str                # attribute path of the dataclass holding it ("" or "state_storage")
+    name: str
+    type: Any
+    env: str
+    default: Any
+    minimum: float | None
+    choices: tuple[str, ...]
+    secret: bool
+    doc: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.path.replace(".", "-").replace("_", "-")
+
+
+def _scalar_keys(cls: type = Config, prefix: str = "") -> list[_Key]:
+    keys: list[_Key] = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "env" not in f.metadata:
+            if dataclasses.is_dataclass(hints[f.name]) and f.name != "clusters":
+                keys += _scalar_keys(hints[f.name], prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        keys.append(_Key(prefix + f.name, prefix.rstrip("."), f.name, hints[f.name], f.metadata["env"],
+                         default, f.metadata["minimum"], f.metadata["choices"], f.metadata["secret"],
+                         f.metadata["doc"]))
+    return keys
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+    return typing.get_type_hints(cls)
+
+
+SCALAR_KEYS = _scalar_keys()
+KEYS_BY_PATH = {k.path: k for k in SCALAR_KEYS}
+
+
+def _describe(key: _Key) -> str:
+    return f"{key.path} (env {key.env})"
+
+
+def _shown(key: _Key | None, value: Any) -> str:
+    if key is not None and key.secret:
+        return SECRET_MASK if value else "''"
+    return repr(value)
+
+
+def _coerce(key: _Key, value: Any, problems: list[str]) -> Any:
+    """Convert a raw YAML, environment or flag value to the key's type, or record why not."""
+    def bad(why: str) -> None:
+        problems.append(f"{_describe(key)}: {why}, got {_shown(key, value)}")
+
+    if key.type is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        return bad("must be true or false")
+    if key.type in (int, float):
+        if isinstance(value, bool):
+            return bad(f"must be a number{'' if key.type is float else ' (whole)'}")
+        try:
+            number = key.type(value) if key.type is float else _as_int(value)
+        except (TypeError, ValueError):
+            return bad("must be a whole number" if key.type is int else "must be a number")
+        if key.minimum is not None and number < key.minimum:
+            return bad(f"must be >= {key.minimum:g}")
+        return number
+    if key.type == list[str]:
+        if isinstance(value, str):
+            try:
+                return shlex.split(value)
+            except ValueError as exc:
+                return bad(f"cannot be split into arguments ({exc})")
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        return bad("must be a list of strings or one command string")
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        return bad("must be a string")
+    text = str(value)
+    if key.choices and text.lower() not in key.choices:
+        return bad(f"must be one of {', '.join(key.choices)}")
+    return text.lower() if key.choices else text
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(str(value).strip())
+
+
+def find_config_file(explicit: str | None) -> str | None:
+    """The config file to read: ``explicit`` if given, else the first of the search path."""
+    if explicit:
+        return explicit
+    return next((p for p in CONFIG_SEARCH_PATH if os.path.isfile(p)), None)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
+                flags: Mapping[str, Any] | None = None) -> tuple[Config, list[str]]:
+    """Build the effective configuration from a YAML file, the environment and flags.
+
+    Returns the configuration and a list of warnings (obsolete or unknown keys).
+    Raises :class:`ConfigError` naming every problem: the key, its environment
+    variable and the bad value (masked when secret).
+    """
+    env = os.environ if env is None else env
+    flags = flags or {}
+    problems: list[str] = []
+    warnings: list[str] = []
+    raw = _read_yaml(path, problems)
+    config = Config()
+
+    flat = _flatten(raw, warnings)
+    for key in SCALAR_KEYS:
+        source_value: Any = dataclasses.MISSING
+        if key.path in flat:
+            source_value = flat[key.path]
+        if env.get(key.env) not in (None, ""):
+            source_value = env[key.env]
+        if flags.get(key.path) is not None:
+            source_value = flags[key.path]
+        if source_value is dataclasses.MISSING:
+            continue
+        if key.path == "state_storage.type" and str(source_value).lower() == "filesystem":
+            warnings.append("state_storage.type: 'filesystem' is read as 'sqlite'; the database is "
+                            "the queue and cannot be turned off")
+            source_value = "sqlite"
+        before = len(problems)
+        value = _coerce(key, source_value, problems)
+        if len(problems) == before:
+            owner = _resolve(config, key.owner)
+            setattr(owner, key.name, value)
+
+    config.clusters = _load_clusters(raw.get("clusters"), problems)
+    _cross_check(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config, warnings
+
+
+def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot be read ({exc.strerror or exc})")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"config file {path}: not valid YAML ({exc})")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"config file {path}: must be a mapping of keys, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def _flatten(raw: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """Dotted key -> value for every scalar key in the file; warns on keys that mean nothing."""
+    flat: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "clusters":
+            continue
+        if isinstance(value, dict) and name in ("state_storage", "skills"):
+            for sub, subvalue in value.items():
+                flat[f"{name}.{sub}"] = subvalue
+        else:
+            flat[str(name)] = value
+    for path in list(flat):
+        if path in KEYS_BY_PATH:
+            continue
+        if path in OBSOLETE_KEYS:
+            warnings.append(f"{path}: no longer used ({OBSOLETE_KEYS[path]}); ignored")
+        else:
+            warnings.append(f"{path}: unknown key; ignored")
+        del flat[path]
+    return flat
+
+
+def _resolve(config: Config, owner: str) -> Any:
+    target: Any = config
+    for part in filter(None, owner.split(".")):
+        target = getattr(target, part)
+    return target
+
+
+def _load_clusters(raw: Any, problems: list[str]) -> list[ClusterConfig]:
+    if not raw:
+        problems.append("clusters: at least one cluster must be configured in the 'clusters' list")
+        return []
+    if not isinstance(raw, list):
+        problems.append(f"clusters: must be a list, got {type(raw).__name__}")
+        return []
+    clusters: list[ClusterConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        cluster = _load_cluster(index, item, problems)
+        if cluster is None:
+            continue
+        if cluster.name in seen:
+            problems.append(f"clusters[{index}].name: duplicate cluster name {cluster.name!r}")
+        seen.add(cluster.name)
+        clusters.append(cluster)
+    return clusters
+
+
+def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig | None:
+    where = f"clusters[{index}]"
+    if not isinstance(item, dict):
+        problems.append(f"{where}: must be a mapping, got {type(item).__name__}")
+        return None
+    name = item.get("name")
+    if not name:
+        problems.append(f"{where}.name: is required")
+        name = f"#{index}"
+    elif not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
+        problems.append(f"{where}.name: {name!r} is invalid: use 1-63 letters, digits, '-' or '_'")
+    where = f"clusters[{index}] ({name})"
+    mcp_raw = _section(item, "mcp", where, problems)
+    triage_raw = _section(item, "triage", where, problems)
+    mcp = McpConfig(endpoint=_str(mcp_raw, "endpoint", f"{where}.mcp", problems),
+                    api_key=_str(mcp_raw, "api_key", f"{where}.mcp", problems),
+                    ca_bundle=_str(mcp_raw, "ca_bundle", f"{where}.mcp", problems))
+    triage = TriageConfig(
+        enabled=_bool(triage_raw, "enabled", False, f"{where}.triage", problems),
+        kubeconfig=_str(triage_raw, "kubeconfig", f"{where}.triage", problems),
+        allow_secrets_access=_bool(triage_raw, "allow_secrets_access", False, f"{where}.triage",
+                                   problems),
+        check_permissions=_bool(triage_raw, "check_permissions", True, f"{where}.triage", problems))
+    _check_endpoint(mcp.endpoint, f"{where}.mcp.endpoint", problems)
+    if mcp.ca_bundle and not _readable_file(mcp.ca_bundle):
+        problems.append(f"{where}.mcp.ca_bundle: {mcp.ca_bundle!r} is not a readable file")
+    if triage.enabled and not triage.kubeconfig:
+        problems.append(f"{where}.triage.kubeconfig: is required when triage.enabled is true")
+    elif triage.kubeconfig and not _readable_file(triage.kubeconfig):
+        problems.append(f"{where}.triage.kubeconfig: {triage.kubeconfig!r} is not a readable file")
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict):
+        problems.append(f"{where}.labels: must be a mapping, got {type(labels).__name__}")
+        labels = {}
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(str(key)):
+            problems.append(f"{where}.labels: invalid label key {key!r}")
+        if not LABEL_VALUE_RE.match(str(value)):
+            problems.append(f"{where}.labels.{key}: invalid label value {value!r}")
+    environment = item.get("environment") or ""
+    return ClusterConfig(name=str(name), mcp=mcp, triage=triage, environment=str(environment),
+                         labels={str(k): str(v) for k, v in labels.items()})
+
+
+def _section(item: Mapping[str, Any], name: str, where: str, problems: list[str]) -> dict[str, Any]:
+    value = item.get(name) or {}
+    if not isinstance(value, dict):
+        problems.append(f"{where}.{name}: must be a mapping, got {type(value).__name__}")
+        return {}
+    return value
+
+
+def _str(section: Mapping[str, Any], key: str, where: str, problems: list[str]) -> str:
+    value = section.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, bool)):
+        problems.append(f"{where}.{key}: must be a string, got {type(value).__name__}")
+        return ""
+    return str(value)
+
+
+def _bool(section: Mapping[str, Any], key: str, default: bool, where: str, problems: list[str]) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        problems.append(f"{where}.{key}: must be true or false, got {value!r}")
+        return default
+    return value
+
+
+def _check_endpoint(endpoint: str, where: str, problems: list[str]) -> None:
+    if not endpoint:
+        problems.append(f"{where}: is required")
+        return
+    parsed = urllib.parse.urlsplit(endpoint)
+    if parsed.scheme not in ("http", "https"):
+        problems.append(f"{where}: must start with http:// or https://, got {endpoint!r}")
+    elif not parsed.hostname:
+        problems.append(f"{where}: has no host, got {endpoint!r}")
+    else:
+        try:
+            parsed.port  # noqa: B018 -- raises ValueError for a malformed port
+        except ValueError:
+            problems.append(f"{where}: has an invalid port, got {endpoint!r}")
+
+
+def _readable_file(path: str) -> bool:
+    try:
+        with open(path, "rb"):
+            return os.path.isfile(path)
+    except OSError:
+        return False
+
+
+def _cross_check(config: Config, problems: list[str]) -> None:
+    """Rules that involve more than one key."""
+    if config.sse_reconnect_max_backoff < config.sse_reconnect_initial_backoff:
+        problems.append(
+            f"sse_reconnect_max_backoff (env SSE_RECONNECT_MAX_BACKOFF): must be >= "
+            f"sse_reconnect_initial_backoff ({config.sse_reconnect_initial_backoff:g}), "
+            f"got {config.sse_reconnect_max_backoff:g}")
+    if config.agent_runner == "process" and not config.agent_command:
+        problems.append("agent_command (env AGENT_COMMAND): is required when agent_runner is 'process'")
+    if config.agent_system_prompt_file and not _readable_file(config.agent_system_prompt_file):
+        problems.append(f"agent_system_prompt_file (env AGENT_SYSTEM_PROMPT_FILE): "
+                        f"{config.agent_system_prompt_file!r} is not a readable file")
+    if config.report_base_url and urllib.parse.urlsplit(config.report_base_url).scheme not in (
+            "http", "https"):
+        problems.append(f"report_base_url (env REPORT_BASE_URL): must be an http(s) URL, "
+                        f"got {config.report_base_url!r}")
+    if config.slack_webhook_url and urllib.parse.urlsplit(config.slack_webhook_url).scheme not in (
+            "http", "https"):
+        problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
+                        f"got {SECRET_MASK}")
+    storage = config.state_storage
+    if storage.type == "postgres":
+        dsn = postgres_dsn(storage)
+        if not dsn:
+            problems.append("state_storage.postgres_connection_string (env "
+                            "STATE_STORAGE_POSTGRES_CONNECTION_STRING): is required when "
+                            "state_storage.type is 'postgres' (or set state_storage.postgres_host, "
+                            "postgres_database and postgres_user)")
+        else:
+            why = _dsn_problem(dsn)
+            if why:
+                problems.append("state_storage.postgres_connection_string (env "
+                                f"STATE_STORAGE_POSTGRES_CONNECTION_STRING): {why}, "
+                                f"got {mask_dsn(dsn)!r}")
+
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def postgres_dsn(storage: StateStorageConfig) -> str:
+    """The libpq connection string: given verbatim, or built from the host/user fields."""
+    if storage.postgres_connection_string:
+        return storage.postgres_connection_string
+    if not (storage.postgres_host and storage.postgres_database and storage.postgres_user):
+        return ""
+    parts = {"host": storage.postgres_host, "port": str(storage.postgres_port),
+             "dbname": storage.postgres_database, "user": storage.postgres_user,
+             "sslmode": storage.postgres_sslmode}
+    if storage.postgres_password:
+        parts["password"] = storage.postgres_password
+    return " ".join(f"{k}='{_libpq_quote(v)}'" for k, v in parts.items())
+
+
+def _libpq_quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _parse_dsn(dsn: str) -> dict[str, str]:
+    """libpq's own reading of a connection string (URL or key=value)."""
+    import psycopg2.extensions
+    return psycopg2.extensions.parse_dsn(dsn)
+
+
+def _dsn_problem(dsn: str) -> str:
+    try:
+        params = _parse_dsn(dsn)
+    except ImportError:
+        return ""
+    except Exception as exc:  # psycopg2.ProgrammingError carries libpq's reason
+        return "is not a valid connection string (" + str(exc).strip().splitlines()[0] + ")"
+    sslmode = params.get("sslmode")
+    if sslmode and sslmode not in SSLMODES:
+        return f"sslmode must be one of {', '.join(SSLMODES)}"
+    return ""
+
+
+def mask_dsn(dsn: str) -> str:
+    """The connection string with its password replaced by a mask."""
+    if "://" in dsn:
+        parts = urllib.parse.urlsplit(dsn)
+        netloc = parts.netloc
+        if "@" in netloc:
+            creds, host = netloc.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            netloc = f"{user}:{SECRET_MASK}@{host}" if ":" in creds else f"{user}@{host}"
+        query = re.sub(r"(?i)(password=)[^&]*", r"\g<1>" + SECRET_MASK, parts.query)
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\g<1>" + SECRET_MASK, dsn)
+
+
+def mask_url(url: str) -> str:
+    """Keep a URL's scheme and host, mask the rest (webhook URLs carry their secret in the path)."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/{SECRET_MASK}"
+
+
+def config_as_dict(config: Config, masked: bool = True) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets masked unless ``masked`` is false."""
+    data = dataclasses.asdict(config)
+    if masked:
+        for key in SCALAR_KEYS:
+            holder = data
+            for part in filter(None, key.owner.split(".")):
+                holder = holder[part]
+            value = holder[key.name]
+            if key.path == "state_storage.postgres_connection_string":
+                holder[key.name] = mask_dsn(value)
+            elif key.path == "slack_webhook_url":
+                holder[key.name] = mask_url(value)
+            elif key.secret and value:
+                holder[key.name] = SECRET_MASK
+        for cluster in data["clusters"]:
+            if cluster["mcp"]["api_key"]:
+                cluster["mcp"]["api_key"] = SECRET_MASK
+    data["state_storage"]["sqlite_path"] = config.sqlite_path
+    return data
+
+
+###############################################################################
+# Model ########################################################################
+###############################################################################
+
+PENDING = "pending"
+INVESTIGATING = "investigating"
+RESOLVED = "resolved"
+FAILED = "failed"
+AGENT_FAILED = "agent_failed"
+SKIPPED = "skipped"
+STATUSES = (PENDING, INVESTIGATING, RESOLVED, FAILED, AGENT_FAILED, SKIPPED)
+TERMINAL_STATUSES = (RESOLVED, FAILED, AGENT_FAILED, SKIPPED)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return True
+
+
+@dataclass
+class FaultEvent:
+    """One fault notification as received, before it is stored.
+
+    ``event_id`` and ``incident_id`` are assigned on receipt so that writing the
+    same event twice (a retried batch, a replayed spool) is harmless.
+    """
+
+    cluster: str
+    fault_type: str
+    received_at: dt.datetime
+    mcp_payload: str
+    fault_id: str = ""
+    subscription_id: str = ""
+    upstream_cluster: str = ""
+    severity: str = ""
+    context: str = ""
+    timestamp: str = ""
+    resource_api_version: str = ""
+    resource_kind: str = ""
+    resource_name: str = ""
+    resource_namespace: str = ""
+    resource_uid: str = ""
+    event_id: str = field(default_factory=new_id)
+    incident_id: str = field(default_factory=new_id)
+
+
+@dataclass
+class RejectedNotification:
+    """A notification that could not become an incident, kept with its reason."""
+
+    cluster: str
+    reason: str
+    raw_body: str
+    received_at: dt.datetime = field(default_factory=utcnow)
+    rejected_id: str = field(default_factory=new_id)
+
+
+@dataclass
+class Incident:
+    """One row of ``incidents``: a fault and everything nightcrier did about it."""
+
+    incident_id: str
+    event_id: str
+    status: str
+    cluster: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    fault_id: str = ""
+    subscription_id: str = ""
+    fault_type: str = ""
+    severity: str = ""
+    context: str = ""
+    timestamp: str = ""
+    resource_api_version: str = ""
+    resource_kind: str = ""
+    resource_name: str = ""
+    resource_namespace: str = ""
+    resource_uid: str = ""
+    started_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    exit_code: int | None = None
+    failure_reason: str | None = None
+    attempts: int = 0
+    claimed_by: str | None = None
+    heartbeat_at: dt.datetime | None = None
+    workspace_path: str | None = None
+
+
+@dataclass
+class AgentExecution:
+    """One attempt to run an agent for an incident."""
+
+    execution_id: str
+    incident_id: str
+    agent_image: str
+    started_at: dt.datetime
+    completed_at: dt.datetime | None = None
+    exit_code: int | None = None
+    error_message: str | None = None
+    log_paths: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TriageReport:
+    """The report an agent wrote, as stored."""
+
+    report_id: str
+    incident_id: str
+    execution_id: str
+    generated_at: dt.datetime
+    report_markdown: str
+    report_html: str | None = None
+    summary_text: str | None = None
+    raw_report_path: str | None = None
+    storage_type: str = "database"
+
+
+INCIDENT_COLUMNS = tuple(f.name for f in dataclasses.fields(Incident))
+EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream_cluster",
+                 "received_at", "resource_api_version", "resource_kind", "resource_name",
+                 "resource_namespace", "resource_uid", "fault_type", "severity", "context",
+                 "timestamp", "mcp_payload")
+TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "heartbeat_at",
+                          "received_at", "generated_at"})
+
+
+###############################################################################
+# Store ########################################################################
+###############################################################################
+
+class StoreError(Exception):
+    """A database operation failed for a reason retrying will not fix."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or is busy; the operation may be retried later."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer nightcrier; this one refuses to touch it."""
+
+
+@dataclass(frozen=True)
+class IncidentFilter:
+    """Criteria for :meth:`StateStore.list_incidents`; empty fields match everything."""
+
+    statuses: tuple[str, ...] = ()
+    cluster: str = ""
+    namespace: str = ""
+    severity: str = ""
+    fault_type: str = ""
+    since: dt.datetime | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+class StateStore:
+    """The record of every event and incident, and the job queue of the engine.
+
+    Every method is safe to call from any thread. Methods that write run in one
+    transaction: either all of their effect is visible or none of it. Methods
+    raise :class:`StoreUnavailable` when the database cannot be reached (the
+    caller retries with backoff) and :class:`StoreError` for anything else.
+    Timestamps go in and come out as timezone-aware UTC datetimes.
+    """
+
+    engine = "abstract"
+
+    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = ()
+                      ) -> list[str]:
+        """Store each event with its incident, all in one transaction.
+
+        Each event becomes one ``fault_events`` row and one ``incidents`` row whose
+        ``created_at`` is the event's receive time. Incidents of clusters named in
+        ``skipped_clusters`` are created ``skipped``, the rest ``pending``. Events
+        whose ``event_id`` is already stored are left as they are, so a batch may be
+        written again safely. Returns the incident ids in the order of ``events``.
+        """
+        raise NotImplementedError
+
+    def record_rejected(self, rejected: Sequence[RejectedNotification]) -> None:
+        """Store notifications that could not become incidents, in one transaction."""
+        raise NotImplementedError
+
+    def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
+        """Atomically take the oldest pending incident of a cluster with none investigating.
+
+        The incident becomes ``investigating`` with ``claimed_by=worker_id``, a fresh
+        ``heartbeat_at`` and ``started_at``, and ``attempts`` one higher. Clusters in
+        ``exclude_clusters`` are passed over. No two callers, in any process, can
+        claim the same incident or two incidents of one cluster. Returns the claimed
+        incident, or None when nothing is claimable.
+        """
+        raise NotImplementedError
+
+    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
+        """Refresh ``heartbeat_at`` of those incidents still investigating under ``worker_id``.
+
+        Returns how many were refreshed; fewer than asked means some were taken away.
+        """
+        raise NotImplementedError
+
+    def set_workspace(self, incident_id: str, workspace_path: str) -> None:
+        """Record where the incident's workspace is."""
+        raise NotImplementedError
+
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
+                        ) -> AgentExecution:
+        """Record that an agent run is starting; returns the new execution."""
+        raise NotImplementedError
+
+    def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
+                         log_paths: Mapping[str, str]) -> None:
+        """Record how an agent run ended."""
+        raise NotImplementedError
+
+    def record_report(self, report: TriageReport) -> None:
+        """Store an agent's report."""
+        raise NotImplementedError
+
+    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
+                 reason: str | None) -> bool:
+        """Give a claimed incident its final status.
+
+        Only applies while the incident is ``investigating`` under ``worker_id``.
+        Returns False, changing nothing, if it is not (a recovery sweep took it).
+        Raises ValueError for a status that is not terminal.
+        """
+        raise NotImplementedError
+
+    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
+        """Return a claimed incident to ``pending`` without counting the attempt.
+
+        For runs that never started (runner unavailable, shutdown). Same
+        ownership rule and return value as :meth:`complete`.
+        """
+        raise NotImplementedError
+
+    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+                      ) -> tuple[list[str], list[str]]:
+        """Sweep incidents whose worker stopped sending heartbeats, in one transaction.
+
+        Those investigating with ``heartbeat_at`` older than ``stale_before`` go
+        back to ``pending`` while ``attempts < max_attempts``, else become
+        ``failed`` with reason ``orphaned``; their open executions are closed.
+        Returns (requeued ids, failed ids).
+        """
+        raise NotImplementedError
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        """One incident, or None if no such id (including ids that are not UUIDs)."""
+        raise NotImplementedError
+
+    def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
+        """Incidents matching ``criteria``, newest first."""
+        raise NotImplementedError
+
+    def list_executions(self, incident_id: str) -> list[AgentExecution]:
+        """The incident's agent runs, oldest first."""
+        raise NotImplementedError
+
+    def get_report(self, incident_id: str) -> TriageReport | None:
+        """The incident's newest report, or None."""
+        raise NotImplementedError
+
+    def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
+        """Rejected notifications, newest first."""
+        raise NotImplementedError
+
+    def count_by_status(self) -> dict[str, int]:
+        """Number of incidents in each status (every status present, zero included)."""
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Return if the database answers; raise :class:`StoreUnavailable` if not."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release every connection. The store is unusable afterwards."""
+        raise NotImplementedError
+
+
+# The schema files hold every migration. A line "-- version: N" starts
+# migration N; statements end with ";" at the end of a line.
+SCHEMA_VERSION_RE = re.compile(r"^-- version: (\d+)\s*$", re.MULTILINE)
+
+
+def read_schema(engine: str) -> list[tuple[int, list[str]]]:
+    """The migrations of ``engine`` as (version, statements), oldest first.
+
+    Read from beside this module, which also works inside a zip application.
+    """
+    name = f"schema_{engine}.sql"
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    loader = globals().get("__loader__")
+    try:
+        if loader is not None and hasattr(loader, "get_data"):
+            text = loader.get_data(path).decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise StoreError(f"schema file {name} not found beside nightcrier ({exc})") from exc
+    chunks = SCHEMA_VERSION_RE.split(text)
+    migrations = []
+    for i in range(1, len(chunks), 2):
+        body = "\n".join(line for line in chunks[i + 1].splitlines()
+                         if not line.lstrip().startswith("--"))
+        statements = [s.strip() for s in re.split(r";\s*$", body, flags=re.MULTILINE) if s.strip()]
+        migrations.append((int(chunks[i]), statements))
+    return migrations
+
+
+def latest_schema_version(engine: str) -> int:
+    return max(v for v, _ in read_schema(engine))
+
+
+def _check_schema_version(current: int, latest: int, dirty: bool) -> None:
+    if dirty:
+        raise StoreError(f"schema_migrations: version {current} is marked dirty (a migration "
+                         "failed part-way); repair the database by hand, then clear the flag")
+    if current > latest:
+        raise SchemaTooNew(f"database schema is version {current}, newer than this nightcrier "
+                           f"({__version__}, schema {latest}); run a newer nightcrier or restore "
+                           "a matching database")
+
+
+def _ts(value: Any) -> dt.datetime | None:
+    """A stored timestamp (ISO text from SQLite, datetime from PostgreSQL) as aware UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+def _iso(value: dt.datetime) -> str:
+    """Fixed-width UTC text, so that SQLite orders timestamps correctly as strings."""
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
+    values = {}
+    present = set(row.keys())
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in present:
+            continue
+        value = row[f.name]
+        if f.name in TIME_COLUMNS:
+            value = _ts(value)
+        elif f.name == "log_paths":
+            value = json.loads(value) if isinstance(value, str) and value else (value or {})
+        elif f.name in ("incident_id", "event_id", "execution_id", "report_id") and value is not None:
+            value = str(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _event_values(event: FaultEvent) -> dict[str, Any]:
+    return {c: getattr(event, c) for c in EVENT_COLUMNS}
+
+
+def _incident_values(event: FaultEvent, status: str, now: dt.datetime) -> dict[str, Any]:
+    return {"incident_id": event.incident_id, "event_id": event.event_id, "status": status,
+            "cluster": event.cluster, "created_at": event.received_at, "updated_at": now,
+            "fault_id": event.fault_id, "subscription_id": event.subscription_id,
+            "fault_type": event.fault_type, "severity": event.severity, "context": event.context,
+            "timestamp": event.timestamp, "resource_api_version": event.resource_api_version,
+            "resource_kind": event.resource_kind, "resource_name": event.resource_name,
+            "resource_namespace": event.resource_namespace, "resource_uid": event.resource_uid,
+            "attempts": 0}
+
+
+def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
+    """WHERE clause (with ``?`` placeholders) and parameters for a listing."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if criteria.statuses:
+        clauses.append("status IN (" + ",".join("?" * len(criteria.statuses)) + ")")
+        params += list(criteria.statuses)
+    for column, value in (("cluster", criteria.cluster), ("resource_namespace", criteria.namespace),
+                          ("severity", criteria.severity), ("fault_type", criteria.fault_type)):
+        if value:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if criteria.since is not None:
+        clauses.append("created_at >= ?")
+        params.append(criteria.since)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+ORPHANED_REASON = "orphaned"
+LIST_ORDER = " ORDER BY created_at DESC, incident_id DESC LIMIT ? OFFSET ?"
+
+
+# -- SQLite --------------------------------------------------------------------
+
+class SqliteStore(StateStore):
+    """:class:`StateStore` on one SQLite file.
+
+    WAL journal, ``synchronous=NORMAL``, foreign keys on, a busy timeout, one
+    connection per thread (closed when its thread ends), and ``BEGIN IMMEDIATE``
+    for every transaction that writes, so writers queue on the busy timeout
+    instead of failing with "database is locked". Several processes may share the
+    file. The schema is applied when the store opens.
+    """
+
+    engine = "sqlite"
+
+    def __init__(self, path: str, busy_timeout: float = 30.0):
+        self.path = path
+        self._busy_ms = int(busy_timeout * 1000)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: set[sqlite3.Connection] = set()
+        self._closed = False
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create directory for {path}: {exc}") from exc
+        created = not os.path.exists(path)
+        self._write_fn(self._migrate)
+        if created:
+            os.chmod(path, 0o600)
+
+    # connection handling
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
+        # The sentinel lives exactly as long as this thread's locals; when the
+        # thread ends it is collected and the connection closed with it.
+        sentinel = _ThreadSentinel()
+        weakref.finalize(sentinel, self._forget, conn)
+        self._local.conn = conn
+        self._local.sentinel = sentinel
+        with self._lock:
+            self._conns.add(conn)
+        return conn
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        conn.close()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            # Locked, read-only, missing or corrupt files may come right again;
+            # constraint and programming errors will not.
+            if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
+                raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+            raise StoreError(f"SQLite: {exc}") from exc
+
+    def _write_fn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one BEGIN IMMEDIATE transaction."""
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._errors():
+            return self._conn().execute(sql, [_sqlite_param(p) for p in params]).fetchall()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                     "dirty INTEGER NOT NULL DEFAULT 0, applied_at TEXT NOT NULL)")
+        row = conn.execute("SELECT version, dirty FROM schema_migrations "
+                           "ORDER BY version DESC LIMIT 1").fetchone()
+        current = row["version"] if row else 0
+        migrations = read_schema("sqlite")
+        _check_schema_version(current, max(v for v, _ in migrations), bool(row and row["dirty"]))
+        for version, statements in migrations:
+            if version <= current:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version, dirty, applied_at) VALUES (?, 0, ?)",
+                         (version, _iso(utcnow())))
+
+    # StateStore
+
+    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = ()
+                      ) -> list[str]:
+        skipped = set(skipped_clusters)
+        now = utcnow()
+        event_rows = [tuple(_sqlite_row(_event_values(e)).values()) for e in events]
+        incident_rows = [_sqlite_row(_incident_values(e, SKIPPED if e.cluster in skipped else PENDING,
+                                                      now)) for e in events]
+        if not events:
+            return []
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(_insert_sql("fault_events", EVENT_COLUMNS, "event_id"), event_rows)
+            conn.executemany(_insert_sql("incidents", tuple(incident_rows[0]), "incident_id"),
+                             [tuple(r.values()) for r in incident_rows])
+
+        self._write_fn(write)
+        return [e.incident_id for e in events]
+
+    def record_rejected(self, rejected: Sequence[RejectedNotification]) -> None:
+        rows = [(r.rejected_id, r.cluster, _iso(r.received_at), r.reason, r.raw_body) for r in rejected]
+        if rows:
+            self._write_fn(lambda conn: conn.executemany(
+                "INSERT INTO rejected_events (rejected_id, cluster, received_at, reason, raw_body) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (rejected_id) DO NOTHING", rows))
+
+    def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
+        excluded = list(exclude_clusters)
+        now = _iso(utcnow())
+        # SQLite has one writer at a time, so the transaction alone makes the
+        # pick-and-flip atomic; the partial unique index backs the rule up.
+        sql = (
+            "UPDATE incidents SET status = 'investigating', claimed_by = ?, heartbeat_at = ?, "
+            "started_at = ?, updated_at = ?, attempts = attempts + 1 "
+            "WHERE incident_id = (SELECT i.incident_id FROM incidents i "
+            "WHERE i.status = 'pending' AND NOT EXISTS (SELECT 1 FROM incidents j "
+            "WHERE j.cluster = i.cluster AND j.status = 'investigating') "
+            + (f"AND i.cluster NOT IN ({','.join('?' * len(excluded))}) " if excluded else "")
+            + "ORDER BY i.created_at, i.incident_id LIMIT 1) RETURNING *")
+        row = self._write_fn(
+            lambda conn: conn.execute(sql, (worker_id, now, now, now, *excluded)).fetchone())
+        return _row_to(Incident, row) if row else None
+
+    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
+        if not incident_ids:
+            return 0
+        marks = ",".join("?" * len(incident_ids))
+        return self._write_fn(lambda conn: conn.execute(
+            f"UPDATE incidents SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'investigating' "
+            f"AND incident_id IN ({marks})", (_iso(utcnow()), worker_id, *incident_ids)).rowcount)
+
+    def set_workspace(self, incident_id: str, workspace_path: str) -> None:
+        self._write_fn(lambda conn: conn.execute(
+            "UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
+            (workspace_path, incident_id)))
+
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
+                        ) -> AgentExecution:
+        execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(),
+                                   log_paths=dict(log_paths))
+        self._write_fn(lambda conn: conn.execute(
+            "INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
+            "log_paths) VALUES (?, ?, ?, ?, ?)",
+            (execution.execution_id, incident_id, agent_image, _iso(execution.started_at),
+             json.dumps(execution.log_paths))))
+        return execution
+
+    def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
+                         log_paths: Mapping[str, str]) -> None:
+        self._write_fn(lambda conn: conn.execute(
+            "UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
+            "log_paths = ? WHERE execution_id = ?",
+            (_iso(utcnow()), exit_code, error_message, json.dumps(dict(log_paths)), execution_id)))
+
+    def record_report(self, report: TriageReport) -> None:
+        values = _sqlite_row(dataclasses.asdict(report))
+        self._write_fn(lambda conn: conn.execute(
+            _insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values())))
+
+    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
+                 reason: str | None) -> bool:
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        now = _iso(utcnow())
+        return self._write_fn(lambda conn: conn.execute(
+            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
+            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
+            (status, exit_code, reason, now, now, incident_id, worker_id)).rowcount == 1)
+
+    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
+        return self._write_fn(lambda conn: conn.execute(
+            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
+            "claimed_by = NULL, heartbeat_at = NULL, attempts = MAX(attempts - 1, 0) "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
+            (reason, _iso(utcnow()), incident_id, worker_id)).rowcount == 1)
+
+    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+                      ) -> tuple[list[str], list[str]]:
+        now = _iso(utcnow())
+        cutoff = _iso(stale_before)
+
+        def sweep(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            failed = [r[0] for r in conn.execute(
+                "UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = ?, "
+                "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE status = 'investigating' AND heartbeat_at < ? AND attempts >= ? "
+                "RETURNING incident_id", (ORPHANED_REASON, now, now, cutoff, max_attempts))]
+            requeued = [r[0] for r in conn.execute(
+                "UPDATE incidents SET status = 'pending', updated_at = ?, "
+                "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, '?') || ' stopped', "
+                "claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE status = 'investigating' AND heartbeat_at < ? RETURNING incident_id",
+                (now, cutoff))]
+            for incident_id in failed + requeued:
+                conn.execute("UPDATE agent_executions SET completed_at = ?, error_message = ? "
+                             "WHERE incident_id = ? AND completed_at IS NULL",
+                             (now, "worker lost", incident_id))
+            return requeued, failed
+
+        return self._write_fn(sweep)
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        if not is_uuid(incident_id):
+            return None
+        rows = self._read("SELECT * FROM incidents WHERE incident_id = ?", (incident_id,))
+        return _row_to(Incident, rows[0]) if rows else None
+
+    def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
+        where, params = _filter_sql(criteria)
+        rows = self._read("SELECT * FROM incidents" + where + LIST_ORDER,
+                          (*params, criteria.limit, criteria.offset))
+        return [_row_to(Incident, r) for r in rows]
+
+    def list_executions(self, incident_id: str) -> list[AgentExecution]:
+        rows = self._read("SELECT * FROM agent_executions WHERE incident_id = ? "
+                          "ORDER BY started_at, execution_id", (incident_id,))
+        return [_row_to(AgentExecution, r) for r in rows]
+
+    def get_report(self, incident_id: str) -> TriageReport | None:
+        rows = self._read("SELECT * FROM triage_reports WHERE incident_id = ? "
+                          "ORDER BY generated_at DESC LIMIT 1", (incident_id,))
+        return _row_to(TriageReport, rows[0]) if rows else None
+
+    def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
+        rows = self._read("SELECT * FROM rejected_events ORDER BY received_at DESC LIMIT ?", (limit,))
+        return [_row_to(RejectedNotification, r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r[0]: r[1] for r in self._read(
+            "SELECT status, COUNT(*) FROM incidents GROUP BY status")})
+        return counts
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+
+class _ThreadSentinel:
+    """Lives in a thread's locals; its collection tells the store the thread has ended."""
+
+
+def _sqlite_param(value: Any) -> Any:
+    return _iso(value) if isinstance(value, dt.datetime) else value
+
+
+def _sqlite_row(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _sqlite_param(v) for k, v in values.items()}
+
+
+def _insert_sql(table: str, columns: Sequence[str], key: str, mark: str = "?") -> str:
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))}) "
+            f"ON CONFLICT ({key}) DO NOTHING")
+
+
+# -- PostgreSQL ----------------------------------------------------------------
+
+class PostgresPool:
+    """A bounded set of psycopg2 connections shared by threads.
+
+    :meth:`acquire` waits up to ``wait`` seconds for a free connection instead of
+    failing at once, then raises :class:`StoreUnavailable`. At most ``max_open``
+    connections exist; at most ``max_idle`` are kept idle; a connection older
+    than ``max_lifetime`` or idle longer than ``max_idle_time`` is closed rather
+    than reused. Every connection runs with ``statement_timeout`` and UTC.
+    """
+
+    def __init__(self, dsn: str, *, max_open: int = 25, max_idle: int = 5,
+                 max_lifetime: float = 300.0, max_idle_time: float = 600.0, wait: float = 30.0,
+                 statement_timeout: float = 30.0, connect_timeout: int = 10):
+        self.dsn = dsn
+        self.max_open = max_open
+        self.max_idle = max_idle
+        self.max_lifetime = max_lifetime
+        self.max_idle_time = max_idle_time
+        self.wait = wait
+        self.statement_timeout_ms = int(statement_timeout * 1000)
+        self.connect_timeout = connect_timeout
+        self._cond = threading.Condition()
+        self._idle: deque[tuple[Any, float]] = deque()   # (connection, idle since)
+        self._born: dict[int, float] = {}
+        self._open = 0
+        self._closed = False
+
+    def acquire(self) -> Any:
+        deadline = time.monotonic() + self.wait
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise StoreError("connection pool is closed")
+                while self._idle:
+                    conn, idle_since = self._idle.pop()
+                    if self._usable(conn, idle_since):
+                        return conn
+                    self._discard_locked(conn)
+                if self._open < self.max_open:
+                    self._open += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreUnavailable(f"no free PostgreSQL connection after {self.wait:g} s "
+                                           f"({self.max_open} in use)")
+                self._cond.wait(remaining)
+        try:
+            return self._connect()
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+
+    def release(self, conn: Any, broken: bool = False) -> None:
+        with self._cond:
+            expired = time.monotonic() - self._born.get(id(conn), 0) > self.max_lifetime
+            if broken or conn.closed or expired or self._closed or len(self._idle) >= self.max_idle:
+                self._discard_locked(conn)
+            else:
+                self._idle.append((conn, time.monotonic()))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            while self._idle:
+                self._discard_locked(self._idle.pop()[0])
+            self._cond.notify_all()
+
+    def _usable(self, conn: Any, idle_since: float) -> bool:
+        now = time.monotonic()
+        return (not conn.closed and now - idle_since <= self.max_idle_time
+                and now - self._born.get(id(conn), 0) <= self.max_lifetime)
+
+    def _discard_locked(self, conn: Any) -> None:
+        self._born.pop(id(conn), None)
+        self._open -= 1
+        try:
+            conn.close()
+        except Exception:  # closing a dead connection may itself fail; it is gone either way
+            pass
+
+    def _connect(self) -> Any:
+        import psycopg2
+        kwargs: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                                  "keepalives_count": 3, "application_name": "nightcrier"}
+        if "connect_timeout" not in _parse_dsn(self.dsn):
+            kwargs["connect_timeout"] = self.connect_timeout
+        try:
+            conn = psycopg2.connect(self.dsn, **kwargs)
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = %s", (self.statement_timeout_ms,))
+                cur.execute("SET TIME ZONE 'UTC'")
+            conn.commit()
+        except psycopg2.Error as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL {mask_dsn(self.dsn)}: "
+                                   f"{str(exc).strip()}") from exc
+        with self._cond:
+            self._born[id(conn)] = time.monotonic()
+        return conn
+
+
+class PostgresStore(StateStore):
+    """:class:`StateStore` on PostgreSQL, for one or many nightcrier processes.
+
+    Connections come from a :class:`PostgresPool`. Every method runs in one
+    transaction; a connection that broke (the server restarted) is discarded
+    and the method retried once on a fresh one before :class:`StoreUnavailable`
+    is raised. Claims use ``FOR UPDATE SKIP LOCKED``; the partial unique index
+    settles two processes racing for one cluster. ``sslmode`` and every other
+    libpq parameter of the connection string are honoured. The schema is applied
+    when the store opens, under an advisory lock so that replicas starting
+    together do not race.
+    """
+
+    engine = "postgres"
+    MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
+
+    def __init__(self, dsn: str, **pool_options: Any):
+        import psycopg2.errors
+        import psycopg2.extras
+        self._errors = psycopg2.errors
+        self._dict_cursor = psycopg2.extras.RealDictCursor
+        self._pool = PostgresPool(dsn, **pool_options)
+        self._tx(self._migrate)
+
+    def _tx(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(cursor)`` in one transaction, retrying once on a broken connection."""
+        import psycopg2
+        for attempt in (1, 2):
+            conn = self._pool.acquire()
+            try:
+                with conn.cursor(cursor_factory=self._dict_cursor) as cur:
+                    result = fn(cur)
+                conn.commit()
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                broken = bool(conn.closed)
+                self._rollback_quietly(conn)
+                self._pool.release(conn, broken=broken)
+                if broken and attempt == 1:
+                    continue
+                raise StoreUnavailable(f"PostgreSQL: {str(exc).strip()}") from exc
+            except psycopg2.Error as exc:
+                self._rollback_quietly(conn)
+                self._pool.release(conn)
+                raise StoreError(f"PostgreSQL: {str(exc).strip()}") from exc
+            except BaseException:
+                self._rollback_quietly(conn)
+                self._pool.release(conn)
+                raise
+            self._pool.release(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _rollback_quietly(conn: Any) -> None:
+        try:
+            if not conn.closed:
+                conn.rollback()
+        except Exception:  # the connection is being discarded or reused after a failed rollback
+            pass
+
+    def _migrate(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
+        cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, "
+                    "dirty BOOLEAN NOT NULL DEFAULT FALSE, applied_at TIMESTAMPTZ NOT NULL)")
+        cur.execute("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
+        row = cur.fetchone()
+        current = row["version"] if row else 0
+        migrations = read_schema("postgres")
+        _check_schema_version(current, max(v for v, _ in migrations), bool(row and row["dirty"]))
+        for version, statements in migrations:
+            if version <= current:
+                continue
+            for statement in statements:
+                cur.execute(statement)
+            cur.execute("INSERT INTO schema_migrations (version, dirty, applied_at) "
+                        "VALUES (%s, FALSE, now())", (version,))
+
+    # StateStore
+
+    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = ()
+                      ) -> list[str]:
+        import psycopg2.extras
+        if not events:
+            return []
+        skipped = set(skipped_clusters)
+        now = utcnow()
+        event_rows = [tuple(_pg_clean(v) for v in _event_values(e).values()) for e in events]
+        incident_dicts = [_incident_values(e, SKIPPED if e.cluster in skipped else PENDING, now)
+                          for e in events]
+        incident_rows = [tuple(_pg_clean(v) for v in d.values()) for d in incident_dicts]
+        event_sql = (f"INSERT INTO fault_events ({', '.join(EVENT_COLUMNS)}) VALUES %s "
+                     "ON CONFLICT (event_id) DO NOTHING")
+        incident_sql = (f"INSERT INTO incidents ({', '.join(incident_dicts[0])}) VALUES %s "
+                        "ON CONFLICT (incident_id) DO NOTHING")
+        template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
+                                   for c in EVENT_COLUMNS) + ")"
+
+        def write(cur: Any) -> None:
+            psycopg2.extras.execute_values(cur, event_sql, event_rows, template=template,
+                                           page_size=500)
+            psycopg2.extras.execute_values(cur, incident_sql, incident_rows, page_size=500)
+
+        self._tx(write)
+        return [e.incident_id for e in events]
+
+    def record_rejected(self, rejected: Sequence[RejectedNotification]) -> None:
+        import psycopg2.extras
+        rows = [(r.rejected_id, _pg_clean(r.cluster), r.received_at, _pg_clean(r.reason),
+                 _pg_clean(r.raw_body)) for r in rejected]
+        if rows:
+            self._tx(lambda cur: psycopg2.extras.execute_values(
+                cur, "INSERT INTO rejected_events (rejected_id, cluster, received_at, reason, raw_body) "
+                "VALUES %s ON CONFLICT (rejected_id) DO NOTHING", rows))
+
+    def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
+        excluded = list(exclude_clusters)
+
+        def claim(cur: Any) -> Incident | None:
+            cur.execute("SAVEPOINT claim")
+            cur.execute(
+                "WITH pick AS (SELECT i.incident_id FROM incidents i "
+                "WHERE i.status = 'pending' AND NOT EXISTS (SELECT 1 FROM incidents j "
+                "WHERE j.cluster = i.cluster AND j.status = 'investigating') "
+                "AND i.cluster <> ALL(%s::text[]) "
+                "ORDER BY i.created_at, i.incident_id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                "UPDATE incidents SET status = 'investigating', claimed_by = %s, "
+                "heartbeat_at = now(), started_at = now(), updated_at = now(), "
+                "attempts = attempts + 1 FROM pick WHERE incidents.incident_id = pick.incident_id "
+                "RETURNING incidents.*", (excluded, worker_id))
+            row = cur.fetchone()
+            return _row_to(Incident, row) if row else None
+
+        return self._tx(_retry_unique(claim, self._errors.UniqueViolation, excluded))
+
+    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
+        if not incident_ids:
+            return 0
+        return self._tx(lambda cur: _rowcount(cur, (
+            "UPDATE incidents SET heartbeat_at = now() WHERE claimed_by = %s "
+            "AND status = 'investigating' AND incident_id = ANY(%s::uuid[])"),
+            (worker_id, list(incident_ids))))
+
+    def set_workspace(self, incident_id: str, workspace_path: str) -> None:
+        self._tx(lambda cur: cur.execute(
+            "UPDATE incidents SET workspace_path = %s WHERE incident_id = %s",
+            (workspace_path, incident_id)))
+
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
+                        ) -> AgentExecution:
+        execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(),
+                                   log_paths=dict(log_paths))
+        self._tx(lambda cur: cur.execute(
+            "INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
+            "log_paths) VALUES (%s, %s, %s, %s, %s)",
+            (execution.execution_id, incident_id, agent_image, execution.started_at,
+             json.dumps(execution.log_paths))))
+        return execution
+
+    def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
+                         log_paths: Mapping[str, str]) -> None:
+        self._tx(lambda cur: cur.execute(
+            "UPDATE agent_executions SET completed_at = now(), exit_code = %s, error_message = %s, "
+            "log_paths = %s WHERE execution_id = %s",
+            (exit_code, _pg_clean(error_message), json.dumps(dict(log_paths)), execution_id)))
+
+    def record_report(self, report: TriageReport) -> None:
+        values = {k: _pg_clean(v) for k, v in dataclasses.asdict(report).items()}
+        self._tx(lambda cur: cur.execute(
+            _insert_sql("triage_reports", tuple(values), "report_id", "%s"), tuple(values.values())))
+
+    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
+                 reason: str | None) -> bool:
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        return self._tx(lambda cur: _rowcount(cur, (
+            "UPDATE incidents SET status = %s, exit_code = %s, failure_reason = %s, "
+            "completed_at = now(), updated_at = now(), claimed_by = NULL, heartbeat_at = NULL "
+            "WHERE incident_id = %s AND status = 'investigating' AND claimed_by = %s"),
+            (status, exit_code, _pg_clean(reason), incident_id, worker_id)) == 1)
+
+    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
+        return self._tx(lambda cur: _rowcount(cur, (
+            "UPDATE incidents SET status = 'pending', failure_reason = %s, updated_at = now(), "
+            "claimed_by = NULL, heartbeat_at = NULL, attempts = GREATEST(attempts - 1, 0) "
+            "WHERE incident_id = %s AND status = 'investigating' AND claimed_by = %s"),
+            (_pg_clean(reason), incident_id, worker_id)) == 1)
+
+    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+                      ) -> tuple[list[str], list[str]]:
+        def sweep(cur: Any) -> tuple[list[str], list[str]]:
+            cur.execute(
+                "UPDATE incidents SET status = 'failed', failure_reason = %s, completed_at = now(), "
+                "updated_at = now(), claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE status = 'investigating' AND heartbeat_at < %s AND attempts >= %s "
+                "RETURNING incident_id", (ORPHANED_REASON, stale_before, max_attempts))
+            failed = [str(r["incident_id"]) for r in cur.fetchall()]
+            cur.execute(
+                "UPDATE incidents SET status = 'pending', updated_at = now(), "
+                "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, '?') || ' stopped', "
+                "claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE status = 'investigating' AND heartbeat_at < %s RETURNING incident_id",
+                (stale_before,))
+            requeued = [str(r["incident_id"]) for r in cur.fetchall()]
+            cur.execute("UPDATE agent_executions SET completed_at = now(), error_message = %s "
+                        "WHERE incident_id = ANY(%s::uuid[]) AND completed_at IS NULL",
+                        ("worker lost", failed + requeued))
+            return requeued, failed
+
+        return self._tx(sweep)
+
+    def _select(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        def run(cur: Any) -> list[dict[str, Any]]:
+            cur.execute(sql, params)
+            return cur.fetchall()
+        return self._tx(run)
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        if not is_uuid(incident_id):
+            return None
+        rows = self._select("SELECT * FROM incidents WHERE incident_id = %s", (incident_id,))
+        return _row_to(Incident, rows[0]) if rows else None
+
+    def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
+        where, params = _filter_sql(criteria)
+        rows = self._select(("SELECT * FROM incidents" + where + LIST_ORDER).replace("?", "%s"),
+                            (*params, criteria.limit, criteria.offset))
+        return [_row_to(Incident, r) for r in rows]
+
+    def list_executions(self, incident_id: str) -> list[AgentExecution]:
+        if not is_uuid(incident_id):
+            return []
+        rows = self._select("SELECT * FROM agent_executions WHERE incident_id = %s "
+                            "ORDER BY started_at, execution_id", (incident_id,))
+        return [_row_to(AgentExecution, r) for r in rows]
+
+    def get_report(self, incident_id: str) -> TriageReport | None:
+        if not is_uuid(incident_id):
+            return None
+        rows = self._select("SELECT * FROM triage_reports WHERE incident_id = %s "
+                            "ORDER BY generated_at DESC LIMIT 1", (incident_id,))
+        return _row_to(TriageReport, rows[0]) if rows else None
+
+    def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
+        rows = self._select("SELECT * FROM rejected_events ORDER BY received_at DESC LIMIT %s",
+                            (limit,))
+        return [_row_to(RejectedNotification, r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r["status"]: r["n"] for r in self._select(
+            "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
+        return counts
+
+    def ping(self) -> None:
+        self._select("SELECT 1 AS ok")
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _retry_unique(fn: Callable[[Any], T], violation: type[Exception], excluded: list[str]
+                  ) -> Callable[[Any], T]:
+    """Wrap a claim so that a lost race on one cluster retries without that cluster.
+
+    Two processes can pick incidents of the same free cluster at once; the second
+    flip then violates the one-investigating-per-cluster index. Undo it to the
+    savepoint and look again with that cluster passed over.
+    """
+    def run(cur: Any) -> T:
+        while True:
+            try:
+                return fn(cur)
+            except violation as exc:
+                cur.execute("ROLLBACK TO SAVEPOINT claim")
+                cluster = _violating_cluster(exc)
+                if cluster is None or cluster in excluded:
+                    raise
+                excluded.append(cluster)
+    return run
+
+
+def _violating_cluster(exc: Exception) -> str | None:
+    detail = getattr(getattr(exc, "diag", None), "message_detail", "") or ""
+    match = re.search(r"\(cluster\)=\((.*)\) already exists", detail)
+    return match.group(1) if match else None
+
+
+def _rowcount(cur: Any, sql: str, params: Sequence[Any]) -> int:
+    cur.execute(sql, params)
+    return cur.rowcount
+
+
+def _pg_clean(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL characters; replace them rather than lose the row."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, str) and "\\u0000" in value:
+        return value.replace("\\u0000", "\\ufffd")
+    return value
+
+
+def open_store(config: Config) -> StateStore:
+    """The store the configuration names, schema applied. Raises StoreError/StoreUnavailable."""
+    storage = config.state_storage
+    if storage.type == "postgres":
+        return PostgresStore(postgres_dsn(storage), max_open=storage.postgres_max_open_conns,
+                             max_idle=storage.postgres_max_idle_conns,
+                             max_lifetime=storage.postgres_conn_max_lifetime,
+                             max_idle_time=storage.postgres_conn_max_idle_time,
+                             wait=storage.postgres_pool_wait,
+                             statement_timeout=storage.postgres_statement_timeout)
+    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout)
+
+
+###############################################################################
+# Ops ##########################################################################
+###############################################################################
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(),
+                 "level": record.levelname, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(
+            timespec="milliseconds")
+        line = f'time={stamp} level={record.levelname} msg="{record.getMessage()}"'
+        for key, value in getattr(record, "fields", {}).items():
+            text = str(value)
+            line += f" {key}={json.dumps(text) if (' ' in text or not text) else text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
+    """Send nightcrier's log lines to ``stream`` (stderr) in ``fmt`` (text or json)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel({"warn": "WARNING"}.get(level, level.upper()))
+    log.propagate = False
+
+
+def log_event(level: int, message: str, **fields: Any) -> None:
+    """One structured log line: a short message plus key=value fields."""
+    log.log(level, message, extra={"fields": fields})
+
+
+###############################################################################
+# CLI ##########################################################################
+###############################################################################
+
+SUBCOMMANDS = ("run", "check-config", "version")
+EXIT_CONFIG = 2
+
+
+def _config_parser() -> argparse.ArgumentParser:
+    """Options shared by every subcommand that reads the configuration."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-c", "--config", help="config file (default: search "
+                        + ", ".join(CONFIG_SEARCH_PATH) + ")")
+    group = parser.add_argument_group("configuration overrides (win over file and environment)")
+    for key in SCALAR_KEYS:
+        if key.secret:
+            continue  # secrets on the command line would show in ps
+        group.add_argument(key.flag, dest="set:" + key.path, metavar=key.type.__name__.upper()
+                           if isinstance(key.type, type) else "ARGS", help=key.doc)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _config_parser()
+    parser = argparse.ArgumentParser(
+        prog="nightcrier", description="Turn Kubernetes faults into triaged incidents.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", parents=[common], help="run the service (the default)")
+    sub.add_parser("check-config", parents=[common],
+                   help="validate the configuration and print it, secrets masked")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """``nightcrier --config X`` means ``nightcrier run --config X``: that is how it is deployed."""
+    if any(a in SUBCOMMANDS for a in argv) or argv in ([], ["--version"], ["-h"], ["--help"]):
+        return argv if argv else ["run"]
+    return ["run", *argv]
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {name[4:]: value for name, value in vars(args).items()
+            if name.startswith("set:") and value is not None}
+
+
+def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    path = find_config_file(args.config)
+    try:
+        config, warnings = load_config(path, flags=_flags(args))
+    except ConfigError as exc:
+        print(f"nightcrier: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    for warning in warnings:
+        print(f"nightcrier: warning: {warning}", file=sys.stderr)
+    return config, warnings
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config, _ = _load_or_exit(args)
+    print(f"# effective configuration of nightcrier {__version__} "
+          f"(file: {find_config_file(args.config) or 'none'})")
+    print(yaml.safe_dump(config_as_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    print(f"nightcrier {__version__}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, warnings = _load_or_exit(args)
+    configure_logging(config.log_level, config.log_format)
+    for warning in warnings:
+        log_event(logging.WARNING, "config warning", detail=warning)
+    try:
+        store = open_store(config)
+    except StoreError as exc:
+        log_event(logging.ERROR, "cannot open state store", error=str(exc))
+        return 1
+    log_event(logging.INFO, "state store ready", engine=store.engine)
+    store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    if args.version or args.command == "version":
+        return cmd_version(args)
+    handler = {"run": cmd_run, "check-config": cmd_check_config}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+-- nightcrier schema for SQLite.
+--
+-- Each "-- version: N" line starts migration N. nightcrier applies, in one
+-- transaction, every migration newer than the highest version recorded in
+-- schema_migrations, and refuses a database recorded as newer than itself.
+-- Table and column names are the same as in schema_postgres.sql.
+-- Timestamps are UTC ISO-8601 text of fixed width, so they sort as strings.
+
+-- version: 1
+
+CREATE TABLE fault_events (
+    event_id             TEXT PRIMARY KEY,
+    fault_id             TEXT NOT NULL DEFAULT '',
+    subscription_id      TEXT NOT NULL DEFAULT '',
+    cluster              TEXT NOT NULL CONSTRAINT chk_fault_events_cluster CHECK (cluster <> ''),
+    upstream_cluster     TEXT NOT NULL DEFAULT '',
+    received_at          TEXT NOT NULL,
+    resource_api_version TEXT,
+    resource_kind        TEXT,
+    resource_name        TEXT,
+    resource_namespace   TEXT,
+    resource_uid         TEXT,
+    fault_type           TEXT NOT NULL CONSTRAINT chk_fault_events_fault_type CHECK (fault_type <> ''),
+    severity             TEXT NOT NULL DEFAULT '',
+    context              TEXT NOT NULL DEFAULT '',
+    timestamp            TEXT NOT NULL DEFAULT '',
+    mcp_payload          TEXT NOT NULL
+);
+CREATE INDEX idx_fault_events_fault_id ON fault_events (fault_id);
+CREATE INDEX idx_fault_events_cluster ON fault_events (cluster);
+CREATE INDEX idx_fault_events_received_at ON fault_events (received_at);
+
+CREATE TABLE incidents (
+    incident_id          TEXT PRIMARY KEY,
+    event_id             TEXT NOT NULL REFERENCES fault_events (event_id),
+    fault_id             TEXT NOT NULL DEFAULT '',
+    status               TEXT NOT NULL CONSTRAINT chk_incidents_status
+                         CHECK (status IN ('pending', 'investigating', 'resolved', 'failed',
+                                           'agent_failed', 'skipped')),
+    created_at           TEXT NOT NULL,
+    updated_at           TEXT NOT NULL,
+    started_at           TEXT,
+    completed_at         TEXT,
+    exit_code            INTEGER,
+    failure_reason       TEXT,
+    cluster              TEXT NOT NULL CONSTRAINT chk_incidents_cluster CHECK (cluster <> ''),
+    subscription_id      TEXT NOT NULL DEFAULT '',
+    resource_api_version TEXT,
+    resource_kind        TEXT,
+    resource_name        TEXT,
+    resource_namespace   TEXT,
+    resource_uid         TEXT,
+    fault_type           TEXT NOT NULL CONSTRAINT chk_incidents_fault_type CHECK (fault_type <> ''),
+    severity             TEXT NOT NULL DEFAULT '',
+    context              TEXT NOT NULL DEFAULT '',
+    timestamp            TEXT NOT NULL DEFAULT '',
+    attempts             INTEGER NOT NULL DEFAULT 0 CONSTRAINT chk_incidents_attempts CHECK (attempts >= 0),
+    claimed_by           TEXT,
+    heartbeat_at         TEXT,
+    workspace_path       TEXT
+);
+-- The rule "never two agents on one cluster", held by the database itself so
+-- that it also holds across processes.
+CREATE UNIQUE INDEX uq_incidents_investigating_cluster ON incidents (cluster)
+    WHERE status = 'investigating';
+CREATE INDEX idx_incidents_claim ON incidents (status, created_at);
+CREATE INDEX idx_incidents_event_id ON incidents (event_id);
+CREATE INDEX idx_incidents_cluster ON incidents (cluster, status, created_at);
+CREATE INDEX idx_incidents_fault_id ON incidents (fault_id);
+CREATE INDEX idx_incidents_namespace ON incidents (resource_namespace);
+CREATE INDEX idx_incidents_fault_type ON incidents (fault_type);
+CREATE INDEX idx_incidents_severity ON incidents (severity);
+CREATE INDEX idx_incidents_created_at ON incidents (created_at);
+
+CREATE TABLE agent_executions (
+    execution_id         TEXT PRIMARY KEY,
+    incident_id          TEXT NOT NULL REFERENCES incidents (incident_id),
+    agent_image          TEXT NOT NULL DEFAULT '',
+    started_at           TEXT NOT NULL,
+    completed_at         TEXT,
+    exit_code            INTEGER,
+    error_message        TEXT,
+    log_paths            TEXT,
+    tokens_used          INTEGER
+);
+CREATE INDEX idx_agent_executions_incident_id ON agent_executions (incident_id);
+CREATE INDEX idx_agent_executions_started_at ON agent_executions (started_at);
+
+CREATE TABLE triage_reports (
+    report_id            TEXT PRIMARY KEY,
+    incident_id          TEXT NOT NULL REFERENCES incidents (incident_id),
+    execution_id         TEXT NOT NULL REFERENCES agent_executions (execution_id),
+    generated_at         TEXT NOT NULL,
+    report_markdown      TEXT NOT NULL,
+    report_html          TEXT,
+    summary_text         TEXT,
+    raw_report_path      TEXT,
+    storage_type         TEXT NOT NULL DEFAULT 'database',
+    structured_data      TEXT
+);
+CREATE INDEX idx_triage_reports_incident_id ON triage_reports (incident_id);
+CREATE INDEX idx_triage_reports_generated_at ON triage_reports (generated_at);
+
+CREATE TABLE rejected_events (
+    rejected_id          TEXT PRIMARY KEY,
+    cluster              TEXT NOT NULL,
+    received_at          TEXT NOT NULL,
+    reason               TEXT NOT NULL,
+    raw_body             TEXT NOT NULL
+);
+CREATE INDEX idx_rejected_events_received_at ON rejected_events (received_at);
+
+-- Windows in which a cluster was not watched: from losing a subscription to
+-- having a new one.
+CREATE TABLE subscription_gaps (
+    gap_id               TEXT PRIMARY KEY,
+    cluster              TEXT NOT NULL,
+    started_at           TEXT NOT NULL,
+    ended_at             TEXT,
+    reason               TEXT NOT NULL
+);
+CREATE INDEX idx_subscription_gaps_cluster ON subscription_gaps (cluster, started_at);

@@ -1,0 +1,98 @@
+"""Shared fixtures: the store under test on each SQL engine, and helpers to wait on conditions."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import infra  # noqa: E402
+
+import nightcrier  # noqa: E402
+
+ENGINES = ("sqlite", "postgres")
+
+
+def open_test_store(engine: str, locator: str) -> nightcrier.StateStore:
+    """A store on ``locator``: a SQLite path, or a PostgreSQL URL confined to one schema."""
+    if engine == "sqlite":
+        return nightcrier.SqliteStore(locator)
+    return nightcrier.PostgresStore(locator, max_open=25, wait=30)
+
+
+@pytest.fixture(scope="session")
+def postgres_base_url() -> Iterator[str]:
+    yield infra.postgres_base_url()
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_base_url: str) -> Iterator[str]:
+    """A URL whose every table lives in a schema of its own, dropped afterwards."""
+    schema = "t_" + uuid.uuid4().hex[:12]
+    infra.create_schema(postgres_base_url, schema)
+    yield infra.schema_url(postgres_base_url, schema)
+    infra.drop_schema(postgres_base_url, schema)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store_locator(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if engine == "sqlite":
+        return str(tmp_path / "nightcrier.db")
+    return request.getfixturevalue("postgres_schema_url")
+
+
+@pytest.fixture
+def store_factory(engine: str, store_locator: str) -> Iterator[Callable[[], nightcrier.StateStore]]:
+    """Opens further stores on the same database; all are closed after the test."""
+    opened: list[nightcrier.StateStore] = []
+
+    def factory() -> nightcrier.StateStore:
+        store = open_test_store(engine, store_locator)
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(store_factory: Callable[[], nightcrier.StateStore]) -> nightcrier.StateStore:
+    return store_factory()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    infra.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configuration tests must not see the developer's own environment variables."""
+    for key in nightcrier.SCALAR_KEYS:
+        monkeypatch.delenv(key.env, raising=False)

@@ -1,0 +1,279 @@
+"""Configuration: sources and precedence, validation that names every problem, secret masking."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import nightcrier as nc
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).with_name("fixtures")
+MINIMAL = {"clusters": [{"name": "prod", "mcp": {"endpoint": "http://127.0.0.1:8080/mcp"}}]}
+
+
+def write(tmp_path: Path, data: Any) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def problems_of(tmp_path: Path, data: Any, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(nc.ConfigError) as info:
+        nc.load_config(write(tmp_path, data), env=env or {})
+    return info.value.problems
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "nightcrier.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=60)
+
+
+# -- defaults and precedence ---------------------------------------------------------
+
+def test_only_clusters_are_required(tmp_path: Path) -> None:
+    config, warnings = nc.load_config(write(tmp_path, MINIMAL), env={})
+    assert warnings == []
+    assert config.max_concurrent_agents == 5 and config.agent_runner == "docker"
+    assert config.state_storage.type == "sqlite"
+    assert config.sqlite_path == "./incidents/nightcrier.db"
+    assert config.health_port == 8080 and config.health_bind == "127.0.0.1"
+    assert config.clusters[0].triage.enabled is False
+
+
+def test_environment_beats_file_and_flags_beat_environment(tmp_path: Path) -> None:
+    data = {**MINIMAL, "agent_timeout": 100, "max_concurrent_agents": 3,
+            "state_storage": {"type": "sqlite", "sqlite_path": "/from/file.db"}}
+    env = {"AGENT_TIMEOUT": "200", "MAX_CONCURRENT_AGENTS": "4", "STATE_STORAGE_SQLITE_PATH": "/env.db"}
+    config, _ = nc.load_config(write(tmp_path, data), env=env, flags={"agent_timeout": "300"})
+    assert config.agent_timeout == 300
+    assert config.max_concurrent_agents == 4
+    assert config.sqlite_path == "/env.db"
+
+
+def test_cli_flags_override_everything(tmp_path: Path) -> None:
+    path = write(tmp_path, {**MINIMAL, "max_concurrent_agents": 3})
+    result = run_cli("check-config", "--config", path, "--max-concurrent-agents", "9",
+                     "--state-storage-type", "sqlite", env={"MAX_CONCURRENT_AGENTS": "4", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["max_concurrent_agents"] == 9
+
+
+def test_agent_command_is_a_list_or_a_shell_like_string(tmp_path: Path) -> None:
+    config, _ = nc.load_config(write(tmp_path, {**MINIMAL, "agent_runner": "process",
+                                                "agent_command": "sh -c 'echo hi > out'"}), env={})
+    assert config.agent_command == ["sh", "-c", "echo hi > out"]
+    config, _ = nc.load_config(write(tmp_path, {**MINIMAL, "agent_runner": "process",
+                                                "agent_command": ["/bin/agent", "--fast"]}), env={})
+    assert config.agent_command == ["/bin/agent", "--fast"]
+
+
+def test_config_file_is_found_on_the_search_path(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "config.yaml").write_text(yaml.safe_dump(MINIMAL))
+    result = run_cli("check-config", cwd=tmp_path, env={"PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert "file: ./configs/config.yaml" in result.stdout
+
+
+# -- the Go original's files ---------------------------------------------------------
+
+def test_go_original_config_loads_with_warnings(tmp_path: Path) -> None:
+    config, warnings = nc.load_config(str(FIXTURES / "go-config.yaml"), env={})
+    assert [c.name for c in config.clusters] == ["prod-us-east-1", "staging_eu"]
+    assert config.clusters[0].labels == {"region": "us-east-1", "tier": "critical"}
+    assert config.state_storage.type == "sqlite"
+    assert config.sqlite_path == "./data/nightcrier.db"
+    assert config.global_queue_size == 100 and config.anthropic_api_key == "sk-ant-go-config-secret"
+    text = "\n".join(warnings)
+    for obsolete in ("agent_script_path", "severity_threshold", "cluster_queue_size",
+                     "dedup_window_seconds", "queue_overflow_policy", "sse_read_timeout",
+                     "upload_failed_investigations", "azure_storage_account",
+                     "state_storage.migrations_path"):
+        assert f"{obsolete}: no longer used" in text
+    assert "state_storage.type: 'filesystem' is read as 'sqlite'" in text
+
+
+def test_unknown_keys_warn_but_load(tmp_path: Path) -> None:
+    _, warnings = nc.load_config(write(tmp_path, {**MINIMAL, "agent_debug": True}), env={})
+    assert warnings == ["agent_debug: unknown key; ignored"]
+
+
+# -- validation ------------------------------------------------------------------------
+
+def cluster(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": "prod", "mcp": {"endpoint": "http://127.0.0.1:8080/mcp"}}
+    base.update(overrides)
+    return base
+
+
+BAD_CONFIGS = [
+    ("missing clusters", {}, {}, "clusters: at least one cluster must be configured"),
+    ("clusters not a list", {"clusters": "prod"}, {}, "clusters: must be a list"),
+    ("cluster without name", {"clusters": [cluster(name=None)]}, {}, "clusters[0].name: is required"),
+    ("bad cluster name", {"clusters": [cluster(name="prod/../etc")]}, {},
+     "clusters[0].name: 'prod/../etc' is invalid"),
+    ("duplicate names", {"clusters": [cluster(), cluster()]}, {},
+     "clusters[1].name: duplicate cluster name 'prod'"),
+    ("missing endpoint", {"clusters": [cluster(mcp={})]}, {}, "clusters[0] (prod).mcp.endpoint: is required"),
+    ("bad endpoint scheme", {"clusters": [cluster(mcp={"endpoint": "ftp://x/mcp"})]}, {},
+     "mcp.endpoint: must start with http:// or https://, got 'ftp://x/mcp'"),
+    ("endpoint without host", {"clusters": [cluster(mcp={"endpoint": "http:///mcp"})]}, {},
+     "mcp.endpoint: has no host"),
+    ("endpoint bad port", {"clusters": [cluster(mcp={"endpoint": "http://h:99999/mcp"})]}, {},
+     "mcp.endpoint: has an invalid port"),
+    ("triage without kubeconfig", {"clusters": [cluster(triage={"enabled": True})]}, {},
+     "triage.kubeconfig: is required when triage.enabled is true"),
+    ("unreadable kubeconfig", {"clusters": [cluster(triage={"enabled": True,
+                                                            "kubeconfig": "/nonexistent/kubeconfig"})]},
+     {}, "triage.kubeconfig: '/nonexistent/kubeconfig' is not a readable file"),
+    ("kubeconfig is a directory", {"clusters": [cluster(triage={"enabled": True, "kubeconfig": "/tmp"})]},
+     {}, "triage.kubeconfig: '/tmp' is not a readable file"),
+    ("triage.enabled not bool", {"clusters": [cluster(triage={"enabled": "yes"})]}, {},
+     "triage.enabled: must be true or false, got 'yes'"),
+    ("bad label", {"clusters": [cluster(labels={"ok": "has space"})]}, {},
+     "labels.ok: invalid label value 'has space'"),
+    ("bad storage type", {**MINIMAL, "state_storage": {"type": "mysql"}}, {},
+     "state_storage.type (env STATE_STORAGE_TYPE): must be one of sqlite, postgres, got 'mysql'"),
+    ("bad storage type from env", MINIMAL, {"STATE_STORAGE_TYPE": "oracle"},
+     "state_storage.type (env STATE_STORAGE_TYPE): must be one of sqlite, postgres, got 'oracle'"),
+    ("negative number", {**MINIMAL, "max_concurrent_agents": -1}, {},
+     "max_concurrent_agents (env MAX_CONCURRENT_AGENTS): must be >= 1, got -1"),
+    ("zero timeout", {**MINIMAL, "agent_timeout": 0}, {},
+     "agent_timeout (env AGENT_TIMEOUT): must be >= 1, got 0"),
+    ("not a number", {**MINIMAL, "agent_timeout": "five minutes"}, {},
+     "agent_timeout (env AGENT_TIMEOUT): must be a whole number, got 'five minutes'"),
+    ("not a number from env", MINIMAL, {"GLOBAL_QUEUE_SIZE": "lots"},
+     "global_queue_size (env GLOBAL_QUEUE_SIZE): must be a whole number, got 'lots'"),
+    ("unknown runner", {**MINIMAL, "agent_runner": "kubernetes"}, {},
+     "agent_runner (env AGENT_RUNNER): must be one of docker, process, got 'kubernetes'"),
+    ("process runner without command", {**MINIMAL, "agent_runner": "process"}, {},
+     "agent_command (env AGENT_COMMAND): is required when agent_runner is 'process'"),
+    ("unknown agent cli", {**MINIMAL, "agent_cli": "cursor"}, {},
+     "agent_cli (env AGENT_CLI): must be one of claude, codex, gemini, goose, got 'cursor'"),
+    ("events mode", {**MINIMAL, "subscribe_mode": "events"}, {},
+     "subscribe_mode (env SUBSCRIBE_MODE): must be one of faults, resource-faults, got 'events'"),
+    ("bool from env", MINIMAL, {"NOTIFY_ON_AGENT_FAILURE": "maybe"},
+     "notify_on_agent_failure (env NOTIFY_ON_AGENT_FAILURE): must be true or false, got 'maybe'"),
+    ("backoff order", {**MINIMAL, "sse_reconnect_initial_backoff": 10, "sse_reconnect_max_backoff": 5},
+     {}, "sse_reconnect_max_backoff (env SSE_RECONNECT_MAX_BACKOFF): must be >= "
+         "sse_reconnect_initial_backoff (10), got 5"),
+    ("postgres without connection", {**MINIMAL, "state_storage": {"type": "postgres"}}, {},
+     "state_storage.postgres_connection_string (env STATE_STORAGE_POSTGRES_CONNECTION_STRING): is "
+     "required"),
+    ("bad postgres sslmode", {**MINIMAL, "state_storage": {
+        "type": "postgres", "postgres_connection_string": "postgresql://u:pw@h/db?sslmode=sometimes"}},
+     {}, "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"),
+    ("bad report url", {**MINIMAL, "report_base_url": "/var/www"}, {},
+     "report_base_url (env REPORT_BASE_URL): must be an http(s) URL, got '/var/www'"),
+    ("missing system prompt", {**MINIMAL, "agent_system_prompt_file": "/nonexistent.md"}, {},
+     "agent_system_prompt_file (env AGENT_SYSTEM_PROMPT_FILE): '/nonexistent.md' is not a readable file"),
+    ("file is not a mapping", "- just\n- a list\n", {}, "must be a mapping of keys, got list"),
+    ("file is not YAML", "clusters: [unclosed\n", {}, "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("data, env, message", [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_named(tmp_path: Path, data: Any, env: dict[str, str], message: str) -> None:
+    problems = problems_of(tmp_path, data, env)
+    assert any(message in p for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    data = {"clusters": [cluster(name="a b"), cluster(mcp={"endpoint": "nope"})],
+            "max_concurrent_agents": 0, "agent_runner": "k8s", "health_port": -1}
+    problems = problems_of(tmp_path, data)
+    assert len(problems) == 5, problems
+
+
+def test_missing_explicit_file_is_a_problem(tmp_path: Path) -> None:
+    with pytest.raises(nc.ConfigError, match="cannot be read"):
+        nc.load_config(str(tmp_path / "absent.yaml"), env={})
+
+
+def test_broken_config_exits_2_listing_every_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, {"clusters": [cluster(name="x/y")], "agent_timeout": -5,
+                            "state_storage": {"type": "mysql"}})
+    for args in (["check-config", "--config", path], ["--config", path]):
+        result = run_cli(*args, env={"PATH": ""})
+        assert result.returncode == 2
+        for fragment in ("clusters[0].name", "agent_timeout (env AGENT_TIMEOUT): must be >= 1, got -5",
+                         "state_storage.type (env STATE_STORAGE_TYPE)"):
+            assert fragment in result.stderr
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    result = run_cli("check-config", "--config", str(ROOT / "config.example.yaml"), env={"PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    text = (ROOT / "config.example.yaml").read_text()
+    for key in nc.SCALAR_KEYS:
+        assert f"{key.name}:" in text and key.env in text, f"{key.path} missing from config.example.yaml"
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-api03-verysecret",
+    "OPENAI_API_KEY": "sk-openai-verysecret",
+    "GEMINI_API_KEY": "gemini-verysecret",
+    "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T01/B02/webhooksecretpath",
+    "STATE_STORAGE_POSTGRES_CONNECTION_STRING": "postgresql://nightcrier:dbpassw0rdsecret@db:5432/nc",
+}
+
+
+def test_check_config_masks_every_secret(tmp_path: Path) -> None:
+    data = {"clusters": [cluster(mcp={"endpoint": "https://mcp:8443/mcp", "api_key": "mcp-key-secret"})],
+            "state_storage": {"type": "postgres"}}
+    result = run_cli("check-config", "--config", write(tmp_path, data), env={**SECRETS, "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    for secret in ("verysecret", "webhooksecretpath", "dbpassw0rdsecret", "mcp-key-secret"):
+        assert secret not in output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["anthropic_api_key"] == nc.SECRET_MASK
+    assert shown["slack_webhook_url"] == f"https://hooks.slack.com/{nc.SECRET_MASK}"
+    assert shown["state_storage"]["postgres_connection_string"] == \
+        f"postgresql://nightcrier:{nc.SECRET_MASK}@db:5432/nc"
+    assert shown["clusters"][0]["mcp"]["api_key"] == nc.SECRET_MASK
+
+
+def test_secrets_are_masked_in_validation_errors(tmp_path: Path) -> None:
+    data = {**MINIMAL, "state_storage": {"type": "postgres", "postgres_connection_string":
+                                         "postgresql://u:hunter2secret@h/db?sslmode=bogus"}}
+    problems = "\n".join(problems_of(tmp_path, data, {"SLACK_WEBHOOK_URL": "ftp://hooksecret"}))
+    assert "hunter2secret" not in problems and "hooksecret" not in problems
+    assert "slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL" in problems
+
+
+@pytest.mark.parametrize("dsn, masked", [
+    ("postgresql://u:pw@h:5432/db?sslmode=require", f"postgresql://u:{nc.SECRET_MASK}@h:5432/db?sslmode=require"),
+    ("postgres://u@h/db", "postgres://u@h/db"),
+    ("postgresql://h/db?user=u&password=pw", f"postgresql://h/db?user=u&password={nc.SECRET_MASK}"),
+    ("host=h user=u password='p w' dbname=d", f"host=h user=u password={nc.SECRET_MASK} dbname=d"),
+])
+def test_mask_dsn(dsn: str, masked: str) -> None:
+    assert nc.mask_dsn(dsn) == masked
+
+
+def test_secret_flags_do_not_exist() -> None:
+    """Secrets on the command line would be visible to every user through ps."""
+    result = run_cli("check-config", "--anthropic-api-key", "x", env={"PATH": ""})
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_postgres_settings_build_a_connection_string(tmp_path: Path) -> None:
+    data = {**MINIMAL, "state_storage": {"type": "postgres", "postgres_host": "db.internal",
+                                         "postgres_database": "nc", "postgres_user": "night",
+                                         "postgres_password": "it's secret", "postgres_sslmode": "require"}}
+    config, _ = nc.load_config(write(tmp_path, data), env={})
+    params = nc._parse_dsn(nc.postgres_dsn(config.state_storage))
+    assert params == {"host": "db.internal", "port": "5432", "dbname": "nc", "user": "night",
+                      "password": "it's secret", "sslmode": "require"}
