@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shlex
+import socket
 import sqlite3
 import sys
 import threading
@@ -844,13 +845,148 @@ class TriageReport:
     storage_type: str = "database"
 
 
+@dataclass
+class SubscriptionGap:
+    """A window in which a cluster was not watched: from losing a subscription to having a new one."""
+
+    cluster: str
+    started_at: dt.datetime
+    reason: str
+    ended_at: dt.datetime | None = None
+    gap_id: str = field(default_factory=new_id)
+
+
+@dataclass(frozen=True)
+class SubscriptionErrorNotice:
+    """The server says a subscription is degraded; it will send nothing more on it."""
+
+    subscription_id: str
+    error: str
+
+
+FAULT_LOGGERS = frozenset({"kubernetes/faults", "kubernetes/resource-faults"})
+SUBSCRIPTION_ERROR_LOGGER = "kubernetes/subscription_error"
+MAX_CONTEXT_CHARS = 64 * 1024
+_FAULT_STRING_FIELDS = (("faultId", "fault_id"), ("subscriptionId", "subscription_id"),
+                        ("cluster", "upstream_cluster"), ("severity", "severity"),
+                        ("timestamp", "timestamp"))
+_RESOURCE_FIELDS = (("apiVersion", "resource_api_version"), ("kind", "resource_kind"),
+                    ("name", "resource_name"), ("namespace", "resource_namespace"),
+                    ("uid", "resource_uid"))
+
+
+class _Reject(Exception):
+    """Why a notification cannot become a fault event."""
+
+
+def parse_notification(raw: str, cluster: str, received_at: dt.datetime
+                       ) -> FaultEvent | RejectedNotification | SubscriptionErrorNotice | None:
+    """Classify one message of the MCP stream of ``cluster``.
+
+    Returns a :class:`FaultEvent` for a fault notification (logger
+    ``kubernetes/faults``, or its old name ``kubernetes/resource-faults``), a
+    :class:`SubscriptionErrorNotice` for ``kubernetes/subscription_error``, a
+    :class:`RejectedNotification` with the reason for anything malformed, and
+    None for well-formed messages that are not for nightcrier (other methods and
+    loggers). Never raises.
+    """
+    def rejected(reason: str) -> RejectedNotification:
+        return RejectedNotification(cluster=cluster, reason=reason, raw_body=raw, received_at=received_at)
+
+    try:
+        message = json.loads(raw)
+    except ValueError as exc:
+        return rejected(f"not JSON ({exc})")
+    try:
+        return _classify(message, raw, cluster, received_at)
+    except _Reject as exc:
+        return rejected(str(exc))
+
+
+def _classify(message: Any, raw: str, cluster: str, received_at: dt.datetime
+              ) -> FaultEvent | SubscriptionErrorNotice | None:
+    if not isinstance(message, dict):
+        raise _Reject(f"not a JSON-RPC message: top level is {_json_type(message)}")
+    if "method" not in message:
+        if "error" in message:
+            raise _Reject(f"JSON-RPC error on the notification stream: {json.dumps(message['error'])[:500]}")
+        raise _Reject("not a JSON-RPC notification: no method")
+    if message["method"] != "notifications/message":
+        return None
+    params = message.get("params")
+    if not isinstance(params, dict):
+        raise _Reject(f"params: expected an object, got {_json_type(params)}")
+    logger = params.get("logger")
+    if logger == SUBSCRIPTION_ERROR_LOGGER:
+        data = params.get("data") if isinstance(params.get("data"), dict) else {}
+        return SubscriptionErrorNotice(str(data.get("subscriptionId") or ""), str(data.get("error") or ""))
+    if logger not in FAULT_LOGGERS:
+        return None
+    data = params.get("data")
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            pass
+    if not isinstance(data, dict):
+        raise _Reject(f"params.data: expected an object, got {_json_type(data)}")
+    return _fault_event(data, raw, cluster, received_at)
+
+
+def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: dt.datetime) -> FaultEvent:
+    fault_type = data.get("faultType")
+    if not isinstance(fault_type, str) or not fault_type.strip():
+        raise _Reject("params.data.faultType: missing or not a non-empty string"
+                      + ("" if fault_type is None else f", got {_json_type(fault_type)}"))
+    values: dict[str, str] = {}
+    for source, target in _FAULT_STRING_FIELDS:
+        values[target] = _optional_string(data, source, "params.data.")
+    resource = data.get("resource")
+    if resource is not None and not isinstance(resource, dict):
+        raise _Reject(f"params.data.resource: expected an object, got {_json_type(resource)}")
+    for source, target in _RESOURCE_FIELDS:
+        values[target] = _optional_string(resource or {}, source, "params.data.resource.")
+    context = data.get("context")
+    if context is not None and not isinstance(context, str):
+        context = json.dumps(context)
+    return FaultEvent(cluster=cluster, fault_type=fault_type, received_at=received_at, mcp_payload=raw,
+                      context=_truncate(context or "", MAX_CONTEXT_CHARS), **values)
+
+
+def _optional_string(data: Mapping[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, bool)):
+        raise _Reject(f"{where}{key}: expected a string, got {_json_type(value)}")
+    return str(value)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def _truncate(text: str, limit: int) -> str:
+    """The whole raw notification stays in fault_events.mcp_payload; columns get a readable prefix."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} more characters in the raw payload]"
+
+
 INCIDENT_COLUMNS = tuple(f.name for f in dataclasses.fields(Incident))
 EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream_cluster",
                  "received_at", "resource_api_version", "resource_kind", "resource_name",
                  "resource_namespace", "resource_uid", "fault_type", "severity", "context",
                  "timestamp", "mcp_payload")
+INCIDENT_INSERT_COLUMNS = ("incident_id", "event_id", "status", "cluster", "created_at", "updated_at",
+                           "fault_id", "subscription_id", "fault_type", "severity", "context",
+                           "timestamp", "resource_api_version", "resource_kind", "resource_name",
+                           "resource_namespace", "resource_uid", "attempts")
+REJECTED_COLUMNS = ("rejected_id", "cluster", "received_at", "reason", "raw_body")
+GAP_COLUMNS = ("gap_id", "cluster", "started_at", "ended_at", "reason")
 TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "heartbeat_at",
-                          "received_at", "generated_at"})
+                          "received_at", "generated_at", "ended_at"})
 
 
 ###############################################################################
@@ -895,20 +1031,18 @@ class StateStore:
 
     engine = "abstract"
 
-    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = ()
-                      ) -> list[str]:
-        """Store each event with its incident, all in one transaction.
+    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
+                      rejected: Sequence[RejectedNotification] = (),
+                      gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
+        """Store a batch of received items, all in one transaction.
 
         Each event becomes one ``fault_events`` row and one ``incidents`` row whose
         ``created_at`` is the event's receive time. Incidents of clusters named in
-        ``skipped_clusters`` are created ``skipped``, the rest ``pending``. Events
-        whose ``event_id`` is already stored are left as they are, so a batch may be
-        written again safely. Returns the incident ids in the order of ``events``.
+        ``skipped_clusters`` are created ``skipped``, the rest ``pending``.
+        Rejected notifications and subscription gaps are stored alongside. Items
+        whose id is already stored are left as they are, so a batch may be written
+        again safely. Returns the incident ids in the order of ``events``.
         """
-        raise NotImplementedError
-
-    def record_rejected(self, rejected: Sequence[RejectedNotification]) -> None:
-        """Store notifications that could not become incidents, in one transaction."""
         raise NotImplementedError
 
     def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
@@ -994,6 +1128,10 @@ class StateStore:
 
     def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
         """Rejected notifications, newest first."""
+        raise NotImplementedError
+
+    def list_gaps(self, cluster: str = "", limit: int = 100) -> list[SubscriptionGap]:
+        """Recorded subscription gaps, newest first, of one cluster or all."""
         raise NotImplementedError
 
     def count_by_status(self) -> dict[str, int]:
@@ -1099,7 +1237,15 @@ def _incident_values(event: FaultEvent, status: str, now: dt.datetime) -> dict[s
             "timestamp": event.timestamp, "resource_api_version": event.resource_api_version,
             "resource_kind": event.resource_kind, "resource_name": event.resource_name,
             "resource_namespace": event.resource_namespace, "resource_uid": event.resource_uid,
-            "attempts": 0}
+            "attempts": 0}  # keys in the order of INCIDENT_INSERT_COLUMNS
+
+
+def _rejected_values(rejected: RejectedNotification) -> dict[str, Any]:
+    return {c: getattr(rejected, c) for c in REJECTED_COLUMNS}
+
+
+def _gap_values(gap: SubscriptionGap) -> dict[str, Any]:
+    return {c: getattr(gap, c) for c in GAP_COLUMNS}
 
 
 def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
@@ -1196,8 +1342,24 @@ class SqliteStore(StateStore):
             # Locked, read-only, missing or corrupt files may come right again;
             # constraint and programming errors will not.
             if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
+                self._drop_connection()
                 raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
             raise StoreError(f"SQLite: {exc}") from exc
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection after a failure: SQLite keeps a file it opened
+        while unwritable read-only for the life of the connection, so only a new one
+        notices that the file is writable again."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self._local.conn = None
+        self._local.sentinel = None  # its finalizer closes the connection
 
     def _write_fn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one BEGIN IMMEDIATE transaction."""
@@ -1206,10 +1368,11 @@ class SqliteStore(StateStore):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return result
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -1234,30 +1397,28 @@ class SqliteStore(StateStore):
 
     # StateStore
 
-    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = ()
-                      ) -> list[str]:
+    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
+                      rejected: Sequence[RejectedNotification] = (),
+                      gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         skipped = set(skipped_clusters)
         now = utcnow()
         event_rows = [tuple(_sqlite_row(_event_values(e)).values()) for e in events]
-        incident_rows = [_sqlite_row(_incident_values(e, SKIPPED if e.cluster in skipped else PENDING,
-                                                      now)) for e in events]
-        if not events:
-            return []
+        incident_rows = [tuple(_sqlite_row(_incident_values(
+            e, SKIPPED if e.cluster in skipped else PENDING, now)).values()) for e in events]
+        rejected_rows = [tuple(_sqlite_row(_rejected_values(r)).values()) for r in rejected]
+        gap_rows = [tuple(_sqlite_row(_gap_values(g)).values()) for g in gaps]
 
         def write(conn: sqlite3.Connection) -> None:
             conn.executemany(_insert_sql("fault_events", EVENT_COLUMNS, "event_id"), event_rows)
-            conn.executemany(_insert_sql("incidents", tuple(incident_rows[0]), "incident_id"),
-                             [tuple(r.values()) for r in incident_rows])
+            conn.executemany(_insert_sql("incidents", INCIDENT_INSERT_COLUMNS, "incident_id"),
+                             incident_rows)
+            conn.executemany(_insert_sql("rejected_events", REJECTED_COLUMNS, "rejected_id"),
+                             rejected_rows)
+            conn.executemany(_insert_sql("subscription_gaps", GAP_COLUMNS, "gap_id"), gap_rows)
 
-        self._write_fn(write)
+        if event_rows or rejected_rows or gap_rows:
+            self._write_fn(write)
         return [e.incident_id for e in events]
-
-    def record_rejected(self, rejected: Sequence[RejectedNotification]) -> None:
-        rows = [(r.rejected_id, r.cluster, _iso(r.received_at), r.reason, r.raw_body) for r in rejected]
-        if rows:
-            self._write_fn(lambda conn: conn.executemany(
-                "INSERT INTO rejected_events (rejected_id, cluster, received_at, reason, raw_body) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (rejected_id) DO NOTHING", rows))
 
     def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
         excluded = list(exclude_clusters)
@@ -1381,6 +1542,11 @@ class SqliteStore(StateStore):
         rows = self._read("SELECT * FROM rejected_events ORDER BY received_at DESC LIMIT ?", (limit,))
         return [_row_to(RejectedNotification, r) for r in rows]
 
+    def list_gaps(self, cluster: str = "", limit: int = 100) -> list[SubscriptionGap]:
+        rows = self._read("SELECT * FROM subscription_gaps WHERE ? IN ('', cluster) "
+                          "ORDER BY started_at DESC LIMIT ?", (cluster, limit))
+        return [_row_to(SubscriptionGap, r) for r in rows]
+
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r[0]: r[1] for r in self._read(
@@ -1474,8 +1640,14 @@ class PostgresPool:
             raise
 
     def release(self, conn: Any, broken: bool = False) -> None:
+        """Return a connection. A broken one is closed together with every idle one:
+        when the server restarts they all died at once, and reusing them would only
+        fail again."""
         with self._cond:
             expired = time.monotonic() - self._born.get(id(conn), 0) > self.max_lifetime
+            if broken:
+                while self._idle:
+                    self._discard_locked(self._idle.pop()[0])
             if broken or conn.closed or expired or self._closed or len(self._idle) >= self.max_idle:
                 self._discard_locked(conn)
             else:
@@ -1601,40 +1773,35 @@ class PostgresStore(StateStore):
 
     # StateStore
 
-    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = ()
-                      ) -> list[str]:
+    def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
+                      rejected: Sequence[RejectedNotification] = (),
+                      gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         import psycopg2.extras
-        if not events:
-            return []
         skipped = set(skipped_clusters)
         now = utcnow()
-        event_rows = [tuple(_pg_clean(v) for v in _event_values(e).values()) for e in events]
-        incident_dicts = [_incident_values(e, SKIPPED if e.cluster in skipped else PENDING, now)
-                          for e in events]
-        incident_rows = [tuple(_pg_clean(v) for v in d.values()) for d in incident_dicts]
-        event_sql = (f"INSERT INTO fault_events ({', '.join(EVENT_COLUMNS)}) VALUES %s "
-                     "ON CONFLICT (event_id) DO NOTHING")
-        incident_sql = (f"INSERT INTO incidents ({', '.join(incident_dicts[0])}) VALUES %s "
-                        "ON CONFLICT (incident_id) DO NOTHING")
-        template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
-                                   for c in EVENT_COLUMNS) + ")"
+        tables = [
+            ("fault_events", EVENT_COLUMNS, "event_id", [_event_values(e) for e in events]),
+            ("incidents", INCIDENT_INSERT_COLUMNS, "incident_id",
+             [_incident_values(e, SKIPPED if e.cluster in skipped else PENDING, now) for e in events]),
+            ("rejected_events", REJECTED_COLUMNS, "rejected_id", [_rejected_values(r) for r in rejected]),
+            ("subscription_gaps", GAP_COLUMNS, "gap_id", [_gap_values(g) for g in gaps]),
+        ]
 
         def write(cur: Any) -> None:
-            psycopg2.extras.execute_values(cur, event_sql, event_rows, template=template,
-                                           page_size=500)
-            psycopg2.extras.execute_values(cur, incident_sql, incident_rows, page_size=500)
+            for table, columns, key, rows in tables:
+                if not rows:
+                    continue
+                template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
+                                           for c in columns) + ")"
+                psycopg2.extras.execute_values(
+                    cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
+                    f"ON CONFLICT ({key}) DO NOTHING",
+                    [tuple(_pg_clean(v) for v in row.values()) for row in rows],
+                    template=template, page_size=1000)
 
-        self._tx(write)
+        if any(rows for *_, rows in tables):
+            self._tx(write)
         return [e.incident_id for e in events]
-
-    def record_rejected(self, rejected: Sequence[RejectedNotification]) -> None:
-        import psycopg2.extras
-        rows = [(r.rejected_id, _pg_clean(r.cluster), r.received_at, _pg_clean(r.reason),
-                 _pg_clean(r.raw_body)) for r in rejected]
-        if rows:
-            self._tx(lambda cur: psycopg2.extras.execute_values(
-                cur, "INSERT INTO rejected_events (rejected_id, cluster, received_at, reason, raw_body) "
-                "VALUES %s ON CONFLICT (rejected_id) DO NOTHING", rows))
 
     def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
         excluded = list(exclude_clusters)
@@ -1769,6 +1936,11 @@ class PostgresStore(StateStore):
                             (limit,))
         return [_row_to(RejectedNotification, r) for r in rows]
 
+    def list_gaps(self, cluster: str = "", limit: int = 100) -> list[SubscriptionGap]:
+        rows = self._select("SELECT * FROM subscription_gaps WHERE %s IN ('', cluster) "
+                            "ORDER BY started_at DESC LIMIT %s", (cluster, limit))
+        return [_row_to(SubscriptionGap, r) for r in rows]
+
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r["status"]: r["n"] for r in self._select(
@@ -1837,8 +2009,822 @@ def open_store(config: Config) -> StateStore:
 
 
 ###############################################################################
+# MCP client ###################################################################
+###############################################################################
+
+MCP_PROTOCOL_VERSION = "2025-06-18"
+MCP_KNOWN_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MAX_SSE_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class McpError(Exception):
+    """A request to an MCP server failed (connection, HTTP status, JSON-RPC error or bad reply)."""
+
+
+class SessionLost(McpError):
+    """The server answered 404: it no longer knows the session (it restarted)."""
+
+
+class McpSession:
+    """One MCP Streamable-HTTP session with one kubernetes-mcp-server.
+
+    :meth:`open` performs the handshake the Go server expects: ``initialize``,
+    then the standalone GET stream (opened *before* ``notifications/initialized``,
+    so no notification can find the stream missing), ``notifications/initialized``
+    and ``logging/setLevel`` (the server drops notifications until it is called).
+    Every message of the GET stream, and any stray message on a POST reply, goes
+    to ``on_message(raw_json, received_at)`` on a reader thread; when the stream
+    ends, :attr:`stream_ended` is set. POSTs have connect and read timeouts; the
+    GET stream has no read timeout because the server sends no keepalives.
+
+    Raises :class:`SessionLost` on HTTP 404 and :class:`McpError` for anything
+    else that fails. Used by one :class:`ClusterListener` thread; the session id
+    is treated as opaque.
+    """
+
+    def __init__(self, endpoint: str, on_message: Callable[[str, dt.datetime], None], *,
+                 api_key: str = "", ca_bundle: str = "", connect_timeout: float = 5.0,
+                 request_timeout: float = 15.0, name: str = "mcp"):
+        import requests
+        self.endpoint = endpoint
+        self.on_message = on_message
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.session_id = ""
+        self.protocol_version = ""
+        self.stream_ended = threading.Event()
+        self.stream_error = ""
+        self._lost = False
+        self._next_id = 0
+        self._stream: Any = None
+        self._http = requests.Session()
+        self._http.verify = ca_bundle or True
+        self._http.trust_env = False
+        self._http.mount("http://", _keepalive_http_adapter())
+        self._http.mount("https://", _keepalive_http_adapter())
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    # -- requests --------------------------------------------------------------
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept, **self._auth}
+        if self.session_id:
+            headers["Mcp-Session-Id"] = self.session_id
+        if self.protocol_version:
+            headers["Mcp-Protocol-Version"] = self.protocol_version
+        return headers
+
+    def _post(self, message: dict[str, Any]) -> Any:
+        import requests
+        what = message.get("method", "request")
+        headers = {**self._headers("application/json, text/event-stream"),
+                   "Content-Type": "application/json"}
+        try:
+            response = self._http.post(self.endpoint, data=json.dumps(message).encode(), headers=headers,
+                                       stream=True, timeout=(self.connect_timeout, self.request_timeout))
+        except requests.RequestException as exc:
+            raise McpError(f"{what}: {_short_error(exc)}") from exc
+        self._check_status(response, what)
+        return response
+
+    def _check_status(self, response: Any, what: str) -> None:
+        if response.status_code == 404 and self.session_id:
+            response.close()
+            self._lost = True
+            raise SessionLost(f"{what}: server does not know session (HTTP 404); it probably restarted")
+        if response.status_code >= 400:
+            body = _read_limited(response, 300)
+            response.close()
+            raise McpError(f"{what}: HTTP {response.status_code} {body!r}")
+
+    def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send a JSON-RPC request and return its result; raise McpError for a JSON-RPC error."""
+        self._next_id += 1
+        request_id = self._next_id
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+        response = self._post(message)
+        with response:
+            reply = self._reply(response, request_id, method)
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {"message": reply["error"]}
+            raise McpError(f"{method}: error {error.get('code', '')} {error.get('message', '')}".strip())
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise McpError(f"{method}: reply has no result object")
+        if method == "initialize":
+            self.session_id = response.headers.get("Mcp-Session-Id", "")
+        return result
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a JSON-RPC notification (the server answers 202 with no body)."""
+        self._post({"jsonrpc": "2.0", "method": method, "params": params or {}}).close()
+
+    def _reply(self, response: Any, request_id: int, method: str) -> dict[str, Any]:
+        """The JSON-RPC reply with ``request_id`` from a JSON or an SSE response body."""
+        import requests
+        deadline = time.monotonic() + self.request_timeout
+        content_type = response.headers.get("Content-Type", "")
+        try:
+            if content_type.startswith("application/json"):
+                message = json.loads(_read_limited(response, MAX_SSE_MESSAGE_BYTES))
+                if isinstance(message, dict) and message.get("id") == request_id:
+                    return message
+                raise McpError(f"{method}: reply does not answer request {request_id}")
+            if content_type.startswith("text/event-stream"):
+                for data in _sse_messages(response):
+                    message = _json_or_none(data)
+                    if isinstance(message, dict) and message.get("id") == request_id \
+                            and "method" not in message:
+                        return message
+                    self.on_message(data, utcnow())
+                    if time.monotonic() > deadline:
+                        break
+                raise McpError(f"{method}: reply stream ended without an answer")
+        except (requests.RequestException, ValueError) as exc:
+            raise McpError(f"{method}: {_short_error(exc)}") from exc
+        raise McpError(f"{method}: unexpected reply content type {content_type!r}")
+
+    # -- session lifecycle ----------------------------------------------------
+
+    def open(self) -> None:
+        """Handshake and open the notification stream (see the class docstring)."""
+        result = self.request("initialize", {
+            "protocolVersion": MCP_PROTOCOL_VERSION,
+            "capabilities": {"roots": {"listChanged": True}},
+            "clientInfo": {"name": "nightcrier", "version": __version__}})
+        version = str(result.get("protocolVersion", ""))
+        if version not in MCP_KNOWN_VERSIONS:
+            raise McpError(f"initialize: server speaks unsupported protocol version {version!r}")
+        self.protocol_version = version
+        self.open_stream()
+        self.notify("notifications/initialized")
+        self.request("logging/setLevel", {"level": "info"})
+
+    def open_stream(self) -> None:
+        """(Re)open the standalone GET stream and start its reader thread."""
+        import requests
+        self._abort_stream()
+        self.stream_ended.clear()
+        self.stream_error = ""
+        try:
+            response = self._http.get(self.endpoint, headers=self._headers("text/event-stream"),
+                                      stream=True, timeout=(self.connect_timeout, None))
+        except requests.RequestException as exc:
+            raise McpError(f"GET stream: {_short_error(exc)}") from exc
+        self._check_status(response, "GET stream")
+        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            response.close()
+            raise McpError("GET stream: server did not answer with an event stream")
+        self._stream = response
+        threading.Thread(target=self._read_stream, args=(response,), daemon=True,
+                         name=f"mcp-stream-{self.name}").start()
+
+    def _read_stream(self, response: Any) -> None:
+        error = "server closed the stream"
+        try:
+            for data in _sse_messages(response):
+                self.on_message(data, utcnow())
+        except Exception as exc:  # any failure ends this stream; the listener reconnects
+            error = _short_error(exc)
+        finally:
+            if response is self._stream:
+                self.stream_error = error
+                self.stream_ended.set()
+
+    def subscribe(self, mode: str) -> str:
+        """Call ``events_subscribe``; return the subscription id (empty if the reply has none)."""
+        result = self.request("tools/call", {"name": "events_subscribe", "arguments": {"mode": mode}})
+        text = "\n".join(str(c.get("text", "")) for c in result.get("content") or []
+                         if isinstance(c, dict))
+        if result.get("isError"):
+            raise McpError(f"events_subscribe: {text.strip() or 'server returned an error'}")
+        body = _json_or_none(text[text.find("{"):text.rfind("}") + 1]) if "{" in text else None
+        return str(body.get("subscriptionId", "")) if isinstance(body, dict) else ""
+
+    def unsubscribe(self, subscription_id: str) -> None:
+        """Call ``events_unsubscribe``; an already-cancelled subscription is not an error."""
+        self.request("tools/call", {"name": "events_unsubscribe",
+                                    "arguments": {"subscriptionId": subscription_id}})
+
+    def ping(self) -> None:
+        self.request("ping")
+
+    def close(self) -> None:
+        """End the session: stop the stream and DELETE the session unless the server lost it."""
+        self._abort_stream()
+        if self.session_id and not self._lost:
+            try:
+                self._http.delete(self.endpoint, headers=self._headers("*/*"),
+                                  timeout=(self.connect_timeout, self.request_timeout)).close()
+            except Exception:  # the server may already be gone; there is nothing left to release
+                pass
+        self._http.close()
+
+    def _abort_stream(self) -> None:
+        response, self._stream = self._stream, None
+        if response is None:
+            return
+        # Closing the socket from here is what wakes the reader thread blocked in recv().
+        try:
+            sock = response.raw.connection.sock
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            pass
+        response.close()
+
+
+def _keepalive_http_adapter() -> Any:
+    import requests.adapters
+    from urllib3.connection import HTTPConnection
+
+    options = [*HTTPConnection.default_socket_options, (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+
+    class KeepaliveAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["socket_options"] = options
+            super().init_poolmanager(*args, **kwargs)
+
+    return KeepaliveAdapter(max_retries=0)
+
+
+def _sse_messages(response: Any) -> Iterator[str]:
+    """The ``data`` of each event of an SSE response, refusing absurdly large events."""
+    import sseclient
+    for event in sseclient.SSEClient(_bounded_chunks(response)).events():
+        if event.data:
+            yield event.data
+
+
+def _bounded_chunks(response: Any) -> Iterator[bytes]:
+    pending = 0
+    for chunk in response.iter_content(chunk_size=None):
+        pending = 0 if (b"\n\n" in chunk or b"\r\n\r\n" in chunk) else pending + len(chunk)
+        if pending > MAX_SSE_MESSAGE_BYTES:
+            raise McpError(f"an event on the stream exceeds {MAX_SSE_MESSAGE_BYTES} bytes")
+        yield chunk
+
+
+def _read_limited(response: Any, limit: int) -> str:
+    data = b""
+    for chunk in response.iter_content(chunk_size=65536):
+        data += chunk
+        if len(data) > limit:
+            break
+    return data[:limit].decode("utf-8", "replace")
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _short_error(exc: BaseException) -> str:
+    """One line naming what failed, without the nested repr chains of urllib3."""
+    text = str(exc).strip() or type(exc).__name__
+    for marker in ("Caused by ", "(Caused by"):
+        if marker in text:
+            text = text.split(marker, 1)[1].strip("() ")
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
+
+
+###############################################################################
+# Intake #######################################################################
+###############################################################################
+
+IngestItem = FaultEvent | RejectedNotification | SubscriptionGap
+DISCONNECTED, CONNECTING, SUBSCRIBING, ACTIVE, FAILED_STATE = (
+    "disconnected", "connecting", "subscribing", "active", "failed")
+
+
+class Spool:
+    """Append-only, fsync'd files holding ingest items the database could not take yet.
+
+    Items are appended as JSON lines to ``current.jsonl`` under ``directory``;
+    :meth:`take_segments` seals that file and returns every sealed segment,
+    oldest first, for replay. A segment is removed only after all of it has been
+    stored, so a crash during replay replays it again, which the store tolerates
+    (items keep their ids). A torn last line, from a crash mid-write, is skipped.
+    Thread-safe; :meth:`append` raises OSError when the disk refuses the write.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._current = os.path.join(directory, "current.jsonl")
+
+    def append(self, items: Sequence[IngestItem]) -> None:
+        lines = "".join(json.dumps(_spool_record(item), default=str) + "\n" for item in items)
+        with self._lock:
+            fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, lines.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def has_items(self) -> bool:
+        with self._lock:
+            return any(name.endswith((".jsonl", ".sealed")) for name in os.listdir(self.directory))
+
+    def take_segments(self) -> list[str]:
+        with self._lock:
+            if os.path.exists(self._current) and os.path.getsize(self._current) > 0:
+                sealed = os.path.join(self.directory, f"{time.time_ns():020d}.sealed")
+                os.rename(self._current, sealed)
+            return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
+                          if n.endswith(".sealed"))
+
+    @staticmethod
+    def read(segment: str) -> list[IngestItem]:
+        items: list[IngestItem] = []
+        with open(segment, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    items.append(_spool_item(json.loads(line)))
+                except (ValueError, KeyError, TypeError):
+                    log_event(logging.WARNING, "spool line unreadable, skipped", segment=segment,
+                              line=number)
+        return items
+
+    @staticmethod
+    def remove(segment: str) -> None:
+        os.remove(segment)
+
+
+def _spool_record(item: IngestItem) -> dict[str, Any]:
+    kind = {FaultEvent: "event", RejectedNotification: "rejected", SubscriptionGap: "gap"}[type(item)]
+    record = {k: (_iso(v) if isinstance(v, dt.datetime) else v)
+              for k, v in dataclasses.asdict(item).items()}
+    record["kind"] = kind
+    return record
+
+
+def _spool_item(record: dict[str, Any]) -> IngestItem:
+    cls = {"event": FaultEvent, "rejected": RejectedNotification, "gap": SubscriptionGap}[record.pop("kind")]
+    for name in ("received_at", "started_at", "ended_at"):
+        if name in record:
+            record[name] = _ts(record[name])
+    return cls(**record)
+
+
+class IngestSink:
+    """Where listeners put what they receive. :meth:`put` never waits.
+
+    Items go to the bounded in-memory queue; when it is full they go straight to
+    the spool; only when the spool cannot be written either is an item dropped,
+    and then it is counted and logged with its fault id. Thread-safe.
+    """
+
+    def __init__(self, queue_size: int, spool: Spool, metrics: Metrics):
+        import queue
+        self.queue: queue.Queue[IngestItem] = queue.Queue(maxsize=queue_size)
+        self.spool = spool
+        self.metrics = metrics
+
+    def put(self, item: IngestItem) -> str:
+        """Hand over one item; returns "queued", "spooled" or "dropped"."""
+        import queue
+        try:
+            self.queue.put_nowait(item)
+            return "queued"
+        except queue.Full:
+            pass
+        try:
+            self.spool.append([item])
+        except OSError as exc:
+            self.metrics.inc("dropped", item.cluster)
+            log_event(logging.ERROR, "event dropped: queue full and spool not writable",
+                      cluster=item.cluster, fault_id=getattr(item, "fault_id", ""), error=str(exc))
+            return "dropped"
+        self.metrics.inc("spooled", item.cluster)
+        return "spooled"
+
+
+class IngestWriter(threading.Thread):
+    """The one thread that stores what listeners receive.
+
+    Drains the ingest queue in batches (up to ``batch_size`` items or
+    ``batch_window`` seconds after the first, whichever comes first), stores each
+    batch in one transaction, then sets ``work_available``. When the database is
+    unavailable it keeps its batch and retries with backoff; if the outage lasts
+    past ``spool_after`` seconds it moves the batch, and everything arriving
+    after it, to the spool, and replays the spool in order once the database
+    answers again. Spool left by a previous process is replayed at start.
+    :meth:`stop` makes it store (or spool) everything still queued and exit.
+    """
+
+    def __init__(self, store: StateStore, sink: IngestSink, skipped_clusters: Iterable[str],
+                 work_available: threading.Event, metrics: Metrics, *, batch_size: int = 500,
+                 batch_window: float = 0.005, spool_after: float = 1.0, max_backoff: float = 10.0):
+        super().__init__(name="ingest-writer", daemon=True)
+        self.store = store
+        self.sink = sink
+        self.spool = sink.spool
+        self.skipped = frozenset(skipped_clusters)
+        self.work_available = work_available
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.batch_window = batch_window
+        self.spool_after = spool_after
+        self.max_backoff = max_backoff
+        self._stopping = threading.Event()
+        self._degraded = False
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopping.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        backoff = Backoff(0.05, self.max_backoff)
+        while True:
+            try:
+                if self._degraded or self.spool.has_items():
+                    if not self._replay_spool():
+                        self._spool_queue()
+                        if self._stopping.is_set():
+                            return
+                        self._stopping.wait(backoff.next())
+                        continue
+                    backoff.reset()
+                batch = self._next_batch()
+                if not batch:
+                    if self._stopping.is_set() and self.sink.queue.empty():
+                        return
+                    continue
+                self._store_with_retry(batch)
+            except Exception:  # this thread must outlive any bug in one batch
+                log.exception("ingest writer error")
+                self._stopping.wait(backoff.next())
+
+    def _next_batch(self) -> list[IngestItem]:
+        import queue
+        try:
+            first = self.sink.queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_window
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self.sink.queue.get(timeout=remaining) if remaining > 0
+                             else self.sink.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _write(self, batch: Sequence[IngestItem]) -> None:
+        events = [i for i in batch if isinstance(i, FaultEvent)]
+        self.store.insert_events(events, self.skipped,
+                                 rejected=[i for i in batch if isinstance(i, RejectedNotification)],
+                                 gaps=[i for i in batch if isinstance(i, SubscriptionGap)])
+        committed = utcnow()
+        for event in events:
+            self.metrics.observe_ingest(event.cluster, (committed - event.received_at).total_seconds())
+            log_event(logging.INFO, "incident created", cluster=event.cluster,
+                      incident_id=event.incident_id, fault_id=event.fault_id)
+        if any(e.cluster not in self.skipped for e in events):
+            self.work_available.set()
+
+    def _store_with_retry(self, batch: list[IngestItem]) -> None:
+        backoff = Backoff(0.05, 1.0)
+        give_up = time.monotonic() + self.spool_after
+        while True:
+            try:
+                self._write(batch)
+                return
+            except StoreUnavailable as exc:
+                self.metrics.inc("db_errors")
+                if time.monotonic() >= give_up or self._stopping.is_set():
+                    log_event(logging.WARNING, "database unavailable, spooling events",
+                              items=len(batch), error=str(exc))
+                    self._to_spool(batch)
+                    self._degraded = True
+                    return
+                time.sleep(backoff.next())
+            except StoreError as exc:
+                self._write_one_by_one(batch, exc)
+                return
+
+    def _write_one_by_one(self, batch: list[IngestItem], error: StoreError) -> None:
+        """A batch the database refuses for its content: find the items at fault, keep the rest."""
+        log_event(logging.ERROR, "batch refused by the database, storing items one by one",
+                  error=str(error))
+        for item in batch:
+            try:
+                self._write([item])
+            except StoreUnavailable:
+                self._to_spool([item])
+                self._degraded = True
+            except StoreError as exc:
+                raw = getattr(item, "mcp_payload", "") or json.dumps(_spool_record(item), default=str)
+                self._to_spool_or_drop_rejected(RejectedNotification(
+                    item.cluster or "?", f"refused by the database: {exc}", raw))
+
+    def _to_spool_or_drop_rejected(self, rejected: RejectedNotification) -> None:
+        try:
+            self._write([rejected])
+        except StoreError:
+            log_event(logging.ERROR, "notification lost: refused by the database",
+                      cluster=rejected.cluster, reason=rejected.reason)
+
+    def _to_spool(self, items: Sequence[IngestItem]) -> None:
+        try:
+            self.spool.append(items)
+            for item in items:
+                self.metrics.inc("spooled", item.cluster)
+        except OSError as exc:
+            for item in items:
+                self.metrics.inc("dropped", item.cluster)
+                log_event(logging.ERROR, "event dropped: database and spool both unavailable",
+                          cluster=item.cluster, fault_id=getattr(item, "fault_id", ""), error=str(exc))
+
+    def _spool_queue(self) -> None:
+        """While the database is down, keep memory free: move everything queued to the spool."""
+        while batch := self._next_batch():
+            self._to_spool(batch)
+            if len(batch) < self.batch_size:
+                break
+
+    def _replay_spool(self) -> bool:
+        """Store every spooled item in order; True when the spool is empty afterwards."""
+        try:
+            for segment in self.spool.take_segments():
+                items = self.spool.read(segment)
+                for start in range(0, len(items), self.batch_size):
+                    self._write(items[start:start + self.batch_size])
+                self.spool.remove(segment)
+                log_event(logging.INFO, "spool replayed", items=len(items))
+        except StoreUnavailable:
+            self.metrics.inc("db_errors")
+            return False
+        self._degraded = False
+        return True
+
+
+class Backoff:
+    """Exponential backoff with full jitter: each delay is uniform in [0, min(max, base * 2**n)]."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next(self) -> float:
+        import random
+        ceiling = min(self.maximum, self.initial * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class ClusterHealth:
+    """A snapshot of one listener's state, for the health endpoints."""
+
+    name: str
+    status: str = DISCONNECTED
+    triage_enabled: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    event_count: int = 0
+    rejected_count: int = 0
+    last_event: dt.datetime | None = None
+    last_error: str = ""
+    reconnects: int = 0
+    subscription_id: str = ""
+    gap_started: dt.datetime | None = None
+    gaps: list[SubscriptionGap] = field(default_factory=list)
+
+
+class ClusterListener(threading.Thread):
+    """Keeps one cluster subscribed and hands every notification to the sink without waiting.
+
+    Runs on its own thread and survives every exception: it logs it, counts it,
+    backs off (exponential, full jitter, ``sse_reconnect_initial_backoff`` to
+    ``sse_reconnect_max_backoff``) and starts over with a brand-new session. A
+    ``ping`` every ``mcp_ping_interval`` seconds proves the session alive; a 404
+    on any request means a new session; the GET stream ending means reopen it
+    and subscribe again (the server may have cancelled the subscription); a
+    ``subscription_error`` notification means subscribe again. Every window
+    between losing a subscription and having a new one is recorded as a
+    :class:`SubscriptionGap`. :meth:`health` returns a snapshot; :meth:`stop`
+    ends the session (DELETE) and the thread.
+    """
+
+    def __init__(self, cluster: ClusterConfig, config: Config, sink: IngestSink, metrics: Metrics):
+        super().__init__(name=f"listener-{cluster.name}", daemon=True)
+        self.cluster = cluster
+        self.config = config
+        self.sink = sink
+        self.metrics = metrics
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._resubscribe = threading.Event()
+        self._lock = threading.Lock()
+        self._session: McpSession | None = None
+        self._health = ClusterHealth(cluster.name, triage_enabled=cluster.triage.enabled,
+                                     labels=dict(cluster.labels), gap_started=utcnow())
+        self._gap_reason = "starting"
+
+    # -- public ---------------------------------------------------------------
+
+    def health(self) -> ClusterHealth:
+        with self._lock:
+            return dataclasses.replace(self._health, labels=dict(self._health.labels),
+                                       gaps=list(self._health.gaps))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    # -- thread ---------------------------------------------------------------
+
+    def run(self) -> None:
+        backoff = Backoff(self.config.sse_reconnect_initial_backoff, self.config.sse_reconnect_max_backoff)
+        while not self._stopping.is_set():
+            session = McpSession(self.cluster.mcp.endpoint, self._on_message,
+                                 api_key=self.cluster.mcp.api_key, ca_bundle=self.cluster.mcp.ca_bundle,
+                                 connect_timeout=self.config.mcp_connect_timeout,
+                                 request_timeout=self.config.mcp_request_timeout, name=self.cluster.name)
+            self._session = session
+            try:
+                self._set(status=CONNECTING)
+                session.open()
+                self._subscribe(session)
+                backoff.reset()
+                self._watch(session)
+            except Exception as exc:  # the loop must survive everything
+                self._failed(exc)
+            finally:
+                self._session = None
+                session.close()
+            if not self._stopping.is_set():
+                self._stopping.wait(backoff.next())
+                self._set(reconnects=self._health.reconnects + 1)
+        self._set(status=DISCONNECTED)
+
+    def _subscribe(self, session: McpSession) -> None:
+        """Subscribe; then cancel the subscription this one replaces.
+
+        In that order: the old subscription may still be alive on the server,
+        and a fault arriving in between is then seen twice rather than never.
+        """
+        previous = self._health.subscription_id
+        self._set(status=SUBSCRIBING)
+        self._resubscribe.clear()
+        subscription_id = session.subscribe(self.config.subscribe_mode)
+        if previous:
+            session.unsubscribe(previous)
+        self._set(status=ACTIVE, subscription_id=subscription_id, last_error="")
+        self._end_gap()
+        log_event(logging.INFO, "subscribed to faults", cluster=self.cluster.name,
+                  subscription_id=subscription_id)
+
+    def _watch(self, session: McpSession) -> None:
+        """Supervise an active session until it fails or the listener stops."""
+        interval = self.config.mcp_ping_interval
+        next_ping = time.monotonic() + interval
+        while not self._stopping.is_set():
+            self._wake.wait(max(0.0, min(next_ping - time.monotonic(), 1.0)))
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            if session.stream_ended.is_set():
+                self._start_gap(f"notification stream ended: {session.stream_error}")
+                log_event(logging.WARNING, "notification stream ended, reopening",
+                          cluster=self.cluster.name, error=session.stream_error)
+                session.open_stream()
+                self._subscribe(session)
+            elif self._resubscribe.is_set():
+                self._start_gap("subscription_error from server")
+                self._subscribe(session)
+            if time.monotonic() >= next_ping:
+                session.ping()
+                next_ping = time.monotonic() + interval
+
+    def _on_message(self, raw: str, received_at: dt.datetime) -> None:
+        """Runs on the session's reader thread: classify, hand over, never wait."""
+        parsed = parse_notification(raw, self.cluster.name, received_at)
+        if parsed is None:
+            return
+        if isinstance(parsed, SubscriptionErrorNotice):
+            log_event(logging.WARNING, "subscription degraded, subscribing again",
+                      cluster=self.cluster.name, subscription_id=parsed.subscription_id,
+                      error=parsed.error)
+            self._resubscribe.set()
+            self._wake.set()
+            return
+        if isinstance(parsed, RejectedNotification):
+            self.metrics.inc("rejected", self.cluster.name)
+            log_event(logging.WARNING, "notification rejected", cluster=self.cluster.name,
+                      reason=parsed.reason[:200])
+            with self._lock:
+                self._health.rejected_count += 1
+        else:
+            self.metrics.inc("received", self.cluster.name)
+            with self._lock:
+                self._health.event_count += 1
+                self._health.last_event = received_at
+        self.sink.put(parsed)
+
+    # -- state ------------------------------------------------------------------
+
+    def _set(self, **changes: Any) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self._health, key, value)
+
+    def _failed(self, exc: BaseException) -> None:
+        error = str(exc) if isinstance(exc, McpError) else _short_error(exc)
+        self.metrics.inc("listener_errors", self.cluster.name)
+        if not self._stopping.is_set():
+            log_event(logging.WARNING, "cluster connection failed", cluster=self.cluster.name,
+                      error=error)
+        self._start_gap(error)
+        self._set(status=FAILED_STATE, last_error=error, subscription_id="")
+
+    def _start_gap(self, reason: str) -> None:
+        with self._lock:
+            if self._health.gap_started is None:
+                self._health.gap_started = utcnow()
+                self._gap_reason = reason
+            elif self._gap_reason == "starting":
+                self._gap_reason = reason  # the first connection failed: the start is unwatched too
+
+    def _end_gap(self) -> None:
+        with self._lock:
+            started, self._health.gap_started = self._health.gap_started, None
+            reason = self._gap_reason
+        if started is None or reason == "starting":
+            return  # subscribed at the first try: nothing went unwatched
+        gap = SubscriptionGap(self.cluster.name, started, reason, ended_at=utcnow())
+        with self._lock:
+            self._health.gaps = [*self._health.gaps[-9:], gap]
+        self.metrics.inc("reconnects", self.cluster.name)
+        log_event(logging.INFO, "cluster watched again", cluster=self.cluster.name,
+                  unwatched_seconds=round((gap.ended_at - started).total_seconds(), 3),  # type: ignore[operator]
+                  reason=reason[:200])
+        self.sink.put(gap)
+
+
+###############################################################################
 # Ops ##########################################################################
 ###############################################################################
+
+class Metrics:
+    """Counters and histograms of one running service, in the Prometheus registry it owns.
+
+    Thread-safe (prometheus_client locks internally). Counter names are short
+    keys: ``inc("received", cluster)`` increments
+    ``nightcrier_events_received_total{cluster=...}``.
+    """
+
+    COUNTERS = {
+        "received": ("nightcrier_events_received_total", "Fault notifications received", ("cluster",)),
+        "rejected": ("nightcrier_events_rejected_total", "Notifications rejected as malformed",
+                     ("cluster",)),
+        "spooled": ("nightcrier_events_spooled_total", "Items written to the on-disk spool", ("cluster",)),
+        "dropped": ("nightcrier_events_dropped_total", "Items lost: queue full and spool unwritable",
+                    ("cluster",)),
+        "reconnects": ("nightcrier_reconnects_total", "Subscriptions regained after a gap", ("cluster",)),
+        "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
+                            ("cluster",)),
+        "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
+    }
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+        self.registry = prom.CollectorRegistry()
+        self._counters = {key: prom.Counter(name, doc, labels, registry=self.registry)
+                          for key, (name, doc, labels) in self.COUNTERS.items()}
+        self.ingest_latency = prom.Histogram(
+            "nightcrier_ingest_latency_seconds", "From receiving a fault to committing its incident",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30), registry=self.registry)
+
+    def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
+        counter = self._counters[key]
+        (counter.labels(cluster) if counter._labelnames else counter).inc(amount)
+
+    def value(self, key: str, cluster: str = "") -> float:
+        """Current value of a counter, for health output and tests."""
+        name = self.COUNTERS[key][0].removesuffix("_total")
+        labels = {"cluster": cluster} if self.COUNTERS[key][2] else {}
+        return self.registry.get_sample_value(name + "_total", labels) or 0.0
+
+    def observe_ingest(self, cluster: str, seconds: float) -> None:
+        self.ingest_latency.observe(max(seconds, 0.0))
+
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -1883,6 +2869,70 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 
 SUBCOMMANDS = ("run", "check-config", "version")
 EXIT_CONFIG = 2
+
+
+class Service:
+    """The running nightcrier: a store, one listener per cluster and the ingest writer.
+
+    :meth:`start` returns once every thread runs; :meth:`stop` shuts down in
+    order -- listeners first (their sessions deleted), then the writer, which
+    stores or spools everything still queued -- and is safe to call twice.
+    Created and driven by the main thread.
+    """
+
+    def __init__(self, config: Config, store: StateStore | None = None):
+        self.config = config
+        self.metrics = Metrics()
+        self.store = store or open_store_with_retry(config)
+        self.work_available = threading.Event()
+        self.sink = IngestSink(config.global_queue_size,
+                               Spool(os.path.join(config.workspace_root, "spool")), self.metrics)
+        skipped = [c.name for c in config.clusters if not c.triage.enabled]
+        self.writer = IngestWriter(self.store, self.sink, skipped, self.work_available, self.metrics)
+        self.listeners = [ClusterListener(c, config, self.sink, self.metrics) for c in config.clusters]
+        self._stopped = False
+
+    def start(self) -> Service:
+        self.writer.start()
+        for listener in self.listeners:
+            listener.start()
+        log_event(logging.INFO, "nightcrier started", version=__version__, clusters=len(self.listeners),
+                  store=self.store.engine)
+        return self
+
+    def health(self) -> list[ClusterHealth]:
+        return [listener.health() for listener in self.listeners]
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for listener in self.listeners:
+            listener.stop()
+        for listener in self.listeners:
+            listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
+        self.writer.stop()
+        self.store.close()
+        log_event(logging.INFO, "nightcrier stopped")
+
+
+def open_store_with_retry(config: Config, stop: threading.Event | None = None) -> StateStore:
+    """Open the configured store, retrying with backoff while the database is unavailable.
+
+    Raises StoreError for problems retrying cannot fix (a schema too new, say).
+    """
+    backoff = Backoff(0.5, 30.0)
+    stop = stop or threading.Event()
+    while True:
+        try:
+            return open_store(config)
+        except StoreUnavailable as exc:
+            delay = backoff.next()
+            log_event(logging.WARNING, "database unavailable, retrying", error=str(exc),
+                      retry_in=round(delay, 1))
+            if stop.wait(delay):
+                raise
+
 
 
 def _config_parser() -> argparse.ArgumentParser:
@@ -1954,14 +3004,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     for warning in warnings:
         log_event(logging.WARNING, "config warning", detail=warning)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
     try:
-        store = open_store(config)
+        service = Service(config, open_store_with_retry(config, stop)).start()
+    except StoreUnavailable:
+        return 0  # asked to stop while waiting for the database
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
         return 1
-    log_event(logging.INFO, "state store ready", engine=store.engine)
-    store.close()
+    stop.wait()
+    service.stop()
     return 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: shut down in order. Second: leave at once."""
+    import signal
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log_event(logging.WARNING, "second signal, exiting at once", signal=signum)
+            os._exit(1)
+        log_event(logging.INFO, "shutdown requested", signal=signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
 
 
 def main(argv: list[str] | None = None) -> int:

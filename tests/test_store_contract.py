@@ -384,12 +384,27 @@ def test_rejected_notifications_are_kept_with_reason_and_body(store: StateStore)
     big = "{" + "x" * (5 * 1024 * 1024)
     rejected = [nc.RejectedNotification("prod", "not JSON", "garbage\x00", received_at=at(1)),
                 nc.RejectedNotification("prod", "context too large", big, received_at=at(2))]
-    store.record_rejected(rejected)
-    store.record_rejected(rejected)
+    store.insert_events([], rejected=rejected)
+    store.insert_events([], rejected=rejected)
     newest, oldest = store.list_rejected()
     assert (newest.reason, len(newest.raw_body)) == ("context too large", len(big))
     assert oldest.reason == "not JSON" and oldest.raw_body.startswith("garbage")
     assert oldest.received_at == at(1)
+
+
+def test_events_rejections_and_gaps_share_one_transaction(store: StateStore) -> None:
+    gap = nc.SubscriptionGap("prod", at(1), "server restarted", ended_at=at(3))
+    rejected = nc.RejectedNotification("prod", "not JSON", "garbage")
+    with pytest.raises(nc.StoreError):
+        store.insert_events([make_event(""), make_event()], rejected=[rejected], gaps=[gap])
+    assert store.list_rejected() == [] and store.list_gaps() == []
+    store.insert_events([make_event()], rejected=[rejected], gaps=[gap])
+    store.insert_events([], gaps=[gap, nc.SubscriptionGap("lab", at(5), "subscription_error")])
+    assert [g.gap_id for g in store.list_gaps("prod")] == [gap.gap_id]
+    (stored,) = store.list_gaps("prod")
+    assert (stored.started_at, stored.ended_at, stored.reason) == (at(1), at(3), "server restarted")
+    assert [g.cluster for g in store.list_gaps()] == ["lab", "prod"]
+    assert store.list_gaps("lab")[0].ended_at is None
 
 
 # -- health and lifecycle ---------------------------------------------------------------------

@@ -1,0 +1,268 @@
+"""What each engine promises beyond the shared contract: SQLite settings, the PostgreSQL pool."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg2
+import pytest
+from conftest import wait_for
+from test_store_contract import make_event
+
+import nightcrier as nc
+
+# -- SQLite -----------------------------------------------------------------------------
+
+
+def test_sqlite_connection_settings(tmp_path: Path) -> None:
+    store = nc.SqliteStore(str(tmp_path / "nc.db"), busy_timeout=12.5)
+    conn = store._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1, "NORMAL"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 12500
+    store.close()
+
+
+def test_sqlite_creates_its_directory_and_a_private_file(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "nc.db"
+    nc.SqliteStore(str(path)).close()
+    assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_sqlite_has_one_connection_per_thread_closed_when_the_thread_ends(tmp_path: Path) -> None:
+    store = nc.SqliteStore(str(tmp_path / "nc.db"))
+    store.ping()
+    seen: list[object] = []
+
+    def use() -> None:
+        store.ping()
+        seen.append(store._conn())
+
+    threads = [threading.Thread(target=use) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(c) for c in seen}) == 3 and store._conn() not in seen
+    wait_for(lambda: len(store._conns) == 1, what="connections of ended threads to close")
+    store.close()
+
+
+def test_sqlite_foreign_keys_are_enforced(tmp_path: Path) -> None:
+    store = nc.SqliteStore(str(tmp_path / "nc.db"))
+    with pytest.raises(nc.StoreError, match="FOREIGN KEY"):
+        store.start_execution(nc.new_id(), "img", {})
+    store.close()
+
+
+def test_sqlite_unopenable_file_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(nc.StoreUnavailable):
+        nc.SqliteStore(str(tmp_path / "dir.db"))
+
+
+def test_sqlite_writers_wait_instead_of_failing(tmp_path: Path) -> None:
+    """A writer holding the lock delays, but does not fail, another process's writer."""
+    path = str(tmp_path / "nc.db")
+    store = nc.SqliteStore(path)
+    blocker = nc.SqliteStore(path)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        def txn(conn: object) -> None:
+            held.set()
+            release.wait(10)
+        blocker._write_fn(txn)
+
+    thread = threading.Thread(target=hold_lock)
+    thread.start()
+    held.wait(10)
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    store.insert_events([make_event()])
+    thread.join()
+    assert release.is_set(), "the insert had to wait for the lock holder"
+    assert len(store.list_incidents()) == 1
+    store.close()
+    blocker.close()
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_url(postgres_schema_url: str) -> str:
+    return postgres_schema_url
+
+
+def test_pool_waits_for_a_free_connection(pg_url: str) -> None:
+    store = nc.PostgresStore(pg_url, max_open=1, wait=10)
+    conn = store._pool.acquire()
+    finished = threading.Event()
+
+    def ping() -> None:
+        store.ping()
+        finished.set()
+
+    thread = threading.Thread(target=ping)
+    thread.start()
+    assert not finished.wait(0.3), "the second user must wait while the only connection is out"
+    store._pool.release(conn)
+    assert finished.wait(10)
+    thread.join()
+    store.close()
+
+
+def test_pool_gives_up_after_its_wait(pg_url: str) -> None:
+    store = nc.PostgresStore(pg_url, max_open=1, wait=0.2)
+    conn = store._pool.acquire()
+    with pytest.raises(nc.StoreUnavailable, match="no free PostgreSQL connection"):
+        store.ping()
+    store._pool.release(conn)
+    store.ping()
+    store.close()
+
+
+def test_pool_keeps_at_most_max_idle_and_replaces_old_connections(pg_url: str) -> None:
+    store = nc.PostgresStore(pg_url, max_open=4, max_idle=1, max_lifetime=3600)
+    pool = store._pool
+    conns = [pool.acquire() for _ in range(3)]
+    for conn in conns:
+        pool.release(conn)
+    assert len(pool._idle) == 1 and pool._open == 1
+    assert all(c.closed for c in conns[1:])
+    pool.max_lifetime = 0
+    old = pool._idle[0][0]
+    store.ping()
+    assert old.closed, "an expired connection is replaced, not reused"
+    store.close()
+
+
+def test_statement_timeout_applies(pg_url: str) -> None:
+    store = nc.PostgresStore(pg_url, statement_timeout=0.2)
+    with pytest.raises(nc.StoreUnavailable, match="statement timeout"):
+        store._select("SELECT pg_sleep(2)")
+    store.ping()
+    store.close()
+
+
+def test_broken_connections_are_discarded_and_the_call_retried(pg_url: str) -> None:
+    """What a server restart looks like from the client: every pooled connection dies."""
+    store = nc.PostgresStore(pg_url, max_open=4, max_idle=4)
+    (incident_id,) = store.insert_events([make_event()])
+    pids = []
+    conns = [store._pool.acquire() for _ in range(3)]
+    for conn in conns:
+        pids.append(conn.get_backend_pid())
+        store._pool.release(conn)
+    admin = psycopg2.connect(pg_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    admin.close()
+    assert store.get_incident(incident_id) is not None
+    claimed = store.claim_next("w")
+    assert claimed is not None and claimed.incident_id == incident_id
+    store.close()
+
+
+def test_unreachable_server_is_unavailable_not_a_crash() -> None:
+    with pytest.raises(nc.StoreUnavailable, match="cannot connect to PostgreSQL"):
+        nc.PostgresStore("postgresql://nobody:pw@127.0.0.1:1/db?connect_timeout=2", wait=1)
+
+
+def test_connection_errors_do_not_show_the_password() -> None:
+    with pytest.raises(nc.StoreUnavailable) as info:
+        nc.PostgresStore("postgresql://nobody:sup3rsecret@127.0.0.1:1/db", wait=1)
+    assert "sup3rsecret" not in str(info.value)
+
+
+def _server_has_ssl(url: str) -> bool:
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SHOW ssl")
+        on = cur.fetchone()[0] == "on"
+    conn.close()
+    return on
+
+
+def _ssl_in_use(store: nc.PostgresStore) -> bool:
+    rows = store._select("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    return bool(rows[0]["ssl"])
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "require", "verify-ca", "verify-full"])
+def test_sslmode_of_the_connection_string_is_honoured(pg_url: str, sslmode: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # With no root certificate to check against, verify-* must refuse, whatever the server offers.
+    monkeypatch.setenv("PGSSLROOTCERT", str(tmp_path / "no-such-root.crt"))
+    url = f"{pg_url}&sslmode={sslmode}" if "?" in pg_url else f"{pg_url}?sslmode={sslmode}"
+    has_ssl = _server_has_ssl(pg_url)
+    if sslmode == "disable" or (sslmode == "require" and has_ssl):
+        store = nc.PostgresStore(url)
+        assert _ssl_in_use(store) == (sslmode == "require")
+        store.close()
+    else:
+        with pytest.raises(nc.StoreUnavailable):
+            nc.PostgresStore(url, wait=1)
+
+
+def test_migration_is_serialised_between_processes_starting_together(pg_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            nc.PostgresStore(pg_url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    store = nc.PostgresStore(pg_url)
+    assert [r["version"] for r in store._select("SELECT version FROM schema_migrations")] == [1]
+    store.close()
+
+
+def test_losing_a_race_for_a_cluster_moves_on_to_another(pg_url: str) -> None:
+    """The partial unique index settles a race that row locks alone cannot.
+
+    An open transaction has flipped the oldest incident of cluster "same" but not
+    committed; a claim skips that locked row, tries the next incident of "same",
+    waits on the index, loses when the transaction commits, and takes "other".
+    """
+    store = nc.PostgresStore(pg_url)
+    oldest, _, other = (make_event("same", received_at=nc.utcnow()),
+                        make_event("same", received_at=nc.utcnow()),
+                        make_event("other", received_at=nc.utcnow()))
+    store.insert_events([oldest, _, other])
+    rival = psycopg2.connect(pg_url)
+    with rival.cursor() as cur:
+        cur.execute("UPDATE incidents SET status = 'investigating', claimed_by = 'rival', "
+                    "heartbeat_at = now() WHERE incident_id = %s", (oldest.incident_id,))
+    result: list[nc.Incident | None] = []
+    claimer = threading.Thread(target=lambda: result.append(store.claim_next("me")))
+    claimer.start()
+    wait_for(lambda: _waiting_on_a_lock(pg_url), what="the claim to wait on the rival's transaction")
+    rival.commit()
+    rival.close()
+    claimer.join(10)
+    assert result and result[0] is not None and result[0].incident_id == other.incident_id
+    assert store.claim_next("me") is None
+    store.close()
+
+
+def _waiting_on_a_lock(url: str) -> bool:
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND application_name = 'nightcrier'")
+        waiting = cur.fetchone()[0] > 0
+    conn.close()
+    return waiting
