@@ -736,7 +736,9 @@ def utcnow() -> dt.datetime:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text; what uuid.uuid4() gives, at a tenth of the cost."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def is_uuid(text: str) -> bool:
@@ -940,12 +942,15 @@ def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: d
                       + ("" if fault_type is None else f", got {_json_type(fault_type)}"))
     values: dict[str, str] = {}
     for source, target in _FAULT_STRING_FIELDS:
-        values[target] = _optional_string(data, source, "params.data.")
+        value = data.get(source)
+        values[target] = value if type(value) is str else _optional_string(value, "params.data." + source)
     resource = data.get("resource")
     if resource is not None and not isinstance(resource, dict):
         raise _Reject(f"params.data.resource: expected an object, got {_json_type(resource)}")
     for source, target in _RESOURCE_FIELDS:
-        values[target] = _optional_string(resource or {}, source, "params.data.resource.")
+        value = resource.get(source) if resource else None
+        values[target] = value if type(value) is str else _optional_string(
+            value, "params.data.resource." + source)
     context = data.get("context")
     if context is not None and not isinstance(context, str):
         context = json.dumps(context)
@@ -953,12 +958,12 @@ def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: d
                       context=_truncate(context or "", MAX_CONTEXT_CHARS), **values)
 
 
-def _optional_string(data: Mapping[str, Any], key: str, where: str) -> str:
-    value = data.get(key)
+def _optional_string(value: Any, where: str) -> str:
+    """A field that should be a string: absent is empty, a number is text, anything else is wrong."""
     if value is None:
         return ""
     if isinstance(value, (dict, list, bool)):
-        raise _Reject(f"{where}{key}: expected a string, got {_json_type(value)}")
+        raise _Reject(f"{where}: expected a string, got {_json_type(value)}")
     return str(value)
 
 
@@ -1225,27 +1230,41 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
     return cls(**values)
 
 
-def _event_values(event: FaultEvent) -> dict[str, Any]:
-    return {c: getattr(event, c) for c in EVENT_COLUMNS}
+def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
+                rejected: Sequence[RejectedNotification], gaps: Sequence[SubscriptionGap],
+                ts: Callable[[dt.datetime], Any], text: Callable[[str], Any] = str
+                ) -> list[tuple[str, tuple[str, ...], str, list[tuple[Any, ...]]]]:
+    """(table, columns, key, rows) for one ingest batch, as both engines insert it.
 
-
-def _incident_values(event: FaultEvent, status: str, now: dt.datetime) -> dict[str, Any]:
-    return {"incident_id": event.incident_id, "event_id": event.event_id, "status": status,
-            "cluster": event.cluster, "created_at": event.received_at, "updated_at": now,
-            "fault_id": event.fault_id, "subscription_id": event.subscription_id,
-            "fault_type": event.fault_type, "severity": event.severity, "context": event.context,
-            "timestamp": event.timestamp, "resource_api_version": event.resource_api_version,
-            "resource_kind": event.resource_kind, "resource_name": event.resource_name,
-            "resource_namespace": event.resource_namespace, "resource_uid": event.resource_uid,
-            "attempts": 0}  # keys in the order of INCIDENT_INSERT_COLUMNS
-
-
-def _rejected_values(rejected: RejectedNotification) -> dict[str, Any]:
-    return {c: getattr(rejected, c) for c in REJECTED_COLUMNS}
-
-
-def _gap_values(gap: SubscriptionGap) -> dict[str, Any]:
-    return {c: getattr(gap, c) for c in GAP_COLUMNS}
+    ``ts`` turns a datetime into the engine's timestamp value and ``text`` makes
+    a string storable; rows are tuples in the column order, built directly
+    because this is the hot path of ingestion.
+    """
+    skipped = frozenset(skipped_clusters)
+    now = ts(utcnow())
+    event_rows = []
+    incident_rows = []
+    for e in events:
+        received = ts(e.received_at)
+        fault_id, subscription, context = text(e.fault_id), text(e.subscription_id), text(e.context)
+        resource = (text(e.resource_api_version), text(e.resource_kind), text(e.resource_name),
+                    text(e.resource_namespace), text(e.resource_uid))
+        event_rows.append((e.event_id, fault_id, subscription, text(e.cluster), text(e.upstream_cluster),
+                           received, *resource, text(e.fault_type), text(e.severity), context,
+                           text(e.timestamp), text(e.mcp_payload)))
+        incident_rows.append((e.incident_id, e.event_id, SKIPPED if e.cluster in skipped else PENDING,
+                              text(e.cluster), received, now, fault_id, subscription, text(e.fault_type),
+                              text(e.severity), context, text(e.timestamp), *resource, 0))
+    return [
+        ("fault_events", EVENT_COLUMNS, "event_id", event_rows),
+        ("incidents", INCIDENT_INSERT_COLUMNS, "incident_id", incident_rows),
+        ("rejected_events", REJECTED_COLUMNS, "rejected_id",
+         [(r.rejected_id, text(r.cluster), ts(r.received_at), text(r.reason), text(r.raw_body))
+          for r in rejected]),
+        ("subscription_gaps", GAP_COLUMNS, "gap_id",
+         [(g.gap_id, text(g.cluster), ts(g.started_at), g.ended_at and ts(g.ended_at), text(g.reason))
+          for g in gaps]),
+    ]
 
 
 def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
@@ -1291,6 +1310,7 @@ class SqliteStore(StateStore):
         self._lock = threading.Lock()
         self._conns: set[sqlite3.Connection] = set()
         self._closed = False
+        self._stop_checkpoints = threading.Event()
         parent = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -1300,6 +1320,23 @@ class SqliteStore(StateStore):
         self._write_fn(self._migrate)
         if created:
             os.chmod(path, 0o600)
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
+                                              name="sqlite-checkpoint")
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self, interval: float = 1.0) -> None:
+        """Copy the write-ahead log into the database from here, not from a committing writer.
+
+        SQLite would otherwise checkpoint (and fsync) inside whichever commit
+        crosses 1,000 log pages, stalling that writer; a passive checkpoint waits
+        for nobody and is never waited for.
+        """
+        while not self._stop_checkpoints.wait(interval):
+            try:
+                with self._errors():
+                    self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except StoreError as exc:
+                log_event(logging.DEBUG, "sqlite checkpoint skipped", error=str(exc))
 
     # connection handling
 
@@ -1317,6 +1354,7 @@ class SqliteStore(StateStore):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
         # The sentinel lives exactly as long as this thread's locals; when the
@@ -1400,23 +1438,14 @@ class SqliteStore(StateStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        skipped = set(skipped_clusters)
-        now = utcnow()
-        event_rows = [tuple(_sqlite_row(_event_values(e)).values()) for e in events]
-        incident_rows = [tuple(_sqlite_row(_incident_values(
-            e, SKIPPED if e.cluster in skipped else PENDING, now)).values()) for e in events]
-        rejected_rows = [tuple(_sqlite_row(_rejected_values(r)).values()) for r in rejected]
-        gap_rows = [tuple(_sqlite_row(_gap_values(g)).values()) for g in gaps]
+        tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso)
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.executemany(_insert_sql("fault_events", EVENT_COLUMNS, "event_id"), event_rows)
-            conn.executemany(_insert_sql("incidents", INCIDENT_INSERT_COLUMNS, "incident_id"),
-                             incident_rows)
-            conn.executemany(_insert_sql("rejected_events", REJECTED_COLUMNS, "rejected_id"),
-                             rejected_rows)
-            conn.executemany(_insert_sql("subscription_gaps", GAP_COLUMNS, "gap_id"), gap_rows)
+            for table, columns, key, rows in tables:
+                if rows:
+                    conn.executemany(_insert_sql(table, columns, key), rows)
 
-        if event_rows or rejected_rows or gap_rows:
+        if any(rows for *_, rows in tables):
             self._write_fn(write)
         return [e.incident_id for e in events]
 
@@ -1469,7 +1498,8 @@ class SqliteStore(StateStore):
             (_iso(utcnow()), exit_code, error_message, json.dumps(dict(log_paths)), execution_id)))
 
     def record_report(self, report: TriageReport) -> None:
-        values = _sqlite_row(dataclasses.asdict(report))
+        values = {k: _iso(v) if isinstance(v, dt.datetime) else v
+                  for k, v in dataclasses.asdict(report).items()}
         self._write_fn(lambda conn: conn.execute(
             _insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values())))
 
@@ -1558,6 +1588,9 @@ class SqliteStore(StateStore):
 
     def close(self) -> None:
         self._closed = True
+        self._stop_checkpoints.set()
+        if threading.current_thread() is not self._checkpointer:
+            self._checkpointer.join()
         with self._lock:
             conns = list(self._conns)
             self._conns.clear()
@@ -1572,10 +1605,6 @@ class _ThreadSentinel:
 
 def _sqlite_param(value: Any) -> Any:
     return _iso(value) if isinstance(value, dt.datetime) else value
-
-
-def _sqlite_row(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _sqlite_param(v) for k, v in values.items()}
 
 
 def _insert_sql(table: str, columns: Sequence[str], key: str, mark: str = "?") -> str:
@@ -1777,15 +1806,7 @@ class PostgresStore(StateStore):
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         import psycopg2.extras
-        skipped = set(skipped_clusters)
-        now = utcnow()
-        tables = [
-            ("fault_events", EVENT_COLUMNS, "event_id", [_event_values(e) for e in events]),
-            ("incidents", INCIDENT_INSERT_COLUMNS, "incident_id",
-             [_incident_values(e, SKIPPED if e.cluster in skipped else PENDING, now) for e in events]),
-            ("rejected_events", REJECTED_COLUMNS, "rejected_id", [_rejected_values(r) for r in rejected]),
-            ("subscription_gaps", GAP_COLUMNS, "gap_id", [_gap_values(g) for g in gaps]),
-        ]
+        tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_clean)
 
         def write(cur: Any) -> None:
             for table, columns, key, rows in tables:
@@ -1795,9 +1816,7 @@ class PostgresStore(StateStore):
                                            for c in columns) + ")"
                 psycopg2.extras.execute_values(
                     cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
-                    f"ON CONFLICT ({key}) DO NOTHING",
-                    [tuple(_pg_clean(v) for v in row.values()) for row in rows],
-                    template=template, page_size=1000)
+                    f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
 
         if any(rows for *_, rows in tables):
             self._tx(write)
@@ -1987,11 +2006,10 @@ def _rowcount(cur: Any, sql: str, params: Sequence[Any]) -> int:
 
 
 def _pg_clean(value: Any) -> Any:
-    """PostgreSQL text cannot hold NUL characters; replace them rather than lose the row."""
-    if isinstance(value, str) and "\x00" in value:
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, str) and "\\u0000" in value:
-        return value.replace("\\u0000", "\\ufffd")
+    """PostgreSQL text cannot hold NUL characters (nor JSON the \\u0000 escape);
+    replace them rather than lose the row."""
+    if isinstance(value, str) and ("\x00" in value or "\\u0000" in value):
+        return value.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd")
     return value
 
 
@@ -2489,8 +2507,18 @@ class IngestWriter(threading.Thread):
         committed = utcnow()
         for event in events:
             self.metrics.observe_ingest(event.cluster, (committed - event.received_at).total_seconds())
-            log_event(logging.INFO, "incident created", cluster=event.cluster,
-                      incident_id=event.incident_id, fault_id=event.fault_id)
+        # One line per incident is what an operator greps for; in a flood, one per batch
+        # keeps the log readable and the writer fast.
+        if len(events) == 1:
+            log_event(logging.INFO, "incident created", cluster=events[0].cluster,
+                      incident_id=events[0].incident_id, fault_id=events[0].fault_id)
+        elif events:
+            log_event(logging.INFO, "incidents created", count=len(events),
+                      clusters=",".join(sorted({e.cluster for e in events})))
+            if log.isEnabledFor(logging.DEBUG):
+                for event in events:
+                    log_event(logging.DEBUG, "incident created", cluster=event.cluster,
+                              incident_id=event.incident_id, fault_id=event.fault_id)
         if any(e.cluster not in self.skipped for e in events):
             self.work_available.set()
 
@@ -2867,7 +2895,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 # CLI ##########################################################################
 ###############################################################################
 
-SUBCOMMANDS = ("run", "check-config", "version")
+SUBCOMMANDS = ("run", "check-config", "simulate", "version")
 EXIT_CONFIG = 2
 
 
@@ -2949,6 +2977,345 @@ def _config_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- simulate: a stand-in for kubernetes-mcp-server -------------------------------------
+
+SIMULATED_FAULTS = {
+    # faultType: (apiVersion, kind, severity, context)
+    "PodCrash": ("v1", "Pod", "warning",
+                 "Container crashed with exit code 137, reason: OOMKilled"),
+    "CrashLoop": ("v1", "Pod", "critical",
+                  "Container entered CrashLoopBackOff state, restart count: 5, last exit code: 1, "
+                  "last reason: Error"),
+    "NodeUnhealthy": ("v1", "Node", "critical",
+                      "Node became unhealthy: Ready=False, reason: KubeletNotReady"),
+    "DeploymentFailure": ("apps/v1", "Deployment", "critical",
+                          "Deployment rollout failed: ProgressDeadlineExceeded"),
+    "JobFailure": ("batch/v1", "Job", "critical",
+                   "Job failed, reason: BackoffLimitExceeded, message: Job has reached the specified "
+                   "backoff limit"),
+}
+
+
+def simulated_fault(cluster: str, number: int) -> dict[str, Any]:
+    """A fault payload of one of the five real types, shaped like the server's."""
+    import hashlib
+    fault_type = list(SIMULATED_FAULTS)[number % len(SIMULATED_FAULTS)]
+    api_version, kind, severity, context = SIMULATED_FAULTS[fault_type]
+    name = f"{kind.lower()}-{number}"
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{kind}/{name}"))
+    resource = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
+    if kind != "Node":
+        resource["namespace"] = "default"
+    digest = hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()
+    return {"cluster": cluster, "faultId": digest[:16], "faultType": fault_type, "severity": severity,
+            "resource": resource, "context": context,
+            "timestamp": utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")}
+
+
+@dataclass
+class _SimSession:
+    level: str = ""
+    stream: Any = None            # queue.Queue of bytes for the open GET stream, or None
+    subscriptions: set[str] = field(default_factory=set)
+
+
+class SimulatedServer:
+    """A stand-in for the events-enabled kubernetes-mcp-server, on one local port.
+
+    Speaks MCP Streamable HTTP the way the Go server does, gates included: a
+    session receives no notification before ``logging/setLevel``; a fault that
+    finds the session without an open GET stream cancels the subscription;
+    there are no keepalive comments; unknown sessions get 404; DELETE ends a
+    session. Faults go out as ``notifications/message`` (logger
+    ``kubernetes/faults``) on the GET stream. :meth:`emit` sends one fault now;
+    ``POST /_simulate/emit {"count": n, "rate": r}`` makes it send ``n`` faults
+    at ``r`` per second (0 = as fast as it can) in the background. Thread-safe.
+    """
+
+    def __init__(self, cluster: str = "simulated", host: str = "127.0.0.1", port: int = 0):
+        self.cluster = cluster
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _SimSession] = {}
+        self._owners: dict[str, str] = {}     # subscription id -> session id
+        self._emitted = 0
+        self._httpd = _make_sim_httpd(self, host, port)
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}/mcp"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+                                        name=f"simulate-{cluster}")
+
+    def start(self) -> SimulatedServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            for session in self._sessions.values():
+                if session.stream is not None:
+                    session.stream.put(None)
+            self._sessions.clear()
+            self._owners.clear()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def subscription_count(self) -> int:
+        with self._lock:
+            return len(self._owners)
+
+    def emit(self, fault: dict[str, Any] | None = None) -> int:
+        """Send one fault (a generated one by default) to every subscription; returns how many got it."""
+        with self._lock:
+            number = self._emitted
+            self._emitted += 1
+            targets = list(self._owners.items())
+        delivered = 0
+        for subscription_id, session_id in targets:
+            data = dict(fault or simulated_fault(self.cluster, number), subscriptionId=subscription_id)
+            message = {"jsonrpc": "2.0", "method": "notifications/message",
+                       "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}}
+            with self._lock:
+                session = self._sessions.get(session_id)
+                if session is None or not session.level:
+                    continue
+                if session.stream is None:
+                    session.subscriptions.discard(subscription_id)
+                    self._owners.pop(subscription_id, None)
+                    continue
+                session.stream.put(_sse_event(message))
+            delivered += 1
+        return delivered
+
+    def emit_many(self, count: int, rate: float) -> threading.Thread:
+        """Emit ``count`` faults at ``rate`` per second (0 = unpaced) on a background thread."""
+        def run() -> None:
+            start = time.monotonic()
+            for n in range(count):
+                if rate > 0:
+                    delay = start + n / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                self.emit()
+        thread = threading.Thread(target=run, daemon=True, name=f"simulate-emit-{self.cluster}")
+        thread.start()
+        return thread
+
+    # -- protocol (called by the HTTP handler threads) --------------------------------
+
+    def handle_rpc(self, session_id: str, message: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        method = message.get("method")
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        if method == "initialize":
+            session_id = _sim_session_id()
+            with self._lock:
+                self._sessions[session_id] = _SimSession()
+            version = params.get("protocolVersion")
+            return {"protocolVersion": version if version in MCP_KNOWN_VERSIONS else MCP_PROTOCOL_VERSION,
+                    "capabilities": {"logging": {}, "tools": {"listChanged": True}},
+                    "serverInfo": {"name": "kubernetes-mcp-server",
+                                   "version": f"nightcrier-simulate-{__version__}"}}, session_id
+        with self._lock:
+            session = self._sessions[session_id]
+            if method == "logging/setLevel":
+                session.level = str(params.get("level", "info"))
+                return {}, session_id
+            if method == "ping":
+                return {}, session_id
+            if method == "tools/call":
+                return self._tool(session_id, session, params), session_id
+        raise _SimRpcError(-32601, f"method not found: {method}")
+
+    def _tool(self, session_id: str, session: _SimSession, params: dict[str, Any]) -> dict[str, Any]:
+        name, arguments = params.get("name"), params.get("arguments") or {}
+        if name == "events_subscribe":
+            mode = arguments.get("mode") or "events"
+            if mode not in ("events", "faults"):
+                return _tool_text("failed to create subscription: invalid mode: must be 'events' or "
+                                  "'faults'", error=True)
+            subscription_id = "sub-" + uuid.uuid4().hex[:8]
+            session.subscriptions.add(subscription_id)
+            self._owners[subscription_id] = session_id
+            body = {"subscriptionId": subscription_id, "cluster": self.cluster, "mode": mode,
+                    "filters": {}, "createdAt": utcnow().isoformat(), "status": "active"}
+            return _tool_text("# Event Subscription Created\n\n" + json.dumps(body, indent=2)
+                              + "\n\nYou will receive event notifications via the logging/message protocol.")
+        if name == "events_unsubscribe":
+            subscription_id = str(arguments.get("subscriptionId", ""))
+            if self._owners.get(subscription_id) != session_id:
+                return _tool_text("failed to cancel subscription: subscription not found", error=True)
+            del self._owners[subscription_id]
+            session.subscriptions.discard(subscription_id)
+            return _tool_text("# Subscription Cancelled\n\n" + json.dumps(
+                {"subscriptionId": subscription_id, "cancelled": True, "status": "success"}))
+        return _tool_text(f"unknown tool {name}", error=True)
+
+    def has_session(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def attach_stream(self, session_id: str) -> Any:
+        """The queue feeding this session's GET stream; None if one is already open (409)."""
+        import queue
+        with self._lock:
+            session = self._sessions[session_id]
+            if session.stream is not None:
+                return None
+            session.stream = queue.Queue()
+            return session.stream
+
+    def detach_stream(self, session_id: str, stream: Any) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.stream is stream:
+                session.stream = None
+
+    def end_session(self, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                return False
+            for subscription_id in session.subscriptions:
+                self._owners.pop(subscription_id, None)
+            if session.stream is not None:
+                session.stream.put(None)
+            return True
+
+
+class _SimRpcError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _tool_text(text: str, error: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {"content": [{"type": "text", "text": text}]}
+    if error:
+        result["isError"] = True
+    return result
+
+
+def _sim_session_id() -> str:
+    import base64
+    return base64.b32encode(os.urandom(20)).decode()[:26]
+
+
+def _sse_event(message: dict[str, Any]) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _make_sim_httpd(server: SimulatedServer, host: str, port: int) -> Any:
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _reply(self, status: int, body: bytes = b"", content_type: str = "text/plain",
+                   headers: Mapping[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/_simulate/emit"):
+                return self._control(body)
+            accept = self.headers.get("Accept", "")
+            if "application/json" not in accept or "text/event-stream" not in accept:
+                return self._reply(400, b"Accept must contain both application/json and text/event-stream")
+            message = _json_or_none(body.decode("utf-8", "replace"))
+            if not isinstance(message, dict):
+                return self._reply(400, b"invalid JSON-RPC message")
+            session_id = self.headers.get("Mcp-Session-Id", "")
+            if message.get("method") != "initialize" and not server.has_session(session_id):
+                return self._reply(404, b"session not found")
+            if "id" not in message:
+                return self._reply(202)
+            try:
+                result, session_id = server.handle_rpc(session_id, message)
+                reply = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+            except _SimRpcError as exc:
+                reply = {"jsonrpc": "2.0", "id": message["id"],
+                         "error": {"code": exc.code, "message": str(exc)}}
+            except KeyError:
+                return self._reply(404, b"session not found")
+            self._reply(200, _sse_event(reply), "text/event-stream", {"Mcp-Session-Id": session_id})
+
+        def _control(self, body: bytes) -> None:
+            request = _json_or_none(body.decode("utf-8", "replace")) or {}
+            count, rate = int(request.get("count", 1)), float(request.get("rate", 0))
+            server.emit_many(count, rate)
+            self._reply(202, json.dumps({"count": count, "rate": rate}).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            if "text/event-stream" not in self.headers.get("Accept", ""):
+                return self._reply(400, b"Accept must contain text/event-stream")
+            session_id = self.headers.get("Mcp-Session-Id", "")
+            if not session_id:
+                return self._reply(405, b"no session")
+            if not server.has_session(session_id):
+                return self._reply(404, b"session not found")
+            stream = server.attach_stream(session_id)
+            if stream is None:
+                return self._reply(409, b"stream already open")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache, no-transform")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                while (chunk := stream.get()) is not None:
+                    while not stream.empty() and len(chunk) < 65536:
+                        more = stream.get_nowait()
+                        if more is None:
+                            stream.put(None)
+                            break
+                        chunk += more
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
+            finally:
+                server.detach_stream(session_id, stream)
+
+        def do_DELETE(self) -> None:
+            ended = server.end_session(self.headers.get("Mcp-Session-Id", ""))
+            self._reply(204 if ended else 404)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    return Server((host, port), Handler)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Serve simulated clusters until interrupted; print one JSON line per server."""
+    configure_logging("info", "text")
+    servers = [SimulatedServer(f"{args.cluster}-{n}" if args.servers > 1 else args.cluster,
+                               args.host, args.port + n if args.port else 0).start()
+               for n in range(args.servers)]
+    for server in servers:
+        print(json.dumps({"cluster": server.cluster, "endpoint": server.url}), flush=True)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    if args.rate > 0 or args.count:
+        for server in servers:
+            server.emit_many(args.count or sys.maxsize, args.rate)
+    stop.wait()
+    for server in servers:
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _config_parser()
     parser = argparse.ArgumentParser(
@@ -2958,6 +3325,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the service (the default)")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print it, secrets masked")
+    simulate = sub.add_parser("simulate", help="serve simulated clusters that emit faults, for trials "
+                              "and smoke tests")
+    simulate.add_argument("--cluster", default="simulated", help="cluster name (suffixed when several)")
+    simulate.add_argument("--servers", type=int, default=1, help="how many simulated clusters")
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    simulate.add_argument("--port", type=int, default=0, help="first port (default: any free port)")
+    simulate.add_argument("--rate", type=float, default=0.0,
+                          help="faults per second per server (0: only on POST /_simulate/emit)")
+    simulate.add_argument("--count", type=int, default=0, help="stop emitting after this many")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -3038,7 +3414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version or args.command == "version":
         return cmd_version(args)
-    handler = {"run": cmd_run, "check-config": cmd_check_config}[args.command]
+    handler = {"run": cmd_run, "check-config": cmd_check_config, "simulate": cmd_simulate}[args.command]
     return handler(args)
 
 

@@ -27,8 +27,6 @@ CREATE TABLE fault_events (
     mcp_payload          JSONB NOT NULL
 );
 CREATE INDEX idx_fault_events_fault_id ON fault_events (fault_id);
-CREATE INDEX idx_fault_events_cluster ON fault_events (cluster);
-CREATE INDEX idx_fault_events_received_at ON fault_events (received_at);
 
 CREATE TABLE incidents (
     incident_id          UUID PRIMARY KEY,
@@ -64,7 +62,6 @@ CREATE TABLE incidents (
 CREATE UNIQUE INDEX uq_incidents_investigating_cluster ON incidents (cluster)
     WHERE status = 'investigating';
 CREATE INDEX idx_incidents_claim ON incidents (status, created_at);
-CREATE INDEX idx_incidents_event_id ON incidents (event_id);
 CREATE INDEX idx_incidents_cluster ON incidents (cluster, status, created_at);
 CREATE INDEX idx_incidents_fault_id ON incidents (fault_id);
 CREATE INDEX idx_incidents_namespace ON incidents (resource_namespace);

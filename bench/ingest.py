@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: simulated MCP servers push faults; how fast do incidents get committed?
+
+Runs ``nightcrier simulate`` in a separate process (N simulated clusters on
+127.0.0.1) and nightcrier's Service in this process, then measures, per engine:
+
+* throughput: M faults emitted as fast as the servers can, from the first send
+  to the last commit;
+* latency: receive -> commit per event, p50/p99, at a fixed offered rate;
+* the raw ceiling: the same rows inserted straight into an empty database with
+  executemany, in batches of the same size as the ingest writer's.
+
+Usage:  python bench/ingest.py [--clusters 10] [--faults 20000] [--rate 1000]
+                               [--engines sqlite,postgres] [--postgres-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import nightcrier as nc  # noqa: E402
+
+BATCH = 500
+
+
+class Recorder:
+    """Collects (commit time, latency) of every committed event via the metrics hook."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.samples: list[tuple[float, float]] = []
+
+    def __call__(self, cluster: str, seconds: float) -> None:
+        with self.lock:
+            self.samples.append((time.monotonic(), seconds))
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.samples)
+
+    def take(self) -> list[tuple[float, float]]:
+        with self.lock:
+            samples, self.samples = self.samples, []
+        return samples
+
+
+def start_simulators(count: int) -> tuple[subprocess.Popen[str], list[dict[str, str]]]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "simulate", "--servers",
+                             str(count), "--cluster", "bench"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    servers = [json.loads(proc.stdout.readline()) for _ in range(count)]
+    return proc, servers
+
+
+def emit(servers: list[dict[str, str]], total: int, rate: float) -> None:
+    per_server = total // len(servers)
+    for server in servers:
+        url = server["endpoint"].replace("/mcp", "/_simulate/emit")
+        body = json.dumps({"count": per_server, "rate": rate / len(servers)}).encode()
+        urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=10).read()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def make_config(workdir: str, servers: list[dict[str, str]], storage: dict[str, object]) -> nc.Config:
+    import yaml
+    path = os.path.join(workdir, "config.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump({"workspace_root": os.path.join(workdir, "ws"), "health_port": 0, "log_level": "info",
+                        "state_storage": storage,
+                        "clusters": [{"name": s["cluster"], "mcp": {"endpoint": s["endpoint"]},
+                                      "triage": {"enabled": False}} for s in servers]}, fh)
+    config, _ = nc.load_config(path, env={})
+    return config
+
+
+def run_pipeline(engine: str, storage: dict[str, object], args: argparse.Namespace) -> dict[str, float]:
+    proc, servers = start_simulators(args.clusters)
+    workdir = tempfile.mkdtemp(prefix=f"nightcrier-bench-{engine}-")
+    service = nc.Service(make_config(workdir, servers, storage))
+    recorder = Recorder()
+    service.metrics.observe_ingest = recorder  # type: ignore[method-assign]
+    service.start()
+    try:
+        wait_until(lambda: all(h.status == nc.ACTIVE for h in service.health()), 30, "subscriptions")
+        start = time.monotonic()
+        emit(servers, args.faults, 0)
+        wait_until(lambda: recorder.count() >= args.faults, 300, "throughput run to commit")
+        samples = recorder.take()
+        last_commit = max(t for t, _ in samples)
+        throughput = len(samples) / (last_commit - start)
+
+        latency_faults = int(args.rate * args.latency_seconds)
+        emit(servers, latency_faults, args.rate)
+        wait_until(lambda: recorder.count() >= latency_faults, 120, "latency run to commit")
+        latencies = [lat * 1000 for _, lat in recorder.take()]
+    finally:
+        service.stop()
+        proc.terminate()
+        proc.wait()
+    return {"events_per_s": throughput, "p50_ms": statistics.median(latencies),
+            "p99_ms": percentile(latencies, 99), "latency_samples": len(latencies)}
+
+
+def raw_rows(count: int, clusters: int) -> list[nc.FaultEvent]:
+    events = []
+    for n in range(count):
+        cluster = f"bench-{n % clusters}"
+        data = nc.simulated_fault(cluster, n)
+        raw = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                          "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}})
+        event = nc.parse_notification(raw, cluster, nc.utcnow())
+        assert isinstance(event, nc.FaultEvent)
+        events.append(event)
+    return events
+
+
+def raw_ceiling_sqlite(events: list[nc.FaultEvent]) -> float:
+    import sqlite3
+    path = os.path.join(tempfile.mkdtemp(prefix="nightcrier-raw-"), "raw.db")
+    nc.SqliteStore(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # as the store does: checkpoints run off the write path
+    tables = nc.ingest_rows(events, (), (), (), nc._iso)[:2]
+    start = time.monotonic()
+    for i in range(0, len(events), BATCH):
+        conn.execute("BEGIN IMMEDIATE")
+        for table, columns, _, rows in tables:
+            conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
+                             f"VALUES ({', '.join('?' * len(columns))})", rows[i:i + BATCH])
+        conn.execute("COMMIT")
+    return len(events) / (time.monotonic() - start)
+
+
+def raw_ceiling_postgres(events: list[nc.FaultEvent], url: str) -> float:
+    import psycopg2
+    import psycopg2.extras
+    store = nc.PostgresStore(url)
+    store.close()
+    conn = psycopg2.connect(url)
+    tables = nc.ingest_rows(events, (), (), (), lambda t: t, nc._pg_clean)[:2]
+    start = time.monotonic()
+    with conn.cursor() as cur:
+        for i in range(0, len(events), BATCH):
+            for table, columns, _, rows in tables:
+                template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s" for c in columns) + ")"
+                psycopg2.extras.execute_values(cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s",
+                                               rows[i:i + BATCH], template=template, page_size=1000)
+            conn.commit()
+    elapsed = time.monotonic() - start
+    conn.close()
+    return len(events) / elapsed
+
+
+def postgres_schema(base_url: str) -> tuple[str, str]:
+    import psycopg2
+    schema = "bench_" + uuid.uuid4().hex[:8]
+    conn = psycopg2.connect(base_url)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    conn.close()
+    sep = "&" if "?" in base_url else "?"
+    return schema, f"{base_url}{sep}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(base_url: str, schema: str) -> None:
+    import psycopg2
+    conn = psycopg2.connect(base_url)
+    conn.autocommit = True
+    conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+    conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clusters", type=int, default=10)
+    parser.add_argument("--faults", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency run")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--engines", default="sqlite,postgres")
+    parser.add_argument("--postgres-url", default=os.environ.get(
+        "NIGHTCRIER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    args = parser.parse_args()
+    # Log lines are formatted as in production, then thrown away.
+    devnull = open(os.devnull, "w")  # noqa: SIM115 -- lives as long as the process
+    nc.configure_logging("info", "text", stream=devnull)
+
+    results = {}
+    events = raw_rows(args.faults, args.clusters)
+    for engine in args.engines.split(","):
+        if engine == "sqlite":
+            storage: dict[str, object] = {"type": "sqlite"}
+            result = run_pipeline(engine, storage, args)
+            result["raw_ceiling_per_s"] = raw_ceiling_sqlite(events)
+        else:
+            schema, url = postgres_schema(args.postgres_url)
+            raw_schema, raw_url = postgres_schema(args.postgres_url)
+            try:
+                result = run_pipeline(engine, {"type": "postgres", "postgres_connection_string": url}, args)
+                result["raw_ceiling_per_s"] = raw_ceiling_postgres(events, raw_url)
+            finally:
+                drop_schema(args.postgres_url, schema)
+                drop_schema(args.postgres_url, raw_schema)
+        result["share_of_ceiling"] = result["events_per_s"] / result["raw_ceiling_per_s"]
+        results[engine] = result
+
+    print(f"ingest benchmark: {args.clusters} clusters, {args.faults} faults unpaced, "
+          f"latency at {args.rate:g}/s for {args.latency_seconds:g} s")
+    print(f"{'engine':<10}{'events/s':>10}{'raw ceiling/s':>15}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}")
+    for engine, r in results.items():
+        print(f"{engine:<10}{r['events_per_s']:>10.0f}{r['raw_ceiling_per_s']:>15.0f}"
+              f"{r['share_of_ceiling']:>8.0%}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
