@@ -1307,8 +1307,7 @@ class SqliteStore(StateStore):
         self.path = path
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
-        self._lock = threading.Lock()
-        self._conns: set[sqlite3.Connection] = set()
+        self._conns: set[sqlite3.Connection] = set()   # touched only with atomic set operations
         self._closed = False
         self._stop_checkpoints = threading.Event()
         parent = os.path.dirname(os.path.abspath(path))
@@ -1363,13 +1362,13 @@ class SqliteStore(StateStore):
         weakref.finalize(sentinel, self._forget, conn)
         self._local.conn = conn
         self._local.sentinel = sentinel
-        with self._lock:
-            self._conns.add(conn)
+        self._conns.add(conn)
         return conn
 
     def _forget(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            self._conns.discard(conn)
+        # Runs from the garbage collector, in whatever thread, possibly one that
+        # holds a lock already: take none. set.discard is atomic.
+        self._conns.discard(conn)
         conn.close()
 
     @contextmanager
@@ -1591,9 +1590,8 @@ class SqliteStore(StateStore):
         self._stop_checkpoints.set()
         if threading.current_thread() is not self._checkpointer:
             self._checkpointer.join()
-        with self._lock:
-            conns = list(self._conns)
-            self._conns.clear()
+        conns = list(self._conns)
+        self._conns.clear()
         for conn in conns:
             conn.close()
         self._local = threading.local()
@@ -2806,6 +2804,686 @@ class ClusterListener(threading.Thread):
 
 
 ###############################################################################
+# Engine #######################################################################
+###############################################################################
+
+DEFAULT_TRIAGE_PROMPT = """\
+You are an on-call Kubernetes triage agent. A fault was detected in a cluster; find out why.
+
+Rules:
+- Investigate read-only. Never change, delete, restart or scale anything in the cluster.
+- The incident is described in incident.json in your working directory (and preloaded below when
+  available); the cluster's RBAC permissions are in incident_cluster_permissions.json if present.
+- Use kubectl with the provided kubeconfig to look at the affected resource, its events, logs,
+  owners and nodes.
+
+Write your report, in Markdown, to output/investigation.md with these sections:
+
+## Summary
+One paragraph an on-call engineer can act on.
+
+## Root Cause
+The most likely root cause, then a line of the form **Confidence:** HIGH, MEDIUM or LOW.
+
+## Evidence
+The facts you observed, each with the command that showed it.
+
+## Recommendations
+Numbered, concrete next steps for a human, most urgent first.
+"""
+
+AGENT_HOME = "/home/agent"
+STOP_GRACE_SECONDS = 10.0
+
+
+class RunnerUnavailable(Exception):
+    """The agent could not be started for reasons outside the incident (engine down, image missing)."""
+
+
+@dataclass
+class AgentJob:
+    """Everything a runner needs to run one agent."""
+
+    incident_id: str
+    cluster: str
+    workspace: str
+    command: list[str]
+    env: dict[str, str]
+    timeout: float
+    kubeconfig: str = ""
+
+
+@dataclass
+class AgentOutcome:
+    """How an agent run ended. ``exit_code`` is None when it never produced one."""
+
+    exit_code: int | None
+    timed_out: bool = False
+    cancelled: bool = False
+    error: str = ""
+
+
+def agent_log_paths(workspace: str) -> dict[str, str]:
+    return {"agent-stdout.log": os.path.join(workspace, "logs", "agent-stdout.log"),
+            "agent-stderr.log": os.path.join(workspace, "logs", "agent-stderr.log")}
+
+
+class ProcessRunner:
+    """Runs the agent as a local process: ``agent_command`` in the incident workspace.
+
+    The process gets its own process group, the environment variables
+    ``INCIDENT_ID``, ``WORKSPACE_DIR``, ``CLUSTER_NAME``, ``KUBECONFIG``,
+    ``AGENT_MODEL``, ``PROMPT_FILE`` and the API keys, and writes stdout and
+    stderr straight into the workspace's log files. At the deadline, or when
+    cancelled, the whole group gets SIGTERM, then SIGKILL after a grace period.
+    Called from worker threads; holds no state between runs.
+    """
+
+    name = "process"
+
+    def __init__(self, grace: float = STOP_GRACE_SECONDS):
+        self.grace = grace
+
+    def check(self) -> None:
+        """Nothing to check: the command is validated at configuration time."""
+
+    def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
+        import shutil
+        import subprocess
+        logs = agent_log_paths(job.workspace)
+        env = {**_process_base_env(), **job.env}
+        program = job.command[0] if job.command else ""
+        if not shutil.which(program if os.path.isabs(program) or "/" not in program
+                            else os.path.join(job.workspace, program), path=env.get("PATH")):
+            return AgentOutcome(None, error=f"cannot start agent command: {program!r} is not an "
+                                            "executable program")
+        with open(logs["agent-stdout.log"], "ab") as out, open(logs["agent-stderr.log"], "ab") as err:
+            os.chmod(out.name, 0o600)
+            os.chmod(err.name, 0o600)
+            try:
+                proc = subprocess.Popen(_with_parent_death_signal(job.command), cwd=job.workspace,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        start_new_session=True)
+            except OSError as exc:
+                return AgentOutcome(None, error=f"cannot start agent command: {exc}")
+        deadline = time.monotonic() + job.timeout
+        while proc.poll() is None:
+            if cancel.is_set() or time.monotonic() >= deadline:
+                self._stop_group(proc)
+                return AgentOutcome(proc.returncode, timed_out=not cancel.is_set(),
+                                    cancelled=cancel.is_set())
+            cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        return AgentOutcome(proc.returncode)
+
+    def _stop_group(self, proc: Any) -> None:
+        import signal
+        import subprocess
+        for sig, wait in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlived the leader are still in the group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    """The command wrapped so that the agent is killed if nightcrier dies, even by SIGKILL.
+
+    setpriv (util-linux) sets the signal and execs the agent. Doing it in
+    Python between fork and exec could deadlock: no Python code may run in the
+    child of a threaded process. Where setpriv is missing the agent can outlive
+    a crashed nightcrier; the next start's recovery re-runs its incident.
+    """
+    import shutil
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *command] if setpriv else command
+
+
+def _process_base_env() -> dict[str, str]:
+    """What the agent process inherits: a plain environment, none of nightcrier's own settings."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "TMPDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+class DockerRunner:
+    """Runs the agent in a container of ``agent_image`` through the Docker engine.
+
+    The container is named ``nightcrier-agent-<incident_id>``, labelled with the
+    incident and this instance, runs as nightcrier's own uid:gid (or
+    ``agent_user``) in ``agent_network`` with the configured limits, and mounts
+    the workspace under ``/home/agent`` as the Go original did (incident.json
+    and kubeconfig read-only, output/ and logs/ writable). API keys travel only
+    in the container's environment. stdout and stderr are streamed into the
+    workspace logs while it runs. At the deadline it is stopped (SIGTERM, then
+    SIGKILL after a grace period); it is always removed afterwards.
+
+    Raises :class:`RunnerUnavailable` when the engine cannot be reached or the
+    image is missing, so that the incident is retried rather than failed.
+    Called from worker threads and the dispatcher; the client is shared.
+    """
+
+    name = "docker"
+    LABEL_INCIDENT = "nightcrier.incident_id"
+    LABEL_INSTANCE = "nightcrier.instance"
+
+    def __init__(self, config: Config, instance: str, grace: float = STOP_GRACE_SECONDS):
+        self.config = config
+        self.instance = instance
+        self.grace = grace
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _docker(self) -> Any:
+        import docker
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = docker.from_env(timeout=30)
+                except docker.errors.DockerException as exc:
+                    raise RunnerUnavailable(f"docker engine unreachable: {_short_error(exc)}") from exc
+            return self._client
+
+    def check(self) -> None:
+        """Raise RunnerUnavailable unless the engine answers and has the image."""
+        import docker
+        import requests
+        client = self._docker()
+        try:
+            client.ping()
+            client.images.get(self.config.agent_image)
+        except docker.errors.ImageNotFound as exc:
+            raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            with self._lock:
+                self._client = None
+            raise RunnerUnavailable(f"docker engine unreachable: {_short_error(exc)}") from exc
+
+    def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
+        import docker
+        import requests
+        self.check()
+        client = self._docker()
+        try:
+            container = client.containers.create(**self._create_args(job))
+        except docker.errors.ImageNotFound as exc:
+            raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise RunnerUnavailable(f"cannot create agent container: {_short_error(exc)}") from exc
+        try:
+            container.start()
+            pumps = self._stream_logs(container, job.workspace)
+            outcome = self._wait(container, job, cancel)
+            for pump in pumps:
+                pump.join(10)
+            return outcome
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise RunnerUnavailable(f"docker engine failed during the run: {_short_error(exc)}") from exc
+        finally:
+            try:
+                container.remove(force=True)
+            except (docker.errors.DockerException, requests.RequestException):
+                log_event(logging.WARNING, "agent container not removed; recovery will retry",
+                          incident_id=job.incident_id)
+
+    def _create_args(self, job: AgentJob) -> dict[str, Any]:
+        config = self.config
+        ws = job.workspace
+        mounts = {os.path.join(ws, "incident.json"): (f"{AGENT_HOME}/incident.json", "ro"),
+                  os.path.join(ws, "prompt-sent.md"): (f"{AGENT_HOME}/prompt-sent.md", "ro"),
+                  os.path.join(ws, "output"): (f"{AGENT_HOME}/output", "rw"),
+                  os.path.join(ws, "logs"): (f"{AGENT_HOME}/logs", "rw")}
+        permissions = os.path.join(ws, "incident_cluster_permissions.json")
+        if os.path.exists(permissions):
+            mounts[permissions] = (f"{AGENT_HOME}/incident_cluster_permissions.json", "ro")
+        if job.kubeconfig:
+            mounts[os.path.abspath(job.kubeconfig)] = (f"{AGENT_HOME}/.kube/config", "ro")
+        skills = config.skills.cache_dir
+        if skills and os.path.isdir(skills):
+            volumes_extra = [(os.path.abspath(skills), f"{AGENT_HOME}/.claude/skills"),
+                             (os.path.abspath(skills), f"{AGENT_HOME}/.codex/skills")]
+        else:
+            volumes_extra = []
+        volumes = [f"{host}:{target}:{mode}" for host, (target, mode) in mounts.items()]
+        volumes += [f"{host}:{target}:ro" for host, target in volumes_extra]
+        env = dict(job.env)
+        env.update({"HOME": AGENT_HOME, "KUBECONFIG": f"{AGENT_HOME}/.kube/config" if job.kubeconfig else "",
+                    "WORKSPACE_DIR": AGENT_HOME, "PROMPT_FILE": f"{AGENT_HOME}/prompt-sent.md"})
+        args: dict[str, Any] = {
+            "image": config.agent_image, "command": job.command,
+            "name": f"nightcrier-agent-{job.incident_id}", "detach": True,
+            "user": config.agent_user or f"{os.getuid()}:{os.getgid()}",
+            "working_dir": AGENT_HOME, "environment": env, "volumes": volumes,
+            "network_mode": config.agent_network,
+            "labels": {self.LABEL_INCIDENT: job.incident_id, self.LABEL_INSTANCE: self.instance},
+        }
+        if config.agent_memory:
+            args["mem_limit"] = config.agent_memory
+        if config.agent_cpus:
+            args["nano_cpus"] = int(config.agent_cpus * 1e9)
+        if config.agent_pids_limit:
+            args["pids_limit"] = config.agent_pids_limit
+        return args
+
+    def _stream_logs(self, container: Any, workspace: str) -> list[threading.Thread]:
+        logs = agent_log_paths(workspace)
+
+        def pump(path: str, stdout: bool) -> None:
+            try:
+                with open(path, "ab") as fh:
+                    os.chmod(path, 0o600)
+                    for chunk in container.logs(stream=True, follow=True, stdout=stdout, stderr=not stdout):
+                        fh.write(chunk)
+                        fh.flush()
+            except Exception as exc:  # the run's outcome does not depend on its log copy
+                log_event(logging.DEBUG, "agent log stream ended", error=_short_error(exc))
+
+        threads = [threading.Thread(target=pump, args=(logs["agent-stdout.log"], True), daemon=True),
+                   threading.Thread(target=pump, args=(logs["agent-stderr.log"], False), daemon=True)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _wait(self, container: Any, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
+        import requests
+        deadline = time.monotonic() + job.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if cancel.is_set() or remaining <= 0:
+                container.stop(timeout=int(self.grace))
+                status = container.wait(timeout=30)
+                return AgentOutcome(status.get("StatusCode"), timed_out=not cancel.is_set(),
+                                    cancelled=cancel.is_set())
+            try:
+                status = container.wait(timeout=max(0.1, min(remaining, 0.5)))
+                return AgentOutcome(status.get("StatusCode"),
+                                    error=(status.get("Error") or {}).get("Message", "") or "")
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+                if "timed out" not in str(exc).lower():
+                    raise
+
+    def remove_orphans(self, is_live: Callable[[str], bool]) -> list[str]:
+        """Stop and remove nightcrier's containers whose incident no live worker is running."""
+        import docker
+        import requests
+        try:
+            containers = self._docker().containers.list(all=True, filters={"label": self.LABEL_INCIDENT})
+        except (RunnerUnavailable, docker.errors.DockerException, requests.RequestException):
+            return []
+        removed = []
+        for container in containers:
+            incident_id = container.labels.get(self.LABEL_INCIDENT, "")
+            if is_live(incident_id):
+                continue
+            try:
+                container.remove(force=True)
+                removed.append(incident_id)
+                log_event(logging.WARNING, "orphaned agent container removed", incident_id=incident_id,
+                          container=container.name)
+            except (docker.errors.DockerException, requests.RequestException):
+                pass
+        return removed
+
+
+def agent_cli_command(config: Config) -> list[str]:
+    """The container command that runs ``agent_cli`` as the Go original's runners did.
+
+    The prompt is read from the mounted prompt file rather than quoted into the
+    command line, and no pipe follows the CLI, so its exit code is the
+    container's.
+    """
+    prompt = f'"$(cat {AGENT_HOME}/prompt-sent.md)"'
+    model = shlex.quote(config.agent_model)
+    if config.agent_cli == "claude":
+        line = (f"claude -p {prompt} --model {model} --output-format text "
+                f"--allowedTools {shlex.quote(config.agent_allowed_tools)}")
+        if config.agent_verbose:
+            line += " --verbose"
+    elif config.agent_cli == "codex":
+        mapped = {"opus": "gpt-5-codex", "sonnet": "gpt-5.2", "haiku": "gpt-4o"}.get(
+            config.agent_model, config.agent_model)
+        line = ('printenv OPENAI_API_KEY | codex login --with-api-key && codex exec --skip-git-repo-check '
+                f"--enable skills --dangerously-bypass-approvals-and-sandbox -m {shlex.quote(mapped)} "
+                f"{prompt}")
+    elif config.agent_cli == "gemini":
+        tools = {"Read": "read_file", "Write": "write_file", "Grep": "grep", "Glob": "glob",
+                 "Bash": "run_shell_command"}
+        allowed = ",".join(tools[t] for t in config.agent_allowed_tools.split(",") if t in tools)
+        line = f"gemini -p {prompt} --model {model} --allowed-tools {shlex.quote(allowed)}"
+    else:
+        line = f"GOOSE_DISABLE_KEYRING=1 goose run --no-session --text {prompt} --model {model}"
+    return ["/bin/bash", "-c", f"set -o pipefail; {line}"]
+
+
+# -- workspace ----------------------------------------------------------------------
+
+def incident_document(incident: Incident, log_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """incident.json as the Go original wrote it (camelCase, optional fields left out)."""
+    def stamp(value: dt.datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    resource = {"apiVersion": incident.resource_api_version, "kind": incident.resource_kind or "Unknown",
+                "name": incident.resource_name or "Unknown"}
+    if incident.resource_namespace:
+        resource["namespace"] = incident.resource_namespace
+    if incident.resource_uid:
+        resource["uid"] = incident.resource_uid
+    document: dict[str, Any] = {
+        "incidentId": incident.incident_id, "faultId": incident.fault_id, "status": incident.status,
+        "createdAt": stamp(incident.created_at), "startedAt": stamp(incident.started_at),
+        "completedAt": stamp(incident.completed_at), "exitCode": incident.exit_code,
+        "failureReason": incident.failure_reason or None, "logPaths": dict(log_paths) if log_paths else None,
+        "cluster": incident.cluster, "namespace": incident.resource_namespace, "resource": resource,
+        "faultType": incident.fault_type, "severity": incident.severity, "context": incident.context,
+        "timestamp": incident.timestamp, "triggeringEventId": incident.fault_id or None,
+    }
+    return {k: v for k, v in document.items() if v is not None}
+
+
+def write_private(path: str, text: str) -> None:
+    """Write a file only its owner can read (0600), replacing it atomically."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def prepare_workspace(root: str, incident: Incident) -> str:
+    """``<root>/<incident_id>/`` with output/ and logs/, directories 0700, and incident.json."""
+    if not is_uuid(incident.incident_id):
+        raise ValueError(f"refusing workspace for a non-UUID incident id {incident.incident_id!r}")
+    workspace = os.path.join(os.path.abspath(root), incident.incident_id)
+    for path in (root, workspace, os.path.join(workspace, "output"), os.path.join(workspace, "logs")):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    for path in (workspace, os.path.join(workspace, "output"), os.path.join(workspace, "logs")):
+        os.chmod(path, 0o700)
+    write_private(os.path.join(workspace, "incident.json"), json.dumps(incident_document(incident), indent=2))
+    return workspace
+
+
+def build_prompt(config: Config, incident: Incident, permissions: Mapping[str, Any] | None) -> str:
+    """The prompt the agent gets, in the layout of the Go original's prompt-sent.md."""
+    system = DEFAULT_TRIAGE_PROMPT
+    if config.agent_system_prompt_file:
+        with open(config.agent_system_prompt_file, encoding="utf-8") as fh:
+            system = fh.read()
+    parts = ["# Prompt Sent to Agent\n", "## Metadata",
+             f"- Timestamp: {utcnow().replace(microsecond=0).isoformat()}",
+             f"- Incident ID: {incident.incident_id}", f"- Cluster: {incident.cluster}",
+             f"- Agent CLI: {config.agent_cli}", f"- Model: {config.agent_model}\n",
+             "## System Prompt\n", system.rstrip("\n") + "\n", "## Additional Prompt\n",
+             (config.additional_agent_prompt.rstrip("\n") if config.additional_agent_prompt
+              else "*None provided*") + "\n"]
+    if not config.skills.disable_triage_preload:
+        # Embedded verbatim: JSON escapes must reach the agent as written.
+        preload = (f"<incident>\n{json.dumps(incident_document(incident), indent=2)}\n</incident>\n\n"
+                   "<kubernetes_cluster_access_permissions>\n"
+                   f"{json.dumps(permissions, indent=2) if permissions else 'not checked'}\n"
+                   "</kubernetes_cluster_access_permissions>")
+        parts += ["## Preloaded Context\n",
+                  "The following context was preloaded into the agent's prompt before execution:\n",
+                  "```", preload, "```"]
+    return "\n".join(parts) + "\n"
+
+
+def judge_outcome(outcome: AgentOutcome, workspace: str, timeout: float, min_size: int
+                  ) -> tuple[str, str | None]:
+    """(status, reason) by the Go original's failure rules, in its order."""
+    if outcome.timed_out:
+        return AGENT_FAILED, f"agent timed out after {timeout:g} s"
+    if outcome.error and outcome.exit_code is None:
+        return AGENT_FAILED, f"agent execution error: {outcome.error}"
+    if outcome.exit_code != 0:
+        return AGENT_FAILED, f"agent exited with non-zero code: {outcome.exit_code}"
+    report = os.path.join(workspace, "output", "investigation.md")
+    try:
+        size = os.path.getsize(report)
+    except FileNotFoundError:
+        return AGENT_FAILED, "investigation.md file not found"
+    except OSError as exc:
+        return AGENT_FAILED, f"error checking investigation.md: {exc}"
+    if size < min_size:
+        return AGENT_FAILED, f"investigation.md too small: {size} bytes (expected >= {min_size})"
+    return RESOLVED, None
+
+
+# -- dispatch -----------------------------------------------------------------------
+
+class Dispatcher(threading.Thread):
+    """Claims pending incidents and runs each on a pool of ``max_concurrent_agents`` workers.
+
+    Wakes on ``work_available`` (set by the ingest writer and by finishing
+    workers), with a poll every ``dispatch_poll_interval`` only as a fallback,
+    and claims while a slot is free: the oldest pending incident of a cluster
+    that has no agent running. Per-cluster locks keep one agent per cluster in
+    this process; the database keeps it so across processes. It also refreshes
+    heartbeats of running incidents, sweeps stale ones back to pending (or to
+    failed), and removes orphaned containers. When the runner is unavailable the
+    incident returns to pending and claiming pauses with backoff. :meth:`stop`
+    stops claiming, waits up to ``shutdown_timeout`` for running agents, then
+    cancels them and returns their incidents to pending.
+    """
+
+    def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
+                 work_available: threading.Event, metrics: Metrics, instance: str,
+                 on_finished: Callable[[Incident], None] | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        super().__init__(name="dispatcher", daemon=True)
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.wake = work_available
+        self.metrics = metrics
+        self.instance = instance
+        self.on_finished = on_finished
+        self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
+        self.runner_error = ""
+        self._cluster_locks: dict[str, threading.Lock] = {}
+        self._running: dict[str, Any] = {}        # incident id -> Future
+        self._running_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._cancel = threading.Event()
+        self._paused_until = 0.0
+        self._runner_backoff = Backoff(1.0, 60.0)
+
+    # -- public ---------------------------------------------------------------
+
+    def running(self) -> list[str]:
+        with self._running_lock:
+            return list(self._running)
+
+    def stop(self) -> None:
+        """Stop claiming; give running agents ``shutdown_timeout``; then cancel them."""
+        from concurrent.futures import wait
+        self._stopping.set()
+        self.wake.set()
+        self.join()
+        with self._running_lock:
+            futures = list(self._running.values())
+        done, not_done = wait(futures, timeout=self.config.shutdown_timeout)
+        if not_done:
+            log_event(logging.WARNING, "agents still running at shutdown, stopping them",
+                      count=len(not_done))
+            self._cancel.set()
+            wait(not_done, timeout=STOP_GRACE_SECONDS + 30)
+        self.pool.shutdown(wait=False)
+
+    # -- thread ---------------------------------------------------------------
+
+    def run(self) -> None:
+        next_maintenance = 0.0
+        while not self._stopping.is_set():
+            self.wake.wait(self.config.dispatch_poll_interval)
+            self.wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                if time.monotonic() >= next_maintenance:
+                    self._maintain()
+                    next_maintenance = time.monotonic() + self._heartbeat_interval()
+                self._fill_slots()
+            except StoreUnavailable as exc:
+                self.metrics.inc("db_errors")
+                log_event(logging.WARNING, "dispatcher: database unavailable", error=str(exc))
+                self._stopping.wait(1.0)
+            except Exception:  # the dispatcher must outlive any bug in one round
+                log.exception("dispatcher error")
+                self._stopping.wait(1.0)
+
+    def _heartbeat_interval(self) -> float:
+        return max(0.2, self.config.stale_after_seconds / 4)
+
+    def _fill_slots(self) -> None:
+        if time.monotonic() < self._paused_until:
+            return
+        while not self._stopping.is_set() and len(self.running()) < self.config.max_concurrent_agents:
+            busy = [c for c, lock in self._cluster_locks.items() if lock.locked()]
+            started = time.monotonic()
+            incident = self.store.claim_next(self.instance, exclude_clusters=busy)
+            self.metrics.claim_latency.observe(time.monotonic() - started)
+            if incident is None:
+                return
+            lock = self._cluster_locks.setdefault(incident.cluster, threading.Lock())
+            lock.acquire()
+            with self._running_lock:
+                self._running[incident.incident_id] = self.pool.submit(self._work, incident, lock)
+
+    def _maintain(self) -> None:
+        running = self.running()
+        if running:
+            self.store.heartbeat(self.instance, running)
+        stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
+        requeued, failed = self.store.recover_stale(stale_before, self.config.max_attempts)
+        for incident_id in requeued:
+            log_event(logging.WARNING, "orphaned incident returned to pending", incident_id=incident_id)
+        for incident_id in failed:
+            log_event(logging.ERROR, "orphaned incident failed", incident_id=incident_id,
+                      reason=ORPHANED_REASON)
+        if isinstance(self.runner, DockerRunner):
+            self.runner.remove_orphans(self._is_live)
+        if requeued:
+            self.wake.set()
+
+    def _is_live(self, incident_id: str) -> bool:
+        """Whether some live worker, here or in another process, is running this incident."""
+        if incident_id in self.running():
+            return True
+        incident = self.store.get_incident(incident_id)
+        if incident is None or incident.status != INVESTIGATING or incident.claimed_by == self.instance:
+            return False
+        stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
+        return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
+
+    # -- worker ---------------------------------------------------------------
+
+    def _work(self, incident: Incident, lock: threading.Lock) -> None:
+        try:
+            self._run_incident(incident)
+        except RunnerUnavailable as exc:
+            self._runner_down(incident, str(exc))
+        except Exception as exc:  # nothing may stay investigating
+            log.exception("worker error")
+            self._finish(incident, FAILED, None, f"nightcrier error: {_short_error(exc)}")
+        finally:
+            lock.release()
+            with self._running_lock:
+                self._running.pop(incident.incident_id, None)
+            self.wake.set()
+
+    def _run_incident(self, incident: Incident) -> None:
+        config = self.config
+        cluster = next((c for c in config.clusters if c.name == incident.cluster), None)
+        workspace = prepare_workspace(config.workspace_root, incident)
+        self.store.set_workspace(incident.incident_id, workspace)
+        write_private(os.path.join(workspace, "prompt-sent.md"), build_prompt(config, incident, None))
+        job = AgentJob(
+            incident_id=incident.incident_id, cluster=incident.cluster, workspace=workspace,
+            command=list(config.agent_command) or agent_cli_command(config),
+            env={"INCIDENT_ID": incident.incident_id, "WORKSPACE_DIR": workspace,
+                 "CLUSTER_NAME": incident.cluster, "AGENT_MODEL": config.agent_model,
+                 "PROMPT_FILE": os.path.join(workspace, "prompt-sent.md"),
+                 **({"KUBECONFIG": os.path.abspath(cluster.triage.kubeconfig)}
+                    if cluster and cluster.triage.kubeconfig else {}),
+                 **config.api_keys()},
+            timeout=config.agent_timeout, kubeconfig=cluster.triage.kubeconfig if cluster else "")
+        logs = agent_log_paths(workspace)
+        execution = self.store.start_execution(incident.incident_id, self._image(), logs)
+        log_event(logging.INFO, "worker started incident", incident_id=incident.incident_id,
+                  cluster=incident.cluster, runner=self.runner.name, attempt=incident.attempts)
+        self.metrics.agents_running.inc()
+        started = time.monotonic()
+        try:
+            outcome = self.runner.run(job, self._cancel)
+        except RunnerUnavailable as exc:
+            self.store.finish_execution(execution.execution_id, None, str(exc), logs)
+            raise
+        finally:
+            self.metrics.agents_running.dec()
+        self.runner_error = ""
+        self._runner_backoff.reset()
+        self.metrics.agent_duration.observe(time.monotonic() - started)
+        self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs)
+        if outcome.cancelled:
+            self._release(incident, "nightcrier shut down while the agent ran")
+            return
+        status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
+                                       config.investigation_min_size_bytes)
+        self._store_report(incident, execution.execution_id, workspace)
+        self._finish(incident, status, outcome.exit_code, reason, workspace, logs)
+
+    def _image(self) -> str:
+        return self.config.agent_image if isinstance(self.runner, DockerRunner) else "process"
+
+    def _store_report(self, incident: Incident, execution_id: str, workspace: str) -> None:
+        path = os.path.join(workspace, "output", "investigation.md")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                markdown = fh.read()
+        except OSError:
+            return
+        self.store.record_report(TriageReport(new_id(), incident.incident_id, execution_id, utcnow(),
+                                              markdown, raw_report_path=path, storage_type="filesystem"))
+
+    def _finish(self, incident: Incident, status: str, exit_code: int | None, reason: str | None,
+                workspace: str | None = None, logs: Mapping[str, str] | None = None) -> None:
+        if not self.store.complete(incident.incident_id, self.instance, status, exit_code, reason):
+            log_event(logging.WARNING, "incident was taken over before it finished",
+                      incident_id=incident.incident_id)
+            return
+        self.metrics.outcomes.labels(status).inc()
+        log_event(logging.INFO, "incident finished", incident_id=incident.incident_id,
+                  cluster=incident.cluster, status=status, exit_code=exit_code, reason=reason or "")
+        final = self.store.get_incident(incident.incident_id)
+        if final is not None and workspace:
+            write_private(os.path.join(workspace, "incident.json"),
+                          json.dumps(incident_document(final, logs), indent=2))
+        if final is not None and self.on_finished is not None:
+            self.on_finished(final)
+
+    def _release(self, incident: Incident, reason: str) -> None:
+        if self.store.release(incident.incident_id, self.instance, reason):
+            log_event(logging.INFO, "incident returned to pending", incident_id=incident.incident_id,
+                      reason=reason)
+
+    def _runner_down(self, incident: Incident, reason: str) -> None:
+        self.runner_error = reason
+        delay = self._runner_backoff.next() + 1.0
+        self._paused_until = time.monotonic() + delay
+        log_event(logging.ERROR, "agent runner unavailable, pausing dispatch", error=reason,
+                  retry_in=round(delay, 1))
+        self._release(incident, f"runner unavailable: {reason}")
+
+
+###############################################################################
 # Ops ##########################################################################
 ###############################################################################
 
@@ -2838,6 +3516,17 @@ class Metrics:
         self.ingest_latency = prom.Histogram(
             "nightcrier_ingest_latency_seconds", "From receiving a fault to committing its incident",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30), registry=self.registry)
+        self.claim_latency = prom.Histogram(
+            "nightcrier_claim_latency_seconds", "Time one claim query takes",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.5),
+            registry=self.registry)
+        self.agents_running = prom.Gauge("nightcrier_agents_running", "Agents running in this process",
+                                         registry=self.registry)
+        self.agent_duration = prom.Histogram(
+            "nightcrier_agent_duration_seconds", "Wall time of agent runs",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600), registry=self.registry)
+        self.outcomes = prom.Counter("nightcrier_incident_outcomes_total", "Incidents finished, by status",
+                                     ("status",), registry=self.registry)
 
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
         counter = self._counters[key]
@@ -2895,16 +3584,18 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 # CLI ##########################################################################
 ###############################################################################
 
-SUBCOMMANDS = ("run", "check-config", "simulate", "version")
+SUBCOMMANDS = ("run", "check-config", "tail", "simulate", "version")
 EXIT_CONFIG = 2
 
 
 class Service:
-    """The running nightcrier: a store, one listener per cluster and the ingest writer.
+    """The running nightcrier: a store, one listener per cluster, the ingest writer and the dispatcher.
 
     :meth:`start` returns once every thread runs; :meth:`stop` shuts down in
     order -- listeners first (their sessions deleted), then the writer, which
-    stores or spools everything still queued -- and is safe to call twice.
+    stores or spools everything still queued, then the dispatcher, which stops
+    claiming and gives running agents ``shutdown_timeout`` before stopping them
+    and returning their incidents to pending -- and is safe to call twice.
     Created and driven by the main thread.
     """
 
@@ -2918,10 +3609,16 @@ class Service:
         skipped = [c.name for c in config.clusters if not c.triage.enabled]
         self.writer = IngestWriter(self.store, self.sink, skipped, self.work_available, self.metrics)
         self.listeners = [ClusterListener(c, config, self.sink, self.metrics) for c in config.clusters]
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
+                  else ProcessRunner())
+        self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
+                                     self.instance)
         self._stopped = False
 
     def start(self) -> Service:
         self.writer.start()
+        self.dispatcher.start()
         for listener in self.listeners:
             listener.start()
         log_event(logging.INFO, "nightcrier started", version=__version__, clusters=len(self.listeners),
@@ -2940,6 +3637,7 @@ class Service:
         for listener in self.listeners:
             listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
         self.writer.stop()
+        self.dispatcher.stop()
         self.store.close()
         log_event(logging.INFO, "nightcrier stopped")
 
@@ -3325,6 +4023,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the service (the default)")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print it, secrets masked")
+    tail = sub.add_parser("tail", parents=[common],
+                          help="print an incident's agent log and follow it until the incident ends")
+    tail.add_argument("incident_id")
+    tail.add_argument("--stderr", action="store_true", help="follow the agent's stderr instead")
     simulate = sub.add_parser("simulate", help="serve simulated clusters that emit faults, for trials "
                               "and smoke tests")
     simulate.add_argument("--cluster", default="simulated", help="cluster name (suffixed when several)")
@@ -3409,12 +4111,64 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print an incident's agent log and follow it until the incident is finished."""
+    config, _ = _load_or_exit(args)
+    try:
+        store = open_store(config)
+    except StoreError as exc:
+        print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _tail(store, config, args.incident_id, "agent-stderr.log" if args.stderr
+                     else "agent-stdout.log", sys.stdout.buffer)
+    finally:
+        store.close()
+
+
+def _tail(store: StateStore, config: Config, incident_id: str, log_name: str, out: Any,
+          poll: float = 0.2) -> int:
+    incident = store.get_incident(incident_id)
+    if incident is None:
+        print(f"nightcrier: no incident {incident_id!r}", file=sys.stderr)
+        return 1
+    workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root), incident_id)
+    path = os.path.join(workspace, "logs", log_name)
+    offset = 0
+    while True:
+        finished = incident.status not in (PENDING, INVESTIGATING)
+        offset = _copy_new_bytes(path, offset, out)
+        if finished:
+            break
+        time.sleep(poll)
+        incident = store.get_incident(incident_id) or incident
+    out.flush()
+    print(f"incident {incident_id} {incident.status}"
+          + (f" exit_code={incident.exit_code}" if incident.exit_code is not None else "")
+          + (f" reason={incident.failure_reason!r}" if incident.failure_reason else ""), flush=True)
+    return 0
+
+
+def _copy_new_bytes(path: str, offset: int, out: Any) -> int:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return offset
+    if data:
+        out.write(data)
+        out.flush()
+    return offset + len(data)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     if args.version or args.command == "version":
         return cmd_version(args)
-    handler = {"run": cmd_run, "check-config": cmd_check_config, "simulate": cmd_simulate}[args.command]
+    handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
+               "simulate": cmd_simulate}[args.command]
     return handler(args)
 
 
