@@ -3013,6 +3013,11 @@ class DockerRunner:
         self.check()
         client = self._docker()
         try:
+            # A container left by an earlier attempt of this incident (we hold its claim now)
+            # would make the name clash.
+            for stale in client.containers.list(all=True, filters={
+                    "label": f"{self.LABEL_INCIDENT}={job.incident_id}"}):
+                stale.remove(force=True)
             container = client.containers.create(**self._create_args(job))
         except docker.errors.ImageNotFound as exc:
             raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
@@ -4097,8 +4102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT: shut down in order. Second: leave at once."""
+    """First SIGTERM/SIGINT: shut down in order. Second: leave at once. SIGUSR1: dump every
+    thread's stack to stderr, for a process that seems stuck."""
+    import faulthandler
     import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def handle(signum: int, _frame: Any) -> None:
         if stop.is_set():

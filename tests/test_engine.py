@@ -230,13 +230,30 @@ def _service_config(tmp_path: Path, agent: str, **overrides: Any) -> Path:
     return path
 
 
+def start_service(config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """nightcrier as a subprocess, its log in tmp_path/stderr.log (a pipe nobody reads could fill)."""
+    with open(tmp_path / "stderr.log", "ab") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+
+def exit_status(proc: subprocess.Popen[bytes], tmp_path: Path, timeout: float = 30) -> int:
+    """Wait for the process; if it hangs, have it dump its threads (SIGUSR1) and fail with its log."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "Thread" in (tmp_path / "stderr.log").read_text(), what="a thread dump")
+        proc.kill()
+        pytest.fail("nightcrier did not exit:\n" + (tmp_path / "stderr.log").read_text()[-20000:])
+
+
 def test_sigkill_while_agents_run_then_restart(tmp_path: Path) -> None:
     agent = "echo $$ >> \"$WORKSPACE_DIR/../pids\"; sleep 2; " + GOOD_AGENT
     config = _service_config(tmp_path, agent, stale_after_seconds=2, max_concurrent_agents=3)
     store = nc.SqliteStore(str(tmp_path / "ws" / "nightcrier.db"))
     store.insert_events([make_event(f"c{n % 3}", received_at=nc.utcnow()) for n in range(9)])
-    command = [sys.executable, str(ROOT / "nightcrier.py"), "--config", str(config)]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = start_service(config, tmp_path)
     try:
         wait_for(lambda: store.count_by_status()[nc.INVESTIGATING] == 3, timeout=30,
                  what="three agents running")
@@ -246,12 +263,12 @@ def test_sigkill_while_agents_run_then_restart(tmp_path: Path) -> None:
     pids = [int(p) for p in (tmp_path / "ws" / "pids").read_text().split()]
     for pid in pids:
         wait_for(lambda pid=pid: not _alive(pid), what="agents to die with nightcrier")
-    second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = start_service(config, tmp_path)
     try:
         wait_for(lambda: store.count_by_status()[nc.RESOLVED] == 9, timeout=90, what="all incidents resolved")
     finally:
         second.terminate()
-        assert second.wait(60) == 0
+        assert exit_status(second, tmp_path) == 0
     by_cluster: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
     for incident in store.list_incidents():
         for execution in store.list_executions(incident.incident_id):
@@ -268,11 +285,10 @@ def test_sigterm_drains_running_agents_and_exits_0(tmp_path: Path) -> None:
     config = _service_config(tmp_path, agent, shutdown_timeout=20)
     store = nc.SqliteStore(str(tmp_path / "ws" / "nightcrier.db"))
     store.insert_events([make_event(f"c{n}", received_at=nc.utcnow()) for n in range(3)])
-    proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_service(config, tmp_path)
     wait_for(lambda: store.count_by_status()[nc.INVESTIGATING] == 3, timeout=30, what="agents running")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
+    assert exit_status(proc, tmp_path) == 0
     assert store.count_by_status()[nc.RESOLVED] == 3, "running agents were allowed to finish"
     store.close()
 
@@ -283,11 +299,10 @@ def test_sigterm_past_the_shutdown_timeout_returns_incidents_to_pending(tmp_path
     config = _service_config(tmp_path, agent, shutdown_timeout=1)
     store = nc.SqliteStore(str(tmp_path / "ws" / "nightcrier.db"))
     store.insert_events([make_event("c0")])
-    proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_service(config, tmp_path)
     wait_for(lambda: pids.exists(), timeout=30, what="the agent to start")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
+    assert exit_status(proc, tmp_path) == 0
     (incident,) = store.list_incidents()
     assert incident.status == nc.PENDING and incident.attempts == 0
     assert not _alive(int(pids.read_text().split()[0]))
