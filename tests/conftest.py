@@ -28,6 +28,13 @@ def open_test_store(engine: str, locator: str) -> nightcrier.StateStore:
     return nightcrier.PostgresStore(locator, max_open=25, wait=30)
 
 
+def _schema_for_test(base_url: str) -> Iterator[str]:
+    schema = "t_" + uuid.uuid4().hex[:12]
+    infra.create_schema(base_url, schema)
+    yield infra.schema_url(base_url, schema)
+    infra.drop_schema(base_url, schema)
+
+
 @pytest.fixture(scope="session")
 def postgres_base_url() -> Iterator[str]:
     yield infra.postgres_base_url()
@@ -36,10 +43,18 @@ def postgres_base_url() -> Iterator[str]:
 @pytest.fixture
 def postgres_schema_url(postgres_base_url: str) -> Iterator[str]:
     """A URL whose every table lives in a schema of its own, dropped afterwards."""
-    schema = "t_" + uuid.uuid4().hex[:12]
-    infra.create_schema(postgres_base_url, schema)
-    yield infra.schema_url(postgres_base_url, schema)
-    infra.drop_schema(postgres_base_url, schema)
+    yield from _schema_for_test(postgres_base_url)
+
+
+@pytest.fixture(scope="session")
+def testcontainers_base_url() -> Iterator[str]:
+    """PostgreSQL in a container started by testcontainers, as teams run it in their own CI."""
+    yield infra.testcontainers_postgres_url()
+
+
+@pytest.fixture
+def testcontainers_schema_url(testcontainers_base_url: str) -> Iterator[str]:
+    yield from _schema_for_test(testcontainers_base_url)
 
 
 @pytest.fixture(params=ENGINES)
@@ -51,6 +66,8 @@ def engine(request: pytest.FixtureRequest) -> str:
 def store_locator(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if engine == "sqlite":
         return str(tmp_path / "nightcrier.db")
+    if engine == "postgres-testcontainers":
+        return request.getfixturevalue("testcontainers_schema_url")
     return request.getfixturevalue("postgres_schema_url")
 
 

@@ -12,6 +12,12 @@ import nightcrier as nc
 from nightcrier import IncidentFilter, StateStore
 
 
+@pytest.fixture(params=["sqlite", "postgres", "postgres-testcontainers"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The contract runs once more against PostgreSQL started through testcontainers."""
+    return request.param
+
+
 def make_event(cluster: str = "prod", *, received_at: dt.datetime | None = None, **fields: object
                ) -> nc.FaultEvent:
     payload = {"jsonrpc": "2.0", "method": "notifications/message",
