@@ -3740,6 +3740,7 @@ class SimulatedServer:
         self._lock = threading.Lock()
         self._sessions: dict[str, _SimSession] = {}
         self._owners: dict[str, str] = {}     # subscription id -> session id
+        self._frames: dict[tuple[str, int], bytes] = {}
         self._emitted = 0
         self._httpd = _make_sim_httpd(self, host, port)
         self.port = self._httpd.server_address[1]
@@ -3773,9 +3774,8 @@ class SimulatedServer:
             targets = list(self._owners.items())
         delivered = 0
         for subscription_id, session_id in targets:
-            data = dict(fault or simulated_fault(self.cluster, number), subscriptionId=subscription_id)
-            message = {"jsonrpc": "2.0", "method": "notifications/message",
-                       "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}}
+            frame = self._frame(subscription_id, number) if fault is None else _sse_event(
+                _fault_message(dict(fault, subscriptionId=subscription_id)))
             with self._lock:
                 session = self._sessions.get(session_id)
                 if session is None or not session.level:
@@ -3784,9 +3784,19 @@ class SimulatedServer:
                     session.subscriptions.discard(subscription_id)
                     self._owners.pop(subscription_id, None)
                     continue
-                session.stream.put(_sse_event(message))
+                session.stream.put(frame)
             delivered += 1
         return delivered
+
+    def _frame(self, subscription_id: str, number: int) -> bytes:
+        """The SSE frame of generated fault ``number``; a few hundred distinct ones are rendered
+        once and reused, so that a fast emitter spends its time sending, not formatting."""
+        key = (subscription_id, number % 512)
+        frame = self._frames.get(key)
+        if frame is None:
+            data = dict(simulated_fault(self.cluster, number), subscriptionId=subscription_id)
+            frame = self._frames[key] = _sse_event(_fault_message(data))
+        return frame
 
     def emit_many(self, count: int, rate: float) -> threading.Thread:
         """Emit ``count`` faults at ``rate`` per second (0 = unpaced) on a background thread."""
@@ -3901,6 +3911,11 @@ def _sim_session_id() -> str:
     return base64.b32encode(os.urandom(20)).decode()[:26]
 
 
+def _fault_message(data: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": "notifications/message",
+            "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}}
+
+
 def _sse_event(message: dict[str, Any]) -> bytes:
     return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
 
@@ -4013,7 +4028,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rate > 0 or args.count:
         for server in servers:
             server.emit_many(args.count or sys.maxsize, args.rate)
-    stop.wait()
+    while not stop.wait(0.5):  # see cmd_run: keep the main thread responsive to signals
+        pass
     for server in servers:
         server.stop()
     return 0
@@ -4096,7 +4112,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
         return 1
-    stop.wait()
+    # A timed wait: a signal delivered to another thread does not wake a blocked
+    # main thread, and Python runs signal handlers only in the main thread.
+    while not stop.wait(0.5):
+        pass
     service.stop()
     return 0
 
