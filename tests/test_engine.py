@@ -255,12 +255,13 @@ def test_sigkill_while_agents_run_then_restart(tmp_path: Path) -> None:
     store.insert_events([make_event(f"c{n % 3}", received_at=nc.utcnow()) for n in range(9)])
     first = start_service(config, tmp_path)
     try:
-        wait_for(lambda: store.count_by_status()[nc.INVESTIGATING] == 3, timeout=30,
+        pid_file = tmp_path / "ws" / "pids"
+        wait_for(lambda: pid_file.exists() and len(pid_file.read_text().split()) == 3, timeout=30,
                  what="three agents running")
     finally:
         first.kill()
         first.wait()
-    pids = [int(p) for p in (tmp_path / "ws" / "pids").read_text().split()]
+    pids = [int(p) for p in pid_file.read_text().split()]
     for pid in pids:
         wait_for(lambda pid=pid: not _alive(pid), what="agents to die with nightcrier")
     second = start_service(config, tmp_path)
