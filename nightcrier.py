@@ -3280,7 +3280,8 @@ class Dispatcher(threading.Thread):
 
     def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
                  work_available: threading.Event, metrics: Metrics, instance: str,
-                 on_finished: Callable[[Incident], None] | None = None):
+                 on_finished: Callable[[Incident], None] | None = None,
+                 permissions: Callable[[], Mapping[str, dict[str, Any]]] = dict):
         from concurrent.futures import ThreadPoolExecutor
         super().__init__(name="dispatcher", daemon=True)
         self.config = config
@@ -3290,6 +3291,7 @@ class Dispatcher(threading.Thread):
         self.metrics = metrics
         self.instance = instance
         self.on_finished = on_finished
+        self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
         self._cluster_locks: dict[str, threading.Lock] = {}
@@ -3409,7 +3411,11 @@ class Dispatcher(threading.Thread):
         cluster = next((c for c in config.clusters if c.name == incident.cluster), None)
         workspace = prepare_workspace(config.workspace_root, incident)
         self.store.set_workspace(incident.incident_id, workspace)
-        write_private(os.path.join(workspace, "prompt-sent.md"), build_prompt(config, incident, None))
+        permissions = self.permissions().get(incident.cluster)
+        if permissions is not None:
+            write_private(os.path.join(workspace, "incident_cluster_permissions.json"),
+                          json.dumps(permissions, indent=2) + "\n")
+        write_private(os.path.join(workspace, "prompt-sent.md"), build_prompt(config, incident, permissions))
         job = AgentJob(
             incident_id=incident.incident_id, cluster=incident.cluster, workspace=workspace,
             command=list(config.agent_command) or agent_cli_command(config),
@@ -3489,6 +3495,11 @@ class Dispatcher(threading.Thread):
 
 
 ###############################################################################
+# Reporting ####################################################################
+###############################################################################
+
+
+###############################################################################
 # Ops ##########################################################################
 ###############################################################################
 
@@ -3532,6 +3543,10 @@ class Metrics:
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600), registry=self.registry)
         self.outcomes = prom.Counter("nightcrier_incident_outcomes_total", "Incidents finished, by status",
                                      ("status",), registry=self.registry)
+        self.queue_depth = prom.Gauge("nightcrier_ingest_queue_depth", "Items waiting for the ingest writer",
+                                      registry=self.registry)
+        self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
+                                    ("status",), registry=self.registry)
 
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
         counter = self._counters[key]
@@ -3546,6 +3561,228 @@ class Metrics:
     def observe_ingest(self, cluster: str, seconds: float) -> None:
         self.ingest_latency.observe(max(seconds, 0.0))
 
+
+
+class HealthServer:
+    """Probes, cluster health and metrics over HTTP on ``health_bind:health_port``.
+
+    ``/healthz``: 200 while running, 503 once shutdown has begun.
+    ``/readyz``: 200 when the database answers and at least one cluster is
+    subscribed, else 503; the body says which check failed.
+    ``/health/clusters``: the Go original's JSON, plus each cluster's
+    connection state, reconnects, subscription id, recorded gaps and RBAC check.
+    ``/metrics``: the Prometheus text format.
+    Serves from its own threads; every answer is computed from the callables it
+    was given, so it holds no state of its own but the shutdown flag.
+    """
+
+    def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
+                 readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes]):
+        import http.server
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                try:
+                    status, content_type, body = server.answer(path)
+                except Exception as exc:  # a probe must get an answer, not a dropped connection
+                    status, content_type, body = 500, "text/plain", f"error: {exc}\n".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.send_error(405, "Method not allowed")
+
+            do_PUT = do_DELETE = do_POST
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._clusters = clusters
+        self._readiness = readiness
+        self._metrics = metrics
+        self.shutting_down = False
+        self._httpd = Server((bind, port), Handler)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="health")
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def answer(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            return (503, "text/plain", b"shutting down\n") if self.shutting_down else (200, "text/plain",
+                                                                                     b"ok\n")
+        if path == "/readyz":
+            ready, detail = self._readiness()
+            ready = ready and not self.shutting_down
+            return 200 if ready else 503, "application/json", _json_body({"ready": ready, **detail})
+        if path == "/health/clusters":
+            return 200, "application/json", _json_body(self._clusters())
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+            return 200, CONTENT_TYPE_LATEST, self._metrics()
+        return 404, "text/plain", b"not found\n"
+
+
+def _json_body(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mapping[str, dict[str, Any]],
+                            runner: Mapping[str, Any]) -> dict[str, Any]:
+    """``/health/clusters``: the Go original's fields (omitting empty ones, as it did) plus ours."""
+    clusters = []
+    for health in sorted(healths, key=lambda h: h.name):
+        entry: dict[str, Any] = {"name": health.name, "status": health.status,
+                                 "event_count": health.event_count, "triage_enabled": health.triage_enabled,
+                                 "rejected_count": health.rejected_count, "reconnects": health.reconnects,
+                                 "subscription_id": health.subscription_id,
+                                 "gaps": [{"started_at": g.started_at, "ended_at": g.ended_at,
+                                           "reason": g.reason} for g in health.gaps]}
+        if health.last_error:
+            entry["error"] = health.last_error
+        if health.labels:
+            entry["labels"] = health.labels
+        if health.last_event:
+            entry["last_event"] = health.last_event
+        if health.gap_started and health.status != ACTIVE:
+            entry["unwatched_since"] = health.gap_started
+        if health.name in permissions:
+            entry["permissions"] = permissions[health.name]
+            entry["degraded"] = bool(permissions[health.name].get("error"))
+        clusters.append(entry)
+    return {"clusters": clusters, "runner": dict(runner), "summary": {
+        "total": len(clusters), "active": sum(c["status"] == ACTIVE for c in clusters),
+        "unhealthy": sum(c["status"] in (FAILED_STATE, DISCONNECTED) for c in clusters),
+        "triage_enabled": sum(c["triage_enabled"] for c in clusters)}}
+
+
+# -- RBAC checks ---------------------------------------------------------------------
+
+PERMISSION_CHECKS = (("can_get_pods", "pods"), ("can_get_logs", "pods/log"), ("can_get_events", "events"),
+                     ("can_get_deployments", "deployments"), ("can_get_services", "services"),
+                     ("can_get_nodes", "nodes"))
+SECRET_CHECKS = (("can_get_secrets", "secrets"), ("can_get_configmaps", "configmaps"))
+
+
+def check_cluster_permissions(cluster: ClusterConfig, kubectl: str, timeout: float) -> dict[str, Any]:
+    """What the cluster's kubeconfig may read, in the Go original's
+    incident_cluster_permissions.json shape; ``error`` is set when kubectl failed or
+    did not answer within ``timeout`` seconds (all checks together)."""
+    import subprocess
+    deadline = time.monotonic() + timeout
+    result: dict[str, Any] = {"cluster_name": cluster.name, "validated_at": utcnow().isoformat(),
+                              "secrets_access_allowed": cluster.triage.allow_secrets_access}
+
+    def kubectl_run(*args: str) -> subprocess.CompletedProcess[str]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(kubectl, timeout)
+        return subprocess.run([kubectl, "--kubeconfig", cluster.triage.kubeconfig, *args],
+                              capture_output=True, text=True, timeout=remaining, stdin=subprocess.DEVNULL)
+
+    try:
+        listing = kubectl_run("auth", "can-i", "--list")
+        if listing.returncode != 0:
+            result["error"] = ("kubectl auth can-i --list failed: "
+                               + (listing.stderr or listing.stdout).strip()[:500])
+        checks = PERMISSION_CHECKS + (SECRET_CHECKS if cluster.triage.allow_secrets_access else ())
+        for key, resource in checks:
+            answer = kubectl_run("auth", "can-i", "get", resource)
+            result[key] = answer.returncode == 0 and answer.stdout.strip() == "yes"
+    except subprocess.TimeoutExpired:
+        result["error"] = f"kubectl did not answer within {timeout:g} s"
+    except OSError as exc:
+        result["error"] = f"cannot run kubectl: {exc}"
+    for key, _ in PERMISSION_CHECKS + SECRET_CHECKS:
+        result.setdefault(key, False)
+    result["warnings"] = _permission_warnings(result)
+    result["minimum_permissions_met"] = result["can_get_pods"] and result["can_get_logs"] and \
+        result["can_get_events"]
+    return result
+
+
+def _permission_warnings(result: Mapping[str, Any]) -> list[str]:
+    checks = (("can_get_pods", "cannot get pods"), ("can_get_logs", "cannot get pod logs"),
+              ("can_get_events", "cannot get events"),
+              ("can_get_nodes", "cannot get nodes (cluster-wide visibility limited)"))
+    warnings = [text for key, text in checks if not result.get(key)]
+    if result["secrets_access_allowed"] and not result.get("can_get_secrets"):
+        warnings.append("secrets access enabled but RBAC denies it (Helm data unavailable)")
+    elif not result["secrets_access_allowed"]:
+        warnings.append("secrets access disabled by config (set triage.allow_secrets_access=true for Helm "
+                        "debugging)")
+    return warnings
+
+
+class PermissionChecker(threading.Thread):
+    """Checks each triage-enabled cluster's RBAC with ``kubectl auth can-i``, at start and then
+    every ``permission_check_interval`` minutes.
+
+    Clusters are checked in parallel, each within ``timeout`` seconds, on this
+    thread's own pool, so a slow or hanging kubectl delays neither startup nor
+    other clusters. A failed check marks the cluster degraded; nothing aborts.
+    Does nothing when kubectl is not on PATH. :meth:`results` is thread-safe.
+    """
+
+    def __init__(self, config: Config, timeout: float = 30.0):
+        import shutil
+        super().__init__(name="permission-checks", daemon=True)
+        self.config = config
+        self.timeout = timeout
+        self.kubectl = shutil.which("kubectl")
+        self.clusters = [c for c in config.clusters if c.triage.enabled and c.triage.check_permissions]
+        self._results: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.rounds = 0
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self._results)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        if not self.kubectl or not self.clusters:
+            return
+        while not self._stopping.is_set():
+            self.check_all()
+            self._stopping.wait(self.config.permission_check_interval * 60)
+
+    def check_all(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        assert self.kubectl is not None
+        with ThreadPoolExecutor(min(8, len(self.clusters)), thread_name_prefix="kubectl") as pool:
+            futures = {c.name: pool.submit(check_cluster_permissions, c, self.kubectl, self.timeout)
+                       for c in self.clusters}
+            for name, future in futures.items():
+                result = future.result()
+                with self._lock:
+                    self._results[name] = result
+                if result.get("error"):
+                    log_event(logging.WARNING, "permission check failed, cluster degraded", cluster=name,
+                              error=result["error"])
+                elif not result["minimum_permissions_met"]:
+                    log_event(logging.WARNING, "kubeconfig lacks minimum permissions", cluster=name,
+                              warnings="; ".join(result["warnings"]))
+        self.rounds += 1
 
 
 class _JsonFormatter(logging.Formatter):
@@ -3589,7 +3826,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 # CLI ##########################################################################
 ###############################################################################
 
-SUBCOMMANDS = ("run", "check-config", "tail", "simulate", "version")
+SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "simulate", "version")
 EXIT_CONFIG = 2
 
 
@@ -3617,32 +3854,70 @@ class Service:
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
                   else ProcessRunner())
+        self.permissions = PermissionChecker(config)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
-                                     self.instance)
+                                     self.instance, permissions=self.permissions.results)
+        self.health_server = (HealthServer(config.health_bind, config.health_port,
+                                           clusters=self.cluster_health, readiness=self.readiness,
+                                           metrics=self.metrics_text)
+                              if config.health_port else None)
         self._stopped = False
 
     def start(self) -> Service:
         self.writer.start()
         self.dispatcher.start()
+        self.permissions.start()
         for listener in self.listeners:
             listener.start()
+        if self.health_server is not None:
+            self.health_server.start()
         log_event(logging.INFO, "nightcrier started", version=__version__, clusters=len(self.listeners),
-                  store=self.store.engine)
+                  store=self.store.engine, health_port=self.health_server.port if self.health_server else 0)
         return self
 
     def health(self) -> list[ClusterHealth]:
         return [listener.health() for listener in self.listeners]
 
+    def cluster_health(self) -> dict[str, Any]:
+        runner = {"name": self.dispatcher.runner.name, "available": not self.dispatcher.runner_error,
+                  "error": self.dispatcher.runner_error}
+        return cluster_health_document(self.health(), self.permissions.results(), runner)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            self.store.ping()
+            database = "ok"
+        except StoreError as exc:
+            database = f"unavailable: {exc}"
+        active = sum(h.status == ACTIVE for h in self.health())
+        return database == "ok" and active > 0, {"database": database, "active_clusters": active}
+
+    def metrics_text(self) -> bytes:
+        """Gauges read at scrape time, then the registry in the Prometheus text format."""
+        import prometheus_client
+        self.metrics.queue_depth.set(self.sink.queue.qsize())
+        try:
+            for status, count in self.store.count_by_status().items():
+                self.metrics.incidents.labels(status).set(count)
+        except StoreError:
+            self.metrics.inc("db_errors")
+        return prometheus_client.generate_latest(self.metrics.registry)
+
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        if self.health_server is not None:
+            self.health_server.shutting_down = True
+        self.permissions.stop()
         for listener in self.listeners:
             listener.stop()
         for listener in self.listeners:
             listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
         self.writer.stop()
         self.dispatcher.stop()
+        if self.health_server is not None:
+            self.health_server.stop()
         self.store.close()
         log_event(logging.INFO, "nightcrier stopped")
 
@@ -4048,6 +4323,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print an incident's agent log and follow it until the incident ends")
     tail.add_argument("incident_id")
     tail.add_argument("--stderr", action="store_true", help="follow the agent's stderr instead")
+    incidents = sub.add_parser("incidents", parents=[common], help="list incidents, newest first")
+    incidents.add_argument("--status", action="append",
+                           help="only these statuses (comma-separated or repeated)")
+    incidents.add_argument("--cluster", help="only this cluster")
+    incidents.add_argument("--since", help="only created since: ISO 8601 time or an age (30m, 6h, 2d)")
+    incidents.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    incidents.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show = sub.add_parser("show", parents=[common], help="one incident with its runs, report and paths")
+    show.add_argument("incident_id")
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
     simulate = sub.add_parser("simulate", help="serve simulated clusters that emit faults, for trials "
                               "and smoke tests")
     simulate.add_argument("--cluster", default="simulated", help="cluster name (suffixed when several)")
@@ -4177,6 +4462,129 @@ def _tail(store: StateStore, config: Config, incident_id: str, log_name: str, ou
     return 0
 
 
+def cmd_incidents(args: argparse.Namespace) -> int:
+    """List incidents, newest first, as an aligned table or JSON."""
+    config, _ = _load_or_exit(args)
+    statuses = tuple(s for part in args.status or [] for s in part.split(",") if s)
+    unknown = [s for s in statuses if s not in STATUSES]
+    if unknown:
+        print(f"nightcrier: unknown status {', '.join(unknown)}; one of {', '.join(STATUSES)}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"nightcrier: --since: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with _cli_store(config) as store:
+        incidents = store.list_incidents(IncidentFilter(statuses=statuses, cluster=args.cluster or "",
+                                                        since=since, limit=args.limit))
+    if args.json:
+        print(json.dumps([_incident_json(i) for i in incidents], indent=2))
+        return 0
+    rows = [(i.incident_id, _short_time(i.created_at), i.status, i.cluster, i.fault_type, i.severity,
+             "/".join(p for p in (i.resource_kind, i.resource_namespace, i.resource_name) if p),
+             _duration(i)) for i in incidents]
+    print(format_table(("INCIDENT", "CREATED (UTC)", "STATUS", "CLUSTER", "FAULT", "SEVERITY", "RESOURCE",
+                        "DURATION"), rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """One incident: its fields, agent runs, report summary, workspace and log paths."""
+    config, _ = _load_or_exit(args)
+    with _cli_store(config) as store:
+        incident = store.get_incident(args.incident_id)
+        if incident is None:
+            print(f"nightcrier: no incident {args.incident_id!r}", file=sys.stderr)
+            return 1
+        executions = store.list_executions(incident.incident_id)
+        report = store.get_report(incident.incident_id)
+    workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root),
+                                                        incident.incident_id)
+    document = {**_incident_json(incident), "workspace": workspace,
+                "logs": agent_log_paths(workspace),
+                "executions": [{**dataclasses.asdict(e), "started_at": e.started_at.isoformat(),
+                                "completed_at": e.completed_at.isoformat() if e.completed_at else None}
+                               for e in executions],
+                "report": None if report is None else {
+                    "summary": report.summary_text, "generated_at": report.generated_at.isoformat(),
+                    "path": report.raw_report_path, "html": bool(report.report_html)}}
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    for key in ("incident_id", "status", "cluster", "fault_type", "severity", "fault_id", "resource",
+                "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
+                "workspace"):
+        if document.get(key) not in (None, ""):
+            print(f"{key.replace('_', ' '):<16}{document[key]}")
+    print(f"{'context':<16}{incident.context[:500]}")
+    print(f"{'stdout log':<16}{document['logs']['agent-stdout.log']}")
+    print(f"{'stderr log':<16}{document['logs']['agent-stderr.log']}")
+    print("\nagent runs:" if executions else "\nagent runs: none")
+    for e in executions:
+        ended = _short_time(e.completed_at) if e.completed_at else "running"
+        print(f"  {_short_time(e.started_at)} -> {ended}  exit={e.exit_code}  image={e.agent_image}"
+              + (f"  error={e.error_message}" if e.error_message else ""))
+    if report is not None:
+        print(f"\nreport: {report.raw_report_path}")
+        print(f"summary: {report.summary_text or 'See investigation report'}")
+    return 0
+
+
+@contextmanager
+def _cli_store(config: Config) -> Iterator[StateStore]:
+    """The database of a running (or stopped) service, for commands that read it."""
+    try:
+        store = open_store(config)
+    except StoreError as exc:
+        print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def parse_since(text: str) -> dt.datetime:
+    """A point in time: ISO 8601 (UTC unless it says otherwise) or an age such as 30m, 6h, 2d."""
+    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
+    if match:
+        seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return utcnow() - dt.timedelta(seconds=seconds)
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age like 30m, 6h or 2d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell, two spaces apart."""
+    cells = [[str(c) for c in header], *[["" if c is None else str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def _incident_json(incident: Incident) -> dict[str, Any]:
+    data = {k: (v.isoformat() if isinstance(v, dt.datetime) else v)
+            for k, v in dataclasses.asdict(incident).items()}
+    data["resource"] = "/".join(p for p in (incident.resource_kind, incident.resource_namespace,
+                                            incident.resource_name) if p)
+    return data
+
+
+def _short_time(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _duration(incident: Incident) -> str:
+    if incident.started_at is None or incident.completed_at is None:
+        return ""
+    return f"{(incident.completed_at - incident.started_at).total_seconds():.0f}s"
+
+
 def _copy_new_bytes(path: str, offset: int, out: Any) -> int:
     try:
         with open(path, "rb") as fh:
@@ -4196,7 +4604,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.version or args.command == "version":
         return cmd_version(args)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
-               "simulate": cmd_simulate}[args.command]
+               "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate}[args.command]
     return handler(args)
 
 
