@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import yaml
 
 __version__ = "0.1.0"
+BUILD_ID = ""  # set by the nightcrier.pyz bootstrap: a hash of the archive's contents
 
 log = logging.getLogger("nightcrier")
 
@@ -3826,7 +3827,8 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 # CLI ##########################################################################
 ###############################################################################
 
-SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "simulate", "version")
+SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "demo", "simulate", "stub-agent",
+               "version")
 EXIT_CONFIG = 2
 
 
@@ -4342,6 +4344,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rate", type=float, default=0.0,
                           help="faults per second per server (0: only on POST /_simulate/emit)")
     simulate.add_argument("--count", type=int, default=0, help="stop emitting after this many")
+    demo = sub.add_parser("demo", help="the whole pipeline on this machine: a simulated cluster, SQLite "
+                          "and a stub agent; no cluster, Docker or LLM needed")
+    demo.add_argument("--dir", default="./nightcrier-demo", help="where the database and workspaces go")
+    demo.add_argument("--faults", type=int, default=5, help="stop after this many (0: until Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=1.0, help="faults per second")
+    sub.add_parser("stub-agent", help=argparse.SUPPRESS)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -4379,7 +4387,112 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
-    print(f"nightcrier {__version__}")
+    print(f"nightcrier {__version__}" + (f" (build {BUILD_ID})" if BUILD_ID else ""))
+    return 0
+
+
+# -- demo: the whole pipeline on one machine ------------------------------------------
+
+def _self_command() -> list[str]:
+    """How to run this very program again: the .pyz it came from, or this file."""
+    archive = getattr(globals().get("__loader__"), "archive", None)
+    return [sys.executable, archive or os.path.abspath(__file__)]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run a simulated cluster, nightcrier on SQLite and a stub agent; print incidents as they go."""
+    directory = os.path.abspath(args.dir)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    configure_logging("warning", "text")
+    simulator = SimulatedServer("demo-cluster").start()
+    path = _write_demo_config(directory, simulator.url)
+    config, _ = load_config(path, env={})
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    service = Service(config).start()
+    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}\n")
+    try:
+        if not _wait_until(lambda: service.health()[0].status == ACTIVE, 30, stop):
+            print("nightcrier: the demo cluster did not become active", file=sys.stderr)
+            return 1
+        simulator.emit_many(args.faults or sys.maxsize, args.rate)
+        _follow_demo(service.store, args.faults, stop)
+    finally:
+        service.stop()
+        simulator.stop()
+    program = f"python3 {_self_command()[1]}"
+    print(f"\nlook around:\n  {program} incidents --config {path}\n"
+          f"  {program} show <incident-id> --config {path}\n  {program} tail <incident-id> --config {path}")
+    return 0
+
+
+def _write_demo_config(directory: str, endpoint: str) -> str:
+    kubeconfig = os.path.join(directory, "kubeconfig")
+    write_private(kubeconfig, "apiVersion: v1\nkind: Config\n# the demo cluster has no API server\n")
+    path = os.path.join(directory, "config.yaml")
+    write_private(path, yaml.safe_dump({
+        "workspace_root": os.path.join(directory, "workspaces"), "health_port": 0, "log_level": "warning",
+        "agent_runner": "process", "agent_command": [*_self_command(), "stub-agent"],
+        "max_concurrent_agents": 2, "agent_timeout": 60,
+        "state_storage": {"type": "sqlite", "sqlite_path": os.path.join(directory, "nightcrier.db")},
+        "clusters": [{"name": "demo", "mcp": {"endpoint": endpoint},
+                      "triage": {"enabled": True, "kubeconfig": kubeconfig, "check_permissions": False}}]},
+        sort_keys=False))
+    return path
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, stop: threading.Event) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if stop.wait(0.05) or time.monotonic() > deadline:
+            return False
+    return True
+
+
+def _follow_demo(store: StateStore, faults: int, stop: threading.Event) -> None:
+    """Print each incident when it is created and when it finishes; return after ``faults``
+    incidents have finished (0: until interrupted)."""
+    seen: dict[str, str] = {}
+    while not stop.wait(0.2):
+        for incident in reversed(store.list_incidents(IncidentFilter(limit=1000))):
+            if seen.get(incident.incident_id) == incident.status:
+                continue
+            if incident.incident_id not in seen:
+                print(f"{_short_time(incident.created_at)}  created   {incident.incident_id}  "
+                      f"{incident.fault_type} {incident.resource_kind}/{incident.resource_name}", flush=True)
+            if incident.status in TERMINAL_STATUSES:
+                print(f"{_short_time(incident.completed_at)}  {incident.status:<9} {incident.incident_id}"
+                      + (f"  ({incident.failure_reason})" if incident.failure_reason else ""), flush=True)
+            seen[incident.incident_id] = incident.status
+        finished = sum(status in TERMINAL_STATUSES for status in seen.values())
+        if faults and finished >= faults:
+            return
+
+
+def cmd_stub_agent(_args: argparse.Namespace) -> int:
+    """A stand-in for an AI agent: reads incident.json, writes a plausible report."""
+    with open("incident.json", encoding="utf-8") as fh:
+        incident = json.load(fh)
+    resource = incident.get("resource", {})
+    target = f"{resource.get('kind', 'resource')} {resource.get('namespace', '')}/{resource.get('name', '')}"
+    print(f"stub agent: triaging {incident.get('faultType')} on {target}", flush=True)
+    causes = {"CrashLoop": "the container exits at start-up because a required setting is missing",
+              "PodCrash": "the container was killed for exceeding its memory limit",
+              "NodeUnhealthy": "the kubelet stopped reporting: its container runtime is not ready",
+              "DeploymentFailure": "the new ReplicaSet's pods never became ready before the deadline",
+              "JobFailure": "every retry of the job failed with the same error"}
+    cause = causes.get(incident.get("faultType", ""), "the workload failed its health checks")
+    report = (f"# Investigation: {incident.get('faultType')} on {target}\n\n## Summary\n\n"
+              f"Cluster `{incident.get('cluster')}` reported {incident.get('faultType')} "
+              f"({incident.get('severity')}) at {incident.get('timestamp')}.\n\n## Root Cause\n\n"
+              f"Most likely {cause}.\n\n**Confidence:** MEDIUM\n\n## Evidence\n\n"
+              f"- Fault context: {incident.get('context', '')[:500]}\n\n## Recommendations\n\n"
+              "1. Check the workload's recent changes and its events.\n"
+              "2. Compare its resource limits with its actual usage.\n\n"
+              "_Written by the nightcrier demo's stub agent; no cluster was contacted._\n")
+    os.makedirs("output", exist_ok=True)
+    write_private(os.path.join("output", "investigation.md"), report)
+    print("stub agent: report written to output/investigation.md", flush=True)
     return 0
 
 
@@ -4604,7 +4717,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.version or args.command == "version":
         return cmd_version(args)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
-               "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate}[args.command]
+               "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate,
+               "demo": cmd_demo, "stub-agent": cmd_stub_agent}[args.command]
     return handler(args)
 
 
