@@ -300,3 +300,24 @@ def test_startup_is_not_blocked_and_results_reach_health_and_workspaces(
         assert '"can_get_pods": true' in (ws / "prompt-sent.md").read_text()
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_are_one_per_step_in_the_chosen_format(fmt: str) -> None:
+    import io
+    stream = io.StringIO()
+    saved = (nc.log.handlers[:], nc.log.level, nc.log.propagate)
+    nc.configure_logging("info", fmt, stream=stream)
+    try:
+        nc.log_event(nc.logging.INFO, "incident finished", incident_id="abc", status="resolved",
+                     reason="two words")
+        nc.log_event(nc.logging.DEBUG, "not shown")
+    finally:  # other tests read nightcrier's log through pytest's capture on the root logger
+        nc.log.handlers[:], nc.log.level, nc.log.propagate = saved
+    (line,) = stream.getvalue().splitlines()
+    if fmt == "json":
+        entry = json.loads(line)
+        assert (entry["msg"], entry["level"], entry["incident_id"], entry["reason"]) == (
+            "incident finished", "INFO", "abc", "two words")
+    else:
+        assert 'level=INFO msg="incident finished" incident_id=abc status=resolved reason="two words"' in line
