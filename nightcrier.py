@@ -516,8 +516,8 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
     elif not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
         problems.append(f"{where}.name: {name!r} is invalid: use 1-63 letters, digits, '-' or '_'")
     where = f"clusters[{index}] ({name})"
-    mcp_raw = _section(item, "mcp", where, problems)
-    triage_raw = _section(item, "triage", where, problems)
+    mcp_raw = _config_section(item, "mcp", where, problems)
+    triage_raw = _config_section(item, "triage", where, problems)
     mcp = McpConfig(endpoint=_str(mcp_raw, "endpoint", f"{where}.mcp", problems),
                     api_key=_str(mcp_raw, "api_key", f"{where}.mcp", problems),
                     ca_bundle=_str(mcp_raw, "ca_bundle", f"{where}.mcp", problems))
@@ -548,7 +548,8 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
                          labels={str(k): str(v) for k, v in labels.items()})
 
 
-def _section(item: Mapping[str, Any], name: str, where: str, problems: list[str]) -> dict[str, Any]:
+def _config_section(item: Mapping[str, Any], name: str, where: str, problems: list[str]
+                    ) -> dict[str, Any]:
     value = item.get(name) or {}
     if not isinstance(value, dict):
         problems.append(f"{where}.{name}: must be a mapping, got {type(value).__name__}")
@@ -1290,9 +1291,120 @@ ORPHANED_REASON = "orphaned"
 LIST_ORDER = " ORDER BY created_at DESC, incident_id DESC LIMIT ? OFFSET ?"
 
 
+class SqlStore(StateStore):
+    """The parts of :class:`StateStore` whose SQL is the same on both engines.
+
+    Statements are written once, with ``?`` placeholders and timestamps passed
+    as parameters; a backend supplies :meth:`_execute` (one statement in its own
+    writing transaction, returning the row count) and :meth:`_query` (rows as
+    mappings), and implements itself what differs: opening, migrating,
+    ingesting, claiming and sweeping.
+    """
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        raise NotImplementedError
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
+        if not incident_ids:
+            return 0
+        marks = ",".join("?" * len(incident_ids))
+        return self._execute(
+            "UPDATE incidents SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'investigating' "
+            f"AND incident_id IN ({marks})", (utcnow(), worker_id, *incident_ids))
+
+    def set_workspace(self, incident_id: str, workspace_path: str) -> None:
+        self._execute("UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
+                      (workspace_path, incident_id))
+
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
+                        ) -> AgentExecution:
+        execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(), log_paths=dict(log_paths))
+        self._execute("INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
+                      "log_paths) VALUES (?, ?, ?, ?, ?)",
+                      (execution.execution_id, incident_id, agent_image, execution.started_at,
+                       json.dumps(execution.log_paths)))
+        return execution
+
+    def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
+                         log_paths: Mapping[str, str]) -> None:
+        self._execute("UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
+                      "log_paths = ? WHERE execution_id = ?",
+                      (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), execution_id))
+
+    def record_report(self, report: TriageReport) -> None:
+        values = dataclasses.asdict(report)
+        self._execute(_insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values()))
+
+    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
+                 reason: str | None) -> bool:
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        now = utcnow()
+        return self._execute(
+            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
+            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
+            (status, exit_code, reason, now, now, incident_id, worker_id)) == 1
+
+    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
+        return self._execute(
+            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
+            "claimed_by = NULL, heartbeat_at = NULL, "
+            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
+            (reason, utcnow(), incident_id, worker_id)) == 1
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        if not is_uuid(incident_id):
+            return None
+        rows = self._query("SELECT * FROM incidents WHERE incident_id = ?", (incident_id,))
+        return _row_to(Incident, rows[0]) if rows else None
+
+    def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
+        where, params = _filter_sql(criteria)
+        rows = self._query("SELECT * FROM incidents" + where + LIST_ORDER,
+                           (*params, criteria.limit, criteria.offset))
+        return [_row_to(Incident, r) for r in rows]
+
+    def list_executions(self, incident_id: str) -> list[AgentExecution]:
+        if not is_uuid(incident_id):
+            return []
+        rows = self._query("SELECT * FROM agent_executions WHERE incident_id = ? "
+                           "ORDER BY started_at, execution_id", (incident_id,))
+        return [_row_to(AgentExecution, r) for r in rows]
+
+    def get_report(self, incident_id: str) -> TriageReport | None:
+        if not is_uuid(incident_id):
+            return None
+        rows = self._query("SELECT * FROM triage_reports WHERE incident_id = ? "
+                           "ORDER BY generated_at DESC LIMIT 1", (incident_id,))
+        return _row_to(TriageReport, rows[0]) if rows else None
+
+    def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
+        rows = self._query("SELECT * FROM rejected_events ORDER BY received_at DESC LIMIT ?", (limit,))
+        return [_row_to(RejectedNotification, r) for r in rows]
+
+    def list_gaps(self, cluster: str = "", limit: int = 100) -> list[SubscriptionGap]:
+        rows = self._query("SELECT * FROM subscription_gaps WHERE ? IN ('', cluster) "
+                           "ORDER BY started_at DESC LIMIT ?", (cluster, limit))
+        return [_row_to(SubscriptionGap, r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r["status"]: r["n"] for r in self._query(
+            "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
+        return counts
+
+    def ping(self) -> None:
+        self._query("SELECT 1 AS ok")
+
+
 # -- SQLite --------------------------------------------------------------------
 
-class SqliteStore(StateStore):
+class SqliteStore(SqlStore):
     """:class:`StateStore` on one SQLite file.
 
     WAL journal, ``synchronous=NORMAL``, foreign keys on, a busy timeout, one
@@ -1466,60 +1578,11 @@ class SqliteStore(StateStore):
             lambda conn: conn.execute(sql, (worker_id, now, now, now, *excluded)).fetchone())
         return _row_to(Incident, row) if row else None
 
-    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
-        if not incident_ids:
-            return 0
-        marks = ",".join("?" * len(incident_ids))
-        return self._write_fn(lambda conn: conn.execute(
-            f"UPDATE incidents SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'investigating' "
-            f"AND incident_id IN ({marks})", (_iso(utcnow()), worker_id, *incident_ids)).rowcount)
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._write_fn(lambda conn: conn.execute(sql, [_sqlite_param(p) for p in params]).rowcount)
 
-    def set_workspace(self, incident_id: str, workspace_path: str) -> None:
-        self._write_fn(lambda conn: conn.execute(
-            "UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
-            (workspace_path, incident_id)))
-
-    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
-                        ) -> AgentExecution:
-        execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(),
-                                   log_paths=dict(log_paths))
-        self._write_fn(lambda conn: conn.execute(
-            "INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
-            "log_paths) VALUES (?, ?, ?, ?, ?)",
-            (execution.execution_id, incident_id, agent_image, _iso(execution.started_at),
-             json.dumps(execution.log_paths))))
-        return execution
-
-    def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
-                         log_paths: Mapping[str, str]) -> None:
-        self._write_fn(lambda conn: conn.execute(
-            "UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
-            "log_paths = ? WHERE execution_id = ?",
-            (_iso(utcnow()), exit_code, error_message, json.dumps(dict(log_paths)), execution_id)))
-
-    def record_report(self, report: TriageReport) -> None:
-        values = {k: _iso(v) if isinstance(v, dt.datetime) else v
-                  for k, v in dataclasses.asdict(report).items()}
-        self._write_fn(lambda conn: conn.execute(
-            _insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values())))
-
-    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
-                 reason: str | None) -> bool:
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"not a final status: {status!r}")
-        now = _iso(utcnow())
-        return self._write_fn(lambda conn: conn.execute(
-            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
-            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
-            (status, exit_code, reason, now, now, incident_id, worker_id)).rowcount == 1)
-
-    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
-        return self._write_fn(lambda conn: conn.execute(
-            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
-            "claimed_by = NULL, heartbeat_at = NULL, attempts = MAX(attempts - 1, 0) "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
-            (reason, _iso(utcnow()), incident_id, worker_id)).rowcount == 1)
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._read(sql, params)
 
     def recover_stale(self, stale_before: dt.datetime, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
@@ -1545,46 +1608,6 @@ class SqliteStore(StateStore):
             return requeued, failed
 
         return self._write_fn(sweep)
-
-    def get_incident(self, incident_id: str) -> Incident | None:
-        if not is_uuid(incident_id):
-            return None
-        rows = self._read("SELECT * FROM incidents WHERE incident_id = ?", (incident_id,))
-        return _row_to(Incident, rows[0]) if rows else None
-
-    def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
-        where, params = _filter_sql(criteria)
-        rows = self._read("SELECT * FROM incidents" + where + LIST_ORDER,
-                          (*params, criteria.limit, criteria.offset))
-        return [_row_to(Incident, r) for r in rows]
-
-    def list_executions(self, incident_id: str) -> list[AgentExecution]:
-        rows = self._read("SELECT * FROM agent_executions WHERE incident_id = ? "
-                          "ORDER BY started_at, execution_id", (incident_id,))
-        return [_row_to(AgentExecution, r) for r in rows]
-
-    def get_report(self, incident_id: str) -> TriageReport | None:
-        rows = self._read("SELECT * FROM triage_reports WHERE incident_id = ? "
-                          "ORDER BY generated_at DESC LIMIT 1", (incident_id,))
-        return _row_to(TriageReport, rows[0]) if rows else None
-
-    def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
-        rows = self._read("SELECT * FROM rejected_events ORDER BY received_at DESC LIMIT ?", (limit,))
-        return [_row_to(RejectedNotification, r) for r in rows]
-
-    def list_gaps(self, cluster: str = "", limit: int = 100) -> list[SubscriptionGap]:
-        rows = self._read("SELECT * FROM subscription_gaps WHERE ? IN ('', cluster) "
-                          "ORDER BY started_at DESC LIMIT ?", (cluster, limit))
-        return [_row_to(SubscriptionGap, r) for r in rows]
-
-    def count_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
-        counts.update({r[0]: r[1] for r in self._read(
-            "SELECT status, COUNT(*) FROM incidents GROUP BY status")})
-        return counts
-
-    def ping(self) -> None:
-        self._read("SELECT 1")
 
     def close(self) -> None:
         self._closed = True
@@ -1722,7 +1745,7 @@ class PostgresPool:
         return conn
 
 
-class PostgresStore(StateStore):
+class PostgresStore(SqlStore):
     """:class:`StateStore` on PostgreSQL, for one or many nightcrier processes.
 
     Connections come from a :class:`PostgresPool`. Every method runs in one
@@ -1841,58 +1864,11 @@ class PostgresStore(StateStore):
 
         return self._tx(_retry_unique(claim, self._errors.UniqueViolation, excluded))
 
-    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
-        if not incident_ids:
-            return 0
-        return self._tx(lambda cur: _rowcount(cur, (
-            "UPDATE incidents SET heartbeat_at = now() WHERE claimed_by = %s "
-            "AND status = 'investigating' AND incident_id = ANY(%s::uuid[])"),
-            (worker_id, list(incident_ids))))
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._tx(lambda cur: _rowcount(cur, sql.replace("?", "%s"), [_pg_clean(p) for p in params]))
 
-    def set_workspace(self, incident_id: str, workspace_path: str) -> None:
-        self._tx(lambda cur: cur.execute(
-            "UPDATE incidents SET workspace_path = %s WHERE incident_id = %s",
-            (workspace_path, incident_id)))
-
-    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
-                        ) -> AgentExecution:
-        execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(),
-                                   log_paths=dict(log_paths))
-        self._tx(lambda cur: cur.execute(
-            "INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
-            "log_paths) VALUES (%s, %s, %s, %s, %s)",
-            (execution.execution_id, incident_id, agent_image, execution.started_at,
-             json.dumps(execution.log_paths))))
-        return execution
-
-    def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
-                         log_paths: Mapping[str, str]) -> None:
-        self._tx(lambda cur: cur.execute(
-            "UPDATE agent_executions SET completed_at = now(), exit_code = %s, error_message = %s, "
-            "log_paths = %s WHERE execution_id = %s",
-            (exit_code, _pg_clean(error_message), json.dumps(dict(log_paths)), execution_id)))
-
-    def record_report(self, report: TriageReport) -> None:
-        values = {k: _pg_clean(v) for k, v in dataclasses.asdict(report).items()}
-        self._tx(lambda cur: cur.execute(
-            _insert_sql("triage_reports", tuple(values), "report_id", "%s"), tuple(values.values())))
-
-    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
-                 reason: str | None) -> bool:
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"not a final status: {status!r}")
-        return self._tx(lambda cur: _rowcount(cur, (
-            "UPDATE incidents SET status = %s, exit_code = %s, failure_reason = %s, "
-            "completed_at = now(), updated_at = now(), claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = %s AND status = 'investigating' AND claimed_by = %s"),
-            (status, exit_code, _pg_clean(reason), incident_id, worker_id)) == 1)
-
-    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
-        return self._tx(lambda cur: _rowcount(cur, (
-            "UPDATE incidents SET status = 'pending', failure_reason = %s, updated_at = now(), "
-            "claimed_by = NULL, heartbeat_at = NULL, attempts = GREATEST(attempts - 1, 0) "
-            "WHERE incident_id = %s AND status = 'investigating' AND claimed_by = %s"),
-            (_pg_clean(reason), incident_id, worker_id)) == 1)
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._select(sql.replace("?", "%s"), params)
 
     def recover_stale(self, stale_before: dt.datetime, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
@@ -1922,51 +1898,6 @@ class PostgresStore(StateStore):
             cur.execute(sql, params)
             return cur.fetchall()
         return self._tx(run)
-
-    def get_incident(self, incident_id: str) -> Incident | None:
-        if not is_uuid(incident_id):
-            return None
-        rows = self._select("SELECT * FROM incidents WHERE incident_id = %s", (incident_id,))
-        return _row_to(Incident, rows[0]) if rows else None
-
-    def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
-        where, params = _filter_sql(criteria)
-        rows = self._select(("SELECT * FROM incidents" + where + LIST_ORDER).replace("?", "%s"),
-                            (*params, criteria.limit, criteria.offset))
-        return [_row_to(Incident, r) for r in rows]
-
-    def list_executions(self, incident_id: str) -> list[AgentExecution]:
-        if not is_uuid(incident_id):
-            return []
-        rows = self._select("SELECT * FROM agent_executions WHERE incident_id = %s "
-                            "ORDER BY started_at, execution_id", (incident_id,))
-        return [_row_to(AgentExecution, r) for r in rows]
-
-    def get_report(self, incident_id: str) -> TriageReport | None:
-        if not is_uuid(incident_id):
-            return None
-        rows = self._select("SELECT * FROM triage_reports WHERE incident_id = %s "
-                            "ORDER BY generated_at DESC LIMIT 1", (incident_id,))
-        return _row_to(TriageReport, rows[0]) if rows else None
-
-    def list_rejected(self, limit: int = 100) -> list[RejectedNotification]:
-        rows = self._select("SELECT * FROM rejected_events ORDER BY received_at DESC LIMIT %s",
-                            (limit,))
-        return [_row_to(RejectedNotification, r) for r in rows]
-
-    def list_gaps(self, cluster: str = "", limit: int = 100) -> list[SubscriptionGap]:
-        rows = self._select("SELECT * FROM subscription_gaps WHERE %s IN ('', cluster) "
-                            "ORDER BY started_at DESC LIMIT %s", (cluster, limit))
-        return [_row_to(SubscriptionGap, r) for r in rows]
-
-    def count_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
-        counts.update({r["status"]: r["n"] for r in self._select(
-            "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
-        return counts
-
-    def ping(self) -> None:
-        self._select("SELECT 1 AS ok")
 
     def close(self) -> None:
         self._pool.close()

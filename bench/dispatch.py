@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ingest import drop_schema, percentile, postgres_schema  # noqa: E402
+from ingest import drop_schema, engine_arguments, percentile, postgres_schema, quiet_logging  # noqa: E402
 
 import nightcrier as nc  # noqa: E402
 
@@ -70,12 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--incidents", type=int, default=200)
-    parser.add_argument("--engines", default="sqlite,postgres")
-    parser.add_argument("--postgres-url", default=os.environ.get(
-        "NIGHTCRIER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    engine_arguments(parser)
     args = parser.parse_args()
-    devnull = open(os.devnull, "w")  # noqa: SIM115 -- lives as long as the process
-    nc.configure_logging("info", "text", stream=devnull)
+    quiet_logging()
 
     results = {}
     for engine in args.engines.split(","):

@@ -199,6 +199,19 @@ def drop_schema(base_url: str, schema: str) -> None:
     conn.close()
 
 
+def engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engines and --postgres-url, as every benchmark here takes them."""
+    parser.add_argument("--engines", default="sqlite,postgres")
+    parser.add_argument("--postgres-url", default=os.environ.get(
+        "NIGHTCRIER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+
+
+def quiet_logging() -> None:
+    """Log lines are formatted as in production, then thrown away."""
+    devnull = open(os.devnull, "w")  # noqa: SIM115 -- lives as long as the process
+    nc.configure_logging("info", "text", stream=devnull)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,13 +219,9 @@ def main() -> None:
     parser.add_argument("--faults", type=int, default=20000)
     parser.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency run")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
-    parser.add_argument("--engines", default="sqlite,postgres")
-    parser.add_argument("--postgres-url", default=os.environ.get(
-        "NIGHTCRIER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    engine_arguments(parser)
     args = parser.parse_args()
-    # Log lines are formatted as in production, then thrown away.
-    devnull = open(os.devnull, "w")  # noqa: SIM115 -- lives as long as the process
-    nc.configure_logging("info", "text", stream=devnull)
+    quiet_logging()
 
     results = {}
     events = raw_rows(args.faults, args.clusters)
