@@ -1269,6 +1269,26 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
     ]
 
 
+def queue_heads(events: Sequence[FaultEvent], skipped_clusters: Iterable[str]
+                ) -> list[tuple[str, dt.datetime]]:
+    """(cluster, receive time of its oldest new pending incident) for cluster_queue."""
+    skipped = frozenset(skipped_clusters)
+    heads: dict[str, dt.datetime] = {}
+    for event in events:
+        if event.cluster not in skipped and (event.cluster not in heads
+                                             or event.received_at < heads[event.cluster]):
+            heads[event.cluster] = event.received_at
+    return list(heads.items())
+
+
+# Keeps the earlier of the stored and the new oldest-pending time.
+QUEUE_UPSERT = ("INSERT INTO cluster_queue (cluster, next_pending_at) VALUES {values} "
+                "ON CONFLICT (cluster) DO UPDATE SET next_pending_at = CASE "
+                "WHEN cluster_queue.next_pending_at IS NULL "
+                "OR excluded.next_pending_at < cluster_queue.next_pending_at "
+                "THEN excluded.next_pending_at ELSE cluster_queue.next_pending_at END")
+
+
 def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
     """WHERE clause (with ``?`` placeholders) and parameters for a listing."""
     clauses: list[str] = []
@@ -1301,11 +1321,142 @@ class SqlStore(StateStore):
     ingesting, claiming and sweeping.
     """
 
+    # Claims take a row lock on the cluster's queue row where the engine has row locks.
+    SKIP_LOCKED = ""
+
+    @staticmethod
+    def integrity_errors() -> tuple[type[Exception], ...]:
+        """The driver's exceptions for a violated constraint."""
+        return (sqlite3.IntegrityError,)
+
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        raise NotImplementedError
+        return self._transaction(lambda run: run(sql, params).rowcount)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         raise NotImplementedError
+
+    def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
+        """Run ``fn(run)`` in one writing transaction; ``run(sql, params)`` executes one
+        statement (``?`` placeholders) and returns a cursor whose rows read by column name."""
+        raise NotImplementedError
+
+    def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
+        excluded = list(exclude_clusters)
+
+        def claim(run: Callable[..., Any]) -> Incident | None:
+            # The oldest ready cluster comes from cluster_queue, so a deep backlog
+            # behind busy clusters is never scanned. A queue row that turns out to
+            # be stale is corrected and the next one tried.
+            while True:
+                others = f" AND cluster NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
+                ready = run("SELECT cluster FROM cluster_queue WHERE NOT busy AND next_pending_at IS NOT NULL"
+                            + others + " ORDER BY next_pending_at LIMIT 1" + self.SKIP_LOCKED,
+                            excluded).fetchone()
+                if ready is None:
+                    return None
+                cluster = ready["cluster"]
+                now = utcnow()
+                run("SAVEPOINT claim")
+                try:
+                    claimed = run(
+                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, heartbeat_at = ?, "
+                        "started_at = ?, updated_at = ?, attempts = attempts + 1 "
+                        "WHERE status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
+                        "WHERE cluster = ? AND status = 'pending' ORDER BY created_at, incident_id LIMIT 1) "
+                        "AND NOT EXISTS "
+                        "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating') "
+                        "RETURNING *", (worker_id, now, now, now, cluster, cluster)).fetchone()
+                except self.integrity_errors():
+                    # A writer that bypassed the queue row flipped an incident of this
+                    # cluster a moment ago; the one-investigating index refused ours.
+                    run("ROLLBACK TO SAVEPOINT claim")
+                    claimed = None
+                run("RELEASE SAVEPOINT claim")
+                self._refresh_queue(run, cluster)
+                if claimed is not None:
+                    return _row_to(Incident, claimed)
+                excluded.append(cluster)
+
+        return self._transaction(claim)
+
+    @staticmethod
+    def _refresh_queue(run: Callable[..., Any], cluster: str) -> None:
+        """Recompute one cluster's queue row from its incidents."""
+        run("UPDATE cluster_queue SET "
+            "busy = EXISTS (SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating'), "
+            "next_pending_at = (SELECT MIN(created_at) FROM incidents "
+            "WHERE cluster = ? AND status = 'pending') WHERE cluster = ?", (cluster, cluster, cluster))
+
+    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
+                 reason: str | None) -> bool:
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        now = utcnow()
+        return self._finish_claim(
+            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
+            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
+            (status, exit_code, reason, now, now, incident_id, worker_id))
+
+    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
+        return self._finish_claim(
+            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
+            "claimed_by = NULL, heartbeat_at = NULL, "
+            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
+            (reason, utcnow(), incident_id, worker_id))
+
+    def _finish_claim(self, sql: str, params: Sequence[Any]) -> bool:
+        def finish(run: Callable[..., Any]) -> bool:
+            row = run(sql, params).fetchone()
+            if row is not None:
+                self._refresh_queue(run, row["cluster"])
+            return row is not None
+        return self._transaction(finish)
+
+    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+                      ) -> tuple[list[str], list[str]]:
+        now = utcnow()
+
+        def sweep(run: Callable[..., Any]) -> tuple[list[str], list[str]]:
+            failed = run(
+                "UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = ?, "
+                "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE status = 'investigating' AND heartbeat_at < ? AND attempts >= ? "
+                "RETURNING incident_id, cluster", (ORPHANED_REASON, now, now, stale_before, max_attempts)
+            ).fetchall()
+            requeued = run(
+                "UPDATE incidents SET status = 'pending', updated_at = ?, "
+                "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, 'unknown') || ' stopped', "
+                "claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE status = 'investigating' AND heartbeat_at < ? RETURNING incident_id, cluster",
+                (now, stale_before)).fetchall()
+            for row in [*failed, *requeued]:
+                run("UPDATE agent_executions SET completed_at = ?, error_message = ? "
+                    "WHERE incident_id = ? AND completed_at IS NULL",
+                    (now, "worker lost", row["incident_id"]))
+            for cluster in sorted({row["cluster"] for row in [*failed, *requeued]}):
+                self._refresh_queue(run, cluster)
+            self._repair_queue(run)
+            return [str(r["incident_id"]) for r in requeued], [str(r["incident_id"]) for r in failed]
+
+        return self._transaction(sweep)
+
+    @staticmethod
+    def _repair_queue(run: Callable[..., Any], full: bool = False) -> None:
+        """Correct queue rows that disagree with the incidents (a hand edit, a bug): a busy
+        flag with nothing investigating, or no next_pending_at while something is pending.
+        Cheap: it looks only at those rows. ``full`` (at open) also adds missing rows."""
+        if full:
+            run("INSERT INTO cluster_queue (cluster) "
+                "SELECT DISTINCT cluster FROM incidents WHERE status = 'pending' "
+                "AND cluster NOT IN (SELECT cluster FROM cluster_queue)")
+        run("UPDATE cluster_queue SET busy = FALSE WHERE busy AND NOT EXISTS (SELECT 1 FROM incidents i "
+            "WHERE i.cluster = cluster_queue.cluster AND i.status = 'investigating')")
+        run("UPDATE cluster_queue SET next_pending_at = (SELECT MIN(created_at) FROM incidents i "
+            "WHERE i.cluster = cluster_queue.cluster AND i.status = 'pending') "
+            "WHERE next_pending_at IS NULL AND EXISTS (SELECT 1 FROM incidents i "
+            "WHERE i.cluster = cluster_queue.cluster AND i.status = 'pending')")
 
     def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
         if not incident_ids:
@@ -1337,25 +1488,6 @@ class SqlStore(StateStore):
     def record_report(self, report: TriageReport) -> None:
         values = dataclasses.asdict(report)
         self._execute(_insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values()))
-
-    def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
-                 reason: str | None) -> bool:
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"not a final status: {status!r}")
-        now = utcnow()
-        return self._execute(
-            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
-            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
-            (status, exit_code, reason, now, now, incident_id, worker_id)) == 1
-
-    def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
-        return self._execute(
-            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
-            "claimed_by = NULL, heartbeat_at = NULL, "
-            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ?",
-            (reason, utcnow(), incident_id, worker_id)) == 1
 
     def get_incident(self, incident_id: str) -> Incident | None:
         if not is_uuid(incident_id):
@@ -1430,6 +1562,7 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"cannot create directory for {path}: {exc}") from exc
         created = not os.path.exists(path)
         self._write_fn(self._migrate)
+        self._transaction(lambda run: self._repair_queue(run, full=True))
         if created:
             os.chmod(path, 0o600)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
@@ -1551,63 +1684,24 @@ class SqliteStore(SqlStore):
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso)
+        heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, skipped_clusters)]
 
         def write(conn: sqlite3.Connection) -> None:
             for table, columns, key, rows in tables:
                 if rows:
                     conn.executemany(_insert_sql(table, columns, key), rows)
+            conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
 
         if any(rows for *_, rows in tables):
             self._write_fn(write)
         return [e.incident_id for e in events]
 
-    def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
-        excluded = list(exclude_clusters)
-        now = _iso(utcnow())
-        # SQLite has one writer at a time, so the transaction alone makes the
-        # pick-and-flip atomic; the partial unique index backs the rule up.
-        sql = (
-            "UPDATE incidents SET status = 'investigating', claimed_by = ?, heartbeat_at = ?, "
-            "started_at = ?, updated_at = ?, attempts = attempts + 1 "
-            "WHERE incident_id = (SELECT i.incident_id FROM incidents i "
-            "WHERE i.status = 'pending' AND NOT EXISTS (SELECT 1 FROM incidents j "
-            "WHERE j.cluster = i.cluster AND j.status = 'investigating') "
-            + (f"AND i.cluster NOT IN ({','.join('?' * len(excluded))}) " if excluded else "")
-            + "ORDER BY i.created_at, i.incident_id LIMIT 1) RETURNING *")
-        row = self._write_fn(
-            lambda conn: conn.execute(sql, (worker_id, now, now, now, *excluded)).fetchone())
-        return _row_to(Incident, row) if row else None
-
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return self._write_fn(lambda conn: conn.execute(sql, [_sqlite_param(p) for p in params]).rowcount)
+    def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
+        return self._write_fn(lambda conn: fn(
+            lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params])))
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._read(sql, params)
-
-    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
-                      ) -> tuple[list[str], list[str]]:
-        now = _iso(utcnow())
-        cutoff = _iso(stale_before)
-
-        def sweep(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
-            failed = [r[0] for r in conn.execute(
-                "UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = ?, "
-                "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < ? AND attempts >= ? "
-                "RETURNING incident_id", (ORPHANED_REASON, now, now, cutoff, max_attempts))]
-            requeued = [r[0] for r in conn.execute(
-                "UPDATE incidents SET status = 'pending', updated_at = ?, "
-                "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, '?') || ' stopped', "
-                "claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < ? RETURNING incident_id",
-                (now, cutoff))]
-            for incident_id in failed + requeued:
-                conn.execute("UPDATE agent_executions SET completed_at = ?, error_message = ? "
-                             "WHERE incident_id = ? AND completed_at IS NULL",
-                             (now, "worker lost", incident_id))
-            return requeued, failed
-
-        return self._write_fn(sweep)
 
     def close(self) -> None:
         self._closed = True
@@ -1760,6 +1854,12 @@ class PostgresStore(SqlStore):
 
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+
+    @staticmethod
+    def integrity_errors() -> tuple[type[Exception], ...]:
+        import psycopg2
+        return (psycopg2.IntegrityError,)
 
     def __init__(self, dsn: str, **pool_options: Any):
         import psycopg2.errors
@@ -1768,6 +1868,7 @@ class PostgresStore(SqlStore):
         self._dict_cursor = psycopg2.extras.RealDictCursor
         self._pool = PostgresPool(dsn, **pool_options)
         self._tx(self._migrate)
+        self._transaction(lambda run: self._repair_queue(run, full=True))
 
     def _tx(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(cursor)`` in one transaction, retrying once on a broken connection."""
@@ -1829,6 +1930,7 @@ class PostgresStore(SqlStore):
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         import psycopg2.extras
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_clean)
+        heads = queue_heads(events, skipped_clusters)
 
         def write(cur: Any) -> None:
             for table, columns, key, rows in tables:
@@ -1839,59 +1941,23 @@ class PostgresStore(SqlStore):
                 psycopg2.extras.execute_values(
                     cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
                     f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
+            if heads:
+                psycopg2.extras.execute_values(cur, QUEUE_UPSERT.format(values="%s"), heads)
 
         if any(rows for *_, rows in tables):
             self._tx(write)
         return [e.incident_id for e in events]
 
-    def claim_next(self, worker_id: str, exclude_clusters: Iterable[str] = ()) -> Incident | None:
-        excluded = list(exclude_clusters)
-
-        def claim(cur: Any) -> Incident | None:
-            cur.execute("SAVEPOINT claim")
-            cur.execute(
-                "WITH pick AS (SELECT i.incident_id FROM incidents i "
-                "WHERE i.status = 'pending' AND NOT EXISTS (SELECT 1 FROM incidents j "
-                "WHERE j.cluster = i.cluster AND j.status = 'investigating') "
-                "AND i.cluster <> ALL(%s::text[]) "
-                "ORDER BY i.created_at, i.incident_id LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                "UPDATE incidents SET status = 'investigating', claimed_by = %s, "
-                "heartbeat_at = now(), started_at = now(), updated_at = now(), "
-                "attempts = attempts + 1 FROM pick WHERE incidents.incident_id = pick.incident_id "
-                "RETURNING incidents.*", (excluded, worker_id))
-            row = cur.fetchone()
-            return _row_to(Incident, row) if row else None
-
-        return self._tx(_retry_unique(claim, self._errors.UniqueViolation, excluded))
-
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return self._tx(lambda cur: _rowcount(cur, sql.replace("?", "%s"), [_pg_clean(p) for p in params]))
+    def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
+        def body(cur: Any) -> T:
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                return cur
+            return fn(run)
+        return self._tx(body)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._select(sql.replace("?", "%s"), params)
-
-    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
-                      ) -> tuple[list[str], list[str]]:
-        def sweep(cur: Any) -> tuple[list[str], list[str]]:
-            cur.execute(
-                "UPDATE incidents SET status = 'failed', failure_reason = %s, completed_at = now(), "
-                "updated_at = now(), claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < %s AND attempts >= %s "
-                "RETURNING incident_id", (ORPHANED_REASON, stale_before, max_attempts))
-            failed = [str(r["incident_id"]) for r in cur.fetchall()]
-            cur.execute(
-                "UPDATE incidents SET status = 'pending', updated_at = now(), "
-                "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, '?') || ' stopped', "
-                "claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < %s RETURNING incident_id",
-                (stale_before,))
-            requeued = [str(r["incident_id"]) for r in cur.fetchall()]
-            cur.execute("UPDATE agent_executions SET completed_at = now(), error_message = %s "
-                        "WHERE incident_id = ANY(%s::uuid[]) AND completed_at IS NULL",
-                        ("worker lost", failed + requeued))
-            return requeued, failed
-
-        return self._tx(sweep)
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         def run(cur: Any) -> list[dict[str, Any]]:
@@ -1901,38 +1967,6 @@ class PostgresStore(SqlStore):
 
     def close(self) -> None:
         self._pool.close()
-
-
-def _retry_unique(fn: Callable[[Any], T], violation: type[Exception], excluded: list[str]
-                  ) -> Callable[[Any], T]:
-    """Wrap a claim so that a lost race on one cluster retries without that cluster.
-
-    Two processes can pick incidents of the same free cluster at once; the second
-    flip then violates the one-investigating-per-cluster index. Undo it to the
-    savepoint and look again with that cluster passed over.
-    """
-    def run(cur: Any) -> T:
-        while True:
-            try:
-                return fn(cur)
-            except violation as exc:
-                cur.execute("ROLLBACK TO SAVEPOINT claim")
-                cluster = _violating_cluster(exc)
-                if cluster is None or cluster in excluded:
-                    raise
-                excluded.append(cluster)
-    return run
-
-
-def _violating_cluster(exc: Exception) -> str | None:
-    detail = getattr(getattr(exc, "diag", None), "message_detail", "") or ""
-    match = re.search(r"\(cluster\)=\((.*)\) already exists", detail)
-    return match.group(1) if match else None
-
-
-def _rowcount(cur: Any, sql: str, params: Sequence[Any]) -> int:
-    cur.execute(sql, params)
-    return cur.rowcount
 
 
 def _pg_clean(value: Any) -> Any:

@@ -117,3 +117,23 @@ CREATE TABLE subscription_gaps (
     reason               TEXT NOT NULL
 );
 CREATE INDEX idx_subscription_gaps_cluster ON subscription_gaps (cluster, started_at);
+
+-- version: 2
+
+-- One row per cluster, kept in step with incidents inside the same transactions:
+-- whether an incident of the cluster is investigating, and when its oldest
+-- pending incident was received. A claim reads the oldest ready row here
+-- instead of scanning a backlog that may sit behind busy clusters.
+CREATE TABLE cluster_queue (
+    cluster              TEXT PRIMARY KEY,
+    busy                 BOOLEAN NOT NULL DEFAULT FALSE,
+    next_pending_at      TEXT
+);
+CREATE INDEX idx_cluster_queue_ready ON cluster_queue (next_pending_at)
+    WHERE NOT busy AND next_pending_at IS NOT NULL;
+CREATE INDEX idx_cluster_queue_busy ON cluster_queue (cluster) WHERE busy;
+INSERT INTO cluster_queue (cluster, busy, next_pending_at)
+    SELECT cluster,
+           MAX(CASE WHEN status = 'investigating' THEN 1 ELSE 0 END) = 1,
+           MIN(CASE WHEN status = 'pending' THEN created_at END)
+    FROM incidents GROUP BY cluster;
