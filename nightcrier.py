@@ -4359,9 +4359,12 @@ def cmd_version(_args: argparse.Namespace) -> int:
 # -- demo: the whole pipeline on one machine ------------------------------------------
 
 def _self_command() -> list[str]:
-    """How to run this very program again: the .pyz it came from, or this file."""
-    archive = getattr(globals().get("__loader__"), "archive", None)
-    return [sys.executable, archive or os.path.abspath(__file__)]
+    """How to run this very program again: the .pyz it came from, or this file.
+
+    A packaged nightcrier runs from an extracted copy that a newer build may
+    prune; the archive it was started as (argv[0]) is what stays.
+    """
+    return [sys.executable, os.path.abspath(sys.argv[0] if BUILD_ID else __file__)]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

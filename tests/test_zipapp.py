@@ -1,0 +1,377 @@
+"""Tests of nightcrier.pyz as built by build_zipapp.py: self-contained, cached extraction, pruning.
+
+The application is built once per session and every test runs it in fresh subprocesses with
+``python3 -I`` and an environment holding little more than PATH, so nothing of the developer's
+environment (HOME, PYTHONPATH, the config variables) can make a test pass.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+import nightcrier
+
+PYTHON = [sys.executable, "-I"]
+CLEAN_PATH = "/usr/bin:/bin"
+RUN_TIMEOUT = 60
+TARGET = f"{sys.implementation.cache_tag}-{sys.platform}-{os.uname().machine}"
+
+# Runs the application in-process so the test can see which files its modules came from.
+PROBE = """
+import json, runpy, sys
+pyz, out, *argv = sys.argv[1:]
+sys.argv = [pyz, *argv]
+code = 0
+try:
+    runpy.run_path(pyz, run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+mods = ("nightcrier", "psycopg2", "psycopg2._psycopg", "yaml", "yaml._yaml")
+with open(out, "w") as fh:
+    json.dump({"exit": code, "libyaml": sys.modules["yaml"].__with_libyaml__,
+               "build_id": sys.modules["nightcrier"].BUILD_ID,
+               "files": {m: getattr(sys.modules.get(m), "__file__", None) for m in mods}}, fh)
+"""
+
+
+@dataclass(frozen=True)
+class App:
+    path: Path
+    build_id: str
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory: pytest.TempPathFactory) -> App:
+    """nightcrier.pyz built from this checkout by ``build_zipapp.py --output``."""
+    path = tmp_path_factory.mktemp("pyz") / "nightcrier.pyz"
+    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"build failed:\n{result.stdout}\n{result.stderr}"
+    with zipfile.ZipFile(path) as zf:
+        match = re.fullmatch(rb"nightcrier build ([0-9a-f]{16})", zf.comment)
+    assert match, f"zip comment {zf.comment!r} names no build id"
+    build_id = match.group(1).decode()
+    assert f"build {build_id}" in result.stdout
+    return App(path, build_id)
+
+
+def clean_env(cache: Path | None, **extra: str) -> dict[str, str]:
+    env = {"PATH": CLEAN_PATH, **extra}
+    if cache is not None:
+        env["NIGHTCRIER_CACHE_DIR"] = str(cache)
+    return env
+
+
+def run(app: App, *args: str, env: dict[str, str], cwd: Path, python: list[str] = PYTHON,
+        **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*python, str(app.path), *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT, **kwargs)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a run that must have succeeded."""
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result.stdout
+
+
+def version_line(app: App) -> str:
+    return f"nightcrier {nightcrier.__version__} (build {app.build_id})\n"
+
+
+def build_dirs(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name))
+
+
+def write_config(path: Path, state_storage: dict[str, str]) -> Path:
+    path.write_text(json.dumps({  # JSON is YAML
+        "clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/mcp"}}],
+        "workspace_root": str(path.parent / "workspaces"),
+        "state_storage": state_storage}))
+    return path
+
+
+def test_archive_holds_nightcrier_its_schemas_and_every_dependency(app: App) -> None:
+    assert app.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert os.access(app.path, os.X_OK)
+    with zipfile.ZipFile(app.path) as zf:
+        names = set(zf.namelist())
+        main = zf.read("__main__.py").decode()
+    assert f'BUILD_ID = "{app.build_id}"' in main
+    for name in ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql",
+                 f"__pycache__/nightcrier.{sys.implementation.cache_tag}.pyc"):
+        assert f"site-packages/{name}" in names
+    assert any(re.fullmatch(r"site-packages/psycopg2/_psycopg\..*so", n) for n in names)
+    assert any(n.startswith("site-packages/psycopg2_binary.libs/libpq") for n in names)
+    assert any(re.fullmatch(r"site-packages/yaml/_yaml\..*so", n) for n in names)
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name).lower()
+
+    installed = {norm(n.split("/")[1].split("-")[0]) for n in names if ".dist-info/" in n}
+    wanted = [re.split(r"[=<>!~\[; ]", line, maxsplit=1)[0]
+              for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert wanted and not [w for w in wanted if norm(w) not in installed]
+
+
+def test_runs_from_an_empty_directory_with_a_clean_environment(app: App, tmp_path: Path) -> None:
+    cwd, cache = tmp_path / "empty", tmp_path / "cache"
+    cwd.mkdir()
+    env = clean_env(cache)
+    assert ok(run(app, "--version", env=env, cwd=cwd)) == version_line(app)
+    assert ok(run(app, "version", env=env, cwd=cwd)) == version_line(app)
+
+    config = tmp_path / "config.yaml"
+    shutil.copy(ROOT / "config.example.yaml", config)
+    out = ok(run(app, "check-config", "--config", str(config), env=env, cwd=cwd))
+    assert out.startswith(f"# effective configuration of nightcrier {nightcrier.__version__}")
+    # The SQLite schema is read from beside the extracted nightcrier.py.
+    sqlite_config = write_config(tmp_path / "sqlite.yaml", {"type": "sqlite",
+                                                            "sqlite_path": str(tmp_path / "nc.db")})
+    assert json.loads(ok(run(app, "incidents", "--config", str(sqlite_config), "--json",
+                             env=env, cwd=cwd))) == []
+
+    assert build_dirs(cache) == [app.build_id]
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert (cache / app.build_id / "site-packages" / "nightcrier.py").is_file()
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+    assert list(cwd.iterdir()) == []
+
+
+def test_demo_resolves_every_incident(app: App, tmp_path: Path) -> None:
+    env, demo = clean_env(tmp_path / "cache"), tmp_path / "demo"
+    ok(run(app, "demo", "--dir", str(demo), "--faults", "3", env=env, cwd=tmp_path))
+    incidents = json.loads(ok(run(app, "incidents", "--config", str(demo / "config.yaml"), "--json",
+                                  env=env, cwd=tmp_path)))
+    assert len(incidents) >= 3
+    assert [i["status"] for i in incidents] == ["resolved"] * len(incidents)
+
+
+@pytest.mark.postgres
+def test_postgres_driver_loads_from_the_cache(app: App, tmp_path: Path, postgres_schema_url: str) -> None:
+    cache = tmp_path / "cache"
+    env = clean_env(cache)
+    config = write_config(tmp_path / "pg.yaml", {"type": "postgres",
+                                                 "postgres_connection_string": postgres_schema_url})
+    args = ("incidents", "--config", str(config), "--json")
+    assert json.loads(ok(run(app, *args, env=env, cwd=tmp_path))) == []
+    # Without any site-packages the only psycopg2 there is is the bundled one.
+    assert json.loads(ok(run(app, *args, env=env, cwd=tmp_path, python=[*PYTHON, "-S"]))) == []
+
+    report = tmp_path / "probe.json"
+    ok(subprocess.run([*PYTHON, "-c", PROBE, str(app.path), str(report), *args], env=env, cwd=tmp_path,
+                      capture_output=True, text=True, timeout=RUN_TIMEOUT))
+    probe = json.loads(report.read_text())
+    assert probe["exit"] == 0
+    assert probe["build_id"] == app.build_id
+    assert probe["libyaml"] is True
+    site = cache / app.build_id / "site-packages"
+    for module, file in probe["files"].items():
+        assert file and Path(file).is_relative_to(site), f"{module} loaded from {file}, not from {site}"
+    assert probe["files"]["nightcrier"] == str(site / "nightcrier.py")
+    assert re.fullmatch(r"_psycopg\..*so", Path(probe["files"]["psycopg2._psycopg"]).name)
+
+
+def test_concurrent_first_starts_extract_once(app: App, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = clean_env(cache)
+    # Started back to back: each takes far longer to extract than the next one takes to start.
+    procs = [subprocess.Popen([*PYTHON, str(app.path), "--version"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(RUN_TIMEOUT), *p.communicate()) for p in procs]
+    assert [r[0] for r in results] == [0] * 4, results
+    assert {r[1] for r in results} == {version_line(app)}, results
+    assert build_dirs(cache) == [app.build_id]
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", app.build_id, f"{app.build_id}.lock"]
+    assert ok(run(app, "--version", env=env, cwd=tmp_path)) == version_line(app)
+
+
+def fake_build(cache: Path, build_id: str, age: float) -> Path:
+    """A build directory as the application leaves it, extracted ``age`` seconds ago."""
+    path = cache / build_id
+    (path / "site-packages").mkdir(parents=True)
+    (path / "site-packages" / "nightcrier.py").write_text("")
+    (cache / f"{build_id}.lock").touch()
+    when = time.time() - age
+    os.utime(path, (when, when))
+    return path
+
+
+@pytest.fixture
+def held_lock() -> Iterator[list[int]]:
+    """Lock files the test holds shared, as a running process of that build does."""
+    fds: list[int] = []
+    yield fds
+    for fd in fds:
+        os.close(fd)
+
+
+def hold(path: Path, fds: list[int]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    fds.append(fd)
+
+
+def test_older_builds_are_pruned_unless_in_use(app: App, tmp_path: Path, held_lock: list[int]) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = clean_env(cache)
+    old = fake_build(cache, "0000000000000001", 3600)
+    in_use = fake_build(cache, "0000000000000002", 3600)
+    hold(cache / "0000000000000002.lock", held_lock)
+    newer = fake_build(cache, "0000000000000003", -3600)
+    (cache / "0000000000000004.lock").touch()  # lock of a build that was never extracted
+    (cache / ".0000000000000005.999999.tmp" / "site-packages").mkdir(parents=True)  # a killed extraction
+    for name in ("notes", ".notes.tmp", ".0000000000000007.tmp"):
+        (cache / name).mkdir()
+    (cache / "notes.txt").write_text("not ours")
+
+    ok(run(app, "--version", env=env, cwd=tmp_path))  # first start: extracts, then prunes
+    assert not old.exists() and not (cache / "0000000000000001.lock").exists()
+    assert in_use.exists() and newer.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([
+        ".lock", "0000000000000002", "0000000000000002.lock", "0000000000000003", "0000000000000003.lock",
+        app.build_id, f"{app.build_id}.lock", "notes", ".notes.tmp", ".0000000000000007.tmp", "notes.txt"])
+
+    # Later starts prune too: a build in use stays until no process uses it.
+    also_old = fake_build(cache, "0000000000000006", 3600)
+    ok(run(app, "--version", env=env, cwd=tmp_path))
+    assert not also_old.exists() and in_use.exists()
+    os.close(held_lock.pop())
+    ok(run(app, "--version", env=env, cwd=tmp_path))
+    assert build_dirs(cache) == sorted(["0000000000000003", app.build_id])
+
+
+def test_damaged_extraction_is_replaced(app: App, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = clean_env(cache)
+    ok(run(app, "--version", env=env, cwd=tmp_path))
+    site = cache / app.build_id / "site-packages"
+    (site / "nightcrier.py").unlink()  # as a tmp cleaner does to files nobody reads
+    assert ok(run(app, "--version", env=env, cwd=tmp_path)) == version_line(app)
+    assert (site / "nightcrier.py").is_file()
+    assert build_dirs(cache) == [app.build_id]
+
+
+def test_cache_dir_that_cannot_be_used_is_an_error(app: App, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run(app, "--version", env=clean_env(blocker / "cache"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "NIGHTCRIER_CACHE_DIR" in result.stderr
+
+
+def test_refuses_an_interpreter_it_was_not_built_for(app: App, tmp_path: Path) -> None:
+    # The check comes before extraction, so the start-up code alone shows it.
+    with zipfile.ZipFile(app.path) as zf:
+        main = zf.read("__main__.py").decode()
+    assert f'TARGET = "{TARGET}"' in main
+    other = tmp_path / "other.pyz"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("__main__.py", main.replace(f'TARGET = "{TARGET}"', 'TARGET = "cpython-39-linux-x86_64"'))
+    result = run(App(other, app.build_id), "--version", env=clean_env(tmp_path / "cache"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"built for cpython-39-linux-x86_64 and this interpreter is {TARGET}" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def private_tmp(uid: int) -> Path:
+    return Path(f"/tmp/nightcrier-{uid}")
+
+
+def test_starts_without_home_in_the_private_tmp_dir(app: App, tmp_path: Path) -> None:
+    """No HOME, XDG_CACHE_HOME or NIGHTCRIER_CACHE_DIR: the cache goes to /tmp/nightcrier-<uid>."""
+    cache = private_tmp(os.getuid())
+    existed = cache.exists()
+    ours = [cache / app.build_id, cache / f"{app.build_id}.lock"]
+    pre_existing = [p for p in ours if p.exists()]
+    try:
+        assert ok(run(app, "--version", env=clean_env(None), cwd=tmp_path)) == version_line(app)
+        assert (cache / app.build_id / "site-packages" / "nightcrier.py").is_file()
+        assert cache.stat().st_uid == os.getuid()
+    finally:
+        if not existed:
+            shutil.rmtree(cache, ignore_errors=True)
+        else:
+            for path in ours:
+                if path not in pre_existing:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _unused_uid() -> int:
+    for uid in range(61000, 61500):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if not private_tmp(uid).exists():
+                return uid
+    pytest.fail("no free uid between 61000 and 61500")
+
+
+def _interpreter_for(as_user: dict[str, object], cwd: Path) -> list[str] | None:
+    """An interpreter the build is for that the other user may run (``/root`` is often 0700)."""
+    probe = "import os, sys; print(f'{sys.implementation.cache_tag}-{sys.platform}-{os.uname().machine}')"
+    for exe in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        try:
+            result = subprocess.run([exe, "-I", "-c", probe], capture_output=True, text=True, cwd=cwd,
+                                    timeout=RUN_TIMEOUT, **as_user)
+        except OSError:
+            continue
+        if result.stdout.strip() == TARGET:
+            return [exe, "-I"]
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_service_user_without_a_home_directory(app: App) -> None:
+    """A uid with no passwd entry, so no home at all; and a squatted /tmp directory is refused."""
+    uid = _unused_uid()
+    cache = private_tmp(uid)
+    shared = Path(tempfile.mkdtemp(prefix="nightcrier-pyz-"))
+    try:
+        shared.chmod(0o755)
+        pyz = App(Path(shutil.copy(app.path, shared / "nightcrier.pyz")), app.build_id)
+        as_user: dict[str, object] = {"user": uid, "group": uid, "extra_groups": []}
+        # The interpreter must be one that uid may run and that the build is for.
+        python = _interpreter_for(as_user, shared)
+        assert python, f"no interpreter for {TARGET} that uid {uid} can run"
+
+        out = ok(run(pyz, "--version", env=clean_env(None), cwd=shared, python=python, **as_user))
+        assert out == version_line(app)
+        st = cache.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o700)
+        assert (cache / app.build_id / "site-packages" / "nightcrier.py").is_file()
+        # A home directory that does not exist, as for Debian's system users, changes nothing.
+        ok(run(pyz, "--version", env=clean_env(None, HOME="/nonexistent"), cwd=shared, python=python,
+               **as_user))
+
+        shutil.rmtree(cache)
+        # Someone else's directory in its place, writable by all: whoever owns it could plant code.
+        cache.mkdir()
+        cache.chmod(0o777)
+        result = run(pyz, "--version", env=clean_env(None), cwd=shared, python=python, **as_user)
+        assert result.returncode == 2, result
+        assert f"{cache} is not a directory owned by uid {uid}" in result.stderr
+        assert "NIGHTCRIER_CACHE_DIR" in result.stderr
+        assert os.listdir(cache) == []
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
