@@ -1324,6 +1324,16 @@ class SqlStore(StateStore):
     # Claims take a row lock on the cluster's queue row where the engine has row locks.
     SKIP_LOCKED = ""
 
+    def _announce_work(self, run: Callable[..., Any]) -> None:
+        """Tell other processes' dispatchers that something became claimable (at commit)."""
+
+    def watch_for_work(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call ``wake`` whenever another process announces claimable work, until ``stop``.
+
+        Engines without notifications return at once; dispatchers then rely on
+        their poll. Called on a thread of its own; never raises.
+        """
+
     @staticmethod
     def integrity_errors() -> tuple[type[Exception], ...]:
         """The driver's exceptions for a violated constraint."""
@@ -1411,6 +1421,7 @@ class SqlStore(StateStore):
             row = run(sql, params).fetchone()
             if row is not None:
                 self._refresh_queue(run, row["cluster"])
+                self._announce_work(run)
             return row is not None
         return self._transaction(finish)
 
@@ -1438,6 +1449,8 @@ class SqlStore(StateStore):
             for cluster in sorted({row["cluster"] for row in [*failed, *requeued]}):
                 self._refresh_queue(run, cluster)
             self._repair_queue(run)
+            if requeued:
+                self._announce_work(run)
             return [str(r["incident_id"]) for r in requeued], [str(r["incident_id"]) for r in failed]
 
         return self._transaction(sweep)
@@ -1855,6 +1868,38 @@ class PostgresStore(SqlStore):
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    WORK_CHANNEL = "nightcrier_work"
+
+    def _announce_work(self, run: Callable[..., Any]) -> None:
+        run(f"NOTIFY {self.WORK_CHANNEL}")
+
+    def watch_for_work(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """LISTEN on a dedicated connection; reconnect with backoff when it breaks."""
+        import select
+
+        import psycopg2
+        backoff = Backoff(0.5, 30.0)
+        while not stop.is_set():
+            try:
+                conn = psycopg2.connect(self._pool.dsn, application_name="nightcrier-listen")
+            except psycopg2.Error:
+                stop.wait(backoff.next())
+                continue
+            try:
+                conn.autocommit = True
+                conn.cursor().execute(f"LISTEN {self.WORK_CHANNEL}")
+                backoff.reset()
+                wake()  # anything announced while not listening
+                while not stop.is_set():
+                    if select.select([conn], [], [], 1.0)[0]:
+                        conn.poll()
+                        if conn.notifies:
+                            conn.notifies.clear()
+                            wake()
+            except (psycopg2.Error, OSError):
+                stop.wait(backoff.next())
+            finally:
+                conn.close()
 
     @staticmethod
     def integrity_errors() -> tuple[type[Exception], ...]:
@@ -1943,6 +1988,7 @@ class PostgresStore(SqlStore):
                     f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
             if heads:
                 psycopg2.extras.execute_values(cur, QUEUE_UPSERT.format(values="%s"), heads)
+                cur.execute(f"NOTIFY {self.WORK_CHANNEL}")
 
         if any(rows for *_, rows in tables):
             self._tx(write)

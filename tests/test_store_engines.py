@@ -267,3 +267,34 @@ def _waiting_on_a_lock(url: str) -> bool:
         waiting = cur.fetchone()[0] > 0
     conn.close()
     return waiting
+
+
+def test_work_announced_by_one_process_wakes_another(pg_url: str) -> None:
+    """LISTEN/NOTIFY: ingest or a freed cluster in one process wakes dispatchers in the others."""
+    writer, other = nc.PostgresStore(pg_url), nc.PostgresStore(pg_url)
+    woken, stop = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=other.watch_for_work, args=(woken.set, stop), daemon=True)
+    watcher.start()
+    try:
+        wait_for(woken.is_set, what="the first wake when listening starts")
+        woken.clear()
+        writer.insert_events([make_event("a")], skipped_clusters=["a"])
+        assert not woken.wait(0.5), "skipped incidents are no work"
+        writer.insert_events([make_event("a")])
+        wait_for(woken.is_set, what="a wake after new pending work")
+        claimed = other.claim_next("w")
+        assert claimed is not None
+        woken.clear()
+        other.complete(claimed.incident_id, "w", nc.RESOLVED, 0, None)
+        wait_for(woken.is_set, what="a wake after a cluster was freed")
+    finally:
+        stop.set()
+        watcher.join(10)
+        writer.close()
+        other.close()
+
+
+def test_sqlite_has_no_notifications_and_returns_at_once(tmp_path: Path) -> None:
+    store = nc.SqliteStore(str(tmp_path / "nc.db"))
+    store.watch_for_work(lambda: None, threading.Event())
+    store.close()
