@@ -2327,8 +2327,8 @@ def _short_error(exc: BaseException) -> str:
 ###############################################################################
 
 IngestItem = FaultEvent | RejectedNotification | SubscriptionGap
-DISCONNECTED, CONNECTING, SUBSCRIBING, ACTIVE, FAILED_STATE = (
-    "disconnected", "connecting", "subscribing", "active", "failed")
+DISCONNECTED, CONNECTING, SUBSCRIBING, ACTIVE, FAILED_STATE, STANDBY = (
+    "disconnected", "connecting", "subscribing", "active", "failed", "standby")
 
 
 class Spool:
@@ -2644,6 +2644,123 @@ class ClusterHealth:
     gaps: list[SubscriptionGap] = field(default_factory=list)
 
 
+class ClusterOwnership(threading.Thread):
+    """Which clusters this process may watch.
+
+    With SQLite, every configured cluster, always. With PostgreSQL, several
+    processes may run the same configuration: each cluster is watched by the one
+    process holding its session-level advisory lock, taken on a connection of
+    this thread's own. The others stand by and try again every third of
+    ``failover_seconds``, so a cluster whose holder died or lost its database
+    connection is taken over within ``failover_seconds``. If this process's lock
+    connection breaks, it gives up every cluster at once (the server has released
+    the locks, or will) and calls ``on_change`` so that listeners unsubscribe
+    before a standby subscribes. :meth:`owns` and :meth:`owners` are thread-safe.
+    """
+
+    KEY_PREFIX = "nightcrier:cluster:"
+
+    def __init__(self, config: Config, instance: str, on_change: Callable[[], None]):
+        super().__init__(name="cluster-ownership", daemon=True)
+        self.dsn = postgres_dsn(config.state_storage) if config.state_storage.type == "postgres" else ""
+        self.clusters = [c.name for c in config.clusters]
+        self.instance = instance
+        self.interval = config.failover_seconds / 3
+        self.on_change = on_change
+        self._owned: set[str] = set()
+        self._owners: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def owns(self, cluster: str) -> bool:
+        if not self.dsn:
+            return True
+        with self._lock:
+            return cluster in self._owned
+
+    def owners(self) -> dict[str, str]:
+        """cluster -> the instance holding it, as last seen (empty with SQLite)."""
+        with self._lock:
+            return dict(self._owners)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        if not self.dsn:
+            return
+        backoff = Backoff(0.2, self.interval)
+        conn = None
+        while not self._stopping.is_set():
+            try:
+                conn = conn or self._connect()
+                changed = self._take_free_clusters(conn)
+                backoff.reset()
+            except Exception as exc:  # the connection, and with it every lock, is gone
+                log_event(logging.WARNING, "cluster ownership connection lost", error=_short_error(exc))
+                conn = self._close(conn)
+                changed = self._give_up_all()
+                if changed:
+                    self.on_change()
+                self._stopping.wait(backoff.next())
+                continue
+            if changed:
+                self.on_change()
+            self._stopping.wait(self.interval)
+        self._close(conn)
+
+    def _connect(self) -> Any:
+        import psycopg2
+        timeout_ms = int(self.interval * 1000)
+        conn = psycopg2.connect(self.dsn, application_name=f"nightcrier-owner {self.instance}"[:63],
+                                connect_timeout=max(1, int(self.interval)), keepalives=1,
+                                keepalives_idle=max(1, int(self.interval)), keepalives_interval=1,
+                                keepalives_count=2, tcp_user_timeout=timeout_ms)
+        conn.autocommit = True
+        return conn
+
+    def _take_free_clusters(self, conn: Any) -> bool:
+        changed = False
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")  # proves the connection, and so our locks, still there
+            for cluster in self.clusters:
+                if self.owns(cluster):
+                    continue
+                cur.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                            (self.KEY_PREFIX + cluster,))
+                if cur.fetchone()[0]:
+                    with self._lock:
+                        self._owned.add(cluster)
+                    changed = True
+                    log_event(logging.INFO, "cluster taken", cluster=cluster, instance=self.instance)
+            cur.execute(
+                "SELECT c.name, a.application_name FROM unnest(%s::text[]) AS c(name) "
+                "JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                "AND ((l.classid::bigint << 32) | l.objid::bigint) = "
+                "hashtextextended(%s || c.name, 0) "
+                "JOIN pg_stat_activity a ON a.pid = l.pid", (self.clusters, self.KEY_PREFIX))
+            owners = {name: app.removeprefix("nightcrier-owner ") for name, app in cur.fetchall()}
+        with self._lock:
+            self._owners = owners
+        return changed
+
+    def _give_up_all(self) -> bool:
+        with self._lock:
+            had = bool(self._owned)
+            self._owned.clear()
+            self._owners = {}
+        return had
+
+    @staticmethod
+    def _close(conn: Any) -> None:
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # already broken; nothing more to release
+                pass
+        return None
+
+
 class ClusterListener(threading.Thread):
     """Keeps one cluster subscribed and hands every notification to the sink without waiting.
 
@@ -2659,8 +2776,10 @@ class ClusterListener(threading.Thread):
     ends the session (DELETE) and the thread.
     """
 
-    def __init__(self, cluster: ClusterConfig, config: Config, sink: IngestSink, metrics: Metrics):
+    def __init__(self, cluster: ClusterConfig, config: Config, sink: IngestSink, metrics: Metrics,
+                 owns: Callable[[str], bool] = lambda _cluster: True):
         super().__init__(name=f"listener-{cluster.name}", daemon=True)
+        self.owns = owns
         self.cluster = cluster
         self.config = config
         self.sink = sink
@@ -2685,11 +2804,18 @@ class ClusterListener(threading.Thread):
         self._stopping.set()
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look at ownership now rather than at the next tick."""
+        self._wake.set()
+
     # -- thread ---------------------------------------------------------------
 
     def run(self) -> None:
         backoff = Backoff(self.config.sse_reconnect_initial_backoff, self.config.sse_reconnect_max_backoff)
         while not self._stopping.is_set():
+            if not self.owns(self.cluster.name):
+                self._stand_by()
+                continue
             session = McpSession(self.cluster.mcp.endpoint, self._on_message,
                                  api_key=self.cluster.mcp.api_key, ca_bundle=self.cluster.mcp.ca_bundle,
                                  connect_timeout=self.config.mcp_connect_timeout,
@@ -2710,6 +2836,16 @@ class ClusterListener(threading.Thread):
                 self._stopping.wait(backoff.next())
                 self._set(reconnects=self._health.reconnects + 1)
         self._set(status=DISCONNECTED)
+
+    def _stand_by(self) -> None:
+        """Another process watches this cluster: wait until ownership may have changed."""
+        with self._lock:
+            self._health.status = STANDBY
+            self._health.subscription_id = ""
+            self._health.gap_started = None  # not watched here, but watched
+            self._gap_reason = "starting"
+        self._wake.wait(1.0)
+        self._wake.clear()
 
     def _subscribe(self, session: McpSession) -> None:
         """Subscribe; then cancel the subscription this one replaces.
@@ -2736,6 +2872,9 @@ class ClusterListener(threading.Thread):
             self._wake.wait(max(0.0, min(next_ping - time.monotonic(), 1.0)))
             self._wake.clear()
             if self._stopping.is_set():
+                return
+            if not self.owns(self.cluster.name):
+                log_event(logging.WARNING, "cluster ownership lost, unsubscribing", cluster=self.cluster.name)
                 return
             if session.stream_ended.is_set():
                 self._start_gap(f"notification stream ended: {session.stream_error}")
@@ -3473,8 +3612,11 @@ class Dispatcher(threading.Thread):
                 markdown = fh.read()
         except OSError:
             return
+        page = publish_report(markdown, incident.incident_id, workspace)
         self.store.record_report(TriageReport(new_id(), incident.incident_id, execution_id, utcnow(),
-                                              markdown, raw_report_path=path, storage_type="filesystem"))
+                                              markdown, report_html=page,
+                                              summary_text=summarize_report(markdown).text,
+                                              raw_report_path=path, storage_type="filesystem"))
 
     def _finish(self, incident: Incident, status: str, exit_code: int | None, reason: str | None,
                 workspace: str | None = None, logs: Mapping[str, str] | None = None) -> None:
@@ -3510,6 +3652,770 @@ class Dispatcher(threading.Thread):
 # Reporting ####################################################################
 ###############################################################################
 
+REPORT_HTML_NAME = "investigation.html"
+SUMMARY_FALLBACK = "See investigation report"
+UNKNOWN_CONFIDENCE = "UNKNOWN"
+ROOT_CAUSE_MAX_CHARS = 500
+SAFE_LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+
+SLACK_TEXT_LIMIT = 3000          # characters in one text object of a block
+SLACK_FIELD_LIMIT = 2000         # characters in one field of a section
+SLACK_HEADER_LIMIT = 150
+SLACK_MAX_BLOCKS = 50
+SLACK_MAX_RETRY_AFTER = 300.0    # a longer Retry-After would stall every message behind it
+SLACK_DRAIN_SECONDS = 30.0
+FAILURE_REASONS_TRACKED = 5
+FAILURE_REASONS_SHOWN = 3
+
+
+# -- summary ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What a report says in one line: its root cause and how confident the agent was.
+
+    ``confidence`` is HIGH, MEDIUM, LOW or UNKNOWN; ``root_cause`` is plain text
+    (no Markdown) of at most ``ROOT_CAUSE_MAX_CHARS`` characters.
+    """
+
+    root_cause: str = SUMMARY_FALLBACK
+    confidence: str = UNKNOWN_CONFIDENCE
+
+    @property
+    def text(self) -> str:
+        """The line stored as ``triage_reports.summary_text``."""
+        return f"{self.root_cause} (confidence: {self.confidence})"
+
+
+_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*)$")
+SUMMARY_LINE_CHARS = 1000        # more never matters for a summary; less work on hostile input
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_LIST_MARK_RE = re.compile(r"^\s*(?:>\s*)*(?:(?:[-*+]|\d+[.)])\s+(?:\[[ xX]\]\s+)?)?")
+_SECTION_NUMBER_RE = re.compile(r"^(?:section\s+)?\d+(?:\.\d+)*[.):]?\s+", re.I)
+_ROOT_CAUSE_KEY_RE = re.compile(
+    r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*causes?\b", re.I)
+_PRIMARY_HYPOTHESIS_RE = re.compile(r"^\W*primary\s+hypothes[ie]s\b", re.I)
+_CAUSE_KEY_RE = re.compile(
+    r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?(?:root[\s-]*causes?|cause)\b"
+    r"|^\W*primary\s+hypothes[ie]s\b", re.I)
+_CONFIDENCE_KEY_RE = re.compile(r"^\W*confidence\b", re.I)
+_FIRST_HYPOTHESIS_RE = re.compile(r"^\W*H1\b\s*[:.)\-—–]?\s*")
+_INLINE_ROOT_CAUSE_RE = re.compile(
+    r"^(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*cause"
+    r"(?:\s*\([^)]*\))?\s*[:—–-]\s*(\S.*)$", re.I)
+_LABEL_PREFIX_RE = re.compile(r"^(?:statement|summary|hypothesis|root[\s-]*cause)\s*:\s*", re.I)
+_CONFIDENCE_WORD_RE = re.compile(r"\bconfidence\b", re.I)
+_LEVEL_RE = re.compile(r"\b(high|medium|low)\b", re.I)
+_LEVEL_AFTER_RE = re.compile(r"\s*(?:level|rating)?\s*(?:is|was)?[\s:=|\-—–(\[]*(high|medium|low)\b", re.I)
+_LEVEL_BEFORE_RE = re.compile(r"\b(high|medium|low)[\s-]+$", re.I)
+_CONFIDENCE_CLAUSE_RE = re.compile(
+    r"\s*[-—–,;:|]*\s*\(?\s*(?:confidence(?:\s+level)?\s*[:=]?\s*(?:high|medium|low)\b"
+    r"|(?:high|medium|low)\s+confidence\b)\s*\)?.*$", re.I)
+_TABLE_RULE_RE = re.compile(r"^:?-+:?$")
+_BOLD_CELL_RE = re.compile(r"^(\*\*|__).+\1:?$")
+
+
+def summarize_report(markdown: str) -> ReportSummary:
+    """The root cause and confidence of an agent's report; never raises.
+
+    Understands both the simple layout of the built-in prompt (``## Root
+    Cause`` followed by a paragraph and ``**Confidence:** HIGH``) and the
+    7-section template of the triage skill (``## 3. Root Cause Analysis`` with
+    ranked hypotheses ``### H1: ... — Confidence: High`` and their
+    ``**Statement**``, an Executive Triage Card table, a ``### Primary
+    Hypothesis``). Headings and keys match case-insensitively, confidence
+    levels only as whole words (FLOW is not LOW). Without a root cause the
+    summary says ``See investigation report``; without a confidence, UNKNOWN.
+    """
+    lines = _outside_code([line[:SUMMARY_LINE_CHARS] for line in markdown.splitlines()])
+    found = (_root_cause_section(lines) or _table_entry(lines, _CAUSE_KEY_RE)
+             or _inline_root_cause(lines) or _primary_hypothesis(lines))
+    root_cause, region = found if found else (SUMMARY_FALLBACK, [])
+    confidence = (_level_in(region) or _level_of(_table_entry(lines, _CONFIDENCE_KEY_RE))
+                  or _level_in((_primary_hypothesis(lines) or ("", []))[1]) or _level_in(lines))
+    return ReportSummary(root_cause, confidence or UNKNOWN_CONFIDENCE)
+
+
+def _outside_code(lines: list[str]) -> list[str]:
+    """The lines with fenced code blanked out, so that nothing inside a code block counts."""
+    result, fence = [], ""
+    for line in lines:
+        match = _FENCE_RE.match(line)
+        if fence:
+            if match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence):
+                fence = ""
+            result.append("")
+        elif match:
+            fence = match.group(1)
+            result.append("")
+        else:
+            result.append(line)
+    return result
+
+
+def _plain(text: str) -> str:
+    """Markdown inline syntax removed, whitespace collapsed: what a reader sees.
+
+    Emphasis delimiters are dropped where they open or close a word instead of
+    being matched in pairs, which keeps the work linear on any input.
+    """
+    text = re.sub(r"!?\[([^\[\]]{0,300})\]\([^()\s]{0,1000}\)", r"\1", text.replace("`", ""))
+    text = re.sub(r"(?<!\w)(?:\*+|_+|~~)(?=\S)|(?<=\S)(?:\*+|_+|~~)(?!\w)", "", text)
+    return " ".join(text.split())
+
+
+def _heading(line: str) -> tuple[int, str] | None:
+    """(level, title without numbering) of an ATX heading, else None."""
+    match = _HEADING_RE.match(line)
+    if not match:
+        return None
+    title = match.group(2).rstrip(" \t")
+    bare = title.rstrip("#")
+    if bare != title and (not bare or bare[-1] in " \t"):  # an optional closing "##"
+        title = bare
+    return len(match.group(1)), _SECTION_NUMBER_RE.sub("", _plain(title))
+
+
+def _section(lines: list[str], start: int) -> list[str]:
+    """The heading at ``start`` and everything up to the next heading of the same or a higher level."""
+    level = _heading(lines[start])[0]  # type: ignore[index]
+    end = start + 1
+    while end < len(lines) and not ((h := _heading(lines[end])) and h[0] <= level):
+        end += 1
+    return lines[start:end]
+
+
+def _root_cause_section(lines: list[str]) -> tuple[str, list[str]] | None:
+    for index, line in enumerate(lines):
+        heading = _heading(line)
+        if heading and _ROOT_CAUSE_KEY_RE.match(heading[1]):
+            section = _section(lines, index)
+            found = _first_hypothesis(section[1:])
+            if found:
+                return found
+            value = _table_entry(section[1:], _CAUSE_KEY_RE)
+            text = value[0] if value else _first_paragraph(section[1:])
+            if text:
+                return text, section
+    return None
+
+
+def _first_hypothesis(lines: list[str]) -> tuple[str, list[str]] | None:
+    """The top-ranked hypothesis (H1): its statement, or else its name."""
+    for index, line in enumerate(lines):
+        heading = _heading(line)
+        title = heading[1] if heading else _plain(_LIST_MARK_RE.sub("", line, count=1))
+        if not _FIRST_HYPOTHESIS_RE.match(title):
+            continue
+        block = _section(lines, index) if heading else _hypothesis_lines(lines, index)
+        for candidate in block[1:]:
+            text = _plain(_LIST_MARK_RE.sub("", candidate, count=1))
+            if re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
+                return _root_cause_text(text), block
+        name = _root_cause_text(_FIRST_HYPOTHESIS_RE.sub("", title, count=1))
+        if name:
+            return name, block
+    return None
+
+
+def _hypothesis_lines(lines: list[str], start: int) -> list[str]:
+    """A hypothesis written as a bold line ("**H1: ...**"): it runs to the next heading or H-line."""
+    end = start + 1
+    while end < len(lines) and not (_heading(lines[end]) or re.match(
+            r"^\W*H\d\b", _plain(_LIST_MARK_RE.sub("", lines[end], count=1)))):
+        end += 1
+    return lines[start:end]
+
+
+def _table_entry(lines: list[str], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
+    """The value a table gives for ``key``: in a Field | Value row, or under a column headed ``key``."""
+    for table in _tables(lines):
+        header, rows = table
+        for row in rows:
+            if len(row) >= 2 and key.match(_plain(row[0])) and _plain(row[1]):
+                return _root_cause_text(row[1]), [" | ".join(row)]
+        if header is None:
+            continue
+        vertical = bool(_BOLD_CELL_RE.match(header[0]) or (rows and _BOLD_CELL_RE.match(rows[0][0])))
+        if vertical and len(header) >= 2 and key.match(_plain(header[0])) and _plain(header[1]):
+            return _root_cause_text(header[1]), [" | ".join(header)]
+        for column, title in enumerate(header):
+            if not vertical and key.match(_plain(title)) and rows and column < len(rows[0]):
+                return _root_cause_text(rows[0][column]), [title + ": " + rows[0][column]]
+    return None
+
+
+def _tables(lines: list[str]) -> Iterator[tuple[list[str] | None, list[list[str]]]]:
+    """Each pipe table as (header cells or None, body rows of cells)."""
+    block: list[list[str]] = []
+    for line in [*lines, ""]:
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            block.append([cell.strip() for cell in re.split(r"(?<!\\)\|", stripped.strip("|"))])
+            continue
+        if block:
+            if len(block) >= 2 and all(_TABLE_RULE_RE.match(c) for c in block[1] if c):
+                yield block[0], block[2:]
+            else:
+                yield None, block
+            block = []
+
+
+def _inline_root_cause(lines: list[str]) -> tuple[str, list[str]] | None:
+    for line in lines:
+        if _heading(line) or line.lstrip().startswith("|"):
+            continue
+        match = _INLINE_ROOT_CAUSE_RE.match(_plain(_LIST_MARK_RE.sub("", line, count=1)))
+        if match and _root_cause_text(match.group(1)):
+            return _root_cause_text(match.group(1)), [line]
+    return None
+
+
+def _primary_hypothesis(lines: list[str]) -> tuple[str, list[str]] | None:
+    for index, line in enumerate(lines):
+        heading = _heading(line)
+        if heading and _PRIMARY_HYPOTHESIS_RE.match(heading[1]):
+            section = _section(lines, index)
+            text = _first_paragraph(section[1:])
+            if text:
+                return text, section
+    return None
+
+
+def _first_paragraph(lines: list[str]) -> str:
+    """The first paragraph of prose (or first list item), skipping labels and confidence lines."""
+    collected: list[str] = []
+    for line in lines:
+        structural = (not line.strip() or _heading(line) or line.lstrip().startswith("|")
+                      or re.match(r"^\s*(?:[-*_]\s*){3,}$", line) or line.lstrip().startswith("<"))
+        text = _plain(_LIST_MARK_RE.sub("", line, count=1))
+        if structural:
+            if collected:
+                break
+            continue
+        if _CONFIDENCE_KEY_RE.match(text) or (text.endswith(":") and len(text) <= 40):
+            if collected:
+                break
+            continue
+        is_item = bool(re.match(r"^\s*(?:[-*+]|\d+[.)])\s+", line))
+        if collected and is_item:
+            break
+        collected.append(text)
+        if is_item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
+            break
+    return _root_cause_text(" ".join(collected))
+
+
+def _root_cause_text(text: str) -> str:
+    """Plain one-line text without labels or a trailing confidence, cut to a readable length."""
+    text = _LABEL_PREFIX_RE.sub("", _plain(text))
+    without = _CONFIDENCE_CLAUSE_RE.sub("", text).strip(" -—–:|")
+    text = without or text
+    if len(text) > ROOT_CAUSE_MAX_CHARS:
+        text = text[:ROOT_CAUSE_MAX_CHARS - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
+    return text
+
+
+def _level_in(lines: Iterable[str]) -> str:
+    """The first confidence level stated on a line that mentions confidence, or ''."""
+    for line in lines:
+        level = _level_near_confidence(line)
+        if level:
+            return level
+    return ""
+
+
+def _level_of(found: tuple[str, list[str]] | None) -> str:
+    if not found:
+        return ""
+    match = _LEVEL_RE.search(found[0])
+    return match.group(1).upper() if match else ""
+
+
+def _level_near_confidence(line: str) -> str:
+    """HIGH, MEDIUM or LOW right after "confidence" (or right before it: "HIGH confidence")."""
+    text = _plain(line)
+    for keyword in _CONFIDENCE_WORD_RE.finditer(text):
+        level = (_LEVEL_AFTER_RE.match(text, keyword.end())
+                 or _LEVEL_BEFORE_RE.search(text, 0, keyword.start()))
+        if level:
+            return level.group(1).upper()
+    return ""
+
+
+# -- HTML ---------------------------------------------------------------------------
+
+_REPORT_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; \
+img-src 'self' https:; base-uri 'none'; form-action 'none'">
+<meta name="referrer" content="no-referrer">
+<title>Investigation Report - {incident_id}</title>
+<style>
+  body { margin: 0; padding: 24px 12px; background: #f4f6f9; color: #1f2933;
+         font: 15px/1.6 -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
+  .container { max-width: 900px; margin: 0 auto; background: #fff; border-radius: 10px;
+               box-shadow: 0 2px 10px rgba(0, 0, 0, 0.08); overflow: hidden; }
+  .header { background: linear-gradient(135deg, #1e3a8a, #2563eb); color: #fff; padding: 24px 32px; }
+  .header h1 { margin: 8px 0 0; font-size: 26px; }
+  .badge { display: inline-block; background: rgba(255, 255, 255, 0.18); border-radius: 999px;
+           padding: 3px 12px; font-size: 13px; font-family: SFMono-Regular, Menlo, Consolas, monospace; }
+  .content { padding: 24px 32px; overflow-wrap: break-word; }
+  h2 { color: #1e3a8a; border-bottom: 2px solid #2563eb; padding-bottom: 4px; margin-top: 32px; }
+  h3 { color: #1f2933; margin-top: 24px; }
+  a { color: #2563eb; }
+  code { background: #f1f3f5; border-radius: 4px; padding: 1px 5px;
+         font: 13px SFMono-Regular, Menlo, Consolas, monospace; }
+  pre { background: #1f2933; color: #e4e7eb; border-radius: 6px; padding: 14px; overflow-x: auto; }
+  pre code { background: none; color: inherit; padding: 0; }
+  table { border-collapse: collapse; width: 100%; margin: 16px 0; font-size: 14px; }
+  th, td { border: 1px solid #d9dee4; padding: 6px 10px; text-align: left; vertical-align: top; }
+  th { background: #eef2f7; }
+  tr:nth-child(even) td { background: #fafbfc; }
+  blockquote { margin: 16px 0; padding: 6px 16px; border-left: 4px solid #2563eb; background: #f5f8ff;
+               color: #3e4c59; }
+  .footer { padding: 14px 32px; border-top: 1px solid #e4e7eb; color: #7b8794; font-size: 13px;
+            text-align: center; }
+</style>
+</head>
+<body>
+<div class="container">
+<header class="header">
+<span class="badge">Incident ID: {incident_id}</span>
+<h1>🔍 Kubernetes Incident Investigation</h1>
+</header>
+<main class="content">
+{body}</main>
+<footer class="footer">Generated by Nightcrier</footer>
+</div>
+</body>
+</html>
+"""
+
+
+def render_report_html(markdown: str, incident_id: str) -> str:
+    """The report as a standalone HTML page in the Go original's layout, safe to open in a browser.
+
+    The report is written by a model that read cluster data, so it is
+    untrusted: raw HTML in it is shown as text, links and images may only use
+    http(s), mailto or relative URLs (``javascript:`` and ``data:`` links stay
+    plain text), links open in a new tab without a referrer, and the page's
+    Content-Security-Policy forbids scripts should anything slip through.
+    Single newlines inside a paragraph are kept as line breaks, so that
+    ``**Key:** value`` lines do not run together.
+    """
+    import html
+    before, after = _REPORT_PAGE.split("{body}")
+    return (before.replace("{incident_id}", html.escape(incident_id, quote=True))
+            + _markdown_renderer().render(markdown) + after)
+
+
+def _markdown_renderer() -> Any:
+    """A new CommonMark parser with tables and strikethrough, raw HTML off and unsafe links refused."""
+    from markdown_it import MarkdownIt
+    md = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
+    default_validate = md.validateLink
+
+    def validate_link(url: str) -> bool:
+        scheme = urllib.parse.urlsplit(url.strip()).scheme.lower() if ":" in url else ""
+        return default_validate(url) and (not scheme or scheme in SAFE_LINK_SCHEMES)
+
+    def link_open(renderer: Any, tokens: list[Any], idx: int, options: Any, env: Any) -> str:
+        tokens[idx].attrSet("target", "_blank")
+        tokens[idx].attrSet("rel", "noopener noreferrer")
+        return renderer.renderToken(tokens, idx, options, env)
+
+    md.validateLink = validate_link
+    md.add_render_rule("link_open", link_open)
+    return md
+
+
+def publish_report(markdown: str, incident_id: str, workspace: str) -> str:
+    """Render the report and write it as ``<workspace>/investigation.html`` (0600); returns the HTML.
+
+    A failed write is logged, not raised: the HTML still goes to the database.
+    """
+    page = render_report_html(markdown, incident_id)
+    try:
+        write_private(os.path.join(workspace, REPORT_HTML_NAME), page)
+    except OSError as exc:
+        log_event(logging.ERROR, "cannot write the HTML report", incident_id=incident_id, error=str(exc))
+    return page
+
+
+# -- Slack messages -----------------------------------------------------------------
+
+
+def go_duration(seconds: float) -> str:
+    """A duration rounded to seconds in Go's notation: 4m12s, 1h0m5s, 0s."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def report_url(base_url: str, incident_id: str) -> str | None:
+    """``<base_url>/<incident_id>/investigation.html``, or None unless that is an http(s) URL."""
+    parts = urllib.parse.urlsplit(base_url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    url = f"{base_url.strip().rstrip('/')}/{urllib.parse.quote(incident_id, safe='')}/{REPORT_HTML_NAME}"
+    return url if len(url) <= SLACK_TEXT_LIMIT else None
+
+
+def _slack_escape(text: str) -> str:
+    """Text as Slack mrkdwn shows it literally: no <!channel> pings, no <url|disguised> links."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return re.sub(r"&[a-z]{0,3}$", "", text[:limit - 1]) + "…"
+
+
+def _mrkdwn(text: str, limit: int = SLACK_TEXT_LIMIT) -> dict[str, str]:
+    return {"type": "mrkdwn", "text": _clip(text, limit)}
+
+
+def _fields(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    return {"type": "section", "fields": [_mrkdwn(f"*{name}:*\n{_slack_escape(value)}", SLACK_FIELD_LIMIT)
+                                          for name, value in pairs]}
+
+
+def _context(text: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [_mrkdwn(text)]}
+
+
+def _slack_message(title: str, blocks: list[dict[str, Any]], color: str, footer: str) -> dict[str, Any]:
+    """Header plus blocks, cut to Slack's block limit, with the legacy attachment for the colour bar."""
+    header = {"type": "header", "text": {"type": "plain_text", "text": _clip(title, SLACK_HEADER_LIMIT)}}
+    return {"text": _clip(title, SLACK_TEXT_LIMIT), "blocks": [header, *blocks][:SLACK_MAX_BLOCKS],
+            "attachments": [{"color": color, "footer": _clip(footer, SLACK_TEXT_LIMIT)}]}
+
+
+def incident_message(incident: Incident, summary: ReportSummary, url: str | None) -> dict[str, Any]:
+    """The notification of a resolved or failed incident, in the Go original's layout.
+
+    Every value that came from the cluster or the agent is escaped for mrkdwn
+    and every text is cut to Slack's limits. The "View Report" button appears
+    only for an http(s) ``url``; no local path is ever sent.
+    """
+    resolved = incident.status == RESOLVED
+    started = incident.started_at or incident.created_at
+    ended = incident.completed_at or incident.updated_at
+    duration = (ended - started).total_seconds() if started and ended else 0.0
+    blocks = [
+        _fields([("Cluster", incident.cluster), ("Namespace", incident.resource_namespace or "N/A"),
+                 ("Resource", f"{incident.resource_kind or 'Unknown'}/{incident.resource_name or 'Unknown'}"),
+                 ("Reason", incident.fault_type)]),
+        {"type": "section", "text": _mrkdwn(f"*Root Cause ({summary.confidence} confidence):*\n"
+                                            + _slack_escape(summary.root_cause))},
+        _context(f"Incident ID: `{_slack_escape(incident.incident_id)}` | Duration: {go_duration(duration)}"),
+    ]
+    if url:
+        blocks.append({"type": "actions", "elements": [
+            {"type": "button", "text": {"type": "plain_text", "text": "View Report"}, "url": url}]})
+    footer = "Report: see button above" if url else f"Report: stored with incident {incident.incident_id}"
+    return _slack_message("Kubernetes Incident Triage " + (":white_check_mark:" if resolved else ":x:"),
+                          blocks, "good" if resolved else "danger", footer)
+
+
+def degraded_alert(stats: BreakerStats, shown: int = FAILURE_REASONS_SHOWN) -> dict[str, Any]:
+    """The Go original's "AI Agent System Degraded" alert."""
+    reasons = "\n".join(f"• {_clip(_slack_escape(r), 500)}" for r in stats.reasons[-shown:])
+    window = go_duration(stats.window) if stats.window >= 0.5 else "N/A"
+    blocks = [
+        _fields([("Failure Count", str(stats.count)), ("Time Window", window)]),
+        {"type": "section", "text": _mrkdwn(f"*Sample Failure Reasons (last {shown}):*\n"
+                                            + (reasons or "No failure details available"))},
+        _context(f"First failure: {_clock(stats.first_failure)} | "
+                 f"Last failure: {_clock(stats.last_failure)}"),
+    ]
+    return _slack_message("AI Agent System Degraded", blocks, "warning",
+                          "System degradation threshold reached. AI agent may be experiencing issues.")
+
+
+def recovered_alert(stats: BreakerStats) -> dict[str, Any]:
+    """The Go original's "AI Agent System Recovered" alert; downtime runs until the recovery."""
+    downtime = go_duration(stats.downtime) if stats.downtime >= 0.5 else "N/A"
+    blocks = [_fields([("Total Downtime", downtime), ("Total Failures", str(stats.count))]),
+              _context("System has returned to healthy state. All agents operating normally.")]
+    return _slack_message("AI Agent System Recovered", blocks, "good",
+                          "System recovery detected. AI agent system is now healthy.")
+
+
+def _clock(moment: dt.datetime | None) -> str:
+    return moment.astimezone().strftime("%H:%M:%S") if moment else "N/A"
+
+
+# -- circuit breaker ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakerStats:
+    """One episode of consecutive agent failures, as the alerts report it."""
+
+    count: int
+    first_failure: dt.datetime | None
+    last_failure: dt.datetime | None
+    reasons: tuple[str, ...]
+    recovered_at: dt.datetime | None = None
+
+    @property
+    def window(self) -> float:
+        """Seconds from the first to the last failure."""
+        if self.first_failure is None or self.last_failure is None:
+            return 0.0
+        return max(0.0, (self.last_failure - self.first_failure).total_seconds())
+
+    @property
+    def downtime(self) -> float:
+        """Seconds from the first failure to the recovery (to the last failure while not recovered)."""
+        end = self.recovered_at or self.last_failure
+        if self.first_failure is None or end is None:
+            return 0.0
+        return max(0.0, (end - self.first_failure).total_seconds())
+
+
+class CircuitBreaker:
+    """Counts consecutive agent failures and decides when Slack hears about them.
+
+    It never blocks an agent; it only throttles alerts. :meth:`record_failure`
+    returns the episode's stats exactly once per episode, when the count
+    reaches ``threshold`` (values below 1 mean 3); :meth:`record_success` ends
+    the episode and returns its stats -- downtime measured to the recovery --
+    only if the degraded alert went out. The last ``max_reasons`` failure
+    reasons are kept. Not thread-safe: only the notifier thread uses it.
+    """
+
+    def __init__(self, threshold: int, max_reasons: int = FAILURE_REASONS_TRACKED):
+        self.threshold = threshold if threshold > 0 else 3
+        self._reasons: deque[str] = deque(maxlen=max_reasons)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = 0
+        self.first_failure: dt.datetime | None = None
+        self.last_failure: dt.datetime | None = None
+        self.alerted = False
+        self._reasons.clear()
+
+    @property
+    def is_open(self) -> bool:
+        return self.count >= self.threshold
+
+    def stats(self, recovered_at: dt.datetime | None = None) -> BreakerStats:
+        return BreakerStats(self.count, self.first_failure, self.last_failure, tuple(self._reasons),
+                            recovered_at)
+
+    def record_failure(self, reason: str, at: dt.datetime | None = None) -> BreakerStats | None:
+        """Count one failed agent run; the stats if the degraded alert is due now, else None."""
+        at = at or utcnow()
+        # Incidents finish on several workers, so their times can arrive slightly out of order.
+        self.first_failure = min(self.first_failure, at) if self.first_failure else at
+        self.last_failure = max(self.last_failure, at) if self.last_failure else at
+        self.count += 1
+        self._reasons.append(reason)
+        if self.is_open and not self.alerted:
+            self.alerted = True
+            return self.stats()
+        return None
+
+    def record_success(self, at: dt.datetime | None = None) -> BreakerStats | None:
+        """End the episode; its stats if a degraded alert went out (a recovery alert is due), else None."""
+        stats = self.stats(recovered_at=at or utcnow()) if self.alerted and self.count else None
+        self._reset()
+        return stats
+
+
+# -- notifier -----------------------------------------------------------------------
+
+_STOP = object()
+
+
+class SlackNotifier(threading.Thread):
+    """Tells Slack about finished incidents and about the health of the agents.
+
+    :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
+    worker threads, it only queues the incident and never blocks or raises.
+    This thread does the rest, one message at a time: ``resolved`` and
+    ``failed`` incidents get a notification with the report's summary (read
+    from the store); ``agent_failed`` ones feed the :class:`CircuitBreaker`
+    instead, which raises the degraded and recovered alerts when
+    ``notify_on_agent_failure`` is on; ``skipped`` ones are ignored.
+
+    A delivery is retried with exponential backoff on timeouts, connection
+    errors and 5xx answers, after ``Retry-After`` on 429, and not at all on
+    other 4xx answers; after ``slack_max_attempts`` it is given up with an
+    error log. The webhook URL is a secret and never appears in a log line.
+    Any error is logged and the thread carries on. :meth:`stop` delivers what
+    is queued, waiting a bounded time.
+    """
+
+    def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None, *,
+                 retry_initial: float = 0.5, retry_max: float = 30.0):
+        super().__init__(name="slack-notifier", daemon=True)
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.breaker = CircuitBreaker(config.failure_threshold_for_alert)
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        import queue
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._abort = threading.Event()
+        self._session: Any = None
+
+    def enqueue(self, incident: Incident, summary: ReportSummary | None = None) -> None:
+        """Queue a finished incident; ``summary`` overrides the one read from its stored report."""
+        self._queue.put((incident, summary))
+
+    def stop(self, timeout: float = SLACK_DRAIN_SECONDS) -> None:
+        """Deliver what is queued within ``timeout`` seconds, then drop the rest and end the thread."""
+        if not self.is_alive():
+            return
+        self._queue.put(_STOP)
+        self.join(timeout)
+        if self.is_alive():
+            log_event(logging.WARNING, "slack notifier out of time, dropping undelivered messages",
+                      pending=self._queue.qsize())
+            self._abort.set()
+            self.join(self.config.slack_timeout_seconds + 5)
+
+    def run(self) -> None:
+        import requests
+        self._session = requests.Session()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                if self._abort.is_set():
+                    continue
+                try:
+                    self._handle(*item)
+                except Exception as exc:  # one bad message must not end the notifier
+                    import traceback
+                    # Exception texts may quote the webhook URL, so even the traceback is scrubbed.
+                    log_event(logging.ERROR, "slack notifier error", error=self._scrub(_short_error(exc)),
+                              traceback=self._scrub(traceback.format_exc()))
+        finally:
+            self._session.close()
+
+    def _handle(self, incident: Incident, summary: ReportSummary | None) -> None:
+        at = incident.completed_at or utcnow()
+        if incident.status == AGENT_FAILED:
+            log_event(logging.INFO, "skipping slack notification due to agent failure",
+                      incident_id=incident.incident_id, note="the circuit breaker aggregates agent failures")
+            stats = self.breaker.record_failure(incident.failure_reason or "unknown failure", at)
+            if stats:
+                log_event(logging.WARNING, "agent failures reached the alert threshold", failures=stats.count)
+                if self.config.notify_on_agent_failure:
+                    self.send(degraded_alert(stats), "degraded alert")
+            return
+        if incident.status not in (RESOLVED, FAILED):
+            return
+        has_report = summary is not None
+        if summary is None:
+            summary, has_report = self._stored_summary(incident)
+        url = report_url(self.config.report_base_url, incident.incident_id) if has_report else None
+        self.send(incident_message(incident, summary, url), "incident notification",
+                  incident_id=incident.incident_id)
+        if incident.status == RESOLVED:
+            stats = self.breaker.record_success(at)
+            if stats:
+                log_event(logging.INFO, "agents recovered", failures=stats.count,
+                          downtime=go_duration(stats.downtime))
+                if self.config.notify_on_agent_failure:
+                    self.send(recovered_alert(stats), "recovery alert")
+
+    def _stored_summary(self, incident: Incident) -> tuple[ReportSummary, bool]:
+        try:
+            report = self.store.get_report(incident.incident_id)
+        except StoreError as exc:
+            log_event(logging.WARNING, "cannot read the report for slack", incident_id=incident.incident_id,
+                      error=str(exc))
+            return ReportSummary(), False
+        if report is None:
+            return ReportSummary("Triage ended without a report" if incident.status == FAILED
+                                 else SUMMARY_FALLBACK), False
+        return summarize_report(report.report_markdown), report.report_html is not None
+
+    def send(self, message: dict[str, Any], what: str, **fields: Any) -> bool:
+        """Post one message, retrying as the class describes; True once Slack accepted it."""
+        backoff = Backoff(self.retry_initial, self.retry_max)
+        attempts = max(1, self.config.slack_max_attempts)
+        log_event(logging.INFO, "sending slack notification", what=what, **fields)
+        error = ""
+        for attempt in range(1, attempts + 1):
+            error, retry_in = self._post(message, backoff)
+            if not error:
+                self._count("slack_sent")
+                log_event(logging.INFO, "slack notification sent", what=what, attempt=attempt, **fields)
+                return True
+            if retry_in is None or attempt == attempts:
+                break
+            log_event(logging.WARNING, "slack notification failed, retrying", what=what, attempt=attempt,
+                      error=error, retry_in=round(retry_in, 2), **fields)
+            if self._abort.wait(retry_in):
+                break
+        self._count("slack_failed")
+        log_event(logging.ERROR, "failed to send slack notification", what=what, attempts=attempt,
+                  error=error, **fields)
+        return False
+
+    def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None]:
+        """One POST: ('', None) when accepted, else (error, seconds to wait before retrying or None)."""
+        import requests
+        try:
+            response = self._session.post(self.config.slack_webhook_url, json=message,
+                                          timeout=self.config.slack_timeout_seconds, allow_redirects=False)
+        except requests.Timeout:
+            return f"timed out after {self.config.slack_timeout_seconds:g} s", backoff.next()
+        except requests.ConnectionError as exc:
+            return self._scrub(_short_error(exc)), backoff.next()
+        except requests.RequestException as exc:
+            return self._scrub(_short_error(exc)), None
+        if 200 <= response.status_code < 300:
+            return "", None
+        error = self._scrub(f"slack webhook returned status {response.status_code}: "
+                            + " ".join(response.text.split())[:200])
+        if response.status_code == 429:
+            return error, _retry_after(response.headers.get("Retry-After")) or backoff.next()
+        return error, backoff.next() if response.status_code >= 500 else None
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the webhook URL or its path, which are the secret."""
+        url = self.config.slack_webhook_url
+        # Split by hand: urlsplit raises on malformed URLs, and those must be masked too.
+        after_scheme = url.split("://", 1)[-1]
+        path = after_scheme[after_scheme.find("/"):] if "/" in after_scheme else ""
+        for secret in (url, path, path.split("?", 1)[0]):
+            if len(secret) > 1:
+                text = text.replace(secret, SECRET_MASK)
+        return text
+
+    def _count(self, key: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(key)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header (delta-seconds form), capped; None when absent or unusable."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return min(seconds, SLACK_MAX_RETRY_AFTER) if seconds >= 0 else None
+
 
 ###############################################################################
 # Ops ##########################################################################
@@ -3534,6 +4440,8 @@ class Metrics:
         "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
                             ("cluster",)),
         "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
+        "slack_sent": ("nightcrier_slack_messages_sent_total", "Slack messages delivered", ()),
+        "slack_failed": ("nightcrier_slack_messages_failed_total", "Slack messages given up on", ()),
     }
 
     def __init__(self) -> None:
@@ -3656,7 +4564,8 @@ def _json_body(data: Any) -> bytes:
 
 
 def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mapping[str, dict[str, Any]],
-                            runner: Mapping[str, Any]) -> dict[str, Any]:
+                            runner: Mapping[str, Any], owners: Mapping[str, str] | None = None
+                            ) -> dict[str, Any]:
     """``/health/clusters``: the Go original's fields (omitting empty ones, as it did) plus ours."""
     clusters = []
     for health in sorted(healths, key=lambda h: h.name):
@@ -3674,12 +4583,15 @@ def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mappi
             entry["last_event"] = health.last_event
         if health.gap_started and health.status != ACTIVE:
             entry["unwatched_since"] = health.gap_started
+        if owners and health.name in owners:
+            entry["owner"] = owners[health.name]
         if health.name in permissions:
             entry["permissions"] = permissions[health.name]
             entry["degraded"] = bool(permissions[health.name].get("error"))
         clusters.append(entry)
     return {"clusters": clusters, "runner": dict(runner), "summary": {
         "total": len(clusters), "active": sum(c["status"] == ACTIVE for c in clusters),
+        "standby": sum(c["status"] == STANDBY for c in clusters),
         "unhealthy": sum(c["status"] in (FAILED_STATE, DISCONNECTED) for c in clusters),
         "triage_enabled": sum(c["triage_enabled"] for c in clusters)}}
 
@@ -3863,23 +4775,36 @@ class Service:
                                Spool(os.path.join(config.workspace_root, "spool")), self.metrics)
         skipped = [c.name for c in config.clusters if not c.triage.enabled]
         self.writer = IngestWriter(self.store, self.sink, skipped, self.work_available, self.metrics)
-        self.listeners = [ClusterListener(c, config, self.sink, self.metrics) for c in config.clusters]
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        self.ownership = ClusterOwnership(config, self.instance, on_change=self._ownership_changed)
+        self.listeners = [ClusterListener(c, config, self.sink, self.metrics, owns=self.ownership.owns)
+                          for c in config.clusters]
         runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
                   else ProcessRunner())
         self.permissions = PermissionChecker(config)
+        self.notifier = (SlackNotifier(config, self.store, self.metrics) if config.slack_webhook_url
+                         else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
-                                     self.instance, permissions=self.permissions.results)
+                                     self.instance, permissions=self.permissions.results,
+                                     on_finished=self.notifier.enqueue if self.notifier else None)
         self.health_server = (HealthServer(config.health_bind, config.health_port,
                                            clusters=self.cluster_health, readiness=self.readiness,
                                            metrics=self.metrics_text)
                               if config.health_port else None)
+        self._stop_watching = threading.Event()
+        # Work announced by other processes sharing the database wakes this dispatcher too.
+        self._watcher = threading.Thread(target=self.store.watch_for_work, daemon=True, name="work-watch",
+                                         args=(self.work_available.set, self._stop_watching))
         self._stopped = False
 
     def start(self) -> Service:
         self.writer.start()
+        if self.notifier is not None:
+            self.notifier.start()
         self.dispatcher.start()
+        self._watcher.start()
         self.permissions.start()
+        self.ownership.start()
         for listener in self.listeners:
             listener.start()
         if self.health_server is not None:
@@ -3894,7 +4819,12 @@ class Service:
     def cluster_health(self) -> dict[str, Any]:
         runner = {"name": self.dispatcher.runner.name, "available": not self.dispatcher.runner_error,
                   "error": self.dispatcher.runner_error}
-        return cluster_health_document(self.health(), self.permissions.results(), runner)
+        return cluster_health_document(self.health(), self.permissions.results(), runner,
+                                       self.ownership.owners())
+
+    def _ownership_changed(self) -> None:
+        for listener in self.listeners:
+            listener.wake()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         try:
@@ -3902,8 +4832,11 @@ class Service:
             database = "ok"
         except StoreError as exc:
             database = f"unavailable: {exc}"
-        active = sum(h.status == ACTIVE for h in self.health())
-        return database == "ok" and active > 0, {"database": database, "active_clusters": active}
+        healths = self.health()
+        active = sum(h.status == ACTIVE for h in healths)
+        # A replica whose clusters are all held by others is ready: it stands by on purpose.
+        watching = active > 0 or (bool(healths) and all(h.status == STANDBY for h in healths))
+        return database == "ok" and watching, {"database": database, "active_clusters": active}
 
     def metrics_text(self) -> bytes:
         """Gauges read at scrape time, then the registry in the Prometheus text format."""
@@ -3923,12 +4856,16 @@ class Service:
         if self.health_server is not None:
             self.health_server.shutting_down = True
         self.permissions.stop()
+        self._stop_watching.set()
         for listener in self.listeners:
             listener.stop()
         for listener in self.listeners:
             listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
+        self.ownership.stop()  # only now: the sessions it guarded are deleted
         self.writer.stop()
         self.dispatcher.stop()
+        if self.notifier is not None:
+            self.notifier.stop()  # after the dispatcher: the last incidents' messages are queued by then
         if self.health_server is not None:
             self.health_server.stop()
         self.store.close()

@@ -92,7 +92,9 @@ def test_a_good_report_resolves_and_the_workspace_is_complete(
         assert directory.stat().st_mode & 0o777 == 0o700
     for name in ("incident.json", "prompt-sent.md", "logs/agent-stdout.log"):
         assert (ws / name).stat().st_mode & 0o777 == 0o600, name
-    document = json.loads((ws / "incident.json").read_text())
+    # incident.json is rewritten just after the database records the final status.
+    document = wait_for(lambda: (d := json.loads((ws / "incident.json").read_text()))["status"] == "resolved"
+                        and d, what="incident.json to show the final status")
     assert document["incidentId"] == incident.incident_id and document["status"] == "resolved"
     assert document["cluster"] == "c1" and document["faultType"] == "CrashLoop"
     assert document["resource"] == {"apiVersion": "v1", "kind": "Pod", "name": "api-7f8b9c",
