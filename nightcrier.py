@@ -3024,7 +3024,8 @@ class ProcessRunner:
 
     The process gets its own process group, the environment variables
     ``INCIDENT_ID``, ``WORKSPACE_DIR``, ``CLUSTER_NAME``, ``KUBECONFIG``,
-    ``AGENT_MODEL``, ``PROMPT_FILE`` and the API keys, and writes stdout and
+    ``AGENT_MODEL``, ``PROMPT_FILE``, ``NIGHTCRIER_INSTANCE`` (the process
+    running it) and the API keys, and writes stdout and
     stderr straight into the workspace's log files. At the deadline, or when
     cancelled, the whole group gets SIGTERM, then SIGKILL after a grace period.
     Called from worker threads; holds no state between runs.
@@ -3573,6 +3574,7 @@ class Dispatcher(threading.Thread):
             env={"INCIDENT_ID": incident.incident_id, "WORKSPACE_DIR": workspace,
                  "CLUSTER_NAME": incident.cluster, "AGENT_MODEL": config.agent_model,
                  "PROMPT_FILE": os.path.join(workspace, "prompt-sent.md"),
+                 "NIGHTCRIER_INSTANCE": self.instance,
                  **({"KUBECONFIG": os.path.abspath(cluster.triage.kubeconfig)}
                     if cluster and cluster.triage.kubeconfig else {}),
                  **config.api_keys()},

@@ -162,3 +162,59 @@ def store_incidents(url: str) -> list[nc.Incident]:
         return store.list_incidents(nc.IncidentFilter(limit=1000))
     finally:
         store.close()
+
+
+def test_2000_faults_over_three_processes_each_run_once(tmp_path: Path, servers: list[McpTestServer],
+                                                        postgres_schema_url: str) -> None:
+    """Every process claims from the shared queue: each incident runs once, never two at a time on
+    a cluster, and no process runs more than its own max_concurrent_agents."""
+    runs = tmp_path / "runs.log"
+    # One short line per run, appended with O_APPEND, so concurrent agents never interleave.
+    agent = (f'start=$(date +%s.%N); {AGENT.replace("sleep 0.2; ", "")}; '
+             f'echo "$NIGHTCRIER_INSTANCE $CLUSTER_NAME $INCIDENT_ID $start $(date +%s.%N)" >> {runs}')
+    caps = (1, 2, 3)
+    configs = [write_config(tmp_path, f"q{n}", servers, postgres_schema_url, max_concurrent_agents=cap,
+                            agent_command=["sh", "-c", agent], global_queue_size=5000)
+               for n, cap in enumerate(caps)]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(c)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in configs]
+    store = nc.PostgresStore(postgres_schema_url)
+    try:
+        wait_for(lambda: subscribed_everywhere(servers), timeout=30, what="all six clusters watched")
+        for k in range(2000 // len(servers) + 1):
+            for n, server in enumerate(servers):
+                if k * len(servers) + n < 2000:
+                    server.emit(make_fault(name=f"storm-{n}-{k}"))
+        wait_for(lambda: store.count_by_status()[nc.RESOLVED] == 2000, timeout=300, what="2000 resolved")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+        store.close()
+
+    lines = [line.split() for line in runs.read_text().splitlines()]
+    assert len(lines) == 2000 and len({line[2] for line in lines}) == 2000, "each incident ran exactly once"
+    by_cluster: dict[str, list[tuple[float, float]]] = {}
+    by_instance: dict[str, list[tuple[float, float]]] = {}
+    for instance, cluster, _, start, end in lines:
+        by_cluster.setdefault(cluster, []).append((float(start), float(end)))
+        by_instance.setdefault(instance, []).append((float(start), float(end)))
+    for cluster, spans in by_cluster.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert end <= start, f"two agents ran at once on {cluster}"
+    assert len(by_instance) == 3, "every process took work"
+    cap_of = {proc.pid: cap for proc, cap in zip(procs, caps, strict=True)}
+    for instance, spans in by_instance.items():
+        cap = cap_of[int(instance.split(":")[1])]
+        assert max_overlap(spans) <= cap, f"{instance} ran more than {cap} agents at once"
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    running = peak = 0
+    for _, delta in edges:
+        running += delta
+        peak = max(peak, running)
+    return peak
