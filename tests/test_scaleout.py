@@ -129,6 +129,8 @@ def test_three_processes_sigkill_one_and_restart_it(tmp_path: Path, servers: lis
         for n, server in enumerate(servers):
             for k in range(3):
                 server.emit(make_fault(name=f"before-{n}-{k}"))
+        # Stored first: what a process holds in memory when it is SIGKILLed is gone with it.
+        wait_for(lambda: sum(store.count_by_status().values()) == 18, timeout=30, what="18 incidents stored")
         wait_for(lambda: store.count_by_status()[nc.INVESTIGATING] >= 3, timeout=30, what="agents running")
         victim = procs[0]
         victim.send_signal(signal.SIGKILL)
@@ -147,13 +149,18 @@ def test_three_processes_sigkill_one_and_restart_it(tmp_path: Path, servers: lis
         wait_for(lambda: "worker started incident" in logs[0].read_text().split("nightcrier started")[-1],
                  timeout=30, what="the restarted process to take work again")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(60)
+        stop_all(procs)
         store.close()
     assert watch.stop() == 1, "never two subscriptions to one server"
     assert sum(1 for i in store_incidents(postgres_schema_url) if i.resource_name.startswith("before")) == 18
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process first, then wait: they shut down in parallel."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(60)
 
 
 def store_incidents(url: str) -> list[nc.Incident]:
@@ -187,10 +194,7 @@ def test_2000_faults_over_three_processes_each_run_once(tmp_path: Path, servers:
                     server.emit(make_fault(name=f"storm-{n}-{k}"))
         wait_for(lambda: store.count_by_status()[nc.RESOLVED] == 2000, timeout=300, what="2000 resolved")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(60)
+        stop_all(procs)
         store.close()
 
     lines = [line.split() for line in runs.read_text().splitlines()]
