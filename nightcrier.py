@@ -9,8 +9,8 @@ an AI triage agent for each one -- at most ``max_concurrent_agents`` at once and
 never two at once on the same cluster -- then stores the report and tells Slack.
 
 The database is both the record and the job queue: ingestion never waits for an
-agent, a crash loses nothing that was received, and a restart picks up where the
-previous process stopped.
+agent, a crash loses nothing that was stored or spooled, and a restart picks up
+where the previous process stopped.
 
 Usage::
 
