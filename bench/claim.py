@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ingest import drop_schema, engine_arguments, percentile, postgres_schema, quiet_logging  # noqa: E402
+from ingest import engine_arguments, engine_store, percentile, quiet_logging  # noqa: E402
 
 import nightcrier as nc  # noqa: E402
 
@@ -76,21 +74,11 @@ def main() -> None:
     quiet_logging()
     results = {}
     for engine in args.engines.split(","):
-        if engine == "sqlite":
-            store: nc.StateStore = nc.SqliteStore(os.path.join(tempfile.mkdtemp(), "claim.db"))
+        with engine_store(engine, args.postgres_url) as (_, store):
             fill(store, args)
-            results[engine] = measure(store, args.claims)
-            store.close()
-        else:
-            schema, url = postgres_schema(args.postgres_url)
-            store = nc.PostgresStore(url)
-            try:
-                fill(store, args)
+            if engine == "postgres":
                 store._execute("ANALYZE incidents")  # type: ignore[attr-defined]
-                results[engine] = measure(store, args.claims)
-            finally:
-                store.close()
-                drop_schema(args.postgres_url, schema)
+            results[engine] = measure(store, args.claims)
     print(f"claim benchmark: {args.pending} pending over {args.clusters} clusters, "
           f"{args.blocked_share:.0%} behind {args.busy_clusters} busy clusters, {args.claims} claims")
     print(f"{'engine':<10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")

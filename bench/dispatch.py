@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ingest import drop_schema, engine_arguments, percentile, postgres_schema, quiet_logging  # noqa: E402
+from ingest import engine_arguments, engine_store, percentile, quiet_logging  # noqa: E402
 
 import nightcrier as nc  # noqa: E402
 
@@ -76,19 +76,9 @@ def main() -> None:
 
     results = {}
     for engine in args.engines.split(","):
-        workdir = tempfile.mkdtemp(prefix=f"nightcrier-dispatch-{engine}-")
-        if engine == "sqlite":
-            store: nc.StateStore = nc.SqliteStore(os.path.join(workdir, "nc.db"))
-            results[engine] = measure(store, args.incidents, workdir)
-            store.close()
-        else:
-            schema, url = postgres_schema(args.postgres_url)
-            store = nc.PostgresStore(url)
-            try:
-                results[engine] = measure(store, args.incidents, workdir)
-            finally:
-                store.close()
-                drop_schema(args.postgres_url, schema)
+        with engine_store(engine, args.postgres_url) as (_, store):
+            results[engine] = measure(store, args.incidents,
+                                      tempfile.mkdtemp(prefix=f"nightcrier-dispatch-{engine}-"))
 
     print(f"dispatch benchmark: commit -> agent process start, {args.incidents} incidents, free slots")
     print(f"{'engine':<10}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")

@@ -17,6 +17,7 @@ Usage:  python bench/ingest.py [--clusters 10] [--faults 20000] [--rate 1000]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +206,29 @@ def engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", default="sqlite,postgres")
     parser.add_argument("--postgres-url", default=os.environ.get(
         "NIGHTCRIER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+
+
+@contextlib.contextmanager
+def engine_store(engine: str, postgres_url: str) -> Iterator[tuple[dict[str, object], nc.StateStore]]:
+    """A fresh, empty database of ``engine``: its storage settings and an open store on it.
+
+    SQLite gets a new file; PostgreSQL a schema of its own, dropped afterwards.
+    """
+    if engine == "sqlite":
+        path = os.path.join(tempfile.mkdtemp(prefix="nightcrier-bench-"), "bench.db")
+        store: nc.StateStore = nc.SqliteStore(path)
+        try:
+            yield {"type": "sqlite", "sqlite_path": path}, store
+        finally:
+            store.close()
+        return
+    schema, url = postgres_schema(postgres_url)
+    store = nc.PostgresStore(url)
+    try:
+        yield {"type": "postgres", "postgres_connection_string": url}, store
+    finally:
+        store.close()
+        drop_schema(postgres_url, schema)
 
 
 def quiet_logging() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.request
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleet import active_clusters, start_nightcrier, start_simulators, stop, wait
-from ingest import drop_schema, engine_arguments, postgres_schema
+from ingest import engine_arguments, engine_store
 
 import nightcrier as nc
 
@@ -66,20 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for engine in args.engines.split(","):
-        if engine == "sqlite":
-            import tempfile
-            path = os.path.join(tempfile.mkdtemp(prefix="nightcrier-storm-"), "storm.db")
-            store: nc.StateStore = nc.SqliteStore(path)
-            results[engine] = storm({"type": "sqlite", "sqlite_path": path}, store, args)
-            store.close()
-        else:
-            schema, url = postgres_schema(args.postgres_url)
-            store = nc.PostgresStore(url)
-            try:
-                results[engine] = storm({"type": "postgres", "postgres_connection_string": url}, store, args)
-            finally:
-                store.close()
-                drop_schema(args.postgres_url, schema)
+        with engine_store(engine, args.postgres_url) as (storage, store):
+            results[engine] = storm(storage, store, args)
     print(f"storm benchmark: {args.faults} faults in {args.seconds:g} s across {args.clusters} clusters")
     print(f"{'engine':<10}{'sent':>7}{'committed':>11}{'dropped':>9}{'spooled':>9}"
           f"{'all committed after':>21}")
