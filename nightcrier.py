@@ -36,6 +36,7 @@ import sqlite3
 import sys
 import threading
 import time
+import typing
 import urllib.parse
 import uuid
 import weakref
@@ -302,7 +303,7 @@ class _Key:
 
 def _scalar_keys(cls: type = Config, prefix: str = "") -> list[_Key]:
     keys: list[_Key] = []
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if "env" not in f.metadata:
             if dataclasses.is_dataclass(hints[f.name]) and f.name != "clusters":
@@ -313,11 +314,6 @@ def _scalar_keys(cls: type = Config, prefix: str = "") -> list[_Key]:
                          default, f.metadata["minimum"], f.metadata["choices"], f.metadata["secret"],
                          f.metadata["doc"]))
     return keys
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    import typing
-    return typing.get_type_hints(cls)
 
 
 SCALAR_KEYS = _scalar_keys()
@@ -981,7 +977,6 @@ def _truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n[... {len(text) - limit} more characters in the raw payload]"
 
 
-INCIDENT_COLUMNS = tuple(f.name for f in dataclasses.fields(Incident))
 EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream_cluster",
                  "received_at", "resource_api_version", "resource_kind", "resource_name",
                  "resource_namespace", "resource_uid", "fault_type", "severity", "context",
@@ -1736,8 +1731,8 @@ def _sqlite_param(value: Any) -> Any:
     return _iso(value) if isinstance(value, dt.datetime) else value
 
 
-def _insert_sql(table: str, columns: Sequence[str], key: str, mark: str = "?") -> str:
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))}) "
+def _insert_sql(table: str, columns: Sequence[str], key: str) -> str:
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
             f"ON CONFLICT ({key}) DO NOTHING")
 
 
@@ -2564,10 +2559,11 @@ class IngestWriter(threading.Thread):
                 self._degraded = True
             except StoreError as exc:
                 raw = getattr(item, "mcp_payload", "") or json.dumps(_spool_record(item), default=str)
-                self._to_spool_or_drop_rejected(RejectedNotification(
+                self._store_rejection(RejectedNotification(
                     item.cluster or "?", f"refused by the database: {exc}", raw))
 
-    def _to_spool_or_drop_rejected(self, rejected: RejectedNotification) -> None:
+    def _store_rejection(self, rejected: RejectedNotification) -> None:
+        """Keep an item the database refused as a rejection; if even that fails, log it as lost."""
         try:
             self._write([rejected])
         except StoreError:

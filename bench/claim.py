@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ingest import engine_arguments, engine_store, percentile, quiet_logging  # noqa: E402
+from ingest import engine_arguments, engine_store, print_latencies, quiet_logging  # noqa: E402
 
 import nightcrier as nc  # noqa: E402
 
@@ -81,10 +80,7 @@ def main() -> None:
             results[engine] = measure(store, args.claims)
     print(f"claim benchmark: {args.pending} pending over {args.clusters} clusters, "
           f"{args.blocked_share:.0%} behind {args.busy_clusters} busy clusters, {args.claims} claims")
-    print(f"{'engine':<10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
-    for engine, latencies in results.items():
-        print(f"{engine:<10}{statistics.median(latencies):>9.2f}{percentile(latencies, 99):>9.2f}"
-              f"{max(latencies):>9.2f}")
+    print_latencies(results, 99)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ingest import engine_arguments, engine_store, percentile, quiet_logging  # noqa: E402
+from ingest import engine_arguments, engine_store, print_latencies, quiet_logging  # noqa: E402
 
 import nightcrier as nc  # noqa: E402
 
@@ -81,10 +80,7 @@ def main() -> None:
                                       tempfile.mkdtemp(prefix=f"nightcrier-dispatch-{engine}-"))
 
     print(f"dispatch benchmark: commit -> agent process start, {args.incidents} incidents, free slots")
-    print(f"{'engine':<10}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
-    for engine, latencies in results.items():
-        print(f"{engine:<10}{statistics.median(latencies):>9.2f}{percentile(latencies, 95):>9.2f}"
-              f"{max(latencies):>9.2f}")
+    print_latencies(results, 95)
 
 
 if __name__ == "__main__":

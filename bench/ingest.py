@@ -90,6 +90,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def print_latencies(results: dict[str, list[float]], q: int) -> None:
+    """A table of median, q-th percentile and maximum milliseconds per engine."""
+    print(f"{'engine':<10}{'p50 ms':>9}{f'p{q} ms':>9}{'max ms':>9}")
+    for engine, latencies in results.items():
+        print(f"{engine:<10}{statistics.median(latencies):>9.2f}{percentile(latencies, q):>9.2f}"
+              f"{max(latencies):>9.2f}")
+
+
 def make_config(workdir: str, servers: list[dict[str, str]], storage: dict[str, object]) -> nc.Config:
     import yaml
     path = os.path.join(workdir, "config.yaml")
