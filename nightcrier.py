@@ -68,6 +68,8 @@ SECRET_MASK = "********"
 
 # Keys a Go-era configuration may carry that mean nothing here. They load with
 # a warning so that an existing deployment can switch binaries without edits.
+# One entry per line: a key that gains a meaning again (a field of Config) is
+# simply known, whether or not its entry here has been removed yet.
 OBSOLETE_KEYS: dict[str, str] = {
     "agent_script_path": "agents are started directly; run-agent.sh is not used",
     "kubeconfig_path": "use clusters[].triage.kubeconfig",
@@ -90,9 +92,10 @@ LLM_KEY_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY")
 
 
 def setting(default: Any, env: str, doc: str, *, minimum: float | None = None,
-            choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+            choices: tuple[str, ...] = (), secret: bool = False, maximum: float | None = None) -> Any:
     """A configuration key: its default, environment variable and one-line doc."""
-    meta = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret}
+    meta = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret,
+            "maximum": maximum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -111,7 +114,8 @@ class StateStorageConfig:
         "libpq URL or key=value string; sslmode is honoured", secret=True)
     postgres_host: str = setting("", "STATE_STORAGE_POSTGRES_HOST",
                                  "used when no connection string is given")
-    postgres_port: int = setting(5432, "STATE_STORAGE_POSTGRES_PORT", "PostgreSQL port", minimum=1)
+    postgres_port: int = setting(5432, "STATE_STORAGE_POSTGRES_PORT", "PostgreSQL port", minimum=1,
+                                 maximum=65535)
     postgres_database: str = setting("", "STATE_STORAGE_POSTGRES_DATABASE", "database name")
     postgres_user: str = setting("", "STATE_STORAGE_POSTGRES_USER", "database user")
     postgres_password: str = setting("", "STATE_STORAGE_POSTGRES_PASSWORD", "database password",
@@ -252,7 +256,8 @@ class Config:
                                             "send degraded and recovered alerts")
     failure_threshold_for_alert: int = setting(3, "FAILURE_THRESHOLD_FOR_ALERT",
                                                "consecutive agent failures before an alert", minimum=1)
-    health_port: int = setting(8080, "HEALTH_PORT", "health and metrics port; 0 disables", minimum=0)
+    health_port: int = setting(8080, "HEALTH_PORT", "health and metrics port; 0 disables", minimum=0,
+                               maximum=65535)
     health_bind: str = setting("127.0.0.1", "HEALTH_BIND", "health and metrics bind address")
     permission_check_interval: float = setting(60.0, "PERMISSION_CHECK_INTERVAL",
                                                "minutes between RBAC checks", minimum=1)
@@ -274,11 +279,13 @@ class Config:
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every reason."""
+    """The configuration is unusable; ``problems`` lists every reason, ``warnings`` what else was
+    noticed (unknown keys), so that a typo is shown next to the error it caused."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], warnings: list[str] | None = None):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
         self.problems = problems
+        self.warnings = warnings or []
 
 
 @dataclass(frozen=True)
@@ -295,6 +302,7 @@ class _Key:
     choices: tuple[str, ...]
     secret: bool
     doc: str
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
@@ -312,7 +320,7 @@ def _scalar_keys(cls: type = Config, prefix: str = "") -> list[_Key]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         keys.append(_Key(prefix + f.name, prefix.rstrip("."), f.name, hints[f.name], f.metadata["env"],
                          default, f.metadata["minimum"], f.metadata["choices"], f.metadata["secret"],
-                         f.metadata["doc"]))
+                         f.metadata["doc"], f.metadata.get("maximum")))
     return keys
 
 
@@ -320,8 +328,37 @@ SCALAR_KEYS = _scalar_keys()
 KEYS_BY_PATH = {k.path: k for k in SCALAR_KEYS}
 
 
-def _describe(key: _Key) -> str:
+def _sections(cls: type = Config) -> dict[str, type]:
+    """Keys of ``cls`` that hold a mapping of further keys: name -> its dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if "env" not in f.metadata and dataclasses.is_dataclass(hints[f.name])}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _closest(name: str, known: Iterable[str]) -> str:
+    """' (did you mean `x`?)' for the known key nearest to ``name``, or ''."""
+    import difflib
+    known = list(known)
+    match = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    if not match:
+        # A key put at the wrong level: compare with the last part of dotted keys too.
+        tails = {k.rsplit(".", 1)[-1]: k for k in known if "." in k}
+        match = [tails[m] for m in difflib.get_close_matches(str(name), list(tails), n=1, cutoff=0.8)]
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _describe(key: _Key, source: str = "") -> str:
+    if source.startswith("flag"):
+        return f"{key.path} ({source})"
     return f"{key.path} (env {key.env})"
+
+
+def _source_note(source: str) -> str:
+    return f" [{source}]" if source and not source.startswith("flag") else ""
 
 
 def _shown(key: _Key | None, value: Any) -> str:
@@ -330,10 +367,14 @@ def _shown(key: _Key | None, value: Any) -> str:
     return repr(value)
 
 
-def _coerce(key: _Key, value: Any, problems: list[str]) -> Any:
-    """Convert a raw YAML, environment or flag value to the key's type, or record why not."""
+def _coerce(key: _Key, value: Any, problems: list[str], source: str = "") -> Any:
+    """Convert a raw YAML, environment or flag value to the key's type, or record why not.
+
+    ``source`` says where the value came from ("config file X", "environment variable Y",
+    "flag --z"); it is named in the problem.
+    """
     def bad(why: str) -> None:
-        problems.append(f"{_describe(key)}: {why}, got {_shown(key, value)}")
+        problems.append(f"{_describe(key, source)}: {why}, got {_shown(key, value)}{_source_note(source)}")
 
     if key.type is bool:
         if isinstance(value, bool):
@@ -349,10 +390,14 @@ def _coerce(key: _Key, value: Any, problems: list[str]) -> Any:
             return bad(f"must be a number{'' if key.type is float else ' (whole)'}")
         try:
             number = key.type(value) if key.type is float else _as_int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return bad("must be a whole number" if key.type is int else "must be a number")
+        if number != number or number in (float("inf"), float("-inf")):
+            return bad("must be a finite number")
         if key.minimum is not None and number < key.minimum:
             return bad(f"must be >= {key.minimum:g}")
+        if key.maximum is not None and number > key.maximum:
+            return bad(f"must be <= {key.maximum:g}")
         return number
     if key.type == list[str]:
         if isinstance(value, str):
@@ -381,6 +426,14 @@ def _as_int(value: Any) -> int:
     return int(str(value).strip())
 
 
+class NoConfigFile(Exception):
+    """No config file was given and none is on the search path."""
+
+    def __str__(self) -> str:
+        return ("no config file found (looked at " + ", ".join(CONFIG_SEARCH_PATH)
+                + "); pass --config FILE")
+
+
 def find_config_file(explicit: str | None) -> str | None:
     """The config file to read: ``explicit`` if given, else the first of the search path."""
     if explicit:
@@ -401,17 +454,22 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     problems: list[str] = []
     warnings: list[str] = []
     raw = _read_yaml(path, problems)
+    if problems:
+        # A file that cannot be read or parsed is the only problem worth naming: everything
+        # else said about it (no clusters, say) would be a consequence.
+        raise ConfigError(problems)
     config = Config()
 
     flat = _flatten(raw, warnings)
     for key in SCALAR_KEYS:
         source_value: Any = dataclasses.MISSING
+        source = ""
         if key.path in flat:
-            source_value = flat[key.path]
+            source_value, source = flat[key.path], f"config file {path}"
         if env.get(key.env) not in (None, ""):
-            source_value = env[key.env]
+            source_value, source = env[key.env], f"environment variable {key.env}"
         if flags.get(key.path) is not None:
-            source_value = flags[key.path]
+            source_value, source = flags[key.path], f"flag {key.flag}"
         if source_value is dataclasses.MISSING:
             continue
         if key.path == "state_storage.type" and str(source_value).lower() == "filesystem":
@@ -419,7 +477,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
                             "the queue and cannot be turned off")
             source_value = "sqlite"
         before = len(problems)
-        value = _coerce(key, source_value, problems)
+        value = _coerce(key, source_value, problems, source)
         if len(problems) == before:
             owner = _resolve(config, key.owner)
             setattr(owner, key.name, value)
@@ -427,7 +485,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     config.clusters = _load_clusters(raw.get("clusters"), problems)
     _cross_check(config, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, warnings)
     return config, warnings
 
 
@@ -440,8 +498,18 @@ def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
     except OSError as exc:
         problems.append(f"config file {path}: cannot be read ({exc.strerror or exc})")
         return {}
-    except yaml.YAMLError as exc:
-        problems.append(f"config file {path}: not valid YAML ({exc})")
+    except UnicodeDecodeError as exc:
+        problems.append(f"config file {path}: not UTF-8 text (byte {exc.start})")
+        return {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = ": ".join(str(part) for part in (exc.context, exc.problem) if part)
+        problems.append(f"config file {path}: not valid YAML{where}: {why}")
+        return {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML raises ValueError for impossible dates such as 2024-13-45.
+        problems.append(f"config file {path}: not valid YAML ({type(exc).__name__}: {exc})")
         return {}
     if data is None:
         return {}
@@ -452,23 +520,27 @@ def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
 
 
 def _flatten(raw: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """Dotted key -> value for every scalar key in the file; warns on keys that mean nothing."""
+    """Dotted key -> value for every scalar key in the file; warns on keys that mean nothing,
+    naming the closest known key. Known keys are the fields of :class:`Config`, so a key added
+    there is known here."""
     flat: dict[str, Any] = {}
+    sections = _sections()
     for name, value in raw.items():
         if name == "clusters":
             continue
-        if isinstance(value, dict) and name in ("state_storage", "skills"):
+        if isinstance(value, dict) and name in sections:
             for sub, subvalue in value.items():
                 flat[f"{name}.{sub}"] = subvalue
         else:
             flat[str(name)] = value
+    known = [*KEYS_BY_PATH, *sections, "clusters"]
     for path in list(flat):
         if path in KEYS_BY_PATH:
             continue
         if path in OBSOLETE_KEYS:
             warnings.append(f"{path}: no longer used ({OBSOLETE_KEYS[path]}); ignored")
         else:
-            warnings.append(f"{path}: unknown key; ignored")
+            warnings.append(f"{path}: unknown key; ignored{_closest(path, known)}")
         del flat[path]
     return flat
 
@@ -512,8 +584,12 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
     elif not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
         problems.append(f"{where}.name: {name!r} is invalid: use 1-63 letters, digits, '-' or '_'")
     where = f"clusters[{index}] ({name})"
+    # A misspelt key in a cluster changes what happens to it (triage off, no API key): an error.
+    _unknown_keys(item, _field_names(ClusterConfig), where, problems)
     mcp_raw = _config_section(item, "mcp", where, problems)
     triage_raw = _config_section(item, "triage", where, problems)
+    _unknown_keys(mcp_raw, _field_names(McpConfig), f"{where}.mcp", problems)
+    _unknown_keys(triage_raw, _field_names(TriageConfig), f"{where}.triage", problems)
     mcp = McpConfig(endpoint=_str(mcp_raw, "endpoint", f"{where}.mcp", problems),
                     api_key=_str(mcp_raw, "api_key", f"{where}.mcp", problems),
                     ca_bundle=_str(mcp_raw, "ca_bundle", f"{where}.mcp", problems))
@@ -540,8 +616,17 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
         if not LABEL_VALUE_RE.match(str(value)):
             problems.append(f"{where}.labels.{key}: invalid label value {value!r}")
     environment = item.get("environment") or ""
+    if not isinstance(environment, (str, int, float)) or isinstance(environment, bool):
+        problems.append(f"{where}.environment: must be a string, got {type(environment).__name__}")
+        environment = ""
     return ClusterConfig(name=str(name), mcp=mcp, triage=triage, environment=str(environment),
                          labels={str(k): str(v) for k, v in labels.items()})
+
+
+def _unknown_keys(section: Mapping[str, Any], known: list[str], where: str, problems: list[str]) -> None:
+    for key in section:
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown key{_closest(str(key), known)}")
 
 
 def _config_section(item: Mapping[str, Any], name: str, where: str, problems: list[str]
@@ -575,7 +660,11 @@ def _check_endpoint(endpoint: str, where: str, problems: list[str]) -> None:
     if not endpoint:
         problems.append(f"{where}: is required")
         return
-    parsed = urllib.parse.urlsplit(endpoint)
+    try:
+        parsed = urllib.parse.urlsplit(endpoint)
+    except ValueError as exc:  # "Invalid IPv6 URL" and the like
+        problems.append(f"{where}: is not a valid URL ({exc}), got {endpoint!r}")
+        return
     if parsed.scheme not in ("http", "https"):
         problems.append(f"{where}: must start with http:// or https://, got {endpoint!r}")
     elif not parsed.hostname:
@@ -607,12 +696,10 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     if config.agent_system_prompt_file and not _readable_file(config.agent_system_prompt_file):
         problems.append(f"agent_system_prompt_file (env AGENT_SYSTEM_PROMPT_FILE): "
                         f"{config.agent_system_prompt_file!r} is not a readable file")
-    if config.report_base_url and urllib.parse.urlsplit(config.report_base_url).scheme not in (
-            "http", "https"):
+    if config.report_base_url and not _is_http_url(config.report_base_url):
         problems.append(f"report_base_url (env REPORT_BASE_URL): must be an http(s) URL, "
                         f"got {config.report_base_url!r}")
-    if config.slack_webhook_url and urllib.parse.urlsplit(config.slack_webhook_url).scheme not in (
-            "http", "https"):
+    if config.slack_webhook_url and not _is_http_url(config.slack_webhook_url):
         problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
                         f"got {SECRET_MASK}")
     storage = config.state_storage
@@ -629,6 +716,15 @@ def _cross_check(config: Config, problems: list[str]) -> None:
                 problems.append("state_storage.postgres_connection_string (env "
                                 f"STATE_STORAGE_POSTGRES_CONNECTION_STRING): {why}, "
                                 f"got {mask_dsn(dsn)!r}")
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -674,7 +770,10 @@ def _dsn_problem(dsn: str) -> str:
 def mask_dsn(dsn: str) -> str:
     """The connection string with its password replaced by a mask."""
     if "://" in dsn:
-        parts = urllib.parse.urlsplit(dsn)
+        try:
+            parts = urllib.parse.urlsplit(dsn)
+        except ValueError:
+            return SECRET_MASK  # unparseable: nothing of it can be shown safely
         netloc = parts.netloc
         if "@" in netloc:
             creds, host = netloc.rsplit("@", 1)
@@ -689,8 +788,11 @@ def mask_url(url: str) -> str:
     """Keep a URL's scheme and host, mask the rest (webhook URLs carry their secret in the path)."""
     if not url:
         return ""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}/{SECRET_MASK}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname or ''}/{SECRET_MASK}"
+    except ValueError:
+        return SECRET_MASK
 
 
 def config_as_dict(config: Config, masked: bool = True) -> dict[str, Any]:
@@ -5313,11 +5415,21 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The configuration, or exit 2 with every problem (and warning) on stderr, never a traceback."""
     path = find_config_file(args.config)
+    if path is None:
+        print(f"nightcrier: {NoConfigFile()}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     try:
         config, warnings = load_config(path, flags=_flags(args))
     except ConfigError as exc:
+        # Warnings first: an unknown key is often the cause of the error below it.
+        for warning in exc.warnings:
+            print(f"nightcrier: warning: {warning}", file=sys.stderr)
         print(f"nightcrier: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except Exception as exc:  # a value no check foresaw must still not end in a traceback
+        print(f"nightcrier: invalid configuration in {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     for warning in warnings:
         print(f"nightcrier: warning: {warning}", file=sys.stderr)
