@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -784,6 +785,17 @@ def mask_dsn(dsn: str) -> str:
     return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\g<1>" + SECRET_MASK, dsn)
 
 
+def mask_url_path(url: str) -> str:
+    """A URL without its credentials or query (where tokens hide); its path is kept."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        return f"{parts.scheme}://{netloc}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    except ValueError:
+        return SECRET_MASK
+
+
 def mask_url(url: str) -> str:
     """Keep a URL's scheme and host, mask the rest (webhook URLs carry their secret in the path)."""
     if not url:
@@ -1103,6 +1115,18 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached or is busy; the operation may be retried later."""
+
+
+class StoreRefused(StoreUnavailable):
+    """The database server answers but refuses us: the database or role does not exist, or the
+    credentials are wrong. Waiting does not fix that, so start-up reports it instead of retrying;
+    while running it is retried like any outage (someone may be restoring the database)."""
+
+
+# libpq's wording for a server that answered and said no, as opposed to one that is down.
+PG_REFUSALS = ("does not exist", "password authentication failed", "authentication failed",
+               "no pg_hba.conf entry", "no password supplied", "permission denied for database",
+               "server does not support ssl")
 
 
 class SchemaTooNew(StoreError):
@@ -1942,8 +1966,9 @@ class PostgresPool:
                 cur.execute("SET TIME ZONE 'UTC'")
             conn.commit()
         except psycopg2.Error as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL {mask_dsn(self.dsn)}: "
-                                   f"{str(exc).strip()}") from exc
+            reason = " ".join(str(exc).split())
+            error = StoreRefused if any(r in reason.lower() for r in PG_REFUSALS) else StoreUnavailable
+            raise error(f"cannot connect to PostgreSQL {mask_dsn(self.dsn)}: {reason}") from exc
         with self._cond:
             self._born[id(conn)] = time.monotonic()
         return conn
@@ -2146,6 +2171,14 @@ class McpError(Exception):
     """A request to an MCP server failed (connection, HTTP status, JSON-RPC error or bad reply)."""
 
 
+class NoEventSubscriptions(McpError):
+    """The server works but has no ``events_subscribe`` tool: it is the stock kubernetes-mcp-server,
+    not the events-enabled one. Retrying soon cannot help."""
+
+    HINT = ("this MCP server has no event subscriptions: run the events-enabled "
+            "kubernetes-mcp-server")
+
+
 class SessionLost(McpError):
     """The server answered 404: it no longer knows the session (it restarted)."""
 
@@ -2318,14 +2351,33 @@ class McpSession:
                 self.stream_ended.set()
 
     def subscribe(self, mode: str) -> str:
-        """Call ``events_subscribe``; return the subscription id (empty if the reply has none)."""
-        result = self.request("tools/call", {"name": "events_subscribe", "arguments": {"mode": mode}})
+        """Call ``events_subscribe``; return the subscription id (empty if the reply has none).
+
+        Raises NoEventSubscriptions when the call fails and the server lists no such tool.
+        """
+        try:
+            result = self.request("tools/call", {"name": "events_subscribe", "arguments": {"mode": mode}})
+        except SessionLost:
+            raise
+        except McpError as exc:
+            if self._lacks_tool("events_subscribe"):
+                raise NoEventSubscriptions(f"{NoEventSubscriptions.HINT} ({exc})") from exc
+            raise
         text = "\n".join(str(c.get("text", "")) for c in result.get("content") or []
                          if isinstance(c, dict))
         if result.get("isError"):
             raise McpError(f"events_subscribe: {text.strip() or 'server returned an error'}")
         body = _json_or_none(text[text.find("{"):text.rfind("}") + 1]) if "{" in text else None
         return str(body.get("subscriptionId", "")) if isinstance(body, dict) else ""
+
+    def _lacks_tool(self, name: str) -> bool:
+        """Whether ``tools/list`` answers without ``name`` (False when it cannot be asked)."""
+        try:
+            tools = self.request("tools/list").get("tools")
+        except McpError:
+            return False
+        return isinstance(tools, list) and not any(isinstance(t, dict) and t.get("name") == name
+                                                   for t in tools)
 
     def unsubscribe(self, subscription_id: str) -> None:
         """Call ``events_unsubscribe``; an already-cancelled subscription is not an error."""
@@ -2426,6 +2478,8 @@ def _short_error(exc: BaseException) -> str:
 IngestItem = FaultEvent | RejectedNotification | SubscriptionGap
 DISCONNECTED, CONNECTING, SUBSCRIBING, ACTIVE, FAILED_STATE, STANDBY = (
     "disconnected", "connecting", "subscribing", "active", "failed", "standby")
+UNSUPPORTED = "unsupported"  # the server answers but cannot push faults (no events_subscribe)
+UNHEALTHY_STATES = (FAILED_STATE, DISCONNECTED, UNSUPPORTED)
 
 
 class Spool:
@@ -2890,6 +2944,7 @@ class ClusterListener(threading.Thread):
         self._health = ClusterHealth(cluster.name, triage_enabled=cluster.triage.enabled,
                                      labels=dict(cluster.labels), gap_started=utcnow())
         self._gap_reason = "starting"
+        self._told_unsupported = False  # logged that the server has no events_subscribe
 
     # -- public ---------------------------------------------------------------
 
@@ -2919,19 +2974,24 @@ class ClusterListener(threading.Thread):
                                  connect_timeout=self.config.mcp_connect_timeout,
                                  request_timeout=self.config.mcp_request_timeout, name=self.cluster.name)
             self._session = session
+            delay: float | None = None
             try:
                 self._set(status=CONNECTING)
                 session.open()
                 self._subscribe(session)
                 backoff.reset()
                 self._watch(session)
+            except NoEventSubscriptions as exc:
+                self._unsupported(exc)
+                # Someone has to replace the server; asking often would only fill the log.
+                delay = self.config.sse_reconnect_max_backoff
             except Exception as exc:  # the loop must survive everything
                 self._failed(exc)
             finally:
                 self._session = None
                 session.close()
             if not self._stopping.is_set():
-                self._stopping.wait(backoff.next())
+                self._stopping.wait(backoff.next() if delay is None else delay)
                 self._set(reconnects=self._health.reconnects + 1)
         self._set(status=DISCONNECTED)
 
@@ -2958,6 +3018,7 @@ class ClusterListener(threading.Thread):
         if previous:
             session.unsubscribe(previous)
         self._set(status=ACTIVE, subscription_id=subscription_id, last_error="")
+        self._told_unsupported = False
         self._end_gap()
         log_event(logging.INFO, "subscribed to faults", cluster=self.cluster.name,
                   subscription_id=subscription_id)
@@ -3027,6 +3088,17 @@ class ClusterListener(threading.Thread):
                       error=error)
         self._start_gap(error)
         self._set(status=FAILED_STATE, last_error=error, subscription_id="")
+
+    def _unsupported(self, exc: NoEventSubscriptions) -> None:
+        """Said once per change of state: the log says what to do, not how often it was retried."""
+        self.metrics.inc("listener_errors", self.cluster.name)
+        if not self._told_unsupported and not self._stopping.is_set():
+            self._told_unsupported = True
+            log_event(logging.ERROR, NoEventSubscriptions.HINT, cluster=self.cluster.name,
+                      endpoint=mask_url_path(self.cluster.mcp.endpoint), error=str(exc.__cause__ or exc),
+                      retry_every=self.config.sse_reconnect_max_backoff)
+        self._start_gap(NoEventSubscriptions.HINT)
+        self._set(status=UNSUPPORTED, last_error=NoEventSubscriptions.HINT, subscription_id="")
 
     def _start_gap(self, reason: str) -> None:
         with self._lock:
@@ -4568,6 +4640,13 @@ class Metrics:
         self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
                                     ("status",), registry=self.registry)
 
+    def declare_clusters(self, clusters: Iterable[str]) -> None:
+        """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
+        for counter in self._counters.values():
+            if counter._labelnames == ("cluster",):
+                for cluster in clusters:
+                    counter.labels(cluster)
+
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
         counter = self._counters[key]
         (counter.labels(cluster) if counter._labelnames else counter).inc(amount)
@@ -4627,16 +4706,25 @@ class HealthServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self._clusters = clusters
-        self._readiness = readiness
-        self._metrics = metrics
+        self.serve(clusters=clusters, readiness=readiness, metrics=metrics)
         self.shutting_down = False
-        self._httpd = Server((bind, port), Handler)
+        try:
+            self._httpd = Server((bind, port), Handler)
+        except OSError as exc:
+            raise StartupError(_bind_problem(bind, port, exc)) from None
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="health")
 
+    def serve(self, *, clusters: Callable[[], dict[str, Any]],
+              readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes]) -> None:
+        """Answer from these callables from now on (a server bound before the service existed)."""
+        self._clusters = clusters
+        self._readiness = readiness
+        self._metrics = metrics
+
     def start(self) -> HealthServer:
-        self._thread.start()
+        if not self._thread.is_alive():
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -4657,6 +4745,24 @@ class HealthServer:
             from prometheus_client import CONTENT_TYPE_LATEST
             return 200, CONTENT_TYPE_LATEST, self._metrics()
         return 404, "text/plain", b"not found\n"
+
+
+class StartupError(Exception):
+    """Something outside the configuration file stops the service from starting (a port in use,
+    a database that refuses us). Its message is the one line the operator sees; exit status 2."""
+
+
+def _bind_problem(bind: str, port: int, exc: OSError) -> str:
+    where = f"{bind}:{port}" if ":" not in bind else f"[{bind}]:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        why = f"health port {port} is already in use on {bind}"
+    elif exc.errno == errno.EACCES:
+        why = f"health port {port} on {bind} needs privileges this process does not have"
+    elif isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        why = f"health_bind {bind!r} is not an address of this host ({exc.strerror or exc})"
+    else:
+        why = f"cannot listen on {where} ({exc.strerror or exc})"
+    return why + "; set health_port (env HEALTH_PORT) to a free port, or 0 to disable it"
 
 
 def _json_body(data: Any) -> bytes:
@@ -4692,7 +4798,8 @@ def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mappi
     return {"clusters": clusters, "runner": dict(runner), "summary": {
         "total": len(clusters), "active": sum(c["status"] == ACTIVE for c in clusters),
         "standby": sum(c["status"] == STANDBY for c in clusters),
-        "unhealthy": sum(c["status"] in (FAILED_STATE, DISCONNECTED) for c in clusters),
+        # A cluster whose RBAC check failed cannot be triaged: it is not healthy either.
+        "unhealthy": sum(c["status"] in UNHEALTHY_STATES or bool(c.get("degraded")) for c in clusters),
         "triage_enabled": sum(c["triage_enabled"] for c in clusters)}}
 
 
@@ -4866,9 +4973,11 @@ class Service:
     Created and driven by the main thread.
     """
 
-    def __init__(self, config: Config, store: StateStore | None = None):
+    def __init__(self, config: Config, store: StateStore | None = None,
+                 health_server: HealthServer | None = None):
         self.config = config
         self.metrics = Metrics()
+        self.metrics.declare_clusters(c.name for c in config.clusters)
         self.store = store or open_store_with_retry(config)
         self.work_available = threading.Event()
         self.sink = IngestSink(config.global_queue_size,
@@ -4887,10 +4996,15 @@ class Service:
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=self.notifier.enqueue if self.notifier else None)
-        self.health_server = (HealthServer(config.health_bind, config.health_port,
-                                           clusters=self.cluster_health, readiness=self.readiness,
-                                           metrics=self.metrics_text)
-                              if config.health_port else None)
+        # Given when it was bound before the database was reached, to report the wait in /readyz.
+        self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
+                                                            clusters=self.cluster_health,
+                                                            readiness=self.readiness,
+                                                            metrics=self.metrics_text)
+                                               if config.health_port else None)
+        if self.health_server is not None:
+            self.health_server.serve(clusters=self.cluster_health, readiness=self.readiness,
+                                     metrics=self.metrics_text)
         self._stop_watching = threading.Event()
         # Work announced by other processes sharing the database wakes this dispatcher too.
         self._watcher = threading.Thread(target=self.store.watch_for_work, daemon=True, name="work-watch",
@@ -4972,17 +5086,24 @@ class Service:
         log_event(logging.INFO, "nightcrier stopped")
 
 
-def open_store_with_retry(config: Config, stop: threading.Event | None = None) -> StateStore:
-    """Open the configured store, retrying with backoff while the database is unavailable.
+def open_store_with_retry(config: Config, stop: threading.Event | None = None,
+                          on_error: Callable[[str], None] | None = None) -> StateStore:
+    """Open the configured store, retrying with backoff while the database is unavailable;
+    ``on_error`` is told each failure (for ``/readyz`` meanwhile).
 
-    Raises StoreError for problems retrying cannot fix (a schema too new, say).
+    Raises StoreRefused when the server refuses the database or credentials and StoreError for
+    other problems retrying cannot fix (a schema too new, say).
     """
     backoff = Backoff(0.5, 30.0)
     stop = stop or threading.Event()
     while True:
         try:
             return open_store(config)
+        except StoreRefused:
+            raise
         except StoreUnavailable as exc:
+            if on_error is not None:
+                on_error(str(exc))
             delay = backoff.next()
             log_event(logging.WARNING, "database unavailable, retrying", error=str(exc),
                       retry_in=round(delay, 1))
@@ -5564,19 +5685,60 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_event(logging.WARNING, "config warning", detail=warning)
     stop = threading.Event()
     _install_signal_handlers(stop)
+    health: HealthServer | None = None
     try:
-        service = Service(config, open_store_with_retry(config, stop)).start()
+        health, waiting = _early_health_server(config)
+        store = open_store_with_retry(config, stop, on_error=waiting)
+        service = Service(config, store, health_server=health).start()
+    except StoreRefused as exc:
+        return _startup_failed(f"the database refuses nightcrier: {exc}", health)
     except StoreUnavailable:
+        if health is not None:
+            health.stop()
         return 0  # asked to stop while waiting for the database
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
+        if health is not None:
+            health.stop()
         return 1
+    except StartupError as exc:
+        return _startup_failed(str(exc), health)
+    except OSError as exc:  # the workspace or spool directory cannot be created, say
+        return _startup_failed(f"cannot start: {exc}", health)
     # A timed wait: a signal delivered to another thread does not wake a blocked
     # main thread, and Python runs signal handlers only in the main thread.
     while not stop.wait(0.5):
         pass
     service.stop()
     return 0
+
+
+def _startup_failed(message: str, health: HealthServer | None) -> int:
+    print(f"nightcrier: {message}", file=sys.stderr)
+    if health is not None:
+        health.stop()
+    return EXIT_CONFIG
+
+
+def _early_health_server(config: Config) -> tuple[HealthServer | None, Callable[[str], None]]:
+    """The health server, bound and serving before the database is reached, and the callable to
+    tell it each database error: a busy port is found at once, and ``/readyz`` says why the
+    service is not ready while the database is retried."""
+    waiting = {"error": "not connected yet"}
+    if not config.health_port:
+        return None, lambda error: None
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        return False, {"database": f"unavailable: {waiting['error']}", "active_clusters": 0}
+
+    def clusters() -> dict[str, Any]:
+        return {"clusters": [], "runner": {}, "summary": {"total": 0, "active": 0, "standby": 0,
+                                                          "unhealthy": 0, "triage_enabled": 0},
+                "starting": f"waiting for the database: {waiting['error']}"}
+
+    server = HealthServer(config.health_bind, config.health_port, clusters=clusters, readiness=readiness,
+                          metrics=lambda: b"")
+    return server.start(), lambda error: waiting.update(error=error)
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
