@@ -853,6 +853,31 @@ def new_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
+UUID_LAYOUT = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+
+
+def uuid_prefix_range(prefix: str) -> tuple[str, str] | None:
+    """The lowest and highest UUID text starting with ``prefix``; None if no UUID can.
+
+    Dashes may be left out of the prefix: ``3f2a9c01b7`` means ``3f2a9c01-b7``.
+    """
+    digits = prefix.strip().lower().replace("-", "")
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        return None
+    text, it = "", iter(digits)
+    for slot in UUID_LAYOUT:
+        if slot == "-":
+            text += "-"
+            continue
+        digit = next(it, None)
+        if digit is None:
+            break
+        text += digit
+    text = text.rstrip("-")
+    low, high = (UUID_LAYOUT.replace("x", digit) for digit in "0f")
+    return text + low[len(text):], text + high[len(text):]
+
+
 def is_uuid(text: str) -> bool:
     try:
         uuid.UUID(text)
@@ -1246,6 +1271,11 @@ class StateStore:
         """Incidents matching ``criteria``, newest first."""
         raise NotImplementedError
 
+    def find_incident_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Ids of incidents that start with ``prefix`` (any case), in id order, at most ``limit``;
+        none for a prefix no UUID can start with."""
+        raise NotImplementedError
+
     def list_executions(self, incident_id: str) -> list[AgentExecution]:
         """The incident's agent runs, oldest first."""
         raise NotImplementedError
@@ -1628,6 +1658,15 @@ class SqlStore(StateStore):
             return None
         rows = self._query("SELECT * FROM incidents WHERE incident_id = ?", (incident_id,))
         return _row_to(Incident, rows[0]) if rows else None
+
+    def find_incident_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        bounds = uuid_prefix_range(prefix)
+        if bounds is None:
+            return []
+        # A range rather than LIKE: it uses the primary key on both engines (a UUID column in PostgreSQL).
+        rows = self._query("SELECT incident_id FROM incidents WHERE incident_id BETWEEN ? AND ? "
+                           "ORDER BY incident_id LIMIT ?", (*bounds, limit))
+        return [str(r["incident_id"]) for r in rows]
 
     def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
         where, params = _filter_sql(criteria)
@@ -5486,7 +5525,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nightcrier", description="Turn Kubernetes faults into triaged incidents.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the service (the default)")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print it, secrets masked")
@@ -5518,7 +5557,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="./nightcrier-demo", help="where the database and workspaces go")
     demo.add_argument("--faults", type=int, default=5, help="stop after this many (0: until Ctrl-C)")
     demo.add_argument("--rate", type=float, default=1.0, help="faults per second")
-    sub.add_parser("stub-agent", help=argparse.SUPPRESS)
+    sub.add_parser("stub-agent")  # the demo's agent; no help= keeps it out of --help
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -5592,13 +5631,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     service = Service(config).start()
-    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}\n")
+    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}")
+    earlier = sum(service.store.count_by_status().values())
+    if earlier:
+        print(f"  reusing this directory: its {earlier} earlier incident{'s' if earlier != 1 else ''} "
+              "stay in the database; only new faults are shown and counted (use --dir for a fresh one)")
+    print()
+    started = utcnow()
     try:
         if not _wait_until(lambda: service.health()[0].status == ACTIVE, 30, stop):
             print("nightcrier: the demo cluster did not become active", file=sys.stderr)
             return 1
         simulator.emit_many(args.faults or sys.maxsize, args.rate)
-        _follow_demo(service.store, args.faults, stop)
+        _follow_demo(service.store, args.faults, stop, since=started)
     finally:
         service.stop()
         simulator.stop()
@@ -5631,12 +5676,13 @@ def _wait_until(condition: Callable[[], bool], timeout: float, stop: threading.E
     return True
 
 
-def _follow_demo(store: StateStore, faults: int, stop: threading.Event) -> None:
-    """Print each incident when it is created and when it finishes; return after ``faults``
-    incidents have finished (0: until interrupted)."""
+def _follow_demo(store: StateStore, faults: int, stop: threading.Event,
+                 since: dt.datetime | None = None) -> None:
+    """Print each incident created since ``since`` when it is created and when it finishes; return
+    after ``faults`` of them have finished (0: until interrupted)."""
     seen: dict[str, str] = {}
     while not stop.wait(0.2):
-        for incident in reversed(store.list_incidents(IncidentFilter(limit=1000))):
+        for incident in reversed(store.list_incidents(IncidentFilter(since=since, limit=1000))):
             if seen.get(incident.incident_id) == incident.status:
                 continue
             if incident.incident_id not in seen:
@@ -5775,12 +5821,30 @@ def cmd_tail(args: argparse.Namespace) -> int:
         store.close()
 
 
+def resolve_incident_id(store: StateStore, text: str) -> tuple[str | None, str]:
+    """The full id an operator meant by ``text`` (a whole id or any unambiguous prefix), or None
+    and the reason: no such incident, or the candidates a prefix matches."""
+    if is_uuid(text):
+        return text.lower(), ""
+    shown = 10
+    matches = store.find_incident_ids(text, limit=shown + 1)
+    if len(matches) == 1:
+        return matches[0], ""
+    if not matches:
+        return None, f"no incident {text!r}"
+    more = " and more" if len(matches) > shown else ""
+    return None, (f"{text!r} matches several incidents: {', '.join(matches[:shown])}{more}; "
+                  "give more of the id")
+
+
 def _tail(store: StateStore, config: Config, incident_id: str, log_name: str, out: Any,
           poll: float = 0.2) -> int:
-    incident = store.get_incident(incident_id)
+    resolved, why = resolve_incident_id(store, incident_id)
+    incident = store.get_incident(resolved) if resolved else None
     if incident is None:
-        print(f"nightcrier: no incident {incident_id!r}", file=sys.stderr)
+        print(f"nightcrier: {why or f'no incident {incident_id!r}'}", file=sys.stderr)
         return 1
+    incident_id = incident.incident_id
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root), incident_id)
     path = os.path.join(workspace, "logs", log_name)
     offset = 0
@@ -5830,15 +5894,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     """One incident: its fields, agent runs, report summary, workspace and log paths."""
     config, _ = _load_or_exit(args)
     with _cli_store(config) as store:
-        incident = store.get_incident(args.incident_id)
+        resolved, why = resolve_incident_id(store, args.incident_id)
+        incident = store.get_incident(resolved) if resolved else None
         if incident is None:
-            print(f"nightcrier: no incident {args.incident_id!r}", file=sys.stderr)
+            print(f"nightcrier: {why or f'no incident {args.incident_id!r}'}", file=sys.stderr)
             return 1
         executions = store.list_executions(incident.incident_id)
         report = store.get_report(incident.incident_id)
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root),
                                                         incident.incident_id)
-    document = {**_incident_json(incident), "workspace": workspace,
+    document = {**_incident_json(incident), "runs": len(executions), "workspace": workspace,
                 "logs": agent_log_paths(workspace),
                 "executions": [{**dataclasses.asdict(e), "started_at": e.started_at.isoformat(),
                                 "completed_at": e.completed_at.isoformat() if e.completed_at else None}
@@ -5852,7 +5917,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in ("incident_id", "status", "cluster", "fault_type", "severity", "fault_id", "resource",
                 "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
                 "workspace"):
-        if document.get(key) not in (None, ""):
+        if key == "attempts":
+            line = _attempts_line(incident.attempts, len(executions), config.max_attempts)
+            print(f"{'attempts':<16}{line}")
+        elif document.get(key) not in (None, ""):
             print(f"{key.replace('_', ' '):<16}{document[key]}")
     print(f"{'context':<16}{incident.context[:500]}")
     print(f"{'stdout log':<16}{document['logs']['agent-stdout.log']}")
@@ -5866,6 +5934,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\nreport: {report.raw_report_path}")
         print(f"summary: {report.summary_text or 'See investigation report'}")
     return 0
+
+
+def _attempts_line(attempts: int, runs: int, max_attempts: int) -> str:
+    """Attempts as max_attempts counts them, reconciled with the runs listed below them."""
+    line = f"{attempts} of {max_attempts}"
+    if runs > attempts:
+        uncounted = runs - attempts
+        line += (f" ({runs} runs below; {uncounted} {'was' if uncounted == 1 else 'were'} returned to "
+                 "pending by a shutdown or an unavailable runner and not counted)")
+    return line
 
 
 @contextmanager
