@@ -3015,7 +3015,7 @@ class ClusterListener(threading.Thread):
             self._session = session
             delay: float | None = None
             try:
-                self._set(status=CONNECTING)
+                self._progress(CONNECTING)
                 session.open()
                 self._subscribe(session)
                 backoff.reset()
@@ -3051,7 +3051,7 @@ class ClusterListener(threading.Thread):
         and a fault arriving in between is then seen twice rather than never.
         """
         previous = self._health.subscription_id
-        self._set(status=SUBSCRIBING)
+        self._progress(SUBSCRIBING)
         self._resubscribe.clear()
         subscription_id = session.subscribe(self.config.subscribe_mode)
         if previous:
@@ -3127,6 +3127,13 @@ class ClusterListener(threading.Thread):
                       error=error)
         self._start_gap(error)
         self._set(status=FAILED_STATE, last_error=error, subscription_id="")
+
+    def _progress(self, status: str) -> None:
+        """Connecting or subscribing; a cluster known to be unsupported stays shown as such while
+        it is retried, so health output does not flicker."""
+        with self._lock:
+            if self._health.status != UNSUPPORTED:
+                self._health.status = status
 
     def _unsupported(self, exc: NoEventSubscriptions) -> None:
         """Said once per change of state: the log says what to do, not how often it was retried."""
