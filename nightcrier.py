@@ -4688,6 +4688,7 @@ class Metrics:
 
     def declare_clusters(self, clusters: Iterable[str]) -> None:
         """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
+        clusters = list(clusters)
         for counter in self._counters.values():
             if counter._labelnames == ("cluster",):
                 for cluster in clusters:
