@@ -460,6 +460,10 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
         # else said about it (no clusters, say) would be a consequence.
         raise ConfigError(problems)
     config = Config()
+    for name in _sections():
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            problems.append(f"{name}: must be a mapping of keys, got {type(raw[name]).__name__} "
+                            f"[config file {path}]")
 
     flat = _flatten(raw, warnings)
     for key in SCALAR_KEYS:
@@ -529,8 +533,8 @@ def _flatten(raw: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
     for name, value in raw.items():
         if name == "clusters":
             continue
-        if isinstance(value, dict) and name in sections:
-            for sub, subvalue in value.items():
+        if name in sections:
+            for sub, subvalue in (value.items() if isinstance(value, dict) else ()):
                 flat[f"{name}.{sub}"] = subvalue
         else:
             flat[str(name)] = value

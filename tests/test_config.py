@@ -362,6 +362,8 @@ def test_secret_values_are_masked_whatever_their_source(tmp_path: Path) -> None:
      "clusters[0] (prod).mcp.endpoint: is not a valid URL (Invalid IPv6 URL), got 'http://[::1/mcp'"),
     ({"clusters": [cluster(environment={"a": 1})]}, "clusters[0] (prod).environment: must be a string"),
     ({**MINIMAL, "report_base_url": "http://[bad"}, "report_base_url (env REPORT_BASE_URL): must be an"),
+    ({**MINIMAL, "state_storage": "postgres"}, "state_storage: must be a mapping of keys, got str"),
+    ({**MINIMAL, "skills": ["a"]}, "skills: must be a mapping of keys, got list"),
     ({**MINIMAL, "state_storage": {"type": "postgres", "postgres_connection_string": "postgresql://[::1"}},
      "state_storage.postgres_connection_string"),
 ])
