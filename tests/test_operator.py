@@ -13,9 +13,11 @@ import sys
 import urllib.parse
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import infra
 import pytest
 import yaml
 from conftest import ROOT, wait_for
@@ -93,6 +95,59 @@ def test_a_database_that_refuses_us_is_one_line_and_exit_2(tmp_path: Path, postg
     assert result.stderr.startswith("nightcrier: the database refuses nightcrier: cannot connect to "
                                     "PostgreSQL")
     assert f'{what} "{absent}" does not exist' in result.stderr
+
+
+@pytest.fixture
+def password_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server that asks for a password over TCP (the machine's own server
+    trusts 127.0.0.1); yields its URL with the right password."""
+    bindir = infra._native_bindir()
+    if bindir is None:
+        infra.unavailable("no initdb/pg_ctl for a throwaway PostgreSQL server")
+    try:
+        server = infra._NativeServer(bindir)
+        url = server.start()
+    except infra._Unavailable as exc:
+        infra.unavailable(str(exc))
+    try:
+        import psycopg2
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("ALTER ROLE postgres PASSWORD 'the-password'")
+        conn.close()
+        hba = Path(server.data) / "pg_hba.conf"
+        hba.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        reloaded = server._run(os.path.join(bindir, "pg_ctl"), "-D", server.data, "reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        yield url.replace("postgres@", "postgres:the-password@", 1)
+    finally:
+        server.close()
+
+
+def test_wrong_credentials_are_one_line_and_exit_2(tmp_path: Path, password_postgres: str) -> None:
+    import psycopg2
+    wait_for(lambda: _refuses(password_postgres.replace(":the-password@", ":nope@")), 10,
+             "the server to ask for passwords")
+    psycopg2.connect(password_postgres).close()  # the right one still works
+    url = password_postgres.replace(":the-password@", ":not-the-password@")
+    path = write_config(tmp_path, health_port=0,
+                        state_storage={"type": "postgres", "postgres_connection_string": url})
+    result = cli("--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "the database refuses nightcrier" in result.stderr
+    assert "password authentication failed" in result.stderr
+    assert "not-the-password" not in result.stderr
+
+
+def _refuses(url: str) -> bool:
+    import psycopg2
+    try:
+        psycopg2.connect(url).close()
+    except psycopg2.OperationalError as exc:
+        return "password authentication failed" in str(exc)
+    return False
 
 
 def test_a_database_that_is_down_is_retried_and_reported_in_readyz(tmp_path: Path) -> None:
