@@ -138,7 +138,8 @@ BUILD_ID = "@BUILD_ID@"
 TARGET = "@TARGET@"  # "<abi>,<abi>,...-<os>-<machine>"
 PAYLOAD = "site-packages/"
 EXIT_SETUP = 2
-ABI = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+# A free-threaded CPython ("t") cannot load the regular builds' compiled modules: its tag differs.
+ABI = f"cp{sys.version_info[0]}{sys.version_info[1]}{'t' if 't' in getattr(sys, 'abiflags', '') else ''}"
 KEY = f"{BUILD_ID}-{ABI}"  # one extraction per build and interpreter
 
 # Lock files stay open (and locked) for the life of the process; see _hold_in_use.
@@ -177,7 +178,7 @@ def _check_interpreter():
         libc = ""
     glibc = libc.startswith("glibc") or sys.platform != "linux"
     system_here = sys.platform + ("" if glibc else " (no glibc)")
-    version_here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    version_here = f"{sys.version_info[0]}.{sys.version_info[1]}{'t' if ABI.endswith('t') else ''}"
     here = f"{sys.implementation.name} {version_here} on {system_here} {os.uname().machine}"
     if (sys.implementation.name != "cpython" or ABI not in abis or sys.platform != system
             or not libc.startswith("glibc") or os.uname().machine != machine):
