@@ -590,7 +590,9 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
         problems.append(f"{where}.name: {name!r} is invalid: use 1-63 letters, digits, '-' or '_'")
     where = f"clusters[{index}] ({name})"
     # A misspelt key in a cluster changes what happens to it (triage off, no API key): an error.
-    _unknown_keys(item, _field_names(ClusterConfig), where, problems)
+    nested = [f"{section}.{name}" for section, cls in (("mcp", McpConfig), ("triage", TriageConfig))
+              for name in _field_names(cls)]
+    _unknown_keys(item, _field_names(ClusterConfig), where, problems, nested=nested)
     mcp_raw = _config_section(item, "mcp", where, problems)
     triage_raw = _config_section(item, "triage", where, problems)
     _unknown_keys(mcp_raw, _field_names(McpConfig), f"{where}.mcp", problems)
@@ -628,10 +630,13 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
                          labels={str(k): str(v) for k, v in labels.items()})
 
 
-def _unknown_keys(section: Mapping[str, Any], known: list[str], where: str, problems: list[str]) -> None:
+def _unknown_keys(section: Mapping[str, Any], known: list[str], where: str, problems: list[str],
+                  nested: Sequence[str] = ()) -> None:
+    """An error per key not in ``known``; ``nested`` (dotted) keys are only suggested, for a key put
+    one level too high."""
     for key in section:
         if key not in known:
-            problems.append(f"{where}.{key}: unknown key{_closest(str(key), known)}")
+            problems.append(f"{where}.{key}: unknown key{_closest(str(key), [*known, *nested])}")
 
 
 def _config_section(item: Mapping[str, Any], name: str, where: str, problems: list[str]

@@ -290,6 +290,10 @@ def test_postgres_settings_build_a_connection_string(tmp_path: Path) -> None:
     (cluster(triage={"kubeconfg": "/k"}),
      "clusters[0] (prod).triage.kubeconfg: unknown key (did you mean `kubeconfig`?)"),
     (cluster(labelz={}), "clusters[0] (prod).labelz: unknown key (did you mean `labels`?)"),
+    (cluster(kubeconfig="/k"),
+     "clusters[0] (prod).kubeconfig: unknown key (did you mean `triage.kubeconfig`?)"),
+    (cluster(endpoint="http://h/mcp"),
+     "clusters[0] (prod).endpoint: unknown key (did you mean `mcp.endpoint`?)"),
 ])
 def test_unknown_keys_in_a_cluster_are_errors_with_the_closest_key(tmp_path: Path, item: dict[str, Any],
                                                                     message: str) -> None:
