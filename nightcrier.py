@@ -4728,7 +4728,9 @@ class HealthServer:
     connection state, reconnects, subscription id, recorded gaps and RBAC check.
     ``/metrics``: the Prometheus text format.
     Serves from its own threads; every answer is computed from the callables it
-    was given, so it holds no state of its own but the shutdown flag.
+    was given (replaceable with :meth:`serve`, for a server bound before the
+    service existed), so it holds no state of its own but the shutdown flag.
+    Raises :class:`StartupError` naming the port when it cannot be bound.
     """
 
     def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
