@@ -6,17 +6,26 @@ Usage::
     python3 build_zipapp.py [--output dist/nightcrier.pyz] [--requirements requirements.txt]
     python3 -I dist/nightcrier.pyz --version
 
-Needs only the standard library and pip (PyPI or a configured index must be reachable). The result is
-for the interpreter and platform that ran the build: pip picks wheels for it (psycopg2-binary and
-PyYAML ship compiled code) and the bundled bytecode is for its minor version. The application refuses
-to start under another CPython minor version, OS or machine type rather than fail on a missing
-compiled module later.
+    python3 build_zipapp.py --platform manylinux2014_aarch64 --machine aarch64   # another platform
+
+Needs only the standard library and pip (PyPI or a configured index must be reachable). One zip runs
+on every CPython in ``SUPPORTED_PYTHONS`` on one platform (default Linux x86_64 with glibc >= 2.17).
+Whatever requirements.txt lists is installed once per supported CPython with ``pip install --target
+--only-binary=:all: --platform <tag> --python-version 3.X``, so compiled dependencies (psycopg2-binary,
+PyYAML, ...) come as the wheel for each interpreter, or as their abi3 / pure-Python wheel where that is
+all there is. Each install runs under that CPython itself when one is found (``--python 3.X=PATH``,
+``python3.X`` under pyenv or on PATH), so environment markers are evaluated for it and its bytecode is
+compiled at build time; without one, this interpreter's pip installs for it and the bytecode is left
+to the first start. The application refuses to start on any other interpreter, OS or machine type with
+one line saying what it supports, rather than fail on a missing compiled module later.
 
 What is in the zip:
 
 * ``__main__.py`` -- the start-up code below (``BOOTSTRAP``), with the build id filled in;
-* ``site-packages/`` -- ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql`` and everything
-  ``pip install --target`` put there for requirements.txt, with unchecked-hash ``.pyc`` files.
+* ``site-packages/common/`` -- every file that is the same for all supported interpreters: in practice
+  ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql`` and the pure-Python dependencies;
+* ``site-packages/cp3XX/`` -- the rest, per interpreter: compiled modules, unchecked-hash ``.pyc``
+  files, and any package whose chosen version differs between interpreters.
 
 The build id is the first 16 hex digits of a SHA-256 over the name and contents of every entry
 (``__main__.py`` with the id left out). It is also the zip comment, and the application sets
@@ -24,28 +33,30 @@ The build id is the first 16 hex digits of a SHA-256 over the name and contents 
 
 At start (contract of ``BOOTSTRAP``)
 ------------------------------------
-Compiled modules cannot be imported from a zip, so the first start of a build extracts
-``site-packages/`` into ``<cache>/<build id>/site-packages`` and later starts import from there;
-nightcrier itself is imported from that directory too, so ``nightcrier.__file__`` is a real
-``.../nightcrier.py`` with the schema files beside it.
+Compiled modules cannot be imported from a zip, so the first start of a build under one interpreter
+extracts ``common/`` and that interpreter's ``cp3XX/`` into ``<cache>/<build id>-cp3XX/site-packages``
+(the *key* of the extraction) and later starts import from there; nightcrier itself is imported from
+that directory too, so ``nightcrier.__file__`` is a real ``.../nightcrier.py`` with the schema files
+beside it. Extractions of the same build under different interpreters live side by side.
 
 * ``<cache>`` is ``$NIGHTCRIER_CACHE_DIR`` if set (it must be usable: no fallback), else
   ``$XDG_CACHE_HOME/nightcrier``, else ``$HOME/.cache/nightcrier`` when ``$HOME`` is a writable
   directory, else ``/tmp/nightcrier-<uid>``. A directory that fails is skipped for the next one.
   A cache directory that does not exist is created mode 0700. The one under /tmp is refused when it
   is not a real directory owned by the user or is writable by others (they could plant code there).
-* Extraction writes to ``<cache>/.<build id>.<pid>.tmp`` under an exclusive ``flock`` on
+* Extraction writes to ``<cache>/.<key>.<pid>.tmp`` under an exclusive ``flock`` on
   ``<cache>/.lock`` and renames the result into place, so concurrent first starts extract once and
-  never see a partial tree. A build whose ``nightcrier.py`` has gone missing (tmp cleaners) is
+  never see a partial tree. An extraction whose ``nightcrier.py`` has gone missing (tmp cleaners) is
   extracted again.
-* Every process holds a shared ``flock`` on ``<cache>/<build id>.lock`` for its lifetime: that is
-  what "in use" means. On each start, other builds extracted before the current one and not in use
-  are deleted, with their lock files and any temporary directories a killed extraction left behind.
-  Newer builds are kept, so starting an old build does not delete the one that replaced it. Nothing
-  else in the directory is touched.
+* Every process holds a shared ``flock`` on ``<cache>/<key>.lock`` for its lifetime: that is
+  what "in use" means. On each start, extractions of other builds made before the current one and not
+  in use are deleted, with their lock files and any temporary directories a killed extraction left
+  behind. Newer builds are kept, so starting an old build does not delete the one that replaced it,
+  and so are the current build's extractions for other interpreters. Nothing else in the directory is
+  touched.
 * A cache that is read-only but already holds the build (e.g. baked into an image) is used as is.
-* When no cache directory can be used, or the interpreter is not the one built for, it says why on
-  stderr and exits 2 (nightcrier's status for configuration errors).
+* When no cache directory can be used, or the interpreter or platform is not one built for, it says
+  why on stderr in one line and exits 2 (nightcrier's status for configuration errors).
 
 Why a bootstrap of our own rather than shiv
 -------------------------------------------
@@ -69,16 +80,15 @@ this bootstrap:
 pex was not a candidate: its ``--venv`` mode measured 0.55 s warm here, above the 0.5 s goal.
 
 The warm path here imports nothing beyond ``os``, ``sys``, ``errno`` and ``fcntl`` before nightcrier:
-no zipfile, no reading the archive.
+no zipfile, no reading the archive. Libraries that only some features need are imported by nightcrier
+when that feature is configured, not at start.
 """
 
 from __future__ import annotations
 
 import argparse
-import compileall
 import hashlib
 import os
-import py_compile
 import shutil
 import subprocess
 import sys
@@ -95,13 +105,23 @@ APP_FILES = ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql")
 PAYLOAD_DIR = "site-packages"
 SHEBANG = b"#!/usr/bin/env python3\n"
 BUILD_ID_LENGTH = 16
+# The CPython minor versions one zip runs on, and the platform it is built for by default.
+SUPPORTED_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+DEFAULT_PLATFORM = "manylinux2014_x86_64"
+DEFAULT_MACHINE = "x86_64"
+COMMON_DIR = "common"
 # Fixed entry times make the zip a function of its contents.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def target_tag() -> str:
-    """What the zip is built for: bytecode tag (CPython minor version), OS and machine type."""
-    return f"{sys.implementation.cache_tag}-{sys.platform}-{os.uname().machine}"
+def abi_tag(version: str) -> str:
+    """"3.12" -> "cp312", the name of that interpreter's part of the payload."""
+    return "cp" + version.replace(".", "")
+
+
+def target_tag(versions: tuple[str, ...] = SUPPORTED_PYTHONS, machine: str = DEFAULT_MACHINE) -> str:
+    """What the zip is built for, as its start-up code checks it: ABI tags, OS and machine type."""
+    return f"{','.join(abi_tag(v) for v in versions)}-linux-{machine}"
 
 
 # The generated __main__.py. @BUILD_ID@ and @TARGET@ are filled in by render_bootstrap(). Only os,
@@ -115,9 +135,12 @@ import os
 import sys
 
 BUILD_ID = "@BUILD_ID@"
-TARGET = "@TARGET@"
+TARGET = "@TARGET@"  # "<abi>,<abi>,...-<os>-<machine>"
 PAYLOAD = "site-packages/"
 EXIT_SETUP = 2
+# A free-threaded CPython ("t") cannot load the regular builds' compiled modules: its tag differs.
+ABI = f"cp{sys.version_info[0]}{sys.version_info[1]}{'t' if 't' in getattr(sys, 'abiflags', '') else ''}"
+KEY = f"{BUILD_ID}-{ABI}"  # one extraction per build and interpreter
 
 # Lock files stay open (and locked) for the life of the process; see _hold_in_use.
 _held_fds = []
@@ -127,14 +150,17 @@ class SetupError(Exception):
     """The cache cannot be used; the message says why and what to do."""
 
 
-def _is_build_id(name):
-    return len(name) == len(BUILD_ID) and all(c in "0123456789abcdef" for c in name)
+def _is_key(name):
+    """Names of extractions: "<build id>-cp3XX"."""
+    build, _, abi = name.partition("-")
+    return (len(build) == len(BUILD_ID) and all(c in "0123456789abcdef" for c in build)
+            and abi.startswith("cp") and abi[2:].isdigit())
 
 
 def _is_temp(name):
-    """Names of extraction directories: ".<build id>.<pid>.tmp" and ".<build id>.<pid>.broken.tmp"."""
+    """Names of extraction directories: ".<key>.<pid>.tmp" and ".<key>.<pid>.broken.tmp"."""
     parts = name.split(".")
-    return (len(parts) in (4, 5) and parts[0] == "" and _is_build_id(parts[1]) and parts[2].isdigit()
+    return (len(parts) in (4, 5) and parts[0] == "" and _is_key(parts[1]) and parts[2].isdigit()
             and parts[-1] == "tmp")
 
 
@@ -144,10 +170,21 @@ def _fail(message):
 
 
 def _check_interpreter():
-    here = f"{sys.implementation.cache_tag}-{sys.platform}-{os.uname().machine}"
-    if here != TARGET:
-        _fail(f"this nightcrier.pyz was built for {TARGET} and this interpreter is {here}; "
-              "build one with build_zipapp.py under this interpreter")
+    abis, system, machine = TARGET.rsplit("-", 2)
+    abis = abis.split(",")
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""
+    glibc = libc.startswith("glibc") or sys.platform != "linux"
+    system_here = sys.platform + ("" if glibc else " (no glibc)")
+    version_here = f"{sys.version_info[0]}.{sys.version_info[1]}{'t' if ABI.endswith('t') else ''}"
+    here = f"{sys.implementation.name} {version_here} on {system_here} {os.uname().machine}"
+    if (sys.implementation.name != "cpython" or ABI not in abis or sys.platform != system
+            or not libc.startswith("glibc") or os.uname().machine != machine):
+        versions = ", ".join(f"{a[2]}.{a[3:]}" for a in abis)
+        _fail(f"this nightcrier.pyz runs on CPython {versions} on {system} {machine} (glibc) and this is "
+              f"{here}; run it with one of those or build one for this platform with build_zipapp.py")
 
 
 def _candidates():
@@ -195,7 +232,7 @@ def _hold_in_use(cache):
     Returns False when the cache is read-only and has no lock file. A pruner may delete the lock file
     while we wait for it, so the lock only counts if the path still names the inode we locked.
     """
-    path = os.path.join(cache, BUILD_ID + ".lock")
+    path = os.path.join(cache, KEY + ".lock")
     while True:
         try:
             fd = _open_lock(path)
@@ -244,14 +281,19 @@ def _extract(cache, build_dir):
     for name in os.listdir(cache):
         if _is_temp(name):
             _remove_tree(os.path.join(cache, name))
-    tmp = os.path.join(cache, f".{BUILD_ID}.{os.getpid()}.tmp")
+    tmp = os.path.join(cache, f".{KEY}.{os.getpid()}.tmp")
     os.mkdir(tmp, 0o755)
+    # Only this interpreter's part and the common part; both land in one site-packages.
+    wanted = (PAYLOAD + "common/", PAYLOAD + ABI + "/")
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             name = info.filename
-            if not name.startswith(PAYLOAD) or ".." in name.split("/"):
+            if not name.startswith(wanted) or ".." in name.split("/"):
                 continue
-            dest = os.path.join(tmp, *name.split("/"))
+            rel = name.split("/", 2)[2]
+            if not rel:
+                continue
+            dest = os.path.join(tmp, "site-packages", *rel.split("/"))
             if name.endswith("/"):
                 os.makedirs(dest, exist_ok=True)
                 continue
@@ -264,7 +306,7 @@ def _extract(cache, build_dir):
                 os.chmod(dest, mode)
     # A damaged tree is renamed before it is deleted, so no start sees it half gone under its name.
     if os.path.lexists(build_dir):
-        broken = os.path.join(cache, f".{BUILD_ID}.{os.getpid()}.broken.tmp")
+        broken = os.path.join(cache, f".{KEY}.{os.getpid()}.broken.tmp")
         os.rename(build_dir, broken)
         _remove_tree(broken)
     os.utime(tmp)  # the extraction time orders builds for pruning
@@ -272,7 +314,8 @@ def _extract(cache, build_dir):
 
 
 def _prune(cache, current_dir, lock=None):
-    """Delete builds older than the current one that no process uses. Best effort: errors are ignored.
+    """Delete extractions of other builds, made before the current one, that no process uses. Best
+    effort: errors are ignored.
 
     Without ``lock`` the cache lock is only tried, so a start never waits for another one's extraction.
     """
@@ -281,8 +324,12 @@ def _prune(cache, current_dir, lock=None):
         own_mtime = os.stat(current_dir).st_mtime
     except OSError:
         return
-    builds = {n for n in names if n != BUILD_ID and _is_build_id(n)}
-    locks = {n[:-5] for n in names if n.endswith(".lock") and n[:-5] != BUILD_ID and _is_build_id(n[:-5])}
+
+    def other_build(name):
+        return _is_key(name) and not name.startswith(BUILD_ID + "-")
+
+    builds = {n for n in names if other_build(n)}
+    locks = {n[:-5] for n in names if n.endswith(".lock") and other_build(n[:-5])}
     temps = [n for n in names if _is_temp(n)]
     victims = locks - builds
     for name in builds:
@@ -323,9 +370,9 @@ def _prune(cache, current_dir, lock=None):
 
 
 def _prepare(cache):
-    """Make sure this build is extracted under cache; return its site-packages directory."""
+    """Make sure this build is extracted under cache for this interpreter; return its site-packages."""
     _make_dirs(cache)
-    build_dir = os.path.join(cache, BUILD_ID)
+    build_dir = os.path.join(cache, KEY)
     site = os.path.join(build_dir, "site-packages")
     locked = _hold_in_use(cache)
     if os.path.exists(os.path.join(site, "nightcrier.py")):
@@ -374,58 +421,119 @@ if __name__ == "__main__":
 
 @dataclass(frozen=True)
 class Build:
-    """A finished build: where it is, its id, the target it runs on and its size in bytes."""
+    """A finished build: where it is, its id, the target it runs on, its size in bytes, and the
+    supported versions whose bytecode had to be left to the first start (no such interpreter found)."""
 
     path: Path
     build_id: str
     target: str
     size: int
+    without_bytecode: tuple[str, ...] = ()
 
 
-def render_bootstrap(build_id: str) -> str:
-    return BOOTSTRAP.replace("@TARGET@", target_tag()).replace("@BUILD_ID@", build_id)
+@dataclass(frozen=True)
+class Target:
+    """What to build for: CPython minor versions, pip's platform tag and the machine type."""
+
+    versions: tuple[str, ...] = SUPPORTED_PYTHONS
+    platform: str = DEFAULT_PLATFORM
+    machine: str = DEFAULT_MACHINE
+
+    @property
+    def tag(self) -> str:
+        return target_tag(self.versions, self.machine)
+
+    @property
+    def native(self) -> bool:
+        """Whether interpreters found here can compile bytecode for it (same machine type)."""
+        return os.uname().machine == self.machine and sys.platform == "linux"
 
 
-def install_dependencies(requirements: Path, target: Path) -> None:
-    """``pip install --target`` the requirements for this interpreter; raises on pip failure."""
+def render_bootstrap(build_id: str, target: Target = Target()) -> str:
+    return BOOTSTRAP.replace("@TARGET@", target.tag).replace("@BUILD_ID@", build_id)
+
+
+def find_interpreter(version: str, explicit: dict[str, str]) -> str | None:
+    """A CPython ``version`` ("3.12") on this machine: given, this one, pyenv's, or on PATH."""
+    if version in explicit:
+        return explicit[version]
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version and sys.implementation.name == "cpython":
+        return sys.executable
+    roots = [os.environ.get("PYENV_ROOT", ""), os.path.expanduser("~/.pyenv")]
+    for root in filter(None, roots):
+        found = sorted(Path(root, "versions").glob(f"{version}.*/bin/python{version}"),
+                       key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()])
+        if found:
+            return str(found[-1])
+    on_path = shutil.which(f"python{version}")
+    if on_path and subprocess.run([on_path, "-c", ""], capture_output=True).returncode == 0:
+        return on_path  # a pyenv shim for a version not selected fails here
+    return None
+
+
+def install_dependencies(requirements: Path, target_dir: Path, version: str, platform: str,
+                         python: str | None) -> None:
+    """``pip install --target`` the requirements as wheels for CPython ``version`` on ``platform``.
+
+    Run by that interpreter when given, so environment markers are evaluated for it; raises on failure.
+    """
     env = dict(os.environ, PIP_ROOT_USER_ACTION="ignore", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--no-compile",
-           "--no-warn-script-location", "--target", str(target), "-r", str(requirements)]
+    cmd = [python or sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--no-compile",
+           "--no-warn-script-location", "--only-binary=:all:", "--implementation", "cp",
+           "--python-version", version, "--platform", platform,
+           "--target", str(target_dir), "-r", str(requirements)]
     result = subprocess.run(cmd, env=env)
     if result.returncode:
-        raise SystemExit(f"build_zipapp: pip failed ({result.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"build_zipapp: pip failed ({result.returncode}) for CPython {version}: "
+                         f"{' '.join(cmd)}")
 
 
-def stage(requirements: Path, target: Path) -> None:
-    """Fill ``target`` with the dependencies, nightcrier and its schema files, all byte-compiled."""
-    install_dependencies(requirements, target)
+def stage(requirements: Path, target_dir: Path, version: str, platform: str, python: str | None) -> None:
+    """Fill ``target_dir`` with the dependencies, nightcrier and its schema files for one interpreter,
+    byte-compiled by ``python`` when given."""
+    install_dependencies(requirements, target_dir, version, platform, python)
     # Console scripts name the build interpreter's path and are not reachable from the zip anyway.
-    shutil.rmtree(target / "bin", ignore_errors=True)
-    pth = sorted(p.name for p in target.glob("*.pth"))
+    shutil.rmtree(target_dir / "bin", ignore_errors=True)
+    pth = sorted(p.name for p in target_dir.glob("*.pth"))
     if pth:
         # The bootstrap only prepends the directory to sys.path, which does not run .pth files.
         raise SystemExit(f"build_zipapp: dependencies install .pth files, which are not supported: {pth}")
     for name in APP_FILES:
-        if (target / name).exists():
+        if (target_dir / name).exists():
             raise SystemExit(f"build_zipapp: a dependency installs {name}, which clashes with nightcrier")
-        shutil.copy2(ROOT / name, target / name)
+        shutil.copy2(ROOT / name, target_dir / name)
+    if python is None:
+        return
     # Unchecked-hash pycs stay valid whatever times extraction gives the sources, and compiling here
     # keeps it out of the first start.
-    ok = compileall.compile_dir(str(target), quiet=1, workers=0,
-                                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-    if not ok:
-        raise SystemExit("build_zipapp: byte-compiling the staged files failed")
+    result = subprocess.run([python, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode",
+                             "unchecked-hash", str(target_dir)])
+    if result.returncode:
+        raise SystemExit(f"build_zipapp: byte-compiling the staged files with {python} failed")
 
 
-def payload_entries(target: Path) -> list[tuple[str, Path]]:
-    """(name in the zip, file) for every staged file, sorted by name."""
-    return sorted((f"{PAYLOAD_DIR}/{p.relative_to(target).as_posix()}", p)
-                  for p in target.rglob("*") if p.is_file())
+def _digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
-def compute_build_id(entries: list[tuple[str, Path]]) -> str:
+def payload_entries(trees: dict[str, Path]) -> list[tuple[str, Path]]:
+    """(name in the zip, file) for every staged file, sorted by name: a file the same in every tree
+    once under ``common/``, the others under their tree's ABI tag."""
+    files = {abi: {p.relative_to(tree).as_posix(): p for p in tree.rglob("*") if p.is_file()}
+             for abi, tree in trees.items()}
+    first = next(iter(files.values()))
+    common = {rel for rel, path in first.items()
+              if all(rel in other for other in files.values())
+              and len({_digest(other[rel]) for other in files.values()}) == 1}
+    entries = [(f"{PAYLOAD_DIR}/{COMMON_DIR}/{rel}", first[rel]) for rel in common]
+    for abi, found in files.items():
+        entries += [(f"{PAYLOAD_DIR}/{abi}/{rel}", path) for rel, path in found.items() if rel not in common]
+    return sorted(entries)
+
+
+def compute_build_id(entries: list[tuple[str, Path]], target: Target = Target()) -> str:
     digest = hashlib.sha256()
-    digest.update(render_bootstrap("").encode())
+    digest.update(render_bootstrap("", target).encode())
     for name, path in entries:
         data = path.read_bytes()
         digest.update(f"{name}\0{len(data)}\0".encode())
@@ -433,7 +541,8 @@ def compute_build_id(entries: list[tuple[str, Path]]) -> str:
     return digest.hexdigest()[:BUILD_ID_LENGTH]
 
 
-def write_zip(output: Path, entries: list[tuple[str, Path]], build_id: str) -> None:
+def write_zip(output: Path, entries: list[tuple[str, Path]], build_id: str, target: Target = Target()
+              ) -> None:
     """Write the application atomically: a reader never sees a half-written file at ``output``."""
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
@@ -444,7 +553,7 @@ def write_zip(output: Path, entries: list[tuple[str, Path]], build_id: str) -> N
                 zf.comment = f"nightcrier build {build_id}".encode()
                 main = zipfile.ZipInfo("__main__.py", ZIP_DATE_TIME)
                 main.external_attr = 0o644 << 16
-                zf.writestr(main, render_bootstrap(build_id), compress_type=zipfile.ZIP_DEFLATED)
+                zf.writestr(main, render_bootstrap(build_id, target), compress_type=zipfile.ZIP_DEFLATED)
                 for name, path in entries:
                     info = zipfile.ZipInfo(name, ZIP_DATE_TIME)
                     info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
@@ -458,26 +567,53 @@ def write_zip(output: Path, entries: list[tuple[str, Path]], build_id: str) -> N
         raise
 
 
-def build(output: Path = DEFAULT_OUTPUT, requirements: Path = DEFAULT_REQUIREMENTS) -> Build:
+def build(output: Path = DEFAULT_OUTPUT, requirements: Path = DEFAULT_REQUIREMENTS,
+          target: Target = Target(), pythons: dict[str, str] | None = None) -> Build:
     """Build the application at ``output`` (replacing any file there) and describe it."""
+    pythons = pythons or {}
+    missing: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nightcrier-build-") as tmp:
-        target = Path(tmp) / PAYLOAD_DIR
-        stage(requirements, target)
-        entries = payload_entries(target)
-        build_id = compute_build_id(entries)
-        write_zip(output, entries, build_id)
-    return Build(output, build_id, target_tag(), output.stat().st_size)
+        trees: dict[str, Path] = {}
+        for version in target.versions:
+            python = find_interpreter(version, pythons) if target.native else None
+            if python is None:
+                missing.append(version)
+            trees[abi_tag(version)] = Path(tmp) / abi_tag(version)
+            stage(requirements, trees[abi_tag(version)], version, target.platform, python)
+        entries = payload_entries(trees)
+        build_id = compute_build_id(entries, target)
+        write_zip(output, entries, build_id, target)
+    return Build(output, build_id, target.tag, output.stat().st_size, tuple(missing))
+
+
+def _python_option(text: str) -> tuple[str, str]:
+    version, sep, path = text.partition("=")
+    if not sep or version not in SUPPORTED_PYTHONS:
+        raise argparse.ArgumentTypeError(f"expected 3.X=PATH with 3.X one of {', '.join(SUPPORTED_PYTHONS)}")
+    return version, path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build nightcrier.pyz for this interpreter and platform.")
+    parser = argparse.ArgumentParser(description="Build nightcrier.pyz for every supported CPython on one "
+                                     "platform.")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"where to write the application (default {DEFAULT_OUTPUT.relative_to(ROOT)})")
     parser.add_argument("--requirements", type=Path, default=DEFAULT_REQUIREMENTS,
                         help="runtime requirements to bundle (default requirements.txt)")
+    parser.add_argument("--platform", default=DEFAULT_PLATFORM,
+                        help=f"pip platform tag of the wheels to bundle (default {DEFAULT_PLATFORM})")
+    parser.add_argument("--machine", default=DEFAULT_MACHINE,
+                        help=f"machine type (uname -m) the platform tag is for (default {DEFAULT_MACHINE})")
+    parser.add_argument("--python", action="append", type=_python_option, default=[], metavar="3.X=PATH",
+                        help="the interpreter to install and byte-compile for 3.X (default: found "
+                        "under pyenv or on PATH)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    result = build(args.output.resolve(), args.requirements.resolve())
+    target = Target(SUPPORTED_PYTHONS, args.platform, args.machine)
+    result = build(args.output.resolve(), args.requirements.resolve(), target, dict(args.python))
+    for version in result.without_bytecode:
+        print(f"build_zipapp: warning: no CPython {version} found here; its part has no bytecode, which "
+              "is then compiled at its first start", file=sys.stderr)
     print(f"built {args.output} (build {result.build_id}, {result.target}, "
           f"{result.size / 1e6:.1f} MB) in {time.monotonic() - started:.1f} s")
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -68,6 +69,8 @@ SECRET_MASK = "********"
 
 # Keys a Go-era configuration may carry that mean nothing here. They load with
 # a warning so that an existing deployment can switch binaries without edits.
+# One entry per line: a key that gains a meaning again (a field of Config) is
+# simply known, whether or not its entry here has been removed yet.
 OBSOLETE_KEYS: dict[str, str] = {
     "agent_script_path": "agents are started directly; run-agent.sh is not used",
     "kubeconfig_path": "use clusters[].triage.kubeconfig",
@@ -90,9 +93,10 @@ LLM_KEY_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY")
 
 
 def setting(default: Any, env: str, doc: str, *, minimum: float | None = None,
-            choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+            choices: tuple[str, ...] = (), secret: bool = False, maximum: float | None = None) -> Any:
     """A configuration key: its default, environment variable and one-line doc."""
-    meta = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret}
+    meta = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret,
+            "maximum": maximum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -111,7 +115,8 @@ class StateStorageConfig:
         "libpq URL or key=value string; sslmode is honoured", secret=True)
     postgres_host: str = setting("", "STATE_STORAGE_POSTGRES_HOST",
                                  "used when no connection string is given")
-    postgres_port: int = setting(5432, "STATE_STORAGE_POSTGRES_PORT", "PostgreSQL port", minimum=1)
+    postgres_port: int = setting(5432, "STATE_STORAGE_POSTGRES_PORT", "PostgreSQL port", minimum=1,
+                                 maximum=65535)
     postgres_database: str = setting("", "STATE_STORAGE_POSTGRES_DATABASE", "database name")
     postgres_user: str = setting("", "STATE_STORAGE_POSTGRES_USER", "database user")
     postgres_password: str = setting("", "STATE_STORAGE_POSTGRES_PASSWORD", "database password",
@@ -252,7 +257,8 @@ class Config:
                                             "send degraded and recovered alerts")
     failure_threshold_for_alert: int = setting(3, "FAILURE_THRESHOLD_FOR_ALERT",
                                                "consecutive agent failures before an alert", minimum=1)
-    health_port: int = setting(8080, "HEALTH_PORT", "health and metrics port; 0 disables", minimum=0)
+    health_port: int = setting(8080, "HEALTH_PORT", "health and metrics port; 0 disables", minimum=0,
+                               maximum=65535)
     health_bind: str = setting("127.0.0.1", "HEALTH_BIND", "health and metrics bind address")
     permission_check_interval: float = setting(60.0, "PERMISSION_CHECK_INTERVAL",
                                                "minutes between RBAC checks", minimum=1)
@@ -274,11 +280,13 @@ class Config:
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every reason."""
+    """The configuration is unusable; ``problems`` lists every reason, ``warnings`` what else was
+    noticed (unknown keys), so that a typo is shown next to the error it caused."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], warnings: list[str] | None = None):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
         self.problems = problems
+        self.warnings = warnings or []
 
 
 @dataclass(frozen=True)
@@ -295,6 +303,7 @@ class _Key:
     choices: tuple[str, ...]
     secret: bool
     doc: str
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
@@ -312,7 +321,7 @@ def _scalar_keys(cls: type = Config, prefix: str = "") -> list[_Key]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         keys.append(_Key(prefix + f.name, prefix.rstrip("."), f.name, hints[f.name], f.metadata["env"],
                          default, f.metadata["minimum"], f.metadata["choices"], f.metadata["secret"],
-                         f.metadata["doc"]))
+                         f.metadata["doc"], f.metadata.get("maximum")))
     return keys
 
 
@@ -320,8 +329,37 @@ SCALAR_KEYS = _scalar_keys()
 KEYS_BY_PATH = {k.path: k for k in SCALAR_KEYS}
 
 
-def _describe(key: _Key) -> str:
+def _sections(cls: type = Config) -> dict[str, type]:
+    """Keys of ``cls`` that hold a mapping of further keys: name -> its dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if "env" not in f.metadata and dataclasses.is_dataclass(hints[f.name])}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _closest(name: str, known: Iterable[str]) -> str:
+    """' (did you mean `x`?)' for the known key nearest to ``name``, or ''."""
+    import difflib
+    known = list(known)
+    match = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    if not match:
+        # A key put at the wrong level: compare with the last part of dotted keys too.
+        tails = {k.rsplit(".", 1)[-1]: k for k in known if "." in k}
+        match = [tails[m] for m in difflib.get_close_matches(str(name), list(tails), n=1, cutoff=0.8)]
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _describe(key: _Key, source: str = "") -> str:
+    if source.startswith("flag"):
+        return f"{key.path} ({source})"
     return f"{key.path} (env {key.env})"
+
+
+def _source_note(source: str) -> str:
+    return f" [{source}]" if source and not source.startswith("flag") else ""
 
 
 def _shown(key: _Key | None, value: Any) -> str:
@@ -330,10 +368,14 @@ def _shown(key: _Key | None, value: Any) -> str:
     return repr(value)
 
 
-def _coerce(key: _Key, value: Any, problems: list[str]) -> Any:
-    """Convert a raw YAML, environment or flag value to the key's type, or record why not."""
+def _coerce(key: _Key, value: Any, problems: list[str], source: str = "") -> Any:
+    """Convert a raw YAML, environment or flag value to the key's type, or record why not.
+
+    ``source`` says where the value came from ("config file X", "environment variable Y",
+    "flag --z"); it is named in the problem.
+    """
     def bad(why: str) -> None:
-        problems.append(f"{_describe(key)}: {why}, got {_shown(key, value)}")
+        problems.append(f"{_describe(key, source)}: {why}, got {_shown(key, value)}{_source_note(source)}")
 
     if key.type is bool:
         if isinstance(value, bool):
@@ -349,10 +391,14 @@ def _coerce(key: _Key, value: Any, problems: list[str]) -> Any:
             return bad(f"must be a number{'' if key.type is float else ' (whole)'}")
         try:
             number = key.type(value) if key.type is float else _as_int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return bad("must be a whole number" if key.type is int else "must be a number")
+        if number != number or number in (float("inf"), float("-inf")):
+            return bad("must be a finite number")
         if key.minimum is not None and number < key.minimum:
             return bad(f"must be >= {key.minimum:g}")
+        if key.maximum is not None and number > key.maximum:
+            return bad(f"must be <= {key.maximum:g}")
         return number
     if key.type == list[str]:
         if isinstance(value, str):
@@ -381,6 +427,14 @@ def _as_int(value: Any) -> int:
     return int(str(value).strip())
 
 
+class NoConfigFile(Exception):
+    """No config file was given and none is on the search path."""
+
+    def __str__(self) -> str:
+        return ("no config file found (looked at " + ", ".join(CONFIG_SEARCH_PATH)
+                + "); pass --config FILE")
+
+
 def find_config_file(explicit: str | None) -> str | None:
     """The config file to read: ``explicit`` if given, else the first of the search path."""
     if explicit:
@@ -401,17 +455,26 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     problems: list[str] = []
     warnings: list[str] = []
     raw = _read_yaml(path, problems)
+    if problems:
+        # A file that cannot be read or parsed is the only problem worth naming: everything
+        # else said about it (no clusters, say) would be a consequence.
+        raise ConfigError(problems)
     config = Config()
+    for name in _sections():
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            problems.append(f"{name}: must be a mapping of keys, got {type(raw[name]).__name__} "
+                            f"[config file {path}]")
 
     flat = _flatten(raw, warnings)
     for key in SCALAR_KEYS:
         source_value: Any = dataclasses.MISSING
+        source = ""
         if key.path in flat:
-            source_value = flat[key.path]
+            source_value, source = flat[key.path], f"config file {path}"
         if env.get(key.env) not in (None, ""):
-            source_value = env[key.env]
+            source_value, source = env[key.env], f"environment variable {key.env}"
         if flags.get(key.path) is not None:
-            source_value = flags[key.path]
+            source_value, source = flags[key.path], f"flag {key.flag}"
         if source_value is dataclasses.MISSING:
             continue
         if key.path == "state_storage.type" and str(source_value).lower() == "filesystem":
@@ -419,7 +482,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
                             "the queue and cannot be turned off")
             source_value = "sqlite"
         before = len(problems)
-        value = _coerce(key, source_value, problems)
+        value = _coerce(key, source_value, problems, source)
         if len(problems) == before:
             owner = _resolve(config, key.owner)
             setattr(owner, key.name, value)
@@ -427,7 +490,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     config.clusters = _load_clusters(raw.get("clusters"), problems)
     _cross_check(config, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, warnings)
     return config, warnings
 
 
@@ -440,8 +503,18 @@ def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
     except OSError as exc:
         problems.append(f"config file {path}: cannot be read ({exc.strerror or exc})")
         return {}
-    except yaml.YAMLError as exc:
-        problems.append(f"config file {path}: not valid YAML ({exc})")
+    except UnicodeDecodeError as exc:
+        problems.append(f"config file {path}: not UTF-8 text (byte {exc.start})")
+        return {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = ": ".join(str(part) for part in (exc.context, exc.problem) if part)
+        problems.append(f"config file {path}: not valid YAML{where}: {why}")
+        return {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML raises ValueError for impossible dates such as 2024-13-45.
+        problems.append(f"config file {path}: not valid YAML ({type(exc).__name__}: {exc})")
         return {}
     if data is None:
         return {}
@@ -452,23 +525,27 @@ def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
 
 
 def _flatten(raw: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """Dotted key -> value for every scalar key in the file; warns on keys that mean nothing."""
+    """Dotted key -> value for every scalar key in the file; warns on keys that mean nothing,
+    naming the closest known key. Known keys are the fields of :class:`Config`, so a key added
+    there is known here."""
     flat: dict[str, Any] = {}
+    sections = _sections()
     for name, value in raw.items():
         if name == "clusters":
             continue
-        if isinstance(value, dict) and name in ("state_storage", "skills"):
-            for sub, subvalue in value.items():
+        if name in sections:
+            for sub, subvalue in (value.items() if isinstance(value, dict) else ()):
                 flat[f"{name}.{sub}"] = subvalue
         else:
             flat[str(name)] = value
+    known = [*KEYS_BY_PATH, *sections, "clusters"]
     for path in list(flat):
         if path in KEYS_BY_PATH:
             continue
         if path in OBSOLETE_KEYS:
             warnings.append(f"{path}: no longer used ({OBSOLETE_KEYS[path]}); ignored")
         else:
-            warnings.append(f"{path}: unknown key; ignored")
+            warnings.append(f"{path}: unknown key; ignored{_closest(path, known)}")
         del flat[path]
     return flat
 
@@ -512,8 +589,14 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
     elif not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
         problems.append(f"{where}.name: {name!r} is invalid: use 1-63 letters, digits, '-' or '_'")
     where = f"clusters[{index}] ({name})"
+    # A misspelt key in a cluster changes what happens to it (triage off, no API key): an error.
+    nested = [f"{section}.{name}" for section, cls in (("mcp", McpConfig), ("triage", TriageConfig))
+              for name in _field_names(cls)]
+    _unknown_keys(item, _field_names(ClusterConfig), where, problems, nested=nested)
     mcp_raw = _config_section(item, "mcp", where, problems)
     triage_raw = _config_section(item, "triage", where, problems)
+    _unknown_keys(mcp_raw, _field_names(McpConfig), f"{where}.mcp", problems)
+    _unknown_keys(triage_raw, _field_names(TriageConfig), f"{where}.triage", problems)
     mcp = McpConfig(endpoint=_str(mcp_raw, "endpoint", f"{where}.mcp", problems),
                     api_key=_str(mcp_raw, "api_key", f"{where}.mcp", problems),
                     ca_bundle=_str(mcp_raw, "ca_bundle", f"{where}.mcp", problems))
@@ -540,8 +623,20 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
         if not LABEL_VALUE_RE.match(str(value)):
             problems.append(f"{where}.labels.{key}: invalid label value {value!r}")
     environment = item.get("environment") or ""
+    if not isinstance(environment, (str, int, float)) or isinstance(environment, bool):
+        problems.append(f"{where}.environment: must be a string, got {type(environment).__name__}")
+        environment = ""
     return ClusterConfig(name=str(name), mcp=mcp, triage=triage, environment=str(environment),
                          labels={str(k): str(v) for k, v in labels.items()})
+
+
+def _unknown_keys(section: Mapping[str, Any], known: list[str], where: str, problems: list[str],
+                  nested: Sequence[str] = ()) -> None:
+    """An error per key not in ``known``; ``nested`` (dotted) keys are only suggested, for a key put
+    one level too high."""
+    for key in section:
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown key{_closest(str(key), [*known, *nested])}")
 
 
 def _config_section(item: Mapping[str, Any], name: str, where: str, problems: list[str]
@@ -575,7 +670,11 @@ def _check_endpoint(endpoint: str, where: str, problems: list[str]) -> None:
     if not endpoint:
         problems.append(f"{where}: is required")
         return
-    parsed = urllib.parse.urlsplit(endpoint)
+    try:
+        parsed = urllib.parse.urlsplit(endpoint)
+    except ValueError as exc:  # "Invalid IPv6 URL" and the like
+        problems.append(f"{where}: is not a valid URL ({exc}), got {endpoint!r}")
+        return
     if parsed.scheme not in ("http", "https"):
         problems.append(f"{where}: must start with http:// or https://, got {endpoint!r}")
     elif not parsed.hostname:
@@ -607,12 +706,10 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     if config.agent_system_prompt_file and not _readable_file(config.agent_system_prompt_file):
         problems.append(f"agent_system_prompt_file (env AGENT_SYSTEM_PROMPT_FILE): "
                         f"{config.agent_system_prompt_file!r} is not a readable file")
-    if config.report_base_url and urllib.parse.urlsplit(config.report_base_url).scheme not in (
-            "http", "https"):
+    if config.report_base_url and not _is_http_url(config.report_base_url):
         problems.append(f"report_base_url (env REPORT_BASE_URL): must be an http(s) URL, "
                         f"got {config.report_base_url!r}")
-    if config.slack_webhook_url and urllib.parse.urlsplit(config.slack_webhook_url).scheme not in (
-            "http", "https"):
+    if config.slack_webhook_url and not _is_http_url(config.slack_webhook_url):
         problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
                         f"got {SECRET_MASK}")
     storage = config.state_storage
@@ -629,6 +726,15 @@ def _cross_check(config: Config, problems: list[str]) -> None:
                 problems.append("state_storage.postgres_connection_string (env "
                                 f"STATE_STORAGE_POSTGRES_CONNECTION_STRING): {why}, "
                                 f"got {mask_dsn(dsn)!r}")
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -674,7 +780,10 @@ def _dsn_problem(dsn: str) -> str:
 def mask_dsn(dsn: str) -> str:
     """The connection string with its password replaced by a mask."""
     if "://" in dsn:
-        parts = urllib.parse.urlsplit(dsn)
+        try:
+            parts = urllib.parse.urlsplit(dsn)
+        except ValueError:
+            return SECRET_MASK  # unparseable: nothing of it can be shown safely
         netloc = parts.netloc
         if "@" in netloc:
             creds, host = netloc.rsplit("@", 1)
@@ -685,12 +794,26 @@ def mask_dsn(dsn: str) -> str:
     return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\g<1>" + SECRET_MASK, dsn)
 
 
+def mask_url_path(url: str) -> str:
+    """A URL without its credentials or query (where tokens hide); its path is kept."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        return f"{parts.scheme}://{netloc}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    except ValueError:
+        return SECRET_MASK
+
+
 def mask_url(url: str) -> str:
     """Keep a URL's scheme and host, mask the rest (webhook URLs carry their secret in the path)."""
     if not url:
         return ""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}/{SECRET_MASK}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname or ''}/{SECRET_MASK}"
+    except ValueError:
+        return SECRET_MASK
 
 
 def config_as_dict(config: Config, masked: bool = True) -> dict[str, Any]:
@@ -737,6 +860,31 @@ def new_id() -> str:
     """A random (version 4) UUID as text; what uuid.uuid4() gives, at a tenth of the cost."""
     h = os.urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+UUID_LAYOUT = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+
+
+def uuid_prefix_range(prefix: str) -> tuple[str, str] | None:
+    """The lowest and highest UUID text starting with ``prefix``; None if no UUID can.
+
+    Dashes may be left out of the prefix: ``3f2a9c01b7`` means ``3f2a9c01-b7``.
+    """
+    digits = prefix.strip().lower().replace("-", "")
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        return None
+    text, it = "", iter(digits)
+    for slot in UUID_LAYOUT:
+        if slot == "-":
+            text += "-"
+            continue
+        digit = next(it, None)
+        if digit is None:
+            break
+        text += digit
+    text = text.rstrip("-")
+    low, high = (UUID_LAYOUT.replace("x", digit) for digit in "0f")
+    return text + low[len(text):], text + high[len(text):]
 
 
 def is_uuid(text: str) -> bool:
@@ -1003,6 +1151,18 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached or is busy; the operation may be retried later."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The database server answers but refuses us: the database or role does not exist, or the
+    credentials are wrong. Waiting does not fix that, so start-up reports it instead of retrying;
+    while running it is retried like any outage (someone may be restoring the database)."""
+
+
+# libpq's wording for a server that answered and said no, as opposed to one that is down.
+PG_REFUSALS = ("does not exist", "password authentication failed", "authentication failed",
+               "no pg_hba.conf entry", "no password supplied", "permission denied for database",
+               "server does not support ssl")
+
+
 class SchemaTooNew(StoreError):
     """The database was migrated by a newer nightcrier; this one refuses to touch it."""
 
@@ -1118,6 +1278,11 @@ class StateStore:
 
     def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
         """Incidents matching ``criteria``, newest first."""
+        raise NotImplementedError
+
+    def find_incident_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Ids of incidents that start with ``prefix`` (any case), in id order, at most ``limit``;
+        none for a prefix no UUID can start with."""
         raise NotImplementedError
 
     def list_executions(self, incident_id: str) -> list[AgentExecution]:
@@ -1503,6 +1668,15 @@ class SqlStore(StateStore):
         rows = self._query("SELECT * FROM incidents WHERE incident_id = ?", (incident_id,))
         return _row_to(Incident, rows[0]) if rows else None
 
+    def find_incident_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        bounds = uuid_prefix_range(prefix)
+        if bounds is None:
+            return []
+        # A range rather than LIKE: it uses the primary key on both engines (a UUID column in PostgreSQL).
+        rows = self._query("SELECT incident_id FROM incidents WHERE incident_id BETWEEN ? AND ? "
+                           "ORDER BY incident_id LIMIT ?", (*bounds, limit))
+        return [str(r["incident_id"]) for r in rows]
+
     def list_incidents(self, criteria: IncidentFilter = IncidentFilter()) -> list[Incident]:
         where, params = _filter_sql(criteria)
         rows = self._query("SELECT * FROM incidents" + where + LIST_ORDER,
@@ -1840,8 +2014,9 @@ class PostgresPool:
                 cur.execute("SET TIME ZONE 'UTC'")
             conn.commit()
         except psycopg2.Error as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL {mask_dsn(self.dsn)}: "
-                                   f"{str(exc).strip()}") from exc
+            reason = " ".join(str(exc).split())
+            error = StoreRefused if any(r in reason.lower() for r in PG_REFUSALS) else StoreUnavailable
+            raise error(f"cannot connect to PostgreSQL {mask_dsn(self.dsn)}: {reason}") from exc
         with self._cond:
             self._born[id(conn)] = time.monotonic()
         return conn
@@ -2044,6 +2219,14 @@ class McpError(Exception):
     """A request to an MCP server failed (connection, HTTP status, JSON-RPC error or bad reply)."""
 
 
+class NoEventSubscriptions(McpError):
+    """The server works but has no ``events_subscribe`` tool: it is the stock kubernetes-mcp-server,
+    not the events-enabled one. Retrying soon cannot help."""
+
+    HINT = ("this MCP server has no event subscriptions: run the events-enabled "
+            "kubernetes-mcp-server")
+
+
 class SessionLost(McpError):
     """The server answered 404: it no longer knows the session (it restarted)."""
 
@@ -2216,14 +2399,33 @@ class McpSession:
                 self.stream_ended.set()
 
     def subscribe(self, mode: str) -> str:
-        """Call ``events_subscribe``; return the subscription id (empty if the reply has none)."""
-        result = self.request("tools/call", {"name": "events_subscribe", "arguments": {"mode": mode}})
+        """Call ``events_subscribe``; return the subscription id (empty if the reply has none).
+
+        Raises NoEventSubscriptions when the call fails and the server lists no such tool.
+        """
+        try:
+            result = self.request("tools/call", {"name": "events_subscribe", "arguments": {"mode": mode}})
+        except SessionLost:
+            raise
+        except McpError as exc:
+            if self._lacks_tool("events_subscribe"):
+                raise NoEventSubscriptions(f"{NoEventSubscriptions.HINT} ({exc})") from exc
+            raise
         text = "\n".join(str(c.get("text", "")) for c in result.get("content") or []
                          if isinstance(c, dict))
         if result.get("isError"):
             raise McpError(f"events_subscribe: {text.strip() or 'server returned an error'}")
         body = _json_or_none(text[text.find("{"):text.rfind("}") + 1]) if "{" in text else None
         return str(body.get("subscriptionId", "")) if isinstance(body, dict) else ""
+
+    def _lacks_tool(self, name: str) -> bool:
+        """Whether ``tools/list`` answers without ``name`` (False when it cannot be asked)."""
+        try:
+            tools = self.request("tools/list").get("tools")
+        except McpError:
+            return False
+        return isinstance(tools, list) and not any(isinstance(t, dict) and t.get("name") == name
+                                                   for t in tools)
 
     def unsubscribe(self, subscription_id: str) -> None:
         """Call ``events_unsubscribe``; an already-cancelled subscription is not an error."""
@@ -2324,6 +2526,8 @@ def _short_error(exc: BaseException) -> str:
 IngestItem = FaultEvent | RejectedNotification | SubscriptionGap
 DISCONNECTED, CONNECTING, SUBSCRIBING, ACTIVE, FAILED_STATE, STANDBY = (
     "disconnected", "connecting", "subscribing", "active", "failed", "standby")
+UNSUPPORTED = "unsupported"  # the server answers but cannot push faults (no events_subscribe)
+UNHEALTHY_STATES = (FAILED_STATE, DISCONNECTED, UNSUPPORTED)
 
 
 class Spool:
@@ -2788,6 +2992,7 @@ class ClusterListener(threading.Thread):
         self._health = ClusterHealth(cluster.name, triage_enabled=cluster.triage.enabled,
                                      labels=dict(cluster.labels), gap_started=utcnow())
         self._gap_reason = "starting"
+        self._told_unsupported = False  # logged that the server has no events_subscribe
 
     # -- public ---------------------------------------------------------------
 
@@ -2817,19 +3022,24 @@ class ClusterListener(threading.Thread):
                                  connect_timeout=self.config.mcp_connect_timeout,
                                  request_timeout=self.config.mcp_request_timeout, name=self.cluster.name)
             self._session = session
+            delay: float | None = None
             try:
-                self._set(status=CONNECTING)
+                self._progress(CONNECTING)
                 session.open()
                 self._subscribe(session)
                 backoff.reset()
                 self._watch(session)
+            except NoEventSubscriptions as exc:
+                self._unsupported(exc)
+                # Someone has to replace the server; asking often would only fill the log.
+                delay = self.config.sse_reconnect_max_backoff
             except Exception as exc:  # the loop must survive everything
                 self._failed(exc)
             finally:
                 self._session = None
                 session.close()
             if not self._stopping.is_set():
-                self._stopping.wait(backoff.next())
+                self._stopping.wait(backoff.next() if delay is None else delay)
                 self._set(reconnects=self._health.reconnects + 1)
         self._set(status=DISCONNECTED)
 
@@ -2850,12 +3060,13 @@ class ClusterListener(threading.Thread):
         and a fault arriving in between is then seen twice rather than never.
         """
         previous = self._health.subscription_id
-        self._set(status=SUBSCRIBING)
+        self._progress(SUBSCRIBING)
         self._resubscribe.clear()
         subscription_id = session.subscribe(self.config.subscribe_mode)
         if previous:
             session.unsubscribe(previous)
         self._set(status=ACTIVE, subscription_id=subscription_id, last_error="")
+        self._told_unsupported = False
         self._end_gap()
         log_event(logging.INFO, "subscribed to faults", cluster=self.cluster.name,
                   subscription_id=subscription_id)
@@ -2925,6 +3136,24 @@ class ClusterListener(threading.Thread):
                       error=error)
         self._start_gap(error)
         self._set(status=FAILED_STATE, last_error=error, subscription_id="")
+
+    def _progress(self, status: str) -> None:
+        """Connecting or subscribing; a cluster known to be unsupported stays shown as such while
+        it is retried, so health output does not flicker."""
+        with self._lock:
+            if self._health.status != UNSUPPORTED:
+                self._health.status = status
+
+    def _unsupported(self, exc: NoEventSubscriptions) -> None:
+        """Said once per change of state: the log says what to do, not how often it was retried."""
+        self.metrics.inc("listener_errors", self.cluster.name)
+        if not self._told_unsupported and not self._stopping.is_set():
+            self._told_unsupported = True
+            log_event(logging.ERROR, NoEventSubscriptions.HINT, cluster=self.cluster.name,
+                      endpoint=mask_url_path(self.cluster.mcp.endpoint), error=str(exc.__cause__ or exc),
+                      retry_every=self.config.sse_reconnect_max_backoff)
+        self._start_gap(NoEventSubscriptions.HINT)
+        self._set(status=UNSUPPORTED, last_error=NoEventSubscriptions.HINT, subscription_id="")
 
     def _start_gap(self, reason: str) -> None:
         with self._lock:
@@ -4466,6 +4695,14 @@ class Metrics:
         self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
                                     ("status",), registry=self.registry)
 
+    def declare_clusters(self, clusters: Iterable[str]) -> None:
+        """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
+        clusters = list(clusters)
+        for counter in self._counters.values():
+            if counter._labelnames == ("cluster",):
+                for cluster in clusters:
+                    counter.labels(cluster)
+
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
         counter = self._counters[key]
         (counter.labels(cluster) if counter._labelnames else counter).inc(amount)
@@ -4491,7 +4728,9 @@ class HealthServer:
     connection state, reconnects, subscription id, recorded gaps and RBAC check.
     ``/metrics``: the Prometheus text format.
     Serves from its own threads; every answer is computed from the callables it
-    was given, so it holds no state of its own but the shutdown flag.
+    was given (replaceable with :meth:`serve`, for a server bound before the
+    service existed), so it holds no state of its own but the shutdown flag.
+    Raises :class:`StartupError` naming the port when it cannot be bound.
     """
 
     def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
@@ -4525,16 +4764,25 @@ class HealthServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self._clusters = clusters
-        self._readiness = readiness
-        self._metrics = metrics
+        self.serve(clusters=clusters, readiness=readiness, metrics=metrics)
         self.shutting_down = False
-        self._httpd = Server((bind, port), Handler)
+        try:
+            self._httpd = Server((bind, port), Handler)
+        except OSError as exc:
+            raise StartupError(_bind_problem(bind, port, exc)) from None
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="health")
 
+    def serve(self, *, clusters: Callable[[], dict[str, Any]],
+              readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes]) -> None:
+        """Answer from these callables from now on (a server bound before the service existed)."""
+        self._clusters = clusters
+        self._readiness = readiness
+        self._metrics = metrics
+
     def start(self) -> HealthServer:
-        self._thread.start()
+        if not self._thread.is_alive():
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -4555,6 +4803,24 @@ class HealthServer:
             from prometheus_client import CONTENT_TYPE_LATEST
             return 200, CONTENT_TYPE_LATEST, self._metrics()
         return 404, "text/plain", b"not found\n"
+
+
+class StartupError(Exception):
+    """Something outside the configuration file stops the service from starting (a port in use,
+    a database that refuses us). Its message is the one line the operator sees; exit status 2."""
+
+
+def _bind_problem(bind: str, port: int, exc: OSError) -> str:
+    where = f"{bind}:{port}" if ":" not in bind else f"[{bind}]:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        why = f"health port {port} is already in use on {bind}"
+    elif exc.errno == errno.EACCES:
+        why = f"health port {port} on {bind} needs privileges this process does not have"
+    elif isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        why = f"health_bind {bind!r} is not an address of this host ({exc.strerror or exc})"
+    else:
+        why = f"cannot listen on {where} ({exc.strerror or exc})"
+    return why + "; set health_port (env HEALTH_PORT) to a free port, or 0 to disable it"
 
 
 def _json_body(data: Any) -> bytes:
@@ -4590,7 +4856,8 @@ def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mappi
     return {"clusters": clusters, "runner": dict(runner), "summary": {
         "total": len(clusters), "active": sum(c["status"] == ACTIVE for c in clusters),
         "standby": sum(c["status"] == STANDBY for c in clusters),
-        "unhealthy": sum(c["status"] in (FAILED_STATE, DISCONNECTED) for c in clusters),
+        # A cluster whose RBAC check failed cannot be triaged: it is not healthy either.
+        "unhealthy": sum(c["status"] in UNHEALTHY_STATES or bool(c.get("degraded")) for c in clusters),
         "triage_enabled": sum(c["triage_enabled"] for c in clusters)}}
 
 
@@ -4764,9 +5031,11 @@ class Service:
     Created and driven by the main thread.
     """
 
-    def __init__(self, config: Config, store: StateStore | None = None):
+    def __init__(self, config: Config, store: StateStore | None = None,
+                 health_server: HealthServer | None = None):
         self.config = config
         self.metrics = Metrics()
+        self.metrics.declare_clusters(c.name for c in config.clusters)
         self.store = store or open_store_with_retry(config)
         self.work_available = threading.Event()
         self.sink = IngestSink(config.global_queue_size,
@@ -4785,10 +5054,15 @@ class Service:
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=self.notifier.enqueue if self.notifier else None)
-        self.health_server = (HealthServer(config.health_bind, config.health_port,
-                                           clusters=self.cluster_health, readiness=self.readiness,
-                                           metrics=self.metrics_text)
-                              if config.health_port else None)
+        # Given when it was bound before the database was reached, to report the wait in /readyz.
+        self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
+                                                            clusters=self.cluster_health,
+                                                            readiness=self.readiness,
+                                                            metrics=self.metrics_text)
+                                               if config.health_port else None)
+        if self.health_server is not None:
+            self.health_server.serve(clusters=self.cluster_health, readiness=self.readiness,
+                                     metrics=self.metrics_text)
         self._stop_watching = threading.Event()
         # Work announced by other processes sharing the database wakes this dispatcher too.
         self._watcher = threading.Thread(target=self.store.watch_for_work, daemon=True, name="work-watch",
@@ -4870,17 +5144,24 @@ class Service:
         log_event(logging.INFO, "nightcrier stopped")
 
 
-def open_store_with_retry(config: Config, stop: threading.Event | None = None) -> StateStore:
-    """Open the configured store, retrying with backoff while the database is unavailable.
+def open_store_with_retry(config: Config, stop: threading.Event | None = None,
+                          on_error: Callable[[str], None] | None = None) -> StateStore:
+    """Open the configured store, retrying with backoff while the database is unavailable;
+    ``on_error`` is told each failure (for ``/readyz`` meanwhile).
 
-    Raises StoreError for problems retrying cannot fix (a schema too new, say).
+    Raises StoreRefused when the server refuses the database or credentials and StoreError for
+    other problems retrying cannot fix (a schema too new, say).
     """
     backoff = Backoff(0.5, 30.0)
     stop = stop or threading.Event()
     while True:
         try:
             return open_store(config)
+        except StoreRefused:
+            raise
         except StoreUnavailable as exc:
+            if on_error is not None:
+                on_error(str(exc))
             delay = backoff.next()
             log_event(logging.WARNING, "database unavailable, retrying", error=str(exc),
                       retry_in=round(delay, 1))
@@ -5263,7 +5544,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nightcrier", description="Turn Kubernetes faults into triaged incidents.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the service (the default)")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print it, secrets masked")
@@ -5295,7 +5576,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="./nightcrier-demo", help="where the database and workspaces go")
     demo.add_argument("--faults", type=int, default=5, help="stop after this many (0: until Ctrl-C)")
     demo.add_argument("--rate", type=float, default=1.0, help="faults per second")
-    sub.add_parser("stub-agent", help=argparse.SUPPRESS)
+    sub.add_parser("stub-agent")  # the demo's agent; no help= keeps it out of --help
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -5313,11 +5594,21 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The configuration, or exit 2 with every problem (and warning) on stderr, never a traceback."""
     path = find_config_file(args.config)
+    if path is None:
+        print(f"nightcrier: {NoConfigFile()}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     try:
         config, warnings = load_config(path, flags=_flags(args))
     except ConfigError as exc:
+        # Warnings first: an unknown key is often the cause of the error below it.
+        for warning in exc.warnings:
+            print(f"nightcrier: warning: {warning}", file=sys.stderr)
         print(f"nightcrier: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except Exception as exc:  # a value no check foresaw must still not end in a traceback
+        print(f"nightcrier: invalid configuration in {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     for warning in warnings:
         print(f"nightcrier: warning: {warning}", file=sys.stderr)
@@ -5359,13 +5650,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     service = Service(config).start()
-    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}\n")
+    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}")
+    earlier = sum(service.store.count_by_status().values())
+    if earlier:
+        print(f"  reusing this directory: its {earlier} earlier incident{'s' if earlier != 1 else ''} "
+              "stay in the database; only new faults are shown and counted (use --dir for a fresh one)")
+    print()
+    started = utcnow()
     try:
         if not _wait_until(lambda: service.health()[0].status == ACTIVE, 30, stop):
             print("nightcrier: the demo cluster did not become active", file=sys.stderr)
             return 1
         simulator.emit_many(args.faults or sys.maxsize, args.rate)
-        _follow_demo(service.store, args.faults, stop)
+        _follow_demo(service.store, args.faults, stop, since=started)
     finally:
         service.stop()
         simulator.stop()
@@ -5398,12 +5695,13 @@ def _wait_until(condition: Callable[[], bool], timeout: float, stop: threading.E
     return True
 
 
-def _follow_demo(store: StateStore, faults: int, stop: threading.Event) -> None:
-    """Print each incident when it is created and when it finishes; return after ``faults``
-    incidents have finished (0: until interrupted)."""
+def _follow_demo(store: StateStore, faults: int, stop: threading.Event,
+                 since: dt.datetime | None = None) -> None:
+    """Print each incident created since ``since`` when it is created and when it finishes; return
+    after ``faults`` of them have finished (0: until interrupted)."""
     seen: dict[str, str] = {}
     while not stop.wait(0.2):
-        for incident in reversed(store.list_incidents(IncidentFilter(limit=1000))):
+        for incident in reversed(store.list_incidents(IncidentFilter(since=since, limit=1000))):
             if seen.get(incident.incident_id) == incident.status:
                 continue
             if incident.incident_id not in seen:
@@ -5452,19 +5750,60 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_event(logging.WARNING, "config warning", detail=warning)
     stop = threading.Event()
     _install_signal_handlers(stop)
+    health: HealthServer | None = None
     try:
-        service = Service(config, open_store_with_retry(config, stop)).start()
+        health, waiting = _early_health_server(config)
+        store = open_store_with_retry(config, stop, on_error=waiting)
+        service = Service(config, store, health_server=health).start()
+    except StoreRefused as exc:
+        return _startup_failed(f"the database refuses nightcrier: {exc}", health)
     except StoreUnavailable:
+        if health is not None:
+            health.stop()
         return 0  # asked to stop while waiting for the database
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
+        if health is not None:
+            health.stop()
         return 1
+    except StartupError as exc:
+        return _startup_failed(str(exc), health)
+    except OSError as exc:  # the workspace or spool directory cannot be created, say
+        return _startup_failed(f"cannot start: {exc}", health)
     # A timed wait: a signal delivered to another thread does not wake a blocked
     # main thread, and Python runs signal handlers only in the main thread.
     while not stop.wait(0.5):
         pass
     service.stop()
     return 0
+
+
+def _startup_failed(message: str, health: HealthServer | None) -> int:
+    print(f"nightcrier: {message}", file=sys.stderr)
+    if health is not None:
+        health.stop()
+    return EXIT_CONFIG
+
+
+def _early_health_server(config: Config) -> tuple[HealthServer | None, Callable[[str], None]]:
+    """The health server, bound and serving before the database is reached, and the callable to
+    tell it each database error: a busy port is found at once, and ``/readyz`` says why the
+    service is not ready while the database is retried."""
+    waiting = {"error": "not connected yet"}
+    if not config.health_port:
+        return None, lambda error: None
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        return False, {"database": f"unavailable: {waiting['error']}", "active_clusters": 0}
+
+    def clusters() -> dict[str, Any]:
+        return {"clusters": [], "runner": {}, "summary": {"total": 0, "active": 0, "standby": 0,
+                                                          "unhealthy": 0, "triage_enabled": 0},
+                "starting": f"waiting for the database: {waiting['error']}"}
+
+    server = HealthServer(config.health_bind, config.health_port, clusters=clusters, readiness=readiness,
+                          metrics=lambda: b"")
+    return server.start(), lambda error: waiting.update(error=error)
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -5501,12 +5840,30 @@ def cmd_tail(args: argparse.Namespace) -> int:
         store.close()
 
 
+def resolve_incident_id(store: StateStore, text: str) -> tuple[str | None, str]:
+    """The full id an operator meant by ``text`` (a whole id or any unambiguous prefix), or None
+    and the reason: no such incident, or the candidates a prefix matches."""
+    if is_uuid(text):
+        return text.lower(), ""
+    shown = 10
+    matches = store.find_incident_ids(text, limit=shown + 1)
+    if len(matches) == 1:
+        return matches[0], ""
+    if not matches:
+        return None, f"no incident {text!r}"
+    more = " and more" if len(matches) > shown else ""
+    return None, (f"{text!r} matches several incidents: {', '.join(matches[:shown])}{more}; "
+                  "give more of the id")
+
+
 def _tail(store: StateStore, config: Config, incident_id: str, log_name: str, out: Any,
           poll: float = 0.2) -> int:
-    incident = store.get_incident(incident_id)
+    resolved, why = resolve_incident_id(store, incident_id)
+    incident = store.get_incident(resolved) if resolved else None
     if incident is None:
-        print(f"nightcrier: no incident {incident_id!r}", file=sys.stderr)
+        print(f"nightcrier: {why or f'no incident {incident_id!r}'}", file=sys.stderr)
         return 1
+    incident_id = incident.incident_id
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root), incident_id)
     path = os.path.join(workspace, "logs", log_name)
     offset = 0
@@ -5556,15 +5913,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     """One incident: its fields, agent runs, report summary, workspace and log paths."""
     config, _ = _load_or_exit(args)
     with _cli_store(config) as store:
-        incident = store.get_incident(args.incident_id)
+        resolved, why = resolve_incident_id(store, args.incident_id)
+        incident = store.get_incident(resolved) if resolved else None
         if incident is None:
-            print(f"nightcrier: no incident {args.incident_id!r}", file=sys.stderr)
+            print(f"nightcrier: {why or f'no incident {args.incident_id!r}'}", file=sys.stderr)
             return 1
         executions = store.list_executions(incident.incident_id)
         report = store.get_report(incident.incident_id)
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root),
                                                         incident.incident_id)
-    document = {**_incident_json(incident), "workspace": workspace,
+    document = {**_incident_json(incident), "runs": len(executions), "workspace": workspace,
                 "logs": agent_log_paths(workspace),
                 "executions": [{**dataclasses.asdict(e), "started_at": e.started_at.isoformat(),
                                 "completed_at": e.completed_at.isoformat() if e.completed_at else None}
@@ -5578,7 +5936,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in ("incident_id", "status", "cluster", "fault_type", "severity", "fault_id", "resource",
                 "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
                 "workspace"):
-        if document.get(key) not in (None, ""):
+        if key == "attempts":
+            line = _attempts_line(incident.attempts, len(executions), config.max_attempts)
+            print(f"{'attempts':<16}{line}")
+        elif document.get(key) not in (None, ""):
             print(f"{key.replace('_', ' '):<16}{document[key]}")
     print(f"{'context':<16}{incident.context[:500]}")
     print(f"{'stdout log':<16}{document['logs']['agent-stdout.log']}")
@@ -5592,6 +5953,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\nreport: {report.raw_report_path}")
         print(f"summary: {report.summary_text or 'See investigation report'}")
     return 0
+
+
+def _attempts_line(attempts: int, runs: int, max_attempts: int) -> str:
+    """Attempts as max_attempts counts them, reconciled with the runs listed below them."""
+    line = f"{attempts} of {max_attempts}"
+    if runs > attempts:
+        uncounted = runs - attempts
+        line += (f" ({runs} runs below; {uncounted} {'was' if uncounted == 1 else 'were'} returned to "
+                 "pending by a shutdown or an unavailable runner and not counted)")
+    return line
 
 
 @contextmanager

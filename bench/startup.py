@@ -12,7 +12,10 @@ its own, for ``--version`` and for ``check-config --config config.example.yaml``
 median wall time of ``--runs`` runs. Goals: warm <= 0.5 s, first <= 2 s; the exit status is 1 when
 a goal is missed.
 
-Usage:  python bench/startup.py [--pyz dist/nightcrier.pyz] [--runs 7] [--python python3]
+One row per command and per CPython: every supported version found on the machine (pyenv or PATH),
+or the ``--python`` interpreters given.
+
+Usage:  python bench/startup.py [--pyz dist/nightcrier.pyz] [--runs 7] [--python python3.12 ...]
 """
 
 from __future__ import annotations
@@ -61,13 +64,30 @@ def measure(python: str, pyz: Path, args: list[str], runs: int, work: Path) -> d
     return {"first": statistics.median(first), "warm": statistics.median(warm)}
 
 
+def interpreters(chosen: list[str]) -> list[tuple[str, str]]:
+    """(version, path) of each interpreter to measure: those given, else every supported CPython here."""
+    if chosen:
+        found = []
+        for path in chosen:
+            version = subprocess.run([path, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+            found.append((version, path))
+        return found
+    return [(v, p) for v in build_zipapp.SUPPORTED_PYTHONS
+            if (p := build_zipapp.find_interpreter(v, {})) is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pyz", type=Path, help="application to measure (default: build one)")
     parser.add_argument("--runs", type=int, default=7, help="runs per figure; the median is shown")
-    parser.add_argument("--python", default=sys.executable, help="interpreter (default: this one)")
+    parser.add_argument("--python", action="append", default=[],
+                        help="interpreter to measure; repeatable (default: every supported CPython found)")
     args = parser.parse_args(argv)
+    pythons = interpreters(args.python)
+    if not pythons:
+        raise SystemExit("no supported CPython found to measure")
 
     with tempfile.TemporaryDirectory(prefix="nightcrier-startup-") as tmp:
         work = Path(tmp)
@@ -75,30 +95,30 @@ def main(argv: list[str] | None = None) -> int:
         size = pyz.stat().st_size
         config = work / "config.yaml"
         shutil.copy(CONFIG, config)
-        floor = statistics.median(timed([args.python, "-I", "-c", "pass"], {"PATH": "/usr/bin:/bin"}, work)
-                                  for _ in range(args.runs))
         rows = []
-        for shown, cmd_args in ((["--version"], ["--version"]),
-                                (["check-config", "--config", "config.example.yaml"],
-                                 ["check-config", "--config", str(config)])):
-            rows.append((shlex.join(["python3", "-I", "nightcrier.pyz", *shown]),
-                         measure(args.python, pyz, cmd_args, args.runs, work)))
+        for version, python in pythons:
+            floor = statistics.median(timed([python, "-I", "-c", "pass"], {"PATH": "/usr/bin:/bin"}, work)
+                                      for _ in range(args.runs))
+            for shown, cmd_args in ((["--version"], ["--version"]),
+                                    (["check-config", "--config", "config.example.yaml"],
+                                     ["check-config", "--config", str(config)])):
+                rows.append((version, shlex.join(["python3", "-I", "nightcrier.pyz", *shown]),
+                             measure(python, pyz, cmd_args, args.runs, work), floor))
 
     print(f"# nightcrier.pyz start-up, median of {args.runs} runs "
-          f"({args.python}, {build_zipapp.target_tag()}, {size / 1e6:.1f} MB)\n")
-    print(f"| command | first start (goal <= {GOALS['first']:g} s) "
-          f"| warm start (goal <= {GOALS['warm']:g} s) |")
-    print("|---|---|---|")
+          f"({build_zipapp.target_tag()}, {size / 1e6:.1f} MB)\n")
+    print(f"| CPython | command | first start (goal <= {GOALS['first']:g} s) "
+          f"| warm start (goal <= {GOALS['warm']:g} s) | `python3 -I -c pass` (floor) |")
+    print("|---|---|---|---|---|")
     missed = []
-    for command, figures in rows:
+    for version, command, figures, floor in rows:
         cells = []
         for kind in ("first", "warm"):
             ok = figures[kind] <= GOALS[kind]
             cells.append(f"{figures[kind]:.2f} s" + ("" if ok else " (missed)"))
             if not ok:
-                missed.append(f"{kind} start of {command}")
-        print(f"| `{command}` | {cells[0]} | {cells[1]} |")
-    print(f"| `python3 -I -c pass` (floor) | | {floor:.2f} s |")
+                missed.append(f"{kind} start of {command} on {version}")
+        print(f"| {version} | `{command}` | {cells[0]} | {cells[1]} | {floor:.2f} s |")
     if missed:
         print("\ngoal missed: " + "; ".join(missed))
     return 1 if missed else 0

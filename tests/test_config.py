@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import nightcrier as nc
 
@@ -101,8 +103,8 @@ def test_go_original_config_loads_with_warnings(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_warn_but_load(tmp_path: Path) -> None:
-    _, warnings = nc.load_config(write(tmp_path, {**MINIMAL, "agent_debug": True}), env={})
-    assert warnings == ["agent_debug: unknown key; ignored"]
+    _, warnings = nc.load_config(write(tmp_path, {**MINIMAL, "xyzzy": True}), env={})
+    assert warnings == ["xyzzy: unknown key; ignored"]
 
 
 # -- validation ------------------------------------------------------------------------
@@ -277,3 +279,163 @@ def test_postgres_settings_build_a_connection_string(tmp_path: Path) -> None:
     params = nc._parse_dsn(nc.postgres_dsn(config.state_storage))
     assert params == {"host": "db.internal", "port": "5432", "dbname": "nc", "user": "night",
                       "password": "it's secret", "sslmode": "require"}
+
+
+# -- unknown keys, sources, ports, syntax errors -------------------------------------------
+
+@pytest.mark.parametrize("item, message", [
+    (cluster(triag={"enabled": True}), "clusters[0] (prod).triag: unknown key (did you mean `triage`?)"),
+    (cluster(mcp={"endpoint": "http://h/mcp", "api_kee": "k"}),
+     "clusters[0] (prod).mcp.api_kee: unknown key (did you mean `api_key`?)"),
+    (cluster(triage={"kubeconfg": "/k"}),
+     "clusters[0] (prod).triage.kubeconfg: unknown key (did you mean `kubeconfig`?)"),
+    (cluster(labelz={}), "clusters[0] (prod).labelz: unknown key (did you mean `labels`?)"),
+    (cluster(kubeconfig="/k"),
+     "clusters[0] (prod).kubeconfig: unknown key (did you mean `triage.kubeconfig`?)"),
+    (cluster(endpoint="http://h/mcp"),
+     "clusters[0] (prod).endpoint: unknown key (did you mean `mcp.endpoint`?)"),
+])
+def test_unknown_keys_in_a_cluster_are_errors_with_the_closest_key(tmp_path: Path, item: dict[str, Any],
+                                                                    message: str) -> None:
+    assert message in problems_of(tmp_path, {"clusters": [item]})
+
+
+def test_unknown_top_level_keys_name_the_closest_key(tmp_path: Path) -> None:
+    data = {**MINIMAL, "agent_timout": 5, "state_storage": {"typ": "sqlite"}, "postgres_host": "db"}
+    _, warnings = nc.load_config(write(tmp_path, data), env={})
+    assert "agent_timout: unknown key; ignored (did you mean `agent_timeout`?)" in warnings
+    assert "state_storage.typ: unknown key; ignored (did you mean `state_storage.type`?)" in warnings
+    assert "postgres_host: unknown key; ignored (did you mean `state_storage.postgres_host`?)" in warnings
+
+
+def test_known_keys_come_from_the_config_dataclasses(tmp_path: Path) -> None:
+    """Every key a Config field defines loads without a warning, so new keys need no list of names;
+    a Go key that is a field again is simply known."""
+    data: dict[str, Any] = {**MINIMAL}
+    for key in nc.SCALAR_KEYS:
+        holder = data
+        for part in filter(None, key.owner.split(".")):
+            holder = holder.setdefault(part, {})
+        holder[key.name] = key.default
+    _, warnings = nc.load_config(write(tmp_path, data), env={})
+    assert warnings == []
+
+
+def test_warnings_are_shown_next_to_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, {**MINIMAL, "max_concurent_agents": 3, "agent_timeout": 0})
+    result = run_cli("check-config", "--config", path, env={"PATH": ""})
+    assert result.returncode == 2
+    assert ("max_concurent_agents: unknown key; ignored (did you mean `max_concurrent_agents`?)"
+            in result.stderr)
+    assert "agent_timeout (env AGENT_TIMEOUT): must be >= 1, got 0" in result.stderr
+
+
+def test_each_problem_names_its_source(tmp_path: Path) -> None:
+    path = write(tmp_path, {**MINIMAL, "agent_timeout": "soon"})
+    problems = problems_of(tmp_path, {**MINIMAL, "agent_timeout": "soon"})
+    assert problems == [f"agent_timeout (env AGENT_TIMEOUT): must be a whole number, got 'soon' "
+                        f"[config file {path}]"]
+    problems = problems_of(tmp_path, MINIMAL, {"AGENT_TIMEOUT": "later"})
+    assert problems == ["agent_timeout (env AGENT_TIMEOUT): must be a whole number, got 'later' "
+                        "[environment variable AGENT_TIMEOUT]"]
+    result = run_cli("check-config", "--config", write(tmp_path, MINIMAL), "--agent-timeout", "x",
+                     env={"PATH": ""})
+    assert result.returncode == 2
+    assert "agent_timeout (flag --agent-timeout): must be a whole number, got 'x'" in result.stderr
+    assert "AGENT_TIMEOUT" not in result.stderr
+
+
+def test_secret_values_are_masked_whatever_their_source(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, {**MINIMAL, "anthropic_api_key": ["sk-ant-listsecret"]},
+                           {"SLACK_WEBHOOK_URL": "http://[::1/hooksecret"})
+    text = "\n".join(problems)
+    assert "listsecret" not in text and "hooksecret" not in text
+    assert f"anthropic_api_key (env ANTHROPIC_API_KEY): must be a string, got {nc.SECRET_MASK}" in text
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**MINIMAL, "health_port": 99999}, "health_port (env HEALTH_PORT): must be <= 65535, got 99999"),
+    ({**MINIMAL, "health_port": -1}, "health_port (env HEALTH_PORT): must be >= 0, got -1"),
+    ({**MINIMAL, "state_storage": {"postgres_port": 70000}},
+     "state_storage.postgres_port (env STATE_STORAGE_POSTGRES_PORT): must be <= 65535, got 70000"),
+    ({**MINIMAL, "agent_timeout": 1e400}, "agent_timeout (env AGENT_TIMEOUT): must be a whole number"),
+    ({**MINIMAL, "mcp_ping_interval": float("nan")},
+     "mcp_ping_interval (env MCP_PING_INTERVAL): must be a finite"),
+    ({**MINIMAL, "mcp_ping_interval": "inf"}, "mcp_ping_interval (env MCP_PING_INTERVAL): must be a finite"),
+    ({"clusters": [cluster(mcp={"endpoint": "http://[::1/mcp"})]},
+     "clusters[0] (prod).mcp.endpoint: is not a valid URL (Invalid IPv6 URL), got 'http://[::1/mcp'"),
+    ({"clusters": [cluster(environment={"a": 1})]}, "clusters[0] (prod).environment: must be a string"),
+    ({**MINIMAL, "report_base_url": "http://[bad"}, "report_base_url (env REPORT_BASE_URL): must be an"),
+    ({**MINIMAL, "state_storage": "postgres"}, "state_storage: must be a mapping of keys, got str"),
+    ({**MINIMAL, "skills": ["a"]}, "skills: must be a mapping of keys, got list"),
+    ({**MINIMAL, "state_storage": {"type": "postgres", "postgres_connection_string": "postgresql://[::1"}},
+     "state_storage.postgres_connection_string"),
+])
+def test_malformed_values_are_named_problems(tmp_path: Path, data: dict[str, Any], message: str) -> None:
+    assert any(message in p for p in problems_of(tmp_path, data)), problems_of(tmp_path, data)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("clusters: [unclosed\n  - x\n", "line 3, column 1"),
+    ("a: b\n\tc: d\n", "line 2, column 1"),
+    ("workspace_root: 2024-13-45\nclusters: []\n", ""),
+])
+def test_a_yaml_syntax_error_is_reported_alone(tmp_path: Path, text: str, where: str) -> None:
+    problems = problems_of(tmp_path, text)
+    assert len(problems) == 1, problems
+    assert "not valid YAML" in problems[0] and where in problems[0]
+
+
+def test_no_config_file_is_one_line_listing_the_paths_looked_at(tmp_path: Path) -> None:
+    for args in (["check-config"], [], ["incidents"]):
+        result = run_cli(*args, cwd=tmp_path, env={"PATH": ""})
+        assert result.returncode == 2
+        assert result.stderr == ("nightcrier: no config file found (looked at ./config.yaml, "
+                                 "./configs/config.yaml, /etc/nightcrier/config.yaml); pass --config FILE\n")
+
+
+# -- hostile input: loading never fails other than with ConfigError -----------------------
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30),
+                    st.sampled_from(["http://[::1/mcp", "http://h:99999/x", "https://h/mcp", "-1", "1e999",
+                                     "nan", "postgresql://[::1", "0x10", " 5 ", "sqlite", "postgres"]))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
+STORAGE_KEYS = [k.name for k in nc.SCALAR_KEYS if k.owner == "state_storage"]
+ENV_NAMES = [k.env for k in nc.SCALAR_KEYS]
+top_keys = st.sampled_from([k.path.split(".")[0] for k in nc.SCALAR_KEYS] + ["clusters", "bogus"])
+cluster_items = st.fixed_dictionaries({}, optional={
+    "name": values, "mcp": st.one_of(values, st.fixed_dictionaries({}, optional={
+        "endpoint": values, "api_key": values, "ca_bundle": values, "api_kee": values})),
+    "triage": st.one_of(values, st.fixed_dictionaries({}, optional={
+        "enabled": values, "kubeconfig": values, "allow_secrets_access": values,
+        "check_permissions": values})),
+    "labels": values, "environment": values, "triag": values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(top=st.dictionaries(top_keys, values, max_size=6),
+       clusters=st.one_of(values, st.lists(cluster_items, max_size=3)),
+       storage=st.dictionaries(st.sampled_from(STORAGE_KEYS), values, max_size=4),
+       env=st.dictionaries(st.sampled_from(ENV_NAMES), st.text(max_size=20), max_size=4))
+def test_any_config_values_load_or_are_named_problems(tmp_path: Path, top: dict[str, Any], clusters: Any,
+                                                      storage: dict[str, Any], env: dict[str, str]) -> None:
+    data = {**top, "clusters": clusters, "state_storage": storage}
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in env.items() if "\x00" not in v}
+    try:
+        nc.load_config(str(path), env=env)
+    except nc.ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.sampled_from(list("ab:-[]{}'\"\t\n #&*!|>%@`,?2024-13.")), max_size=60))
+def test_any_file_text_loads_or_is_a_named_problem(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        nc.load_config(str(path), env={})
+    except nc.ConfigError as exc:
+        assert exc.problems

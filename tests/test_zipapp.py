@@ -1,4 +1,5 @@
-"""Tests of nightcrier.pyz as built by build_zipapp.py: self-contained, cached extraction, pruning.
+"""Tests of nightcrier.pyz as built by build_zipapp.py: self-contained, one zip for every supported
+CPython, cached extraction per build and interpreter, pruning.
 
 The application is built once per session and every test runs it in fresh subprocesses with
 ``python3 -I`` and an environment holding little more than PATH, so nothing of the developer's
@@ -26,12 +27,17 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+import build_zipapp
 import nightcrier
 
 PYTHON = [sys.executable, "-I"]
 CLEAN_PATH = "/usr/bin:/bin"
 RUN_TIMEOUT = 60
-TARGET = f"{sys.implementation.cache_tag}-{sys.platform}-{os.uname().machine}"
+ABI = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+TARGET = build_zipapp.target_tag()
+# Every supported CPython this machine has, by version; the zip must run on each.
+INTERPRETERS = {v: p for v in build_zipapp.SUPPORTED_PYTHONS
+                if (p := build_zipapp.find_interpreter(v, {})) is not None}
 
 # Runs the application in-process so the test can see which files its modules came from.
 PROBE = """
@@ -55,6 +61,11 @@ with open(out, "w") as fh:
 class App:
     path: Path
     build_id: str
+
+    @property
+    def key(self) -> str:
+        """The name of its extraction for the interpreter running the tests."""
+        return f"{self.build_id}-{ABI}"
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +108,7 @@ def version_line(app: App) -> str:
 
 
 def build_dirs(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name))
+    return sorted(p.name for p in cache.iterdir() if re.fullmatch(r"[0-9a-f]{16}-cp\d+", p.name))
 
 
 def write_config(path: Path, state_storage: dict[str, str]) -> Path:
@@ -115,21 +126,28 @@ def test_archive_holds_nightcrier_its_schemas_and_every_dependency(app: App) -> 
         names = set(zf.namelist())
         main = zf.read("__main__.py").decode()
     assert f'BUILD_ID = "{app.build_id}"' in main
-    for name in ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql",
-                 f"__pycache__/nightcrier.{sys.implementation.cache_tag}.pyc"):
-        assert f"site-packages/{name}" in names
-    assert any(re.fullmatch(r"site-packages/psycopg2/_psycopg\..*so", n) for n in names)
-    assert any(n.startswith("site-packages/psycopg2_binary.libs/libpq") for n in names)
-    assert any(re.fullmatch(r"site-packages/yaml/_yaml\..*so", n) for n in names)
+    for name in ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql"):
+        assert f"site-packages/common/{name}" in names
 
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "_", name).lower()
 
-    installed = {norm(n.split("/")[1].split("-")[0]) for n in names if ".dist-info/" in n}
     wanted = [re.split(r"[=<>!~\[; ]", line, maxsplit=1)[0]
               for line in (ROOT / "requirements.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
-    assert wanted and not [w for w in wanted if norm(w) not in installed]
+    assert wanted
+    for version in build_zipapp.SUPPORTED_PYTHONS:
+        abi = build_zipapp.abi_tag(version)
+        # Each interpreter's view: the common part plus its own, and nothing of another's.
+        parts = (f"site-packages/{abi}/", "site-packages/common/")
+        own = {n.split("/", 2)[2] for n in names if n.startswith(parts)}
+        assert f"__pycache__/nightcrier.cpython-{abi[2:]}.pyc" in own or version not in INTERPRETERS
+        so = rf"\.cpython-{abi[2:]}-x86_64-linux-gnu\.so"
+        assert any(re.fullmatch(r"psycopg2/_psycopg" + so, n) for n in own)
+        assert any(n.startswith("psycopg2_binary.libs/libpq") for n in own)
+        assert any(re.fullmatch(r"yaml/_yaml" + so, n) for n in own)
+        installed = {norm(n.split("/")[0].split("-")[0]) for n in own if ".dist-info/" in n}
+        assert not [w for w in wanted if norm(w) not in installed], (version, wanted, installed)
 
 
 def test_runs_from_an_empty_directory_with_a_clean_environment(app: App, tmp_path: Path) -> None:
@@ -149,9 +167,9 @@ def test_runs_from_an_empty_directory_with_a_clean_environment(app: App, tmp_pat
     assert json.loads(ok(run(app, "incidents", "--config", str(sqlite_config), "--json",
                              env=env, cwd=cwd))) == []
 
-    assert build_dirs(cache) == [app.build_id]
+    assert build_dirs(cache) == [app.key]
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    assert (cache / app.build_id / "site-packages" / "nightcrier.py").is_file()
+    assert (cache / app.key / "site-packages" / "nightcrier.py").is_file()
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
     assert list(cwd.iterdir()) == []
 
@@ -183,7 +201,7 @@ def test_postgres_driver_loads_from_the_cache(app: App, tmp_path: Path, postgres
     assert probe["exit"] == 0
     assert probe["build_id"] == app.build_id
     assert probe["libyaml"] is True
-    site = cache / app.build_id / "site-packages"
+    site = cache / app.key / "site-packages"
     for module, file in probe["files"].items():
         assert file and Path(file).is_relative_to(site), f"{module} loaded from {file}, not from {site}"
     assert probe["files"]["nightcrier"] == str(site / "nightcrier.py")
@@ -199,8 +217,8 @@ def test_concurrent_first_starts_extract_once(app: App, tmp_path: Path) -> None:
     results = [(p.wait(RUN_TIMEOUT), *p.communicate()) for p in procs]
     assert [r[0] for r in results] == [0] * 4, results
     assert {r[1] for r in results} == {version_line(app)}, results
-    assert build_dirs(cache) == [app.build_id]
-    assert sorted(p.name for p in cache.iterdir()) == [".lock", app.build_id, f"{app.build_id}.lock"]
+    assert build_dirs(cache) == [app.key]
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", app.key, f"{app.key}.lock"]
     assert ok(run(app, "--version", env=env, cwd=tmp_path)) == version_line(app)
 
 
@@ -234,41 +252,43 @@ def test_older_builds_are_pruned_unless_in_use(app: App, tmp_path: Path, held_lo
     cache = tmp_path / "cache"
     cache.mkdir()
     env = clean_env(cache)
-    old = fake_build(cache, "0000000000000001", 3600)
-    in_use = fake_build(cache, "0000000000000002", 3600)
-    hold(cache / "0000000000000002.lock", held_lock)
-    newer = fake_build(cache, "0000000000000003", -3600)
-    (cache / "0000000000000004.lock").touch()  # lock of a build that was never extracted
-    (cache / ".0000000000000005.999999.tmp" / "site-packages").mkdir(parents=True)  # a killed extraction
-    for name in ("notes", ".notes.tmp", ".0000000000000007.tmp"):
+    old = fake_build(cache, "0000000000000001-cp311", 3600)
+    in_use = fake_build(cache, "0000000000000002-cp311", 3600)
+    hold(cache / "0000000000000002-cp311.lock", held_lock)
+    newer = fake_build(cache, "0000000000000003-cp311", -3600)
+    (cache / "0000000000000004-cp311.lock").touch()  # lock of a build that was never extracted
+    # A killed extraction:
+    (cache / ".0000000000000005-cp311.999999.tmp" / "site-packages").mkdir(parents=True)
+    for name in ("notes", ".notes.tmp", ".0000000000000007-cp311.tmp"):
         (cache / name).mkdir()
     (cache / "notes.txt").write_text("not ours")
 
     ok(run(app, "--version", env=env, cwd=tmp_path))  # first start: extracts, then prunes
-    assert not old.exists() and not (cache / "0000000000000001.lock").exists()
+    assert not old.exists() and not (cache / "0000000000000001-cp311.lock").exists()
     assert in_use.exists() and newer.exists()
     assert sorted(p.name for p in cache.iterdir()) == sorted([
-        ".lock", "0000000000000002", "0000000000000002.lock", "0000000000000003", "0000000000000003.lock",
-        app.build_id, f"{app.build_id}.lock", "notes", ".notes.tmp", ".0000000000000007.tmp", "notes.txt"])
+        ".lock", "0000000000000002-cp311", "0000000000000002-cp311.lock", "0000000000000003-cp311",
+        "0000000000000003-cp311.lock",
+        app.key, f"{app.key}.lock", "notes", ".notes.tmp", ".0000000000000007-cp311.tmp", "notes.txt"])
 
     # Later starts prune too: a build in use stays until no process uses it.
-    also_old = fake_build(cache, "0000000000000006", 3600)
+    also_old = fake_build(cache, "0000000000000006-cp311", 3600)
     ok(run(app, "--version", env=env, cwd=tmp_path))
     assert not also_old.exists() and in_use.exists()
     os.close(held_lock.pop())
     ok(run(app, "--version", env=env, cwd=tmp_path))
-    assert build_dirs(cache) == sorted(["0000000000000003", app.build_id])
+    assert build_dirs(cache) == sorted(["0000000000000003-cp311", app.key])
 
 
 def test_damaged_extraction_is_replaced(app: App, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = clean_env(cache)
     ok(run(app, "--version", env=env, cwd=tmp_path))
-    site = cache / app.build_id / "site-packages"
+    site = cache / app.key / "site-packages"
     (site / "nightcrier.py").unlink()  # as a tmp cleaner does to files nobody reads
     assert ok(run(app, "--version", env=env, cwd=tmp_path)) == version_line(app)
     assert (site / "nightcrier.py").is_file()
-    assert build_dirs(cache) == [app.build_id]
+    assert build_dirs(cache) == [app.key]
 
 
 def test_cache_dir_that_cannot_be_used_is_an_error(app: App, tmp_path: Path) -> None:
@@ -279,17 +299,23 @@ def test_cache_dir_that_cannot_be_used_is_an_error(app: App, tmp_path: Path) -> 
     assert "NIGHTCRIER_CACHE_DIR" in result.stderr
 
 
-def test_refuses_an_interpreter_it_was_not_built_for(app: App, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["cp39,cp314-linux-x86_64", f"{ABI}-linux-aarch64"])
+def test_refuses_an_interpreter_it_was_not_built_for(app: App, tmp_path: Path, target: str) -> None:
     # The check comes before extraction, so the start-up code alone shows it.
     with zipfile.ZipFile(app.path) as zf:
         main = zf.read("__main__.py").decode()
     assert f'TARGET = "{TARGET}"' in main
     other = tmp_path / "other.pyz"
     with zipfile.ZipFile(other, "w") as zf:
-        zf.writestr("__main__.py", main.replace(f'TARGET = "{TARGET}"', 'TARGET = "cpython-39-linux-x86_64"'))
+        zf.writestr("__main__.py", main.replace(f'TARGET = "{TARGET}"', f'TARGET = "{target}"'))
     result = run(App(other, app.build_id), "--version", env=clean_env(tmp_path / "cache"), cwd=tmp_path)
     assert result.returncode == 2
-    assert f"built for cpython-39-linux-x86_64 and this interpreter is {TARGET}" in result.stderr
+    abis, _, machine = target.rsplit("-", 2)
+    versions = ", ".join(f"{a[2]}.{a[3:]}" for a in abis.split(","))
+    here = f"cpython {sys.version_info[0]}.{sys.version_info[1]} on linux {os.uname().machine}"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"runs on CPython {versions} on linux {machine} (glibc) and this is {here}" in lines[0]
     assert not (tmp_path / "cache").exists()
 
 
@@ -301,11 +327,11 @@ def test_starts_without_home_in_the_private_tmp_dir(app: App, tmp_path: Path) ->
     """No HOME, XDG_CACHE_HOME or NIGHTCRIER_CACHE_DIR: the cache goes to /tmp/nightcrier-<uid>."""
     cache = private_tmp(os.getuid())
     existed = cache.exists()
-    ours = [cache / app.build_id, cache / f"{app.build_id}.lock"]
+    ours = [cache / app.key, cache / f"{app.key}.lock"]
     pre_existing = [p for p in ours if p.exists()]
     try:
         assert ok(run(app, "--version", env=clean_env(None), cwd=tmp_path)) == version_line(app)
-        assert (cache / app.build_id / "site-packages" / "nightcrier.py").is_file()
+        assert (cache / app.key / "site-packages" / "nightcrier.py").is_file()
         assert cache.stat().st_uid == os.getuid()
     finally:
         if not existed:
@@ -328,14 +354,14 @@ def _unused_uid() -> int:
 
 def _interpreter_for(as_user: dict[str, object], cwd: Path) -> list[str] | None:
     """An interpreter the build is for that the other user may run (``/root`` is often 0700)."""
-    probe = "import os, sys; print(f'{sys.implementation.cache_tag}-{sys.platform}-{os.uname().machine}')"
+    probe = "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"
     for exe in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
         try:
             result = subprocess.run([exe, "-I", "-c", probe], capture_output=True, text=True, cwd=cwd,
                                     timeout=RUN_TIMEOUT, **as_user)
         except OSError:
             continue
-        if result.stdout.strip() == TARGET:
+        if result.stdout.strip() == ABI:
             return [exe, "-I"]
     return None
 
@@ -358,7 +384,7 @@ def test_service_user_without_a_home_directory(app: App) -> None:
         assert out == version_line(app)
         st = cache.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o700)
-        assert (cache / app.build_id / "site-packages" / "nightcrier.py").is_file()
+        assert (cache / app.key / "site-packages" / "nightcrier.py").is_file()
         # A home directory that does not exist, as for Debian's system users, changes nothing.
         ok(run(pyz, "--version", env=clean_env(None, HOME="/nonexistent"), cwd=shared, python=python,
                **as_user))
@@ -375,3 +401,37 @@ def test_service_user_without_a_home_directory(app: App) -> None:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("version", build_zipapp.SUPPORTED_PYTHONS)
+def test_every_supported_cpython_runs_the_same_zip(app: App, tmp_path: Path, version: str) -> None:
+    """``python3 -I nightcrier.pyz`` from an empty directory with an empty environment, on each CPython
+    this machine has: --version, check-config and the demo end to end."""
+    if version not in INTERPRETERS:
+        pytest.skip(f"no CPython {version} on this machine")
+    python = [INTERPRETERS[version], "-I"]
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    key = f"{app.build_id}-{build_zipapp.abi_tag(version)}"
+    cache = private_tmp(os.getuid())  # no HOME: where an empty environment puts the cache
+    existed = [p for p in (cache / key, cache / f"{key}.lock") if p.exists()]
+    try:
+        assert ok(run(app, "--version", env={}, cwd=cwd, python=python)) == version_line(app)
+        assert (cache / key / "site-packages" / "nightcrier.py").is_file()
+        config = tmp_path / "config.yaml"
+        shutil.copy(ROOT / "config.example.yaml", config)
+        out = ok(run(app, "check-config", "--config", str(config), env={}, cwd=cwd, python=python))
+        assert out.startswith(f"# effective configuration of nightcrier {nightcrier.__version__}")
+
+        demo = tmp_path / "demo"
+        out = ok(run(app, "demo", "--dir", str(demo), "--faults", "2", "--rate", "5", env={}, cwd=cwd,
+                     python=python))
+        assert out.count(" resolved ") >= 2, out
+        incidents = json.loads(ok(run(app, "incidents", "--config", str(demo / "config.yaml"), "--json",
+                                      env={}, cwd=cwd, python=python)))
+        assert len(incidents) >= 2 and {i["status"] for i in incidents} == {"resolved"}
+        assert list(cwd.iterdir()) == []
+    finally:
+        for path in (cache / key, cache / f"{key}.lock"):
+            if path not in existed:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
