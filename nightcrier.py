@@ -247,7 +247,15 @@ class Config:
     slack_max_attempts: int = setting(5, "SLACK_MAX_ATTEMPTS", "deliveries tried per message",
                                       minimum=1)
     report_base_url: str = setting("", "REPORT_BASE_URL",
-                                   "http(s) URL under which workspaces are served, for Slack buttons")
+                                   "nightcrier's own public http(s) URL, for signed report links in Slack")
+    web_token: str = setting("", "WEB_TOKEN",
+                             "guards the incident pages; empty = pages only on a loopback health_bind",
+                             secret=True)
+    report_link_secret: str = setting("", "REPORT_LINK_SECRET",
+                                      "HMAC key of signed report links; empty = a random one kept "
+                                      "in the database", secret=True)
+    report_link_ttl: str = setting("168h", "REPORT_LINK_TTL",
+                                   "how long a signed report link opens its report (Go duration)")
     notify_on_agent_failure: bool = setting(True, "NOTIFY_ON_AGENT_FAILURE",
                                             "send degraded and recovered alerts")
     failure_threshold_for_alert: int = setting(3, "FAILURE_THRESHOLD_FOR_ALERT",
@@ -611,6 +619,12 @@ def _cross_check(config: Config, problems: list[str]) -> None:
             "http", "https"):
         problems.append(f"report_base_url (env REPORT_BASE_URL): must be an http(s) URL, "
                         f"got {config.report_base_url!r}")
+    try:
+        if parse_go_duration(config.report_link_ttl) <= 0:
+            raise ValueError("must be positive")
+    except ValueError as exc:
+        problems.append(f"report_link_ttl (env REPORT_LINK_TTL): {exc}, e.g. 168h or 30m, "
+                        f"got {config.report_link_ttl!r}")
     if config.slack_webhook_url and urllib.parse.urlsplit(config.slack_webhook_url).scheme not in (
             "http", "https"):
         problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
@@ -629,6 +643,33 @@ def _cross_check(config: Config, problems: list[str]) -> None:
                 problems.append("state_storage.postgres_connection_string (env "
                                 f"STATE_STORAGE_POSTGRES_CONNECTION_STRING): {why}, "
                                 f"got {mask_dsn(dsn)!r}")
+
+
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
+                     "m": 60.0, "h": 3600.0}
+_GO_DURATION_PART_RE = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds of a duration in Go's ``time.ParseDuration`` syntax (``168h``, ``1h30m``, ``2.5s``).
+
+    Raises ValueError for anything else; a bare number other than 0 needs a unit, as in Go.
+    """
+    value = str(text).strip()
+    sign = -1.0 if value.startswith("-") else 1.0
+    body = value[1:] if value[:1] in "+-" else value
+    if body == "0":
+        return 0.0
+    if not body or len(body) > 100:
+        raise ValueError("not a duration")
+    total, position = 0.0, 0
+    while position < len(body):
+        match = _GO_DURATION_PART_RE.match(body, position)
+        if not match:
+            raise ValueError("not a duration")
+        total += float(match.group(1)) * GO_DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return sign * total
 
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -1140,6 +1181,14 @@ class StateStore:
         """Number of incidents in each status (every status present, zero included)."""
         raise NotImplementedError
 
+    def shared_value(self, name: str, make: Callable[[], str]) -> str:
+        """The value stored under ``name`` in ``settings``; when there is none, ``make()`` is stored first.
+
+        Every caller, in any process sharing the database, gets the same value,
+        even when several create it at once (one insert wins, the others read it).
+        """
+        raise NotImplementedError
+
     def ping(self) -> None:
         """Return if the database answers; raise :class:`StoreUnavailable` if not."""
         raise NotImplementedError
@@ -1537,6 +1586,13 @@ class SqlStore(StateStore):
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
         return counts
+
+    def shared_value(self, name: str, make: Callable[[], str]) -> str:
+        def get_or_put(run: Callable[..., Any]) -> str:
+            run("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, make()))
+            return str(run("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()["value"])
+        return self._transaction(get_or_put)
 
     def ping(self) -> None:
         self._query("SELECT 1 AS ok")
@@ -3951,7 +4007,7 @@ _REPORT_PAGE = """\
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; \
-img-src 'self' https:; base-uri 'none'; form-action 'none'">
+img-src 'self' data:; base-uri 'none'; form-action 'none'">
 <meta name="referrer" content="no-referrer">
 <title>Investigation Report - {incident_id}</title>
 <style>
@@ -4059,13 +4115,63 @@ def go_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def report_url(base_url: str, incident_id: str) -> str | None:
-    """``<base_url>/<incident_id>/investigation.html``, or None unless that is an http(s) URL."""
+# -- signed report links -----------------------------------------------------------
+
+REPORT_LINK_KEY_SETTING = "report_link_key"
+_LINK_EXPIRES_RE = re.compile(r"[0-9]{1,12}")
+_LINK_SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def report_link_key(config: Config, store: StateStore) -> bytes:
+    """The HMAC key of report links: ``report_link_secret``, else the random one kept in the database.
+
+    Raises :class:`StoreError` when the database must be asked and cannot answer.
+    """
+    if config.report_link_secret:
+        return config.report_link_secret.encode()
+    return bytes.fromhex(store.shared_value(REPORT_LINK_KEY_SETTING, lambda: os.urandom(32).hex()))
+
+
+def _report_link_signature(key: bytes, incident_id: str, expires: int) -> str:
+    import hashlib
+    import hmac
+    # The purpose prefix keeps these signatures from being valid for anything else signed with the key.
+    return hmac.new(key, f"nightcrier-report\n{incident_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_report_url(base_url: str, incident_id: str, key: bytes, ttl: float,
+                      now: dt.datetime | None = None) -> str | None:
+    """``<base_url>/incidents/<id>/report?expires=…&sig=…``, opening that one report until ``now + ttl``.
+
+    None unless ``base_url`` is an http(s) URL and the link fits a Slack button.
+    """
     parts = urllib.parse.urlsplit(base_url.strip())
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return None
-    url = f"{base_url.strip().rstrip('/')}/{urllib.parse.quote(incident_id, safe='')}/{REPORT_HTML_NAME}"
+    expires = int((now or utcnow()).timestamp() + ttl)
+    query = urllib.parse.urlencode({"expires": expires,
+                                    "sig": _report_link_signature(key, incident_id, expires)})
+    url = (f"{base_url.strip().rstrip('/')}/incidents/{urllib.parse.quote(incident_id, safe='')}"
+           f"/report?{query}")
     return url if len(url) <= SLACK_TEXT_LIMIT else None
+
+
+def verify_report_link(incident_id: str, query: Mapping[str, Sequence[str]], key: bytes,
+                       now: dt.datetime | None = None) -> bool:
+    """Whether ``query`` (as ``urllib.parse.parse_qs`` gives it) signs ``incident_id`` and has not expired.
+
+    Exactly one ``expires`` (Unix seconds) and one ``sig`` (64 lower-case hex digits) are accepted;
+    anything else, repeated or malformed, is refused. Never raises.
+    """
+    import hmac
+    expires, signature = query.get("expires", ()), query.get("sig", ())
+    if len(expires) != 1 or len(signature) != 1:
+        return False
+    if not _LINK_EXPIRES_RE.fullmatch(expires[0]) or not _LINK_SIGNATURE_RE.fullmatch(signature[0]):
+        return False
+    moment = int(expires[0])
+    expected = _report_link_signature(key, incident_id, moment)
+    return hmac.compare_digest(expected, signature[0]) and moment > (now or utcnow()).timestamp()
 
 
 def _slack_escape(text: str) -> str:
@@ -4271,6 +4377,7 @@ class SlackNotifier(threading.Thread):
         self._queue: queue.Queue[Any] = queue.Queue()
         self._abort = threading.Event()
         self._session: Any = None
+        self._link_key: bytes | None = None
 
     def enqueue(self, incident: Incident, summary: ReportSummary | None = None) -> None:
         """Queue a finished incident; ``summary`` overrides the one read from its stored report."""
@@ -4324,7 +4431,7 @@ class SlackNotifier(threading.Thread):
         has_report = summary is not None
         if summary is None:
             summary, has_report = self._stored_summary(incident)
-        url = report_url(self.config.report_base_url, incident.incident_id) if has_report else None
+        url = self.report_link(incident) if has_report else None
         self.send(incident_message(incident, summary, url), "incident notification",
                   incident_id=incident.incident_id)
         if incident.status == RESOLVED:
@@ -4334,6 +4441,23 @@ class SlackNotifier(threading.Thread):
                           downtime=go_duration(stats.downtime))
                 if self.config.notify_on_agent_failure:
                     self.send(recovered_alert(stats), "recovery alert")
+
+    def report_link(self, incident: Incident) -> str | None:
+        """Where the "View Report" button points: the signed nightcrier link, or None without one.
+
+        The key is read once; when the database cannot give it, the message goes out without a button.
+        """
+        if not self.config.report_base_url:
+            return None
+        if self._link_key is None:
+            try:
+                self._link_key = report_link_key(self.config, self.store)
+            except StoreError as exc:
+                log_event(logging.WARNING, "cannot read the report link key",
+                          incident_id=incident.incident_id, error=str(exc))
+                return None
+        return signed_report_url(self.config.report_base_url, incident.incident_id, self._link_key,
+                                 parse_go_duration(self.config.report_link_ttl))
 
     def _stored_summary(self, incident: Incident) -> tuple[ReportSummary, bool]:
         try:
@@ -4490,12 +4614,15 @@ class HealthServer:
     ``/health/clusters``: the Go original's JSON, plus each cluster's
     connection state, reconnects, subscription id, recorded gaps and RBAC check.
     ``/metrics``: the Prometheus text format.
+    ``/incidents`` and ``/clusters``, when given ``pages``: the HTML pages of
+    :class:`WebPages`, which applies their access rules; the endpoints above stay open.
     Serves from its own threads; every answer is computed from the callables it
     was given, so it holds no state of its own but the shutdown flag.
     """
 
     def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
-                 readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes]):
+                 readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
+                 pages: WebPages | None = None):
         import http.server
 
         server = self
@@ -4506,6 +4633,9 @@ class HealthServer:
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if server.pages is not None and server.pages.handles(path):
+                    self._page()
+                    return
                 try:
                     status, content_type, body = server.answer(path)
                 except Exception as exc:  # a probe must get an answer, not a dropped connection
@@ -4515,6 +4645,20 @@ class HealthServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _page(self) -> None:
+                try:
+                    response = server.pages.respond(self.path, self.headers)  # type: ignore[union-attr]
+                except Exception as exc:  # a page must get an answer, not a dropped connection
+                    log_event(logging.ERROR, "incident page failed", error=_short_error(exc))
+                    response = PageResponse(500, "text/plain", b"internal error\n")
+                self.send_response(response.status)
+                self.send_header("Content-Type", response.content_type)
+                self.send_header("Content-Length", str(len(response.body)))
+                for name, value in response.headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(response.body)
 
             def do_POST(self) -> None:
                 self.send_error(405, "Method not allowed")
@@ -4528,6 +4672,7 @@ class HealthServer:
         self._clusters = clusters
         self._readiness = readiness
         self._metrics = metrics
+        self.pages = pages
         self.shutting_down = False
         self._httpd = Server((bind, port), Handler)
         self.port = self._httpd.server_address[1]
@@ -4592,6 +4737,390 @@ def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mappi
         "standby": sum(c["status"] == STANDBY for c in clusters),
         "unhealthy": sum(c["status"] in (FAILED_STATE, DISCONNECTED) for c in clusters),
         "triage_enabled": sum(c["triage_enabled"] for c in clusters)}}
+
+
+# -- incident pages -------------------------------------------------------------------
+
+PAGE_SIZE = 50
+LOG_TAIL_BYTES = 64 * 1024
+RAW_FILE_MAX_BYTES = 16 * 1024 * 1024
+WEB_COOKIE = "nightcrier_web"
+# Styles are inline in the templates; nothing else may load, images only from the page itself.
+PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'")
+RAW_FILE_CSP = "default-src 'none'; sandbox"
+WORKSPACE_FILES = ("incident.json", "prompt-sent.md", "incident_cluster_permissions.json",
+                   "output/investigation.md", f"{REPORT_HTML_NAME}", "logs/agent-stdout.log",
+                   "logs/agent-stderr.log")
+_FILE_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_TEMPLATE_NAME_RE = re.compile(r"[a-z_]{1,40}\.html")
+
+
+@dataclass
+class PageResponse:
+    """What the HTTP handler sends: status, content type, extra headers and the body."""
+
+    status: int
+    content_type: str
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def resource_text(relative: str) -> str:
+    """A file shipped beside this module (a template, a schema), read from disk or from a zip.
+
+    Raises OSError when it is missing.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), *relative.split("/"))
+    loader = globals().get("__loader__")
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path).decode("utf-8")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    import ipaddress
+    if bind.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def path_segments(path: str) -> list[str] | None:
+    """The decoded segments of a request path, or None when one could escape its place.
+
+    Segments are split before decoding, so ``%2F`` never becomes a separator; a segment
+    that decodes to ``.``, ``..``, a slash, a backslash or a NUL, or is not UTF-8, refuses
+    the whole path. A trailing slash is ignored.
+    """
+    if not path.startswith("/"):
+        return None
+    raw = path[1:].split("/")
+    if raw and raw[-1] == "":
+        raw.pop()
+    segments = []
+    for part in raw:
+        try:
+            segment = urllib.parse.unquote(part, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if segment in ("", ".", "..") or any(c in segment for c in "/\\\0") or len(segment) > 255:
+            return None
+        segments.append(segment)
+    return segments
+
+
+def read_workspace_file(workspace: str, parts: Sequence[str], limit: int) -> tuple[bytes, int] | None:
+    """The last ``limit`` bytes and the size of the regular file ``workspace/parts...``, or None.
+
+    No symlink is followed, neither the workspace itself nor any directory or file
+    below it, and only regular files are read (a FIFO does not block: it is refused).
+    """
+    import stat
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    if not parts or not all(_FILE_PART_RE.fullmatch(p) for p in parts):
+        return None
+    try:
+        fd = os.open(workspace, flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file_fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    with os.fdopen(file_fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size > limit:
+            fh.seek(info.st_size - limit)
+        return fh.read(limit), info.st_size
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
+def _took(start: dt.datetime | None, end: dt.datetime | None) -> str:
+    return go_duration((end - start).total_seconds()) if start and end else ""
+
+
+class WebPages:
+    """The read-only HTML pages under ``/incidents`` and ``/clusters``: routing, access and page data.
+
+    Access: with ``web_token`` set, a request needs ``Authorization: Bearer <token>``, the
+    cookie set after one visit with ``?token=<token>`` (answered by a redirect that drops the
+    token from the address), or -- for ``/incidents/<id>/report`` only -- a valid signed link.
+    Missing or wrong credentials get 401; a signed link that is tampered with, expired or
+    for another incident gets 403, and so does the report without any signature or token.
+    Without ``web_token`` the pages are served only when the server is bound to loopback
+    (else 403). Files are served only from ``<workspace_root>/<incident id>/``, by name,
+    without following symlinks. A database that does not answer gives 503.
+    Called from the HTTP server's threads; holds nothing but the template environment and
+    the link key, each made once under a lock.
+    """
+
+    def __init__(self, config: Config, store: StateStore, clusters: Callable[[], dict[str, Any]],
+                 bind: str):
+        self.config = config
+        self.store = store
+        self._clusters = clusters
+        self.open_without_token = is_loopback(bind)
+        self._lock = threading.Lock()
+        self._env: Any = None
+        self._key: bytes | None = None
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in ("/incidents", "/clusters"))
+
+    # -- plumbing
+
+    def templates(self) -> Any:
+        """The Jinja2 environment, autoescaping on, made at the first page (jinja2 loads late)."""
+        with self._lock:
+            if self._env is None:
+                import jinja2
+
+                def source(name: str) -> str | None:
+                    if not _TEMPLATE_NAME_RE.fullmatch(name):
+                        return None
+                    try:
+                        return resource_text(f"templates/{name}")
+                    except OSError:
+                        return None
+
+                env = jinja2.Environment(loader=jinja2.FunctionLoader(source), autoescape=True,
+                                         undefined=jinja2.StrictUndefined, trim_blocks=True,
+                                         lstrip_blocks=True)
+                env.filters["when"] = _when
+                self._env = env
+            return self._env
+
+    def link_key(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = report_link_key(self.config, self.store)
+            return self._key
+
+    def page(self, name: str, code: int = 200, **data: Any) -> PageResponse:
+        html = self.templates().get_template(name).render(**data)
+        return PageResponse(code, "text/html; charset=utf-8", html.encode(), self._security_headers())
+
+    def message(self, status: int, title: str, text: str, root: str = "") -> PageResponse:
+        response = self.page("message.html", status, title=title, text=text, root=root or "/",
+                             status=status)
+        if status == 401:
+            response.headers.append(("WWW-Authenticate", 'Bearer realm="nightcrier"'))
+        return response
+
+    @staticmethod
+    def _security_headers(csp: str = PAGE_CSP) -> list[tuple[str, str]]:
+        return [("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
+                ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
+                ("Cache-Control", "no-store")]
+
+    def _cookie_value(self) -> str:
+        import hashlib
+        import hmac
+        return hmac.new(self.config.web_token.encode(), b"nightcrier-web-cookie", hashlib.sha256).hexdigest()
+
+    def _credentials(self, query: Mapping[str, list[str]], headers: Mapping[str, str]) -> str:
+        """"ok", "grant" (a right token in the query), "missing", "bad" or "closed"."""
+        import hmac
+        token = self.config.web_token
+        if not token:
+            return "ok" if self.open_without_token else "closed"
+        authorization = headers.get("Authorization") or ""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            good = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+            return "ok" if good else "bad"
+        if "token" in query:
+            given = query["token"]
+            return "grant" if len(given) == 1 and hmac.compare_digest(given[0].encode(),
+                                                                      token.encode()) else "bad"
+        cookie = self._cookie(headers.get("Cookie") or "")
+        if cookie is not None:
+            return "ok" if hmac.compare_digest(cookie.encode(), self._cookie_value().encode()) else "bad"
+        return "missing"
+
+    @staticmethod
+    def _cookie(header: str) -> str | None:
+        for item in header.split(";"):
+            name, sep, value = item.strip().partition("=")
+            if sep and name == WEB_COOKIE:
+                return value.strip().strip('"')
+        return None
+
+    def _grant(self, path: str, query: Mapping[str, list[str]]) -> PageResponse:
+        """Set the cookie and send the browser back to the same page without the token in its address."""
+        rest = urllib.parse.urlencode([(k, v) for k, values in query.items() if k != "token" for v in values])
+        last = path.rsplit("/", 1)[-1]
+        location = (last or ".") + (f"?{rest}" if rest else "")
+        secure = "; Secure" if self.config.report_base_url.lower().startswith("https:") else ""
+        cookie = f"{WEB_COOKIE}={self._cookie_value()}; Path=/; HttpOnly; SameSite=Strict{secure}"
+        return PageResponse(303, "text/plain; charset=utf-8", b"see other\n",
+                            [("Location", location), ("Set-Cookie", cookie), *self._security_headers()])
+
+    # -- routing
+
+    def respond(self, target: str, headers: Mapping[str, str]) -> PageResponse:
+        """The answer to ``GET target`` (path and query as sent). Never raises."""
+        path, _, query_text = target.partition("?")
+        segments = path_segments(path)
+        root = "../" * (len(segments) - 1) if segments else ""
+        try:
+            query = urllib.parse.parse_qs(query_text, keep_blank_values=True, max_num_fields=50)
+        except ValueError:
+            return self.message(400, "Bad request", "The query string is not understood.", root)
+        if segments is None:
+            return self.message(404, "Not found", "There is no such page.")
+        try:
+            return self._route(path, segments, query, headers, root or "./")
+        except StoreError as exc:
+            log_event(logging.WARNING, "incident page without database", error=str(exc))
+            return self.message(503, "Database unavailable", "The database does not answer; try again soon.",
+                                root or "./")
+
+    def _route(self, path: str, segments: list[str], query: Mapping[str, list[str]],
+               headers: Mapping[str, str], root: str) -> PageResponse:
+        is_report = len(segments) == 3 and segments[0] == "incidents" and segments[2] == "report"
+        if is_report and ("sig" in query or "expires" in query):
+            if not is_uuid(segments[1]) or not verify_report_link(segments[1], query, self.link_key()):
+                return self.message(403, "Link not valid", "This report link is not valid or has expired. "
+                                    "Ask for a new one.", root)
+            return self.report(segments[1], root)
+        access = self._credentials(query, headers)
+        if access == "closed":
+            return self.message(403, "Pages are off", "Set web_token to serve these pages on an address "
+                                "other than loopback.", root)
+        if access in ("missing", "bad"):
+            if is_report:
+                return self.message(403, "Link not valid", "This report needs a signed link or a token.",
+                                    root)
+            return self.message(401, "Token required", "Open this page with the web token.", root)
+        if access == "grant":
+            return self._grant(path, query)
+        if segments == ["incidents"]:
+            return self.incident_list(query, root)
+        if segments == ["clusters"]:
+            return self.clusters(root)
+        if len(segments) < 2 or segments[0] != "incidents" or not is_uuid(segments[1]):
+            return self.message(404, "Not found", "There is no such page.", root)
+        if len(segments) == 2:
+            return self.incident(segments[1], root)
+        if is_report:
+            return self.report(segments[1], root)
+        if segments[2] == "files" and 4 <= len(segments) <= 6:
+            return self.raw_file(segments[1], segments[3:], root)
+        return self.message(404, "Not found", "There is no such page.", root)
+
+    # -- pages
+
+    def incident_list(self, query: Mapping[str, list[str]], root: str) -> PageResponse:
+        def one(name: str) -> str:
+            return (query.get(name) or [""])[0].strip()
+
+        status, cluster, since_text = one("status"), one("cluster"), one("since")
+        page_text = one("page") or "1"
+        if status and status not in STATUSES:
+            return self.message(400, "Bad filter", f"status must be one of {', '.join(STATUSES)}.", root)
+        if not page_text.isdigit() or not 1 <= int(page_text) <= 100000:
+            return self.message(400, "Bad filter", "page must be a whole number from 1.", root)
+        since = None
+        if since_text:
+            try:
+                since = parse_since(since_text)
+            except ValueError as exc:
+                return self.message(400, "Bad filter", str(exc), root)
+        number = int(page_text)
+        criteria = IncidentFilter(statuses=(status,) if status else (), cluster=cluster, since=since,
+                                  limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE)
+        incidents = self.store.list_incidents(criteria)
+        rows = [{"incident": i, "took": _took(i.started_at, i.completed_at)} for i in incidents[:PAGE_SIZE]]
+
+        def page_link(n: int) -> str:
+            params = {k: v for k, v in (("status", status), ("cluster", cluster), ("since", since_text)) if v}
+            return "incidents?" + urllib.parse.urlencode({**params, "page": n})
+
+        return self.page("incidents.html", root=root, rows=rows, counts=self.store.count_by_status(),
+                         statuses=STATUSES, status=status, cluster=cluster, since=since_text, number=number,
+                         previous=page_link(number - 1) if number > 1 else "",
+                         next=page_link(number + 1) if len(incidents) > PAGE_SIZE else "")
+
+    def _workspace(self, incident_id: str) -> str:
+        return os.path.join(os.path.abspath(self.config.workspace_root), incident_id)
+
+    def incident(self, incident_id: str, root: str) -> PageResponse:
+        incident = self.store.get_incident(incident_id)
+        if incident is None:
+            return self.message(404, "Not found", "There is no such incident.", root)
+        workspace = self._workspace(incident.incident_id)
+        executions = self.store.list_executions(incident.incident_id)
+        runs = [{"attempt": n, "execution": e, "took": _took(e.started_at, e.completed_at)}
+                for n, e in enumerate(executions, 1)]
+        report = self.store.get_report(incident.incident_id)
+        rendered = None
+        if report is not None:
+            from markupsafe import Markup
+            # The renderer escapes raw HTML and refuses unsafe links (see render_report_html).
+            rendered = Markup(_markdown_renderer().render(report.report_markdown))
+        names = list(WORKSPACE_FILES)
+        for execution in executions:
+            for log_path in execution.log_paths.values():
+                relative = os.path.relpath(log_path, workspace) if os.path.isabs(log_path) else ""
+                if relative and not relative.startswith("..") and relative not in names:
+                    names.append(relative.replace(os.sep, "/"))
+        files = []
+        for name in names:
+            found = read_workspace_file(workspace, name.split("/"), 0)
+            if found is not None:
+                files.append({"name": name, "size": found[1]})
+        tails = []
+        for name in names:
+            if name.endswith(".log"):
+                found = read_workspace_file(workspace, name.split("/"), LOG_TAIL_BYTES)
+                if found is not None:
+                    tails.append({"name": name, "size": found[1], "cut": found[1] > LOG_TAIL_BYTES,
+                                  "text": found[0].decode("utf-8", "replace")})
+        return self.page("incident.html", root=root, incident=incident, runs=runs, report=report,
+                         rendered=rendered, files=files, tails=tails,
+                         took=_took(incident.started_at, incident.completed_at))
+
+    def report(self, incident_id: str, root: str) -> PageResponse:
+        report = self.store.get_report(incident_id)
+        if report is None:
+            return self.message(404, "Not found", "This incident has no report.", root)
+        page = report.report_html or render_report_html(report.report_markdown, report.incident_id)
+        return PageResponse(200, "text/html; charset=utf-8", page.encode(), self._security_headers())
+
+    def raw_file(self, incident_id: str, parts: Sequence[str], root: str) -> PageResponse:
+        incident = self.store.get_incident(incident_id)
+        found = (read_workspace_file(self._workspace(incident.incident_id), parts, RAW_FILE_MAX_BYTES)
+                 if incident is not None else None)
+        if found is None:
+            return self.message(404, "Not found", "There is no such file in this incident's workspace.", root)
+        content_type = "application/json" if parts[-1].endswith(".json") else "text/plain; charset=utf-8"
+        headers = self._security_headers(RAW_FILE_CSP)
+        if found[1] > RAW_FILE_MAX_BYTES:
+            headers.append(("X-Nightcrier-Truncated", f"last {RAW_FILE_MAX_BYTES} of {found[1]} bytes"))
+        return PageResponse(200, content_type, found[0], headers)
+
+    def clusters(self, root: str) -> PageResponse:
+        document = self._clusters()
+        return self.page("clusters.html", root=root, clusters=document.get("clusters", []),
+                         runner=document.get("runner", {}), summary=document.get("summary", {}))
 
 
 # -- RBAC checks ---------------------------------------------------------------------
@@ -4785,9 +5314,10 @@ class Service:
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=self.notifier.enqueue if self.notifier else None)
+        self.pages = WebPages(config, self.store, self.cluster_health, config.health_bind)
         self.health_server = (HealthServer(config.health_bind, config.health_port,
                                            clusters=self.cluster_health, readiness=self.readiness,
-                                           metrics=self.metrics_text)
+                                           metrics=self.metrics_text, pages=self.pages)
                               if config.health_port else None)
         self._stop_watching = threading.Event()
         # Work announced by other processes sharing the database wakes this dispatcher too.
