@@ -15,8 +15,9 @@ compiled module later.
 What is in the zip:
 
 * ``__main__.py`` -- the start-up code below (``BOOTSTRAP``), with the build id filled in;
-* ``site-packages/`` -- ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql`` and everything
-  ``pip install --target`` put there for requirements.txt, with unchecked-hash ``.pyc`` files.
+* ``site-packages/`` -- ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql``, the page
+  templates under ``templates/`` and everything ``pip install --target`` put there for
+  requirements.txt, with unchecked-hash ``.pyc`` files.
 
 The build id is the first 16 hex digits of a SHA-256 over the name and contents of every entry
 (``__main__.py`` with the id left out). It is also the zip comment, and the application sets
@@ -27,7 +28,7 @@ At start (contract of ``BOOTSTRAP``)
 Compiled modules cannot be imported from a zip, so the first start of a build extracts
 ``site-packages/`` into ``<cache>/<build id>/site-packages`` and later starts import from there;
 nightcrier itself is imported from that directory too, so ``nightcrier.__file__`` is a real
-``.../nightcrier.py`` with the schema files beside it.
+``.../nightcrier.py`` with the schema files and templates beside it.
 
 * ``<cache>`` is ``$NIGHTCRIER_CACHE_DIR`` if set (it must be usable: no fallback), else
   ``$XDG_CACHE_HOME/nightcrier``, else ``$HOME/.cache/nightcrier`` when ``$HOME`` is a writable
@@ -92,6 +93,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = ROOT / "dist" / "nightcrier.pyz"
 DEFAULT_REQUIREMENTS = ROOT / "requirements.txt"
 APP_FILES = ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql")
+APP_DIRS = ("templates",)  # copied whole; nightcrier reads them beside itself
 PAYLOAD_DIR = "site-packages"
 SHEBANG = b"#!/usr/bin/env python3\n"
 BUILD_ID_LENGTH = 16
@@ -409,6 +411,10 @@ def stage(requirements: Path, target: Path) -> None:
         if (target / name).exists():
             raise SystemExit(f"build_zipapp: a dependency installs {name}, which clashes with nightcrier")
         shutil.copy2(ROOT / name, target / name)
+    for name in APP_DIRS:
+        if (target / name).exists():
+            raise SystemExit(f"build_zipapp: a dependency installs {name}/, which clashes with nightcrier")
+        shutil.copytree(ROOT / name, target / name)
     # Unchecked-hash pycs stay valid whatever times extraction gives the sources, and compiling here
     # keeps it out of the first start.
     ok = compileall.compile_dir(str(target), quiet=1, workers=0,
