@@ -4838,10 +4838,11 @@ def read_workspace_file(workspace: str, parts: Sequence[str], limit: int) -> tup
         return None
     finally:
         os.close(fd)
+    info = os.fstat(file_fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(file_fd)
+        return None
     with os.fdopen(file_fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            return None
         if info.st_size > limit:
             fh.seek(info.st_size - limit)
         return fh.read(limit), info.st_size
