@@ -3742,11 +3742,9 @@ class ReportSummary:
         return f"{self.root_cause} (confidence: {self.confidence})"
 
 
-_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*)$")
 SUMMARY_LINE_CHARS = 1000        # more never matters for a summary; less work on hostile input
-_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_LIST_MARK_RE = re.compile(r"^\s*(?:>\s*)*(?:(?:[-*+]|\d+[.)])\s+(?:\[[ xX]\]\s+)?)?")
 _SECTION_NUMBER_RE = re.compile(r"^(?:section\s+)?\d+(?:\.\d+)*[.):]?\s+", re.I)
+_TASK_BOX_RE = re.compile(r"^\[[ xX]\]\s+")
 _ROOT_CAUSE_KEY_RE = re.compile(
     r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*causes?\b", re.I)
 _PRIMARY_HYPOTHESIS_RE = re.compile(r"^\W*primary\s+hypothes[ie]s\b", re.I)
@@ -3755,6 +3753,7 @@ _CAUSE_KEY_RE = re.compile(
     r"|^\W*primary\s+hypothes[ie]s\b", re.I)
 _CONFIDENCE_KEY_RE = re.compile(r"^\W*confidence\b", re.I)
 _FIRST_HYPOTHESIS_RE = re.compile(r"^\W*H1\b\s*[:.)\-—–]?\s*")
+_OTHER_HYPOTHESIS_RE = re.compile(r"^\W*H\d\b")
 _INLINE_ROOT_CAUSE_RE = re.compile(
     r"^(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*cause"
     r"(?:\s*\([^)]*\))?\s*[:—–-]\s*(\S.*)$", re.I)
@@ -3766,8 +3765,36 @@ _LEVEL_BEFORE_RE = re.compile(r"\b(high|medium|low)[\s-]+$", re.I)
 _CONFIDENCE_CLAUSE_RE = re.compile(
     r"\s*[-—–,;:|]*\s*\(?\s*(?:confidence(?:\s+level)?\s*[:=]?\s*(?:high|medium|low)\b"
     r"|(?:high|medium|low)\s+confidence\b)\s*\)?.*$", re.I)
-_TABLE_RULE_RE = re.compile(r"^:?-+:?$")
-_BOLD_CELL_RE = re.compile(r"^(\*\*|__).+\1:?$")
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One unit of a report as the summary reads it, from markdown-it's token stream.
+
+    ``heading`` (``level``, ``text``); ``line``: one line of a paragraph (``item``
+    when it starts a list item); ``end``: the end of a paragraph or of a code block;
+    ``rule``; ``table`` (``header`` cells or None, ``rows`` of cells, ``bold`` when
+    the first cell of the header or first row is bold throughout). Text is what a
+    reader sees: no Markdown syntax, whitespace collapsed.
+    """
+
+    kind: str
+    text: str = ""
+    level: int = 0
+    item: bool = False
+    header: tuple[str, ...] | None = None
+    rows: tuple[tuple[str, ...], ...] = ()
+    bold: bool = False
+
+    @property
+    def title(self) -> str:
+        """A heading's text without its numbering ("3. Root Cause" -> "Root Cause")."""
+        return _SECTION_NUMBER_RE.sub("", self.text)
+
+    def texts(self) -> list[str]:
+        if self.kind == "table":
+            return [" | ".join(row) for row in ([self.header] if self.header else []) + list(self.rows)]
+        return [self.text] if self.text else []
 
 
 def summarize_report(markdown: str) -> ReportSummary:
@@ -3778,173 +3805,207 @@ def summarize_report(markdown: str) -> ReportSummary:
     7-section template of the triage skill (``## 3. Root Cause Analysis`` with
     ranked hypotheses ``### H1: ... — Confidence: High`` and their
     ``**Statement**``, an Executive Triage Card table, a ``### Primary
-    Hypothesis``). Headings and keys match case-insensitively, confidence
-    levels only as whole words (FLOW is not LOW). Without a root cause the
-    summary says ``See investigation report``; without a confidence, UNKNOWN.
+    Hypothesis``). The report is read as CommonMark (with tables), so code
+    blocks never count and emphasis or code spans do not hide a key. Headings and
+    keys match case-insensitively, confidence levels only as whole words (FLOW
+    is not LOW). Without a root cause the summary says ``See investigation
+    report``; without a confidence, UNKNOWN.
     """
-    lines = _outside_code([line[:SUMMARY_LINE_CHARS] for line in markdown.splitlines()])
-    found = (_root_cause_section(lines) or _table_entry(lines, _CAUSE_KEY_RE)
-             or _inline_root_cause(lines) or _primary_hypothesis(lines))
+    blocks = _report_blocks("\n".join(line[:SUMMARY_LINE_CHARS] for line in markdown.splitlines()))
+    found = (_root_cause_section(blocks) or _table_entry(blocks, _CAUSE_KEY_RE)
+             or _inline_root_cause(blocks) or _primary_hypothesis(blocks))
     root_cause, region = found if found else (SUMMARY_FALLBACK, [])
-    confidence = (_level_in(region) or _level_of(_table_entry(lines, _CONFIDENCE_KEY_RE))
-                  or _level_in((_primary_hypothesis(lines) or ("", []))[1]) or _level_in(lines))
+    confidence = (_level_in(region) or _level_of(_table_entry(blocks, _CONFIDENCE_KEY_RE))
+                  or _level_in((_primary_hypothesis(blocks) or ("", []))[1])
+                  or _level_in([text for block in blocks for text in block.texts()]))
     return ReportSummary(root_cause, confidence or UNKNOWN_CONFIDENCE)
 
 
-def _outside_code(lines: list[str]) -> list[str]:
-    """The lines with fenced code blanked out, so that nothing inside a code block counts."""
-    result, fence = [], ""
-    for line in lines:
-        match = _FENCE_RE.match(line)
-        if fence:
-            if match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence):
-                fence = ""
-            result.append("")
-        elif match:
-            fence = match.group(1)
-            result.append("")
-        else:
-            result.append(line)
-    return result
+def _report_blocks(markdown: str) -> list[_Block]:
+    """The report's headings, paragraph lines, rules and tables in order; code blocks only end a paragraph."""
+    from markdown_it import MarkdownIt
+    tokens = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]).parse(markdown)
+    blocks: list[_Block] = []
+    item_starts = False
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token.type == "heading_open":
+            text = " ".join(_inline_lines(tokens[index + 1].children or []))
+            blocks.append(_Block("heading", text, level=int(token.tag[1:])))
+            item_starts = False
+        elif token.type == "list_item_open":
+            item_starts = True
+        elif token.type == "paragraph_open":
+            for number, line in enumerate(_inline_lines(tokens[index + 1].children or [])):
+                if number == 0 and item_starts:
+                    line = _TASK_BOX_RE.sub("", line)
+                blocks.append(_Block("line", line, item=item_starts and number == 0))
+            blocks.append(_Block("end"))
+            item_starts = False
+        elif token.type == "table_open":
+            end = next(i for i in range(index, len(tokens)) if tokens[i].type == "table_close")
+            blocks.append(_table_block(tokens[index:end]))
+            index = end
+        elif token.type == "hr":
+            blocks.append(_Block("rule"))
+        elif token.type in ("fence", "code_block"):
+            blocks.append(_Block("end"))
+        index += 1
+    return _pipe_paragraphs(blocks)
 
 
-def _plain(text: str) -> str:
-    """Markdown inline syntax removed, whitespace collapsed: what a reader sees.
-
-    Emphasis delimiters are dropped where they open or close a word instead of
-    being matched in pairs, which keeps the work linear on any input.
-    """
-    text = re.sub(r"!?\[([^\[\]]{0,300})\]\([^()\s]{0,1000}\)", r"\1", text.replace("`", ""))
-    text = re.sub(r"(?<!\w)(?:\*+|_+|~~)(?=\S)|(?<=\S)(?:\*+|_+|~~)(?!\w)", "", text)
-    return " ".join(text.split())
-
-
-def _heading(line: str) -> tuple[int, str] | None:
-    """(level, title without numbering) of an ATX heading, else None."""
-    match = _HEADING_RE.match(line)
-    if not match:
-        return None
-    title = match.group(2).rstrip(" \t")
-    bare = title.rstrip("#")
-    if bare != title and (not bare or bare[-1] in " \t"):  # an optional closing "##"
-        title = bare
-    return len(match.group(1)), _SECTION_NUMBER_RE.sub("", _plain(title))
+def _inline_lines(children: Sequence[Any]) -> list[str]:
+    """The plain text of an inline token's children, one string per line (soft or hard break)."""
+    lines: list[list[str]] = [[]]
+    for child in children:
+        if child.type in ("text", "code_inline"):
+            lines[-1].append(child.content)
+        elif child.type == "image":
+            lines[-1].extend(_inline_lines(child.children or []))
+        elif child.type in ("softbreak", "hardbreak"):
+            lines.append([])
+    return [text for text in (" ".join("".join(parts).split()) for parts in lines) if text]
 
 
-def _section(lines: list[str], start: int) -> list[str]:
+def _bold_throughout(children: Sequence[Any]) -> bool:
+    """Whether a cell is one bold run, perhaps followed by a colon ("**Root Cause**:")."""
+    kinds = [c for c in children if not (c.type == "text" and c.content.strip() in ("", ":"))]
+    return len(kinds) >= 3 and kinds[0].type == "strong_open" and kinds[-1].type == "strong_close"
+
+
+def _table_block(tokens: Sequence[Any]) -> _Block:
+    rows: list[tuple[str, ...]] = []
+    bold: list[bool] = []
+    header = False
+    for token in tokens:
+        if token.type == "thead_open":
+            header = True
+        elif token.type == "tr_open":
+            rows.append(())
+            bold.append(False)
+        elif token.type == "inline" and rows:
+            children = token.children or []
+            if not rows[-1]:
+                bold[-1] = _bold_throughout(children)
+            rows[-1] = (*rows[-1], " ".join(_inline_lines(children)))
+    if header and rows:
+        return _Block("table", header=rows[0], rows=tuple(rows[1:]),
+                      bold=bold[0] or (len(bold) > 1 and bold[1]))
+    return _Block("table", rows=tuple(rows))
+
+
+def _pipe_paragraphs(blocks: list[_Block]) -> list[_Block]:
+    """Paragraph lines that look like table rows but have no delimiter row become a table without header."""
+    result: list[_Block] = []
+    rows: list[tuple[str, ...]] = []
+    for block in [*blocks, _Block("end")]:
+        if block.kind == "line" and block.text.startswith("|"):
+            rows.append(tuple(c.strip() for c in re.split(r"(?<!\\)\|", block.text.strip().strip("|"))))
+            continue
+        if rows:
+            result.append(_Block("table", rows=tuple(rows)))
+            rows = []
+        result.append(block)
+    return result[:-1]
+
+
+def _section(blocks: list[_Block], start: int) -> list[_Block]:
     """The heading at ``start`` and everything up to the next heading of the same or a higher level."""
-    level = _heading(lines[start])[0]  # type: ignore[index]
+    level = blocks[start].level
     end = start + 1
-    while end < len(lines) and not ((h := _heading(lines[end])) and h[0] <= level):
+    while end < len(blocks) and not (blocks[end].kind == "heading" and blocks[end].level <= level):
         end += 1
-    return lines[start:end]
+    return blocks[start:end]
 
 
-def _root_cause_section(lines: list[str]) -> tuple[str, list[str]] | None:
-    for index, line in enumerate(lines):
-        heading = _heading(line)
-        if heading and _ROOT_CAUSE_KEY_RE.match(heading[1]):
-            section = _section(lines, index)
+def _texts(blocks: list[_Block]) -> list[str]:
+    return [text for block in blocks for text in block.texts()]
+
+
+def _root_cause_section(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for index, block in enumerate(blocks):
+        if block.kind == "heading" and _ROOT_CAUSE_KEY_RE.match(block.title):
+            section = _section(blocks, index)
             found = _first_hypothesis(section[1:])
             if found:
                 return found
             value = _table_entry(section[1:], _CAUSE_KEY_RE)
             text = value[0] if value else _first_paragraph(section[1:])
             if text:
-                return text, section
+                return text, _texts(section)
     return None
 
 
-def _first_hypothesis(lines: list[str]) -> tuple[str, list[str]] | None:
+def _first_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
     """The top-ranked hypothesis (H1): its statement, or else its name."""
-    for index, line in enumerate(lines):
-        heading = _heading(line)
-        title = heading[1] if heading else _plain(_LIST_MARK_RE.sub("", line, count=1))
+    for index, block in enumerate(blocks):
+        if block.kind not in ("heading", "line"):
+            continue
+        title = block.title if block.kind == "heading" else block.text
         if not _FIRST_HYPOTHESIS_RE.match(title):
             continue
-        block = _section(lines, index) if heading else _hypothesis_lines(lines, index)
-        for candidate in block[1:]:
-            text = _plain(_LIST_MARK_RE.sub("", candidate, count=1))
-            if re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
-                return _root_cause_text(text), block
+        region = _section(blocks, index) if block.kind == "heading" else _hypothesis_blocks(blocks, index)
+        for candidate in region[1:]:
+            text = candidate.text
+            if candidate.kind == "line" and re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
+                return _root_cause_text(text), _texts(region)
         name = _root_cause_text(_FIRST_HYPOTHESIS_RE.sub("", title, count=1))
         if name:
-            return name, block
+            return name, _texts(region)
     return None
 
 
-def _hypothesis_lines(lines: list[str], start: int) -> list[str]:
-    """A hypothesis written as a bold line ("**H1: ...**"): it runs to the next heading or H-line."""
+def _hypothesis_blocks(blocks: list[_Block], start: int) -> list[_Block]:
+    """A hypothesis written as a line ("**H1: ...**"): it runs to the next heading or H-line."""
     end = start + 1
-    while end < len(lines) and not (_heading(lines[end]) or re.match(
-            r"^\W*H\d\b", _plain(_LIST_MARK_RE.sub("", lines[end], count=1)))):
+    while end < len(blocks) and not (blocks[end].kind == "heading" or (
+            blocks[end].kind == "line" and _OTHER_HYPOTHESIS_RE.match(blocks[end].text))):
         end += 1
-    return lines[start:end]
+    return blocks[start:end]
 
 
-def _table_entry(lines: list[str], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
+def _table_entry(blocks: list[_Block], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
     """The value a table gives for ``key``: in a Field | Value row, or under a column headed ``key``."""
-    for table in _tables(lines):
-        header, rows = table
+    for table in (b for b in blocks if b.kind == "table"):
+        header, rows = table.header, table.rows
         for row in rows:
-            if len(row) >= 2 and key.match(_plain(row[0])) and _plain(row[1]):
+            if len(row) >= 2 and key.match(row[0]) and row[1]:
                 return _root_cause_text(row[1]), [" | ".join(row)]
         if header is None:
             continue
-        vertical = bool(_BOLD_CELL_RE.match(header[0]) or (rows and _BOLD_CELL_RE.match(rows[0][0])))
-        if vertical and len(header) >= 2 and key.match(_plain(header[0])) and _plain(header[1]):
+        if table.bold and len(header) >= 2 and key.match(header[0]) and header[1]:
             return _root_cause_text(header[1]), [" | ".join(header)]
         for column, title in enumerate(header):
-            if not vertical and key.match(_plain(title)) and rows and column < len(rows[0]):
+            if not table.bold and key.match(title) and rows and column < len(rows[0]):
                 return _root_cause_text(rows[0][column]), [title + ": " + rows[0][column]]
     return None
 
 
-def _tables(lines: list[str]) -> Iterator[tuple[list[str] | None, list[list[str]]]]:
-    """Each pipe table as (header cells or None, body rows of cells)."""
-    block: list[list[str]] = []
-    for line in [*lines, ""]:
-        stripped = line.strip()
-        if stripped.startswith("|"):
-            block.append([cell.strip() for cell in re.split(r"(?<!\\)\|", stripped.strip("|"))])
-            continue
-        if block:
-            if len(block) >= 2 and all(_TABLE_RULE_RE.match(c) for c in block[1] if c):
-                yield block[0], block[2:]
-            else:
-                yield None, block
-            block = []
-
-
-def _inline_root_cause(lines: list[str]) -> tuple[str, list[str]] | None:
-    for line in lines:
-        if _heading(line) or line.lstrip().startswith("|"):
-            continue
-        match = _INLINE_ROOT_CAUSE_RE.match(_plain(_LIST_MARK_RE.sub("", line, count=1)))
+def _inline_root_cause(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for block in blocks:
+        match = _INLINE_ROOT_CAUSE_RE.match(block.text) if block.kind == "line" else None
         if match and _root_cause_text(match.group(1)):
-            return _root_cause_text(match.group(1)), [line]
+            return _root_cause_text(match.group(1)), [block.text]
     return None
 
 
-def _primary_hypothesis(lines: list[str]) -> tuple[str, list[str]] | None:
-    for index, line in enumerate(lines):
-        heading = _heading(line)
-        if heading and _PRIMARY_HYPOTHESIS_RE.match(heading[1]):
-            section = _section(lines, index)
+def _primary_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for index, block in enumerate(blocks):
+        if block.kind == "heading" and _PRIMARY_HYPOTHESIS_RE.match(block.title):
+            section = _section(blocks, index)
             text = _first_paragraph(section[1:])
             if text:
-                return text, section
+                return text, _texts(section)
     return None
 
 
-def _first_paragraph(lines: list[str]) -> str:
+def _first_paragraph(blocks: list[_Block]) -> str:
     """The first paragraph of prose (or first list item), skipping labels and confidence lines."""
     collected: list[str] = []
-    for line in lines:
-        structural = (not line.strip() or _heading(line) or line.lstrip().startswith("|")
-                      or re.match(r"^\s*(?:[-*_]\s*){3,}$", line) or line.lstrip().startswith("<"))
-        text = _plain(_LIST_MARK_RE.sub("", line, count=1))
-        if structural:
+    for block in blocks:
+        text = block.text
+        if block.kind != "line" or text.startswith("<"):
             if collected:
                 break
             continue
@@ -3952,18 +4013,17 @@ def _first_paragraph(lines: list[str]) -> str:
             if collected:
                 break
             continue
-        is_item = bool(re.match(r"^\s*(?:[-*+]|\d+[.)])\s+", line))
-        if collected and is_item:
+        if collected and block.item:
             break
         collected.append(text)
-        if is_item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
+        if block.item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
             break
     return _root_cause_text(" ".join(collected))
 
 
 def _root_cause_text(text: str) -> str:
-    """Plain one-line text without labels or a trailing confidence, cut to a readable length."""
-    text = _LABEL_PREFIX_RE.sub("", _plain(text))
+    """One line without labels or a trailing confidence, cut to a readable length."""
+    text = _LABEL_PREFIX_RE.sub("", " ".join(text.split()))
     without = _CONFIDENCE_CLAUSE_RE.sub("", text).strip(" -—–:|")
     text = without or text
     if len(text) > ROOT_CAUSE_MAX_CHARS:
@@ -3971,10 +4031,10 @@ def _root_cause_text(text: str) -> str:
     return text
 
 
-def _level_in(lines: Iterable[str]) -> str:
-    """The first confidence level stated on a line that mentions confidence, or ''."""
-    for line in lines:
-        level = _level_near_confidence(line)
+def _level_in(texts: Iterable[str]) -> str:
+    """The first confidence level stated in a text that mentions confidence, or ''."""
+    for text in texts:
+        level = _level_near_confidence(text)
         if level:
             return level
     return ""
@@ -3987,9 +4047,8 @@ def _level_of(found: tuple[str, list[str]] | None) -> str:
     return match.group(1).upper() if match else ""
 
 
-def _level_near_confidence(line: str) -> str:
+def _level_near_confidence(text: str) -> str:
     """HIGH, MEDIUM or LOW right after "confidence" (or right before it: "HIGH confidence")."""
-    text = _plain(line)
     for keyword in _CONFIDENCE_WORD_RE.finditer(text):
         level = (_LEVEL_AFTER_RE.match(text, keyword.end())
                  or _LEVEL_BEFORE_RE.search(text, 0, keyword.start()))
