@@ -3743,6 +3743,7 @@ class ReportSummary:
 
 
 SUMMARY_LINE_CHARS = 1000        # more never matters for a summary; less work on hostile input
+SUMMARY_MAX_CHARS = 200_000      # parsing is ~3 ms per KB; a root cause further in is not looked for
 _SECTION_NUMBER_RE = re.compile(r"^(?:section\s+)?\d+(?:\.\d+)*[.):]?\s+", re.I)
 _TASK_BOX_RE = re.compile(r"^\[[ xX]\]\s+")
 _ROOT_CAUSE_KEY_RE = re.compile(
@@ -3806,12 +3807,14 @@ def summarize_report(markdown: str) -> ReportSummary:
     ranked hypotheses ``### H1: ... — Confidence: High`` and their
     ``**Statement**``, an Executive Triage Card table, a ``### Primary
     Hypothesis``). The report is read as CommonMark (with tables), so code
-    blocks never count and emphasis or code spans do not hide a key. Headings and
+    blocks never count and emphasis or code spans do not hide a key; only its
+    first ``SUMMARY_MAX_CHARS`` characters are read. Headings and
     keys match case-insensitively, confidence levels only as whole words (FLOW
     is not LOW). Without a root cause the summary says ``See investigation
     report``; without a confidence, UNKNOWN.
     """
-    blocks = _report_blocks("\n".join(line[:SUMMARY_LINE_CHARS] for line in markdown.splitlines()))
+    lines = markdown[:SUMMARY_MAX_CHARS].splitlines()
+    blocks = _report_blocks("\n".join(line[:SUMMARY_LINE_CHARS] for line in lines))
     found = (_root_cause_section(blocks) or _table_entry(blocks, _CAUSE_KEY_RE)
              or _inline_root_cause(blocks) or _primary_hypothesis(blocks))
     root_cause, region = found if found else (SUMMARY_FALLBACK, [])

@@ -54,5 +54,13 @@ def test_any_text_gives_a_summary(markdown: str) -> None:
 
 
 def test_huge_lines_are_cut_before_parsing() -> None:
-    summary = nc.summarize_report("## Root Cause\n" + "*a " * 200_000 + "\n**Confidence:** low\n")
+    line = "*a " * (nc.SUMMARY_MAX_CHARS // 4)
+    summary = nc.summarize_report(f"## Root Cause\n{line}\n**Confidence:** low\n")
     assert summary.confidence == "LOW" and len(summary.root_cause) <= nc.ROOT_CAUSE_MAX_CHARS
+
+
+def test_only_the_head_of_a_huge_report_is_read() -> None:
+    head = "## Root Cause\nThe cache is cold.\n**Confidence:** medium\n\n"
+    filler = "Lorem ipsum dolor sit amet.\n\n" * (nc.SUMMARY_MAX_CHARS // 20)
+    assert nc.summarize_report(head + filler).text == "The cache is cold. (confidence: MEDIUM)"
+    assert nc.summarize_report(filler + head).text == "See investigation report (confidence: UNKNOWN)"
