@@ -4814,6 +4814,7 @@ RAW_FILE_CSP = "default-src 'none'; sandbox"
 WORKSPACE_FILES = ("incident.json", "prompt-sent.md", "incident_cluster_permissions.json",
                    "output/investigation.md", f"{REPORT_HTML_NAME}", "logs/agent-stdout.log",
                    "logs/agent-stderr.log")
+WORKSPACE_FILE_DEPTH = 5         # attempts/<n>/logs/agent-stdout.log and the like
 _FILE_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _TEMPLATE_NAME_RE = re.compile(r"[a-z_]{1,40}\.html")
 
@@ -5042,7 +5043,8 @@ class WebPages:
         """The answer to ``GET target`` (path and query as sent). Never raises."""
         path, _, query_text = target.partition("?")
         segments = path_segments(path)
-        root = "../" * (len(segments) - 1) if segments else ""
+        # Links in the pages are relative to the request's own path, so a proxy may add a prefix.
+        root = "../" * (path.count("/") - 1) if segments else ""
         try:
             query = urllib.parse.parse_qs(query_text, keep_blank_values=True, max_num_fields=50)
         except ValueError:
@@ -5085,7 +5087,7 @@ class WebPages:
             return self.incident(segments[1], root)
         if is_report:
             return self.report(segments[1], root)
-        if segments[2] == "files" and 4 <= len(segments) <= 6:
+        if segments[2] == "files" and 4 <= len(segments) <= 3 + WORKSPACE_FILE_DEPTH:
             return self.raw_file(segments[1], segments[3:], root)
         return self.message(404, "Not found", "There is no such page.", root)
 

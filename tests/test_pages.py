@@ -325,6 +325,21 @@ def test_a_bad_ttl_is_a_config_error(tmp_path: Path) -> None:
 # -- files from the workspace only -----------------------------------------------------------------
 
 
+def test_files_of_nested_directories_are_served(site: Site) -> None:
+    nested = site.workspace() / "attempts" / "2" / "logs"
+    nested.mkdir(parents=True)
+    (nested / "agent-stdout.log").write_text("second attempt\n")
+    status, _, body = site.authed(f"/incidents/{site.ids[0]}/files/attempts/2/logs/agent-stdout.log")
+    assert status == 200 and body == "second attempt\n"
+
+
+@pytest.mark.parametrize("target, root", [("/incidents", "./"), ("/incidents/", "../"), ("/clusters", "./"),
+                                          ("/incidents/{id}", "../"), ("/incidents/{id}/", "../../")])
+def test_links_are_relative_to_the_page(site: Site, target: str, root: str) -> None:
+    _, _, body = site.authed(target.format(id=site.ids[0]))
+    assert f'href="{root}clusters"' in body and 'href="/' not in body
+
+
 def test_raw_files_are_served_from_the_workspace(site: Site) -> None:
     status, headers, body = site.authed(f"/incidents/{site.ids[0]}/files/output/investigation.md")
     assert status == 200 and body == REPORT
@@ -370,7 +385,7 @@ def test_a_workspace_replaced_by_a_symlink_is_not_followed(site: Site) -> None:
 
 @pytest.mark.parametrize("target", ["/incidents/not-a-uuid", "/incidents/../clusters", "/incidents/%2E%2E",
                                     "/incidents/{id}/nope", "/incidents/{id}/files", "/clusters/x",
-                                    "/incidents/{id}/files/a/b/c/d/e"])
+                                    "/incidents/{id}/files/a/b/c/d/e/f"])
 def test_unknown_pages_are_404(site: Site, target: str) -> None:
     assert site.authed(target.format(id=site.ids[0]))[0] == 404
     assert site.authed(f"/incidents/{nc.new_id()}")[0] == 404
