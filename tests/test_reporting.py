@@ -507,7 +507,7 @@ def test_untrusted_markdown_comes_out_inert() -> None:
 def test_the_incident_id_is_escaped_in_the_page() -> None:
     page = nc.render_report_html("# r", '"><script>alert(1)</script>')
     assert_inert(page)
-    assert "<title>Investigation Report - &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
+    assert "<title>Investigation Report - &#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
 
 
 def test_tables_code_and_strikethrough_render() -> None:
