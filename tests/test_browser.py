@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -305,3 +306,47 @@ def check_clean(chromium: Chromium, what: str) -> None:
     for url in chromium.requested_urls():
         parts = urllib.parse.urlsplit(url)
         assert parts.scheme == "data" or parts.hostname == "127.0.0.1", f"{what}: request to {url}"
+
+
+def test_a_report_cannot_make_the_browser_fetch_from_elsewhere(tmp_path: Path, chromium: Chromium) -> None:
+    """An image in the report pointing at another origin (here another port of 127.0.0.1, standing in
+    for a tracker) is refused by the page's CSP: the other server never hears of the reader."""
+    import http.server
+
+    from test_pages import finish_incident, start_site
+
+    hits: list[str] = []
+
+    class Pixel(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/gif")
+            self.end_headers()
+            self.wfile.write(base64.b64decode("R0lGODlhAQABAAAAACw="))
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    tracker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pixel)
+    threading.Thread(target=tracker.serve_forever, daemon=True).start()
+    pixel = f"http://127.0.0.1:{tracker.server_address[1]}/pixel.gif"
+    store = nc.SqliteStore(str(tmp_path / "pages.db"))
+    config, server = start_site(store, tmp_path, web_token="")
+    try:
+        report = f"## Root Cause\nA tracker.\n\n![tracker]({pixel})\n"
+        incident_id = finish_incident(store, config, "prod-eu", report)
+        base = f"http://127.0.0.1:{server.port}"
+        for page in (f"/incidents/{incident_id}", f"/incidents/{incident_id}/report"):
+            chromium.open(base + page)
+            images = chromium.evaluate("[...document.images].map(i => [i.src, i.naturalWidth])")
+            assert [pixel, 0] in images, "the image is in the page but not loaded"
+            refused = [e for e in chromium.errors() if "Content Security Policy" in e]
+            assert refused, f"{page}: the browser says why it did not load the image"
+        assert hits == [], "the other origin was contacted"
+        chromium.screenshot(artifacts_dir() / "report-with-remote-image.png")
+    finally:
+        server.stop()
+        tracker.shutdown()
+        tracker.server_close()
+        store.close()
