@@ -23,7 +23,8 @@ What is in the zip:
 
 * ``__main__.py`` -- the start-up code below (``BOOTSTRAP``), with the build id filled in;
 * ``site-packages/common/`` -- every file that is the same for all supported interpreters: in practice
-  ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql`` and the pure-Python dependencies;
+  ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql``, the page templates under
+  ``templates/`` and the pure-Python dependencies;
 * ``site-packages/cp3XX/`` -- the rest, per interpreter: compiled modules, unchecked-hash ``.pyc``
   files, and any package whose chosen version differs between interpreters.
 
@@ -36,8 +37,8 @@ At start (contract of ``BOOTSTRAP``)
 Compiled modules cannot be imported from a zip, so the first start of a build under one interpreter
 extracts ``common/`` and that interpreter's ``cp3XX/`` into ``<cache>/<build id>-cp3XX/site-packages``
 (the *key* of the extraction) and later starts import from there; nightcrier itself is imported from
-that directory too, so ``nightcrier.__file__`` is a real ``.../nightcrier.py`` with the schema files
-beside it. Extractions of the same build under different interpreters live side by side.
+that directory too, so ``nightcrier.__file__`` is a real ``.../nightcrier.py`` with the schema files and
+templates beside it. Extractions of the same build under different interpreters live side by side.
 
 * ``<cache>`` is ``$NIGHTCRIER_CACHE_DIR`` if set (it must be usable: no fallback), else
   ``$XDG_CACHE_HOME/nightcrier``, else ``$HOME/.cache/nightcrier`` when ``$HOME`` is a writable
@@ -102,6 +103,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = ROOT / "dist" / "nightcrier.pyz"
 DEFAULT_REQUIREMENTS = ROOT / "requirements.txt"
 APP_FILES = ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql")
+APP_DIRS = ("templates",)  # copied whole; nightcrier reads them beside itself
 PAYLOAD_DIR = "site-packages"
 SHEBANG = b"#!/usr/bin/env python3\n"
 BUILD_ID_LENGTH = 16
@@ -502,6 +504,10 @@ def stage(requirements: Path, target_dir: Path, version: str, platform: str, pyt
         if (target_dir / name).exists():
             raise SystemExit(f"build_zipapp: a dependency installs {name}, which clashes with nightcrier")
         shutil.copy2(ROOT / name, target_dir / name)
+    for name in APP_DIRS:
+        if (target_dir / name).exists():
+            raise SystemExit(f"build_zipapp: a dependency installs {name}/, which clashes with nightcrier")
+        shutil.copytree(ROOT / name, target_dir / name)
     if python is None:
         return
     # Unchecked-hash pycs stay valid whatever times extraction gives the sources, and compiling here

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import errno
+import functools
 import json
 import logging
 import os
@@ -252,7 +253,15 @@ class Config:
     slack_max_attempts: int = setting(5, "SLACK_MAX_ATTEMPTS", "deliveries tried per message",
                                       minimum=1)
     report_base_url: str = setting("", "REPORT_BASE_URL",
-                                   "http(s) URL under which workspaces are served, for Slack buttons")
+                                   "nightcrier's own public http(s) URL, for signed report links in Slack")
+    web_token: str = setting("", "WEB_TOKEN",
+                             "guards the incident pages; empty = pages only on a loopback health_bind",
+                             secret=True)
+    report_link_secret: str = setting("", "REPORT_LINK_SECRET",
+                                      "HMAC key of signed report links; empty = a random one kept "
+                                      "in the database", secret=True)
+    report_link_ttl: str = setting("168h", "REPORT_LINK_TTL",
+                                   "how long a signed report link opens its report (Go duration)")
     notify_on_agent_failure: bool = setting(True, "NOTIFY_ON_AGENT_FAILURE",
                                             "send degraded and recovered alerts")
     failure_threshold_for_alert: int = setting(3, "FAILURE_THRESHOLD_FOR_ALERT",
@@ -709,6 +718,12 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     if config.report_base_url and not _is_http_url(config.report_base_url):
         problems.append(f"report_base_url (env REPORT_BASE_URL): must be an http(s) URL, "
                         f"got {config.report_base_url!r}")
+    try:
+        if parse_go_duration(config.report_link_ttl) <= 0:
+            raise ValueError("must be positive")
+    except ValueError as exc:
+        problems.append(f"report_link_ttl (env REPORT_LINK_TTL): {exc}, e.g. 168h or 30m, "
+                        f"got {config.report_link_ttl!r}")
     if config.slack_webhook_url and not _is_http_url(config.slack_webhook_url):
         problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
                         f"got {SECRET_MASK}")
@@ -735,6 +750,33 @@ def _is_http_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
+                     "m": 60.0, "h": 3600.0}
+_GO_DURATION_PART_RE = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds of a duration in Go's ``time.ParseDuration`` syntax (``168h``, ``1h30m``, ``2.5s``).
+
+    Raises ValueError for anything else; a bare number other than 0 needs a unit, as in Go.
+    """
+    value = str(text).strip()
+    sign = -1.0 if value.startswith("-") else 1.0
+    body = value[1:] if value[:1] in "+-" else value
+    if body == "0":
+        return 0.0
+    if not body or len(body) > 100:
+        raise ValueError("not a duration")
+    total, position = 0.0, 0
+    while position < len(body):
+        match = _GO_DURATION_PART_RE.match(body, position)
+        if not match:
+            raise ValueError("not a duration")
+        total += float(match.group(1)) * GO_DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return sign * total
 
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -1305,6 +1347,14 @@ class StateStore:
         """Number of incidents in each status (every status present, zero included)."""
         raise NotImplementedError
 
+    def shared_value(self, name: str, make: Callable[[], str]) -> str:
+        """The value stored under ``name`` in ``settings``; when there is none, ``make()`` is stored first.
+
+        Every caller, in any process sharing the database, gets the same value,
+        even when several create it at once (one insert wins, the others read it).
+        """
+        raise NotImplementedError
+
     def ping(self) -> None:
         """Return if the database answers; raise :class:`StoreUnavailable` if not."""
         raise NotImplementedError
@@ -1711,6 +1761,13 @@ class SqlStore(StateStore):
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
         return counts
+
+    def shared_value(self, name: str, make: Callable[[], str]) -> str:
+        def get_or_put(run: Callable[..., Any]) -> str:
+            run("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, make()))
+            return str(run("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()["value"])
+        return self._transaction(get_or_put)
 
     def ping(self) -> None:
         self._query("SELECT 1 AS ok")
@@ -3915,11 +3972,10 @@ class ReportSummary:
         return f"{self.root_cause} (confidence: {self.confidence})"
 
 
-_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*)$")
 SUMMARY_LINE_CHARS = 1000        # more never matters for a summary; less work on hostile input
-_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_LIST_MARK_RE = re.compile(r"^\s*(?:>\s*)*(?:(?:[-*+]|\d+[.)])\s+(?:\[[ xX]\]\s+)?)?")
+SUMMARY_MAX_CHARS = 200_000      # parsing is ~3 ms per KB; a root cause further in is not looked for
 _SECTION_NUMBER_RE = re.compile(r"^(?:section\s+)?\d+(?:\.\d+)*[.):]?\s+", re.I)
+_TASK_BOX_RE = re.compile(r"^\[[ xX]\]\s+")
 _ROOT_CAUSE_KEY_RE = re.compile(
     r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*causes?\b", re.I)
 _PRIMARY_HYPOTHESIS_RE = re.compile(r"^\W*primary\s+hypothes[ie]s\b", re.I)
@@ -3928,6 +3984,7 @@ _CAUSE_KEY_RE = re.compile(
     r"|^\W*primary\s+hypothes[ie]s\b", re.I)
 _CONFIDENCE_KEY_RE = re.compile(r"^\W*confidence\b", re.I)
 _FIRST_HYPOTHESIS_RE = re.compile(r"^\W*H1\b\s*[:.)\-—–]?\s*")
+_OTHER_HYPOTHESIS_RE = re.compile(r"^\W*H\d\b")
 _INLINE_ROOT_CAUSE_RE = re.compile(
     r"^(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*cause"
     r"(?:\s*\([^)]*\))?\s*[:—–-]\s*(\S.*)$", re.I)
@@ -3939,8 +3996,36 @@ _LEVEL_BEFORE_RE = re.compile(r"\b(high|medium|low)[\s-]+$", re.I)
 _CONFIDENCE_CLAUSE_RE = re.compile(
     r"\s*[-—–,;:|]*\s*\(?\s*(?:confidence(?:\s+level)?\s*[:=]?\s*(?:high|medium|low)\b"
     r"|(?:high|medium|low)\s+confidence\b)\s*\)?.*$", re.I)
-_TABLE_RULE_RE = re.compile(r"^:?-+:?$")
-_BOLD_CELL_RE = re.compile(r"^(\*\*|__).+\1:?$")
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One unit of a report as the summary reads it, from markdown-it's token stream.
+
+    ``heading`` (``level``, ``text``); ``line``: one line of a paragraph (``item``
+    when it starts a list item); ``end``: the end of a paragraph or of a code block;
+    ``rule``; ``table`` (``header`` cells or None, ``rows`` of cells, ``bold`` when
+    the first cell of the header or first row is bold throughout). Text is what a
+    reader sees: no Markdown syntax, whitespace collapsed.
+    """
+
+    kind: str
+    text: str = ""
+    level: int = 0
+    item: bool = False
+    header: tuple[str, ...] | None = None
+    rows: tuple[tuple[str, ...], ...] = ()
+    bold: bool = False
+
+    @property
+    def title(self) -> str:
+        """A heading's text without its numbering ("3. Root Cause" -> "Root Cause")."""
+        return _SECTION_NUMBER_RE.sub("", self.text)
+
+    def texts(self) -> list[str]:
+        if self.kind == "table":
+            return [" | ".join(row) for row in ([self.header] if self.header else []) + list(self.rows)]
+        return [self.text] if self.text else []
 
 
 def summarize_report(markdown: str) -> ReportSummary:
@@ -3951,173 +4036,209 @@ def summarize_report(markdown: str) -> ReportSummary:
     7-section template of the triage skill (``## 3. Root Cause Analysis`` with
     ranked hypotheses ``### H1: ... — Confidence: High`` and their
     ``**Statement**``, an Executive Triage Card table, a ``### Primary
-    Hypothesis``). Headings and keys match case-insensitively, confidence
-    levels only as whole words (FLOW is not LOW). Without a root cause the
-    summary says ``See investigation report``; without a confidence, UNKNOWN.
+    Hypothesis``). The report is read as CommonMark (with tables), so code
+    blocks never count and emphasis or code spans do not hide a key; only its
+    first ``SUMMARY_MAX_CHARS`` characters are read. Headings and
+    keys match case-insensitively, confidence levels only as whole words (FLOW
+    is not LOW). Without a root cause the summary says ``See investigation
+    report``; without a confidence, UNKNOWN.
     """
-    lines = _outside_code([line[:SUMMARY_LINE_CHARS] for line in markdown.splitlines()])
-    found = (_root_cause_section(lines) or _table_entry(lines, _CAUSE_KEY_RE)
-             or _inline_root_cause(lines) or _primary_hypothesis(lines))
+    lines = markdown[:SUMMARY_MAX_CHARS].splitlines()
+    blocks = _report_blocks("\n".join(line[:SUMMARY_LINE_CHARS] for line in lines))
+    found = (_root_cause_section(blocks) or _table_entry(blocks, _CAUSE_KEY_RE)
+             or _inline_root_cause(blocks) or _primary_hypothesis(blocks))
     root_cause, region = found if found else (SUMMARY_FALLBACK, [])
-    confidence = (_level_in(region) or _level_of(_table_entry(lines, _CONFIDENCE_KEY_RE))
-                  or _level_in((_primary_hypothesis(lines) or ("", []))[1]) or _level_in(lines))
+    confidence = (_level_in(region) or _level_of(_table_entry(blocks, _CONFIDENCE_KEY_RE))
+                  or _level_in((_primary_hypothesis(blocks) or ("", []))[1])
+                  or _level_in([text for block in blocks for text in block.texts()]))
     return ReportSummary(root_cause, confidence or UNKNOWN_CONFIDENCE)
 
 
-def _outside_code(lines: list[str]) -> list[str]:
-    """The lines with fenced code blanked out, so that nothing inside a code block counts."""
-    result, fence = [], ""
-    for line in lines:
-        match = _FENCE_RE.match(line)
-        if fence:
-            if match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence):
-                fence = ""
-            result.append("")
-        elif match:
-            fence = match.group(1)
-            result.append("")
-        else:
-            result.append(line)
-    return result
+def _report_blocks(markdown: str) -> list[_Block]:
+    """The report's headings, paragraph lines, rules and tables in order; code blocks only end a paragraph."""
+    from markdown_it import MarkdownIt
+    tokens = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]).parse(markdown)
+    blocks: list[_Block] = []
+    item_starts = False
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token.type == "heading_open":
+            text = " ".join(_inline_lines(tokens[index + 1].children or []))
+            blocks.append(_Block("heading", text, level=int(token.tag[1:])))
+            item_starts = False
+        elif token.type == "list_item_open":
+            item_starts = True
+        elif token.type == "paragraph_open":
+            for number, line in enumerate(_inline_lines(tokens[index + 1].children or [])):
+                if number == 0 and item_starts:
+                    line = _TASK_BOX_RE.sub("", line)
+                blocks.append(_Block("line", line, item=item_starts and number == 0))
+            blocks.append(_Block("end"))
+            item_starts = False
+        elif token.type == "table_open":
+            end = next(i for i in range(index, len(tokens)) if tokens[i].type == "table_close")
+            blocks.append(_table_block(tokens[index:end]))
+            index = end
+        elif token.type == "hr":
+            blocks.append(_Block("rule"))
+        elif token.type in ("fence", "code_block"):
+            blocks.append(_Block("end"))
+        index += 1
+    return _pipe_paragraphs(blocks)
 
 
-def _plain(text: str) -> str:
-    """Markdown inline syntax removed, whitespace collapsed: what a reader sees.
-
-    Emphasis delimiters are dropped where they open or close a word instead of
-    being matched in pairs, which keeps the work linear on any input.
-    """
-    text = re.sub(r"!?\[([^\[\]]{0,300})\]\([^()\s]{0,1000}\)", r"\1", text.replace("`", ""))
-    text = re.sub(r"(?<!\w)(?:\*+|_+|~~)(?=\S)|(?<=\S)(?:\*+|_+|~~)(?!\w)", "", text)
-    return " ".join(text.split())
-
-
-def _heading(line: str) -> tuple[int, str] | None:
-    """(level, title without numbering) of an ATX heading, else None."""
-    match = _HEADING_RE.match(line)
-    if not match:
-        return None
-    title = match.group(2).rstrip(" \t")
-    bare = title.rstrip("#")
-    if bare != title and (not bare or bare[-1] in " \t"):  # an optional closing "##"
-        title = bare
-    return len(match.group(1)), _SECTION_NUMBER_RE.sub("", _plain(title))
+def _inline_lines(children: Sequence[Any]) -> list[str]:
+    """The plain text of an inline token's children, one string per line (soft or hard break)."""
+    lines: list[list[str]] = [[]]
+    for child in children:
+        if child.type in ("text", "code_inline"):
+            lines[-1].append(child.content)
+        elif child.type == "image":
+            lines[-1].extend(_inline_lines(child.children or []))
+        elif child.type in ("softbreak", "hardbreak"):
+            lines.append([])
+    return [text for text in (" ".join("".join(parts).split()) for parts in lines) if text]
 
 
-def _section(lines: list[str], start: int) -> list[str]:
+def _bold_throughout(children: Sequence[Any]) -> bool:
+    """Whether a cell is one bold run, perhaps followed by a colon ("**Root Cause**:")."""
+    kinds = [c for c in children if not (c.type == "text" and c.content.strip() in ("", ":"))]
+    return len(kinds) >= 3 and kinds[0].type == "strong_open" and kinds[-1].type == "strong_close"
+
+
+def _table_block(tokens: Sequence[Any]) -> _Block:
+    rows: list[tuple[str, ...]] = []
+    bold: list[bool] = []
+    header = False
+    for token in tokens:
+        if token.type == "thead_open":
+            header = True
+        elif token.type == "tr_open":
+            rows.append(())
+            bold.append(False)
+        elif token.type == "inline" and rows:
+            children = token.children or []
+            if not rows[-1]:
+                bold[-1] = _bold_throughout(children)
+            rows[-1] = (*rows[-1], " ".join(_inline_lines(children)))
+    if header and rows:
+        return _Block("table", header=rows[0], rows=tuple(rows[1:]),
+                      bold=bold[0] or (len(bold) > 1 and bold[1]))
+    return _Block("table", rows=tuple(rows))
+
+
+def _pipe_paragraphs(blocks: list[_Block]) -> list[_Block]:
+    """Paragraph lines that look like table rows but have no delimiter row become a table without header."""
+    result: list[_Block] = []
+    rows: list[tuple[str, ...]] = []
+    for block in [*blocks, _Block("end")]:
+        if block.kind == "line" and block.text.startswith("|"):
+            rows.append(tuple(c.strip() for c in re.split(r"(?<!\\)\|", block.text.strip().strip("|"))))
+            continue
+        if rows:
+            result.append(_Block("table", rows=tuple(rows)))
+            rows = []
+        result.append(block)
+    return result[:-1]
+
+
+def _section(blocks: list[_Block], start: int) -> list[_Block]:
     """The heading at ``start`` and everything up to the next heading of the same or a higher level."""
-    level = _heading(lines[start])[0]  # type: ignore[index]
+    level = blocks[start].level
     end = start + 1
-    while end < len(lines) and not ((h := _heading(lines[end])) and h[0] <= level):
+    while end < len(blocks) and not (blocks[end].kind == "heading" and blocks[end].level <= level):
         end += 1
-    return lines[start:end]
+    return blocks[start:end]
 
 
-def _root_cause_section(lines: list[str]) -> tuple[str, list[str]] | None:
-    for index, line in enumerate(lines):
-        heading = _heading(line)
-        if heading and _ROOT_CAUSE_KEY_RE.match(heading[1]):
-            section = _section(lines, index)
+def _texts(blocks: list[_Block]) -> list[str]:
+    return [text for block in blocks for text in block.texts()]
+
+
+def _root_cause_section(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for index, block in enumerate(blocks):
+        if block.kind == "heading" and _ROOT_CAUSE_KEY_RE.match(block.title):
+            section = _section(blocks, index)
             found = _first_hypothesis(section[1:])
             if found:
                 return found
             value = _table_entry(section[1:], _CAUSE_KEY_RE)
             text = value[0] if value else _first_paragraph(section[1:])
             if text:
-                return text, section
+                return text, _texts(section)
     return None
 
 
-def _first_hypothesis(lines: list[str]) -> tuple[str, list[str]] | None:
+def _first_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
     """The top-ranked hypothesis (H1): its statement, or else its name."""
-    for index, line in enumerate(lines):
-        heading = _heading(line)
-        title = heading[1] if heading else _plain(_LIST_MARK_RE.sub("", line, count=1))
+    for index, block in enumerate(blocks):
+        if block.kind not in ("heading", "line"):
+            continue
+        title = block.title if block.kind == "heading" else block.text
         if not _FIRST_HYPOTHESIS_RE.match(title):
             continue
-        block = _section(lines, index) if heading else _hypothesis_lines(lines, index)
-        for candidate in block[1:]:
-            text = _plain(_LIST_MARK_RE.sub("", candidate, count=1))
-            if re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
-                return _root_cause_text(text), block
+        region = _section(blocks, index) if block.kind == "heading" else _hypothesis_blocks(blocks, index)
+        for candidate in region[1:]:
+            text = candidate.text
+            if candidate.kind == "line" and re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
+                return _root_cause_text(text), _texts(region)
         name = _root_cause_text(_FIRST_HYPOTHESIS_RE.sub("", title, count=1))
         if name:
-            return name, block
+            return name, _texts(region)
     return None
 
 
-def _hypothesis_lines(lines: list[str], start: int) -> list[str]:
-    """A hypothesis written as a bold line ("**H1: ...**"): it runs to the next heading or H-line."""
+def _hypothesis_blocks(blocks: list[_Block], start: int) -> list[_Block]:
+    """A hypothesis written as a line ("**H1: ...**"): it runs to the next heading or H-line."""
     end = start + 1
-    while end < len(lines) and not (_heading(lines[end]) or re.match(
-            r"^\W*H\d\b", _plain(_LIST_MARK_RE.sub("", lines[end], count=1)))):
+    while end < len(blocks) and not (blocks[end].kind == "heading" or (
+            blocks[end].kind == "line" and _OTHER_HYPOTHESIS_RE.match(blocks[end].text))):
         end += 1
-    return lines[start:end]
+    return blocks[start:end]
 
 
-def _table_entry(lines: list[str], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
+def _table_entry(blocks: list[_Block], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
     """The value a table gives for ``key``: in a Field | Value row, or under a column headed ``key``."""
-    for table in _tables(lines):
-        header, rows = table
+    for table in (b for b in blocks if b.kind == "table"):
+        header, rows = table.header, table.rows
         for row in rows:
-            if len(row) >= 2 and key.match(_plain(row[0])) and _plain(row[1]):
+            if len(row) >= 2 and key.match(row[0]) and row[1]:
                 return _root_cause_text(row[1]), [" | ".join(row)]
         if header is None:
             continue
-        vertical = bool(_BOLD_CELL_RE.match(header[0]) or (rows and _BOLD_CELL_RE.match(rows[0][0])))
-        if vertical and len(header) >= 2 and key.match(_plain(header[0])) and _plain(header[1]):
+        if table.bold and len(header) >= 2 and key.match(header[0]) and header[1]:
             return _root_cause_text(header[1]), [" | ".join(header)]
         for column, title in enumerate(header):
-            if not vertical and key.match(_plain(title)) and rows and column < len(rows[0]):
+            if not table.bold and key.match(title) and rows and column < len(rows[0]):
                 return _root_cause_text(rows[0][column]), [title + ": " + rows[0][column]]
     return None
 
 
-def _tables(lines: list[str]) -> Iterator[tuple[list[str] | None, list[list[str]]]]:
-    """Each pipe table as (header cells or None, body rows of cells)."""
-    block: list[list[str]] = []
-    for line in [*lines, ""]:
-        stripped = line.strip()
-        if stripped.startswith("|"):
-            block.append([cell.strip() for cell in re.split(r"(?<!\\)\|", stripped.strip("|"))])
-            continue
-        if block:
-            if len(block) >= 2 and all(_TABLE_RULE_RE.match(c) for c in block[1] if c):
-                yield block[0], block[2:]
-            else:
-                yield None, block
-            block = []
-
-
-def _inline_root_cause(lines: list[str]) -> tuple[str, list[str]] | None:
-    for line in lines:
-        if _heading(line) or line.lstrip().startswith("|"):
-            continue
-        match = _INLINE_ROOT_CAUSE_RE.match(_plain(_LIST_MARK_RE.sub("", line, count=1)))
+def _inline_root_cause(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for block in blocks:
+        match = _INLINE_ROOT_CAUSE_RE.match(block.text) if block.kind == "line" else None
         if match and _root_cause_text(match.group(1)):
-            return _root_cause_text(match.group(1)), [line]
+            return _root_cause_text(match.group(1)), [block.text]
     return None
 
 
-def _primary_hypothesis(lines: list[str]) -> tuple[str, list[str]] | None:
-    for index, line in enumerate(lines):
-        heading = _heading(line)
-        if heading and _PRIMARY_HYPOTHESIS_RE.match(heading[1]):
-            section = _section(lines, index)
+def _primary_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for index, block in enumerate(blocks):
+        if block.kind == "heading" and _PRIMARY_HYPOTHESIS_RE.match(block.title):
+            section = _section(blocks, index)
             text = _first_paragraph(section[1:])
             if text:
-                return text, section
+                return text, _texts(section)
     return None
 
 
-def _first_paragraph(lines: list[str]) -> str:
+def _first_paragraph(blocks: list[_Block]) -> str:
     """The first paragraph of prose (or first list item), skipping labels and confidence lines."""
     collected: list[str] = []
-    for line in lines:
-        structural = (not line.strip() or _heading(line) or line.lstrip().startswith("|")
-                      or re.match(r"^\s*(?:[-*_]\s*){3,}$", line) or line.lstrip().startswith("<"))
-        text = _plain(_LIST_MARK_RE.sub("", line, count=1))
-        if structural:
+    for block in blocks:
+        text = block.text
+        if block.kind != "line" or text.startswith("<"):
             if collected:
                 break
             continue
@@ -4125,18 +4246,17 @@ def _first_paragraph(lines: list[str]) -> str:
             if collected:
                 break
             continue
-        is_item = bool(re.match(r"^\s*(?:[-*+]|\d+[.)])\s+", line))
-        if collected and is_item:
+        if collected and block.item:
             break
         collected.append(text)
-        if is_item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
+        if block.item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
             break
     return _root_cause_text(" ".join(collected))
 
 
 def _root_cause_text(text: str) -> str:
-    """Plain one-line text without labels or a trailing confidence, cut to a readable length."""
-    text = _LABEL_PREFIX_RE.sub("", _plain(text))
+    """One line without labels or a trailing confidence, cut to a readable length."""
+    text = _LABEL_PREFIX_RE.sub("", " ".join(text.split()))
     without = _CONFIDENCE_CLAUSE_RE.sub("", text).strip(" -—–:|")
     text = without or text
     if len(text) > ROOT_CAUSE_MAX_CHARS:
@@ -4144,10 +4264,10 @@ def _root_cause_text(text: str) -> str:
     return text
 
 
-def _level_in(lines: Iterable[str]) -> str:
-    """The first confidence level stated on a line that mentions confidence, or ''."""
-    for line in lines:
-        level = _level_near_confidence(line)
+def _level_in(texts: Iterable[str]) -> str:
+    """The first confidence level stated in a text that mentions confidence, or ''."""
+    for text in texts:
+        level = _level_near_confidence(text)
         if level:
             return level
     return ""
@@ -4160,9 +4280,8 @@ def _level_of(found: tuple[str, list[str]] | None) -> str:
     return match.group(1).upper() if match else ""
 
 
-def _level_near_confidence(line: str) -> str:
+def _level_near_confidence(text: str) -> str:
     """HIGH, MEDIUM or LOW right after "confidence" (or right before it: "HIGH confidence")."""
-    text = _plain(line)
     for keyword in _CONFIDENCE_WORD_RE.finditer(text):
         level = (_LEVEL_AFTER_RE.match(text, keyword.end())
                  or _LEVEL_BEFORE_RE.search(text, 0, keyword.start()))
@@ -4173,56 +4292,46 @@ def _level_near_confidence(line: str) -> str:
 
 # -- HTML ---------------------------------------------------------------------------
 
-_REPORT_PAGE = """\
-<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; \
-img-src 'self' https:; base-uri 'none'; form-action 'none'">
-<meta name="referrer" content="no-referrer">
-<title>Investigation Report - {incident_id}</title>
-<style>
-  body { margin: 0; padding: 24px 12px; background: #f4f6f9; color: #1f2933;
-         font: 15px/1.6 -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
-  .container { max-width: 900px; margin: 0 auto; background: #fff; border-radius: 10px;
-               box-shadow: 0 2px 10px rgba(0, 0, 0, 0.08); overflow: hidden; }
-  .header { background: linear-gradient(135deg, #1e3a8a, #2563eb); color: #fff; padding: 24px 32px; }
-  .header h1 { margin: 8px 0 0; font-size: 26px; }
-  .badge { display: inline-block; background: rgba(255, 255, 255, 0.18); border-radius: 999px;
-           padding: 3px 12px; font-size: 13px; font-family: SFMono-Regular, Menlo, Consolas, monospace; }
-  .content { padding: 24px 32px; overflow-wrap: break-word; }
-  h2 { color: #1e3a8a; border-bottom: 2px solid #2563eb; padding-bottom: 4px; margin-top: 32px; }
-  h3 { color: #1f2933; margin-top: 24px; }
-  a { color: #2563eb; }
-  code { background: #f1f3f5; border-radius: 4px; padding: 1px 5px;
-         font: 13px SFMono-Regular, Menlo, Consolas, monospace; }
-  pre { background: #1f2933; color: #e4e7eb; border-radius: 6px; padding: 14px; overflow-x: auto; }
-  pre code { background: none; color: inherit; padding: 0; }
-  table { border-collapse: collapse; width: 100%; margin: 16px 0; font-size: 14px; }
-  th, td { border: 1px solid #d9dee4; padding: 6px 10px; text-align: left; vertical-align: top; }
-  th { background: #eef2f7; }
-  tr:nth-child(even) td { background: #fafbfc; }
-  blockquote { margin: 16px 0; padding: 6px 16px; border-left: 4px solid #2563eb; background: #f5f8ff;
-               color: #3e4c59; }
-  .footer { padding: 14px 32px; border-top: 1px solid #e4e7eb; color: #7b8794; font-size: 13px;
-            text-align: center; }
-</style>
-</head>
-<body>
-<div class="container">
-<header class="header">
-<span class="badge">Incident ID: {incident_id}</span>
-<h1>🔍 Kubernetes Incident Investigation</h1>
-</header>
-<main class="content">
-{body}</main>
-<footer class="footer">Generated by Nightcrier</footer>
-</div>
-</body>
-</html>
-"""
+TEMPLATE_NAME_RE = re.compile(r"[a-z_]{1,40}\.html")
+
+
+@functools.lru_cache(maxsize=1)
+def page_templates() -> Any:
+    """The Jinja2 environment of ``templates/`` beside this module, autoescaping on.
+
+    Made at first use, so that jinja2 is imported only by a process that renders a page.
+    """
+    import jinja2
+
+    def source(name: str) -> str | None:
+        if not TEMPLATE_NAME_RE.fullmatch(name):
+            return None
+        try:
+            return resource_text(f"templates/{name}")
+        except OSError:
+            return None
+
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(source), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["when"] = _when
+    return env
+
+
+def resource_text(relative: str) -> str:
+    """A file shipped beside this module (a template, a schema), read from disk or from a zip.
+
+    Raises OSError when it is missing.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), *relative.split("/"))
+    loader = globals().get("__loader__")
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path).decode("utf-8")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
 
 
 def render_report_html(markdown: str, incident_id: str) -> str:
@@ -4236,10 +4345,9 @@ def render_report_html(markdown: str, incident_id: str) -> str:
     Single newlines inside a paragraph are kept as line breaks, so that
     ``**Key:** value`` lines do not run together.
     """
-    import html
-    before, after = _REPORT_PAGE.split("{body}")
-    return (before.replace("{incident_id}", html.escape(incident_id, quote=True))
-            + _markdown_renderer().render(markdown) + after)
+    from markupsafe import Markup
+    body = Markup(_markdown_renderer().render(markdown))  # the renderer escapes; see above
+    return page_templates().get_template("report.html").render(incident_id=incident_id, body=body)
 
 
 def _markdown_renderer() -> Any:
@@ -4288,13 +4396,63 @@ def go_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def report_url(base_url: str, incident_id: str) -> str | None:
-    """``<base_url>/<incident_id>/investigation.html``, or None unless that is an http(s) URL."""
+# -- signed report links -----------------------------------------------------------
+
+REPORT_LINK_KEY_SETTING = "report_link_key"
+_LINK_EXPIRES_RE = re.compile(r"[0-9]{1,12}")
+_LINK_SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def report_link_key(config: Config, store: StateStore) -> bytes:
+    """The HMAC key of report links: ``report_link_secret``, else the random one kept in the database.
+
+    Raises :class:`StoreError` when the database must be asked and cannot answer.
+    """
+    if config.report_link_secret:
+        return config.report_link_secret.encode()
+    return bytes.fromhex(store.shared_value(REPORT_LINK_KEY_SETTING, lambda: os.urandom(32).hex()))
+
+
+def _report_link_signature(key: bytes, incident_id: str, expires: int) -> str:
+    import hashlib
+    import hmac
+    # The purpose prefix keeps these signatures from being valid for anything else signed with the key.
+    return hmac.new(key, f"nightcrier-report\n{incident_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_report_url(base_url: str, incident_id: str, key: bytes, ttl: float,
+                      now: dt.datetime | None = None) -> str | None:
+    """``<base_url>/incidents/<id>/report?expires=…&sig=…``, opening that one report until ``now + ttl``.
+
+    None unless ``base_url`` is an http(s) URL and the link fits a Slack button.
+    """
     parts = urllib.parse.urlsplit(base_url.strip())
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return None
-    url = f"{base_url.strip().rstrip('/')}/{urllib.parse.quote(incident_id, safe='')}/{REPORT_HTML_NAME}"
+    expires = int((now or utcnow()).timestamp() + ttl)
+    query = urllib.parse.urlencode({"expires": expires,
+                                    "sig": _report_link_signature(key, incident_id, expires)})
+    url = (f"{base_url.strip().rstrip('/')}/incidents/{urllib.parse.quote(incident_id, safe='')}"
+           f"/report?{query}")
     return url if len(url) <= SLACK_TEXT_LIMIT else None
+
+
+def verify_report_link(incident_id: str, query: Mapping[str, Sequence[str]], key: bytes,
+                       now: dt.datetime | None = None) -> bool:
+    """Whether ``query`` (as ``urllib.parse.parse_qs`` gives it) signs ``incident_id`` and has not expired.
+
+    Exactly one ``expires`` (Unix seconds) and one ``sig`` (64 lower-case hex digits) are accepted;
+    anything else, repeated or malformed, is refused. Never raises.
+    """
+    import hmac
+    expires, signature = query.get("expires", ()), query.get("sig", ())
+    if len(expires) != 1 or len(signature) != 1:
+        return False
+    if not _LINK_EXPIRES_RE.fullmatch(expires[0]) or not _LINK_SIGNATURE_RE.fullmatch(signature[0]):
+        return False
+    moment = int(expires[0])
+    expected = _report_link_signature(key, incident_id, moment)
+    return hmac.compare_digest(expected, signature[0]) and moment > (now or utcnow()).timestamp()
 
 
 def _slack_escape(text: str) -> str:
@@ -4500,6 +4658,7 @@ class SlackNotifier(threading.Thread):
         self._queue: queue.Queue[Any] = queue.Queue()
         self._abort = threading.Event()
         self._session: Any = None
+        self._link_key: bytes | None = None
 
     def enqueue(self, incident: Incident, summary: ReportSummary | None = None) -> None:
         """Queue a finished incident; ``summary`` overrides the one read from its stored report."""
@@ -4553,7 +4712,7 @@ class SlackNotifier(threading.Thread):
         has_report = summary is not None
         if summary is None:
             summary, has_report = self._stored_summary(incident)
-        url = report_url(self.config.report_base_url, incident.incident_id) if has_report else None
+        url = self.report_link(incident) if has_report else None
         self.send(incident_message(incident, summary, url), "incident notification",
                   incident_id=incident.incident_id)
         if incident.status == RESOLVED:
@@ -4563,6 +4722,23 @@ class SlackNotifier(threading.Thread):
                           downtime=go_duration(stats.downtime))
                 if self.config.notify_on_agent_failure:
                     self.send(recovered_alert(stats), "recovery alert")
+
+    def report_link(self, incident: Incident) -> str | None:
+        """Where the "View Report" button points: the signed nightcrier link, or None without one.
+
+        The key is read once; when the database cannot give it, the message goes out without a button.
+        """
+        if not self.config.report_base_url:
+            return None
+        if self._link_key is None:
+            try:
+                self._link_key = report_link_key(self.config, self.store)
+            except StoreError as exc:
+                log_event(logging.WARNING, "cannot read the report link key",
+                          incident_id=incident.incident_id, error=str(exc))
+                return None
+        return signed_report_url(self.config.report_base_url, incident.incident_id, self._link_key,
+                                 parse_go_duration(self.config.report_link_ttl))
 
     def _stored_summary(self, incident: Incident) -> tuple[ReportSummary, bool]:
         try:
@@ -4727,6 +4903,8 @@ class HealthServer:
     ``/health/clusters``: the Go original's JSON, plus each cluster's
     connection state, reconnects, subscription id, recorded gaps and RBAC check.
     ``/metrics``: the Prometheus text format.
+    ``/incidents`` and ``/clusters``, when given ``pages``: the HTML pages of
+    :class:`WebPages`, which applies their access rules; the endpoints above stay open.
     Serves from its own threads; every answer is computed from the callables it
     was given (replaceable with :meth:`serve`, for a server bound before the
     service existed), so it holds no state of its own but the shutdown flag.
@@ -4734,7 +4912,8 @@ class HealthServer:
     """
 
     def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
-                 readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes]):
+                 readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
+                 pages: WebPages | None = None):
         import http.server
 
         server = self
@@ -4745,6 +4924,9 @@ class HealthServer:
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if server.pages is not None and server.pages.handles(path):
+                    self._page()
+                    return
                 try:
                     status, content_type, body = server.answer(path)
                 except Exception as exc:  # a probe must get an answer, not a dropped connection
@@ -4755,6 +4937,20 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _page(self) -> None:
+                try:
+                    response = server.pages.respond(self.path, self.headers)  # type: ignore[union-attr]
+                except Exception as exc:  # a page must get an answer, not a dropped connection
+                    log_event(logging.ERROR, "incident page failed", error=_short_error(exc))
+                    response = PageResponse(500, "text/plain", b"internal error\n")
+                self.send_response(response.status)
+                self.send_header("Content-Type", response.content_type)
+                self.send_header("Content-Length", str(len(response.body)))
+                for name, value in response.headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(response.body)
+
             def do_POST(self) -> None:
                 self.send_error(405, "Method not allowed")
 
@@ -4764,7 +4960,7 @@ class HealthServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self.serve(clusters=clusters, readiness=readiness, metrics=metrics)
+        self.serve(clusters=clusters, readiness=readiness, metrics=metrics, pages=pages)
         self.shutting_down = False
         try:
             self._httpd = Server((bind, port), Handler)
@@ -4774,11 +4970,13 @@ class HealthServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="health")
 
     def serve(self, *, clusters: Callable[[], dict[str, Any]],
-              readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes]) -> None:
+              readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
+              pages: WebPages | None = None) -> None:
         """Answer from these callables from now on (a server bound before the service existed)."""
         self._clusters = clusters
         self._readiness = readiness
         self._metrics = metrics
+        self.pages = pages
 
     def start(self) -> HealthServer:
         if not self._thread.is_alive():
@@ -4859,6 +5057,352 @@ def cluster_health_document(healths: Sequence[ClusterHealth], permissions: Mappi
         # A cluster whose RBAC check failed cannot be triaged: it is not healthy either.
         "unhealthy": sum(c["status"] in UNHEALTHY_STATES or bool(c.get("degraded")) for c in clusters),
         "triage_enabled": sum(c["triage_enabled"] for c in clusters)}}
+
+
+# -- incident pages -------------------------------------------------------------------
+
+PAGE_SIZE = 50
+LOG_TAIL_BYTES = 64 * 1024
+RAW_FILE_MAX_BYTES = 16 * 1024 * 1024
+WEB_COOKIE = "nightcrier_web"
+# Styles are inline in the templates; nothing else may load, images only from the page itself.
+PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'")
+RAW_FILE_CSP = "default-src 'none'; sandbox"
+WORKSPACE_FILES = ("incident.json", "prompt-sent.md", "incident_cluster_permissions.json",
+                   "output/investigation.md", f"{REPORT_HTML_NAME}", "logs/agent-stdout.log",
+                   "logs/agent-stderr.log")
+WORKSPACE_FILE_DEPTH = 5         # attempts/<n>/logs/agent-stdout.log and the like
+_FILE_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class PageResponse:
+    """What the HTTP handler sends: status, content type, extra headers and the body."""
+
+    status: int
+    content_type: str
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    import ipaddress
+    if bind.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def path_segments(path: str) -> list[str] | None:
+    """The decoded segments of a request path, or None when one could escape its place.
+
+    Segments are split before decoding, so ``%2F`` never becomes a separator; a segment
+    that decodes to ``.``, ``..``, a slash, a backslash or a NUL, or is not UTF-8, refuses
+    the whole path. A trailing slash is ignored.
+    """
+    if not path.startswith("/"):
+        return None
+    raw = path[1:].split("/")
+    if raw and raw[-1] == "":
+        raw.pop()
+    segments = []
+    for part in raw:
+        try:
+            segment = urllib.parse.unquote(part, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if segment in ("", ".", "..") or any(c in segment for c in "/\\\0") or len(segment) > 255:
+            return None
+        segments.append(segment)
+    return segments
+
+
+def read_workspace_file(workspace: str, parts: Sequence[str], limit: int) -> tuple[bytes, int] | None:
+    """The last ``limit`` bytes and the size of the regular file ``workspace/parts...``, or None.
+
+    No symlink is followed, neither the workspace itself nor any directory or file
+    below it, and only regular files are read (a FIFO does not block: it is refused).
+    """
+    import stat
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    if not parts or not all(_FILE_PART_RE.fullmatch(p) for p in parts):
+        return None
+    try:
+        fd = os.open(workspace, flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file_fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    info = os.fstat(file_fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(file_fd)
+        return None
+    with os.fdopen(file_fd, "rb") as fh:
+        if info.st_size > limit:
+            fh.seek(info.st_size - limit)
+        return fh.read(limit), info.st_size
+
+
+def _took(start: dt.datetime | None, end: dt.datetime | None) -> str:
+    return go_duration((end - start).total_seconds()) if start and end else ""
+
+
+class WebPages:
+    """The read-only HTML pages under ``/incidents`` and ``/clusters``: routing, access and page data.
+
+    Access: with ``web_token`` set, a request needs ``Authorization: Bearer <token>``, the
+    cookie set after one visit with ``?token=<token>`` (answered by a redirect that drops the
+    token from the address), or -- for ``/incidents/<id>/report`` only -- a valid signed link.
+    Missing or wrong credentials get 401; a signed link that is tampered with, expired or
+    for another incident gets 403, and so does the report without any signature or token.
+    Without ``web_token`` the pages are served only when the server is bound to loopback
+    (else 403). Files are served only from ``<workspace_root>/<incident id>/``, by name,
+    without following symlinks. A database that does not answer gives 503.
+    Called from the HTTP server's threads; holds nothing but the link key, read once under a lock.
+    """
+
+    def __init__(self, config: Config, store: StateStore, clusters: Callable[[], dict[str, Any]],
+                 bind: str):
+        self.config = config
+        self.store = store
+        self._clusters = clusters
+        self.open_without_token = is_loopback(bind)
+        self._lock = threading.Lock()
+        self._key: bytes | None = None
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in ("/incidents", "/clusters"))
+
+    # -- plumbing
+
+    def link_key(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = report_link_key(self.config, self.store)
+            return self._key
+
+    def page(self, name: str, code: int = 200, **data: Any) -> PageResponse:
+        html = page_templates().get_template(name).render(**data)
+        return PageResponse(code, "text/html; charset=utf-8", html.encode(), self._security_headers())
+
+    def message(self, status: int, title: str, text: str, root: str = "") -> PageResponse:
+        response = self.page("message.html", status, title=title, text=text, root=root or "/",
+                             status=status)
+        if status == 401:
+            response.headers.append(("WWW-Authenticate", 'Bearer realm="nightcrier"'))
+        return response
+
+    @staticmethod
+    def _security_headers(csp: str = PAGE_CSP) -> list[tuple[str, str]]:
+        return [("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
+                ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
+                ("Cache-Control", "no-store")]
+
+    def _cookie_value(self) -> str:
+        import hashlib
+        import hmac
+        return hmac.new(self.config.web_token.encode(), b"nightcrier-web-cookie", hashlib.sha256).hexdigest()
+
+    def _credentials(self, query: Mapping[str, list[str]], headers: Mapping[str, str]) -> str:
+        """"ok", "grant" (a right token in the query), "missing", "bad" or "closed"."""
+        import hmac
+        token = self.config.web_token
+        if not token:
+            return "ok" if self.open_without_token else "closed"
+        authorization = headers.get("Authorization") or ""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            good = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+            return "ok" if good else "bad"
+        if "token" in query:
+            given = query["token"]
+            return "grant" if len(given) == 1 and hmac.compare_digest(given[0].encode(),
+                                                                      token.encode()) else "bad"
+        cookie = self._cookie(headers.get("Cookie") or "")
+        if cookie is not None:
+            return "ok" if hmac.compare_digest(cookie.encode(), self._cookie_value().encode()) else "bad"
+        return "missing"
+
+    @staticmethod
+    def _cookie(header: str) -> str | None:
+        for item in header.split(";"):
+            name, sep, value = item.strip().partition("=")
+            if sep and name == WEB_COOKIE:
+                return value.strip().strip('"')
+        return None
+
+    def _grant(self, path: str, query: Mapping[str, list[str]]) -> PageResponse:
+        """Set the cookie and send the browser back to the same page without the token in its address."""
+        rest = urllib.parse.urlencode([(k, v) for k, values in query.items() if k != "token" for v in values])
+        last = path.rsplit("/", 1)[-1]
+        location = (last or ".") + (f"?{rest}" if rest else "")
+        secure = "; Secure" if self.config.report_base_url.lower().startswith("https:") else ""
+        cookie = f"{WEB_COOKIE}={self._cookie_value()}; Path=/; HttpOnly; SameSite=Strict{secure}"
+        return PageResponse(303, "text/plain; charset=utf-8", b"see other\n",
+                            [("Location", location), ("Set-Cookie", cookie), *self._security_headers()])
+
+    # -- routing
+
+    def respond(self, target: str, headers: Mapping[str, str]) -> PageResponse:
+        """The answer to ``GET target`` (path and query as sent). Never raises."""
+        path, _, query_text = target.partition("?")
+        segments = path_segments(path)
+        # Links in the pages are relative to the request's own path, so a proxy may add a prefix.
+        root = "../" * (path.count("/") - 1) if segments else ""
+        try:
+            query = urllib.parse.parse_qs(query_text, keep_blank_values=True, max_num_fields=50)
+        except ValueError:
+            return self.message(400, "Bad request", "The query string is not understood.", root)
+        if segments is None:
+            return self.message(404, "Not found", "There is no such page.")
+        try:
+            return self._route(path, segments, query, headers, root or "./")
+        except StoreError as exc:
+            log_event(logging.WARNING, "incident page without database", error=str(exc))
+            return self.message(503, "Database unavailable", "The database does not answer; try again soon.",
+                                root or "./")
+
+    def _route(self, path: str, segments: list[str], query: Mapping[str, list[str]],
+               headers: Mapping[str, str], root: str) -> PageResponse:
+        is_report = len(segments) == 3 and segments[0] == "incidents" and segments[2] == "report"
+        if is_report and ("sig" in query or "expires" in query):
+            if not is_uuid(segments[1]) or not verify_report_link(segments[1], query, self.link_key()):
+                return self.message(403, "Link not valid", "This report link is not valid or has expired. "
+                                    "Ask for a new one.", root)
+            return self.report(segments[1], root)
+        access = self._credentials(query, headers)
+        if access == "closed":
+            return self.message(403, "Pages are off", "Set web_token to serve these pages on an address "
+                                "other than loopback.", root)
+        if access in ("missing", "bad"):
+            if is_report:
+                return self.message(403, "Link not valid", "This report needs a signed link or a token.",
+                                    root)
+            return self.message(401, "Token required", "Open this page with the web token.", root)
+        if access == "grant":
+            return self._grant(path, query)
+        if segments == ["incidents"]:
+            return self.incident_list(query, root)
+        if segments == ["clusters"]:
+            return self.clusters(root)
+        if len(segments) < 2 or segments[0] != "incidents" or not is_uuid(segments[1]):
+            return self.message(404, "Not found", "There is no such page.", root)
+        if len(segments) == 2:
+            return self.incident(segments[1], root)
+        if is_report:
+            return self.report(segments[1], root)
+        if segments[2] == "files" and 4 <= len(segments) <= 3 + WORKSPACE_FILE_DEPTH:
+            return self.raw_file(segments[1], segments[3:], root)
+        return self.message(404, "Not found", "There is no such page.", root)
+
+    # -- pages
+
+    def incident_list(self, query: Mapping[str, list[str]], root: str) -> PageResponse:
+        def one(name: str) -> str:
+            return (query.get(name) or [""])[0].strip()
+
+        status, cluster, since_text = one("status"), one("cluster"), one("since")
+        page_text = one("page") or "1"
+        if status and status not in STATUSES:
+            return self.message(400, "Bad filter", f"status must be one of {', '.join(STATUSES)}.", root)
+        if not page_text.isdigit() or not 1 <= int(page_text) <= 100000:
+            return self.message(400, "Bad filter", "page must be a whole number from 1.", root)
+        since = None
+        if since_text:
+            try:
+                since = parse_since(since_text)
+            except ValueError as exc:
+                return self.message(400, "Bad filter", str(exc), root)
+        number = int(page_text)
+        criteria = IncidentFilter(statuses=(status,) if status else (), cluster=cluster, since=since,
+                                  limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE)
+        incidents = self.store.list_incidents(criteria)
+        rows = [{"incident": i, "took": _took(i.started_at, i.completed_at)} for i in incidents[:PAGE_SIZE]]
+
+        def page_link(n: int) -> str:
+            params = {k: v for k, v in (("status", status), ("cluster", cluster), ("since", since_text)) if v}
+            return "incidents?" + urllib.parse.urlencode({**params, "page": n})
+
+        return self.page("incidents.html", root=root, rows=rows, counts=self.store.count_by_status(),
+                         statuses=STATUSES, status=status, cluster=cluster, since=since_text, number=number,
+                         previous=page_link(number - 1) if number > 1 else "",
+                         next=page_link(number + 1) if len(incidents) > PAGE_SIZE else "")
+
+    def _workspace(self, incident_id: str) -> str:
+        return os.path.join(os.path.abspath(self.config.workspace_root), incident_id)
+
+    def incident(self, incident_id: str, root: str) -> PageResponse:
+        incident = self.store.get_incident(incident_id)
+        if incident is None:
+            return self.message(404, "Not found", "There is no such incident.", root)
+        workspace = self._workspace(incident.incident_id)
+        executions = self.store.list_executions(incident.incident_id)
+        runs = [{"attempt": n, "execution": e, "took": _took(e.started_at, e.completed_at)}
+                for n, e in enumerate(executions, 1)]
+        report = self.store.get_report(incident.incident_id)
+        rendered = None
+        if report is not None:
+            from markupsafe import Markup
+            # The renderer escapes raw HTML and refuses unsafe links (see render_report_html).
+            rendered = Markup(_markdown_renderer().render(report.report_markdown))
+        names = list(WORKSPACE_FILES)
+        for execution in executions:
+            for log_path in execution.log_paths.values():
+                relative = os.path.relpath(log_path, workspace) if os.path.isabs(log_path) else ""
+                if relative and not relative.startswith("..") and relative not in names:
+                    names.append(relative.replace(os.sep, "/"))
+        files = []
+        for name in names:
+            found = read_workspace_file(workspace, name.split("/"), 0)
+            if found is not None:
+                files.append({"name": name, "size": found[1]})
+        tails = []
+        for name in names:
+            if name.endswith(".log"):
+                found = read_workspace_file(workspace, name.split("/"), LOG_TAIL_BYTES)
+                if found is not None:
+                    tails.append({"name": name, "size": found[1], "cut": found[1] > LOG_TAIL_BYTES,
+                                  "text": found[0].decode("utf-8", "replace")})
+        return self.page("incident.html", root=root, incident=incident, runs=runs, report=report,
+                         rendered=rendered, files=files, tails=tails,
+                         took=_took(incident.started_at, incident.completed_at))
+
+    def report(self, incident_id: str, root: str) -> PageResponse:
+        report = self.store.get_report(incident_id)
+        if report is None:
+            return self.message(404, "Not found", "This incident has no report.", root)
+        page = report.report_html or render_report_html(report.report_markdown, report.incident_id)
+        return PageResponse(200, "text/html; charset=utf-8", page.encode(), self._security_headers())
+
+    def raw_file(self, incident_id: str, parts: Sequence[str], root: str) -> PageResponse:
+        incident = self.store.get_incident(incident_id)
+        found = (read_workspace_file(self._workspace(incident.incident_id), parts, RAW_FILE_MAX_BYTES)
+                 if incident is not None else None)
+        if found is None:
+            return self.message(404, "Not found", "There is no such file in this incident's workspace.", root)
+        content_type = "application/json" if parts[-1].endswith(".json") else "text/plain; charset=utf-8"
+        headers = self._security_headers(RAW_FILE_CSP)
+        if found[1] > RAW_FILE_MAX_BYTES:
+            headers.append(("X-Nightcrier-Truncated", f"last {RAW_FILE_MAX_BYTES} of {found[1]} bytes"))
+        return PageResponse(200, content_type, found[0], headers)
+
+    def clusters(self, root: str) -> PageResponse:
+        document = self._clusters()
+        return self.page("clusters.html", root=root, clusters=document.get("clusters", []),
+                         runner=document.get("runner", {}), summary=document.get("summary", {}))
 
 
 # -- RBAC checks ---------------------------------------------------------------------
@@ -5054,6 +5598,7 @@ class Service:
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=self.notifier.enqueue if self.notifier else None)
+        self.pages = WebPages(config, self.store, self.cluster_health, config.health_bind)
         # Given when it was bound before the database was reached, to report the wait in /readyz.
         self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
                                                             clusters=self.cluster_health,
@@ -5062,7 +5607,7 @@ class Service:
                                                if config.health_port else None)
         if self.health_server is not None:
             self.health_server.serve(clusters=self.cluster_health, readiness=self.readiness,
-                                     metrics=self.metrics_text)
+                                     metrics=self.metrics_text, pages=self.pages)
         self._stop_watching = threading.Event()
         # Work announced by other processes sharing the database wakes this dispatcher too.
         self._watcher = threading.Thread(target=self.store.watch_for_work, daemon=True, name="work-watch",

@@ -137,3 +137,12 @@ INSERT INTO cluster_queue (cluster, busy, next_pending_at)
            MAX(CASE WHEN status = 'investigating' THEN 1 ELSE 0 END) = 1,
            MIN(CASE WHEN status = 'pending' THEN created_at END)
     FROM incidents GROUP BY cluster;
+
+-- version: 3
+
+-- Values nightcrier makes up once and every replica shares, such as the key
+-- that signs report links when none is configured.
+CREATE TABLE settings (
+    name                 TEXT PRIMARY KEY,
+    value                TEXT NOT NULL
+);

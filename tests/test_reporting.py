@@ -242,23 +242,28 @@ def test_the_block_count_is_capped_whatever_a_message_holds() -> None:
     ("", None),
     ("file:///srv/reports", None),
     ("/srv/reports", None),
-    ("https://reports.example.com/nightcrier/", "https://reports.example.com/nightcrier/{id}/investigation.html"),
-    ("http://10.0.0.5:8000", "http://10.0.0.5:8000/{id}/investigation.html"),
+    ("https://reports.example.com/nightcrier/", "https://reports.example.com/nightcrier/incidents/{id}/report"),
+    ("http://10.0.0.5:8000", "http://10.0.0.5:8000/incidents/{id}/report"),
 ])
 def test_the_view_report_button_needs_an_http_report_base_url(
         webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier], base: str, expected: str | None
 ) -> None:
     incident = finished(nc.RESOLVED)
-    deliver(notifier_for(report_base_url=base), (incident, nc.ReportSummary("OOM", "HIGH")))
+    notifier = notifier_for(report_base_url=base)
+    deliver(notifier, (incident, nc.ReportSummary("OOM", "HIGH")))
     (message,) = webhook.messages()
     actions = [b for b in message["blocks"] if b["type"] == "actions"]
     if expected is None:
         assert actions == []
         assert message["attachments"][0]["footer"] == f"Report: stored with incident {incident.incident_id}"
     else:
+        url = actions[0]["elements"][0].pop("url")
         assert actions == [{"type": "actions", "elements": [
-            {"type": "button", "text": {"type": "plain_text", "text": "View Report"},
-             "url": expected.format(id=incident.incident_id)}]}]
+            {"type": "button", "text": {"type": "plain_text", "text": "View Report"}}]}]
+        link, _, query = url.partition("?")
+        assert link == expected.format(id=incident.incident_id)
+        assert nc.verify_report_link(incident.incident_id, urllib.parse.parse_qs(query),
+                                     nc.report_link_key(notifier.config, notifier.store))
         assert message["attachments"][0]["footer"] == "Report: see button above"
 
 
@@ -502,7 +507,7 @@ def test_untrusted_markdown_comes_out_inert() -> None:
 def test_the_incident_id_is_escaped_in_the_page() -> None:
     page = nc.render_report_html("# r", '"><script>alert(1)</script>')
     assert_inert(page)
-    assert "<title>Investigation Report - &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
+    assert "<title>Investigation Report - &#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
 
 
 def test_tables_code_and_strikethrough_render() -> None:
@@ -700,8 +705,9 @@ def test_a_finished_incident_gets_a_page_a_stored_summary_and_a_slack_message(
     assert "<script>" in report.report_markdown, "the markdown is stored as the agent wrote it"
 
     assert texts(message)[5] == "*Root Cause (HIGH confidence):*\nThe api container ran out of memory."
-    assert message["blocks"][-1]["elements"][0]["url"] == (
-        f"https://reports.example.com/ws/{incident_id}/investigation.html")
+    link, _, query = message["blocks"][-1]["elements"][0]["url"].partition("?")
+    assert link == f"https://reports.example.com/ws/incidents/{incident_id}/report"
+    assert nc.verify_report_link(incident_id, urllib.parse.parse_qs(query), nc.report_link_key(config, store))
     assert metrics.value("slack_sent") == 1
 
 

@@ -183,6 +183,40 @@ def test_demo_resolves_every_incident(app: App, tmp_path: Path) -> None:
     assert [i["status"] for i in incidents] == ["resolved"] * len(incidents)
 
 
+def test_serves_its_pages_from_the_bundled_templates(app: App, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from conftest import wait_for
+    with zipfile.ZipFile(app.path) as zf:
+        assert "site-packages/templates/incidents.html" in zf.namelist()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = write_config(tmp_path / "config.yaml",
+                          {"type": "sqlite", "sqlite_path": str(tmp_path / "nc.db")})
+    data = json.loads(config.read_text())
+    data.update(health_port=port, agent_runner="process", agent_command=["true"])
+    config.write_text(json.dumps(data))
+    process = subprocess.Popen([*PYTHON, str(app.path), "run", "--config", str(config)],
+                               env=clean_env(tmp_path / "cache"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+
+    def page() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/incidents", timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            assert process.poll() is None, "nightcrier exited"
+            return None
+
+    try:
+        assert "<h1>Incidents</h1>" in wait_for(page, timeout=RUN_TIMEOUT, what="the incidents page")
+    finally:
+        process.terminate()
+        process.wait(RUN_TIMEOUT)
+
+
 @pytest.mark.postgres
 def test_postgres_driver_loads_from_the_cache(app: App, tmp_path: Path, postgres_schema_url: str) -> None:
     cache = tmp_path / "cache"
