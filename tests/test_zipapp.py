@@ -189,7 +189,7 @@ def test_serves_its_pages_from_the_bundled_templates(app: App, tmp_path: Path) -
 
     from conftest import wait_for
     with zipfile.ZipFile(app.path) as zf:
-        assert "site-packages/templates/incidents.html" in zf.namelist()
+        assert "site-packages/common/templates/incidents.html" in zf.namelist()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
