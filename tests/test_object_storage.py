@@ -1,0 +1,342 @@
+"""Object storage: artifacts to Azure Blob (Azurite) and S3 (moto), signed links, Slack's button, failures.
+
+Both emulators run as real servers on 127.0.0.1, started and stopped by the tests: Azurite from the npm
+registry (``.ci/run`` installs it; ``NIGHTCRIER_TEST_AZURITE`` names its ``azurite-blob``), moto in server
+mode from PyPI. Slack is the local webhook of test_reporting.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import html.parser
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import infra
+import pytest
+import requests
+import yaml
+from conftest import wait_for
+from test_reporting import Webhook
+from test_store_contract import make_event
+
+import nightcrier as nc
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's published development key: every copy of the emulator accepts it, it guards nothing.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+CONTAINER = "incident-reports"
+BUCKET = "incident-reports"
+REPORT_BASE_URL = "https://reports.example.com/ws/"
+
+REPORT_AGENT = """cat > output/investigation.md <<'EOF'
+# Investigation
+
+## Root Cause
+The **api** container ran out of memory: its limit of 128Mi was reached under load.
+**Confidence:** HIGH
+
+## Evidence
+OOMKilled three times in ten minutes.
+EOF
+echo "agent output line"
+echo "agent warning line" >&2
+ln -s /etc/hostname logs/agent-full.log
+"""
+
+EXPECTED_TYPES = {
+    "investigation.html": "text/html; charset=utf-8",
+    "investigation.md": "text/markdown; charset=utf-8",
+    "incident.json": "application/json; charset=utf-8",
+    "prompt-sent.md": "text/markdown; charset=utf-8",
+    "logs/agent-stdout.log": "text/plain; charset=utf-8",
+    "logs/agent-stderr.log": "text/plain; charset=utf-8",
+}
+
+
+@pytest.fixture(autouse=True)
+def _capture_nightcrier_logs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(nc.log, "propagate", True)
+    caplog.set_level(logging.DEBUG)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Emulator:
+    """A storage emulator process on 127.0.0.1 that a test can stop and start again on the same port."""
+
+    def __init__(self, argv: Callable[[int], list[str]], log_path: Path):
+        self.argv = argv
+        self.port = _free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(self.argv(self.port), stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        wait_for(lambda: _answers(self.port) or self.process.poll() is not None, timeout=60,
+                 what="the storage emulator to listen")
+        if self.process.poll() is not None:
+            pytest.fail(f"storage emulator exited: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        wait_for(lambda: not _answers(self.port), timeout=10, what="the storage emulator to stop listening")
+
+
+def _azurite_binary() -> str:
+    cached = sorted(glob.glob("/var/cache/nightcrier-ci/azurite-*/node_modules/.bin/azurite-blob"))
+    found = (os.environ.get("NIGHTCRIER_TEST_AZURITE") or shutil.which("azurite-blob")
+             or (cached[-1] if cached else None))
+    if not found or not os.access(found, os.X_OK):
+        infra.unavailable("azurite-blob not found: run `bash .ci/run` or npm install azurite@3.37.0 "
+                          "and set NIGHTCRIER_TEST_AZURITE")
+    return found
+
+
+class Backend:
+    """One kind of object store under test: its emulator, the config keys that reach it, a raw client."""
+
+    def __init__(self, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        self.kind = kind
+        if kind == "azure_blob":
+            binary, data = _azurite_binary(), tmp_path / "azurite"
+            data.mkdir()
+            self.emulator = Emulator(lambda port: [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port),
+                                                   "--location", str(data), "--skipApiVersionCheck",
+                                                   "--loose", "--silent"], tmp_path / "azurite.log")
+        else:
+            # Credentials reach boto3 through the standard AWS chain: here, the environment.
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nightcrier-test")
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nightcrier-test-secret")
+            monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+            monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+                monkeypatch.delenv(name, raising=False)
+            self.emulator = Emulator(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                                   "-p", str(port)], tmp_path / "moto.log")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.emulator.port}"
+
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint={self.endpoint}/{AZURITE_ACCOUNT};")
+
+    def settings(self) -> dict[str, Any]:
+        if self.kind == "azure_blob":
+            return {"azure_storage_connection_string": self.connection_string(),
+                    "azure_storage_container": CONTAINER}
+        return {"s3_bucket": BUCKET, "s3_prefix": "nightcrier/", "s3_region": "eu-west-1",
+                "s3_endpoint_url": self.endpoint}
+
+    def create_container(self) -> None:
+        if self.kind == "azure_blob":
+            from azure.storage.blob import BlobServiceClient
+            BlobServiceClient.from_connection_string(self.connection_string()).create_container(CONTAINER)
+        else:
+            import boto3
+            boto3.client("s3", endpoint_url=self.endpoint, region_name="eu-west-1").create_bucket(
+                Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+
+    def signature_in(self, text: str) -> bool:
+        return ("sig=" in text) if self.kind == "azure_blob" else ("X-Amz-Signature" in text)
+
+
+@pytest.fixture(params=["azure_blob", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[Backend]:
+    store = Backend(request.param, tmp_path, monkeypatch)
+    store.emulator.start()
+    try:
+        store.create_container()
+        yield store
+    finally:
+        store.emulator.stop()
+
+
+@pytest.fixture
+def azurite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    store = Backend("azure_blob", tmp_path, monkeypatch)
+    store.emulator.start()
+    try:
+        store.create_container()
+        yield store
+    finally:
+        store.emulator.stop()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    server = Webhook()
+    yield server
+    server.close()
+
+
+def service_config(tmp_path: Path, webhook: Webhook, storage: dict[str, Any]) -> nc.Config:
+    kubeconfig = tmp_path / "kubeconfig.yaml"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    data = {"workspace_root": str(tmp_path / "ws"), "health_port": 0, "agent_runner": "process",
+            "agent_command": ["sh", "-c", REPORT_AGENT], "agent_timeout": 30, "dispatch_poll_interval": 0.2,
+            "slack_webhook_url": webhook.url, "report_base_url": REPORT_BASE_URL,
+            "storage_timeout_seconds": 5, **storage,
+            "clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/c1"},
+                          "triage": {"enabled": True, "kubeconfig": str(kubeconfig),
+                                     "check_permissions": False}}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config, warnings = nc.load_config(str(path), env={})
+    assert warnings == []
+    return config
+
+
+def run_one_incident(config: nc.Config, tmp_path: Path, webhook: Webhook
+                     ) -> tuple[nc.Service, nc.Incident, dict[str, Any]]:
+    """One fault through the whole service; returns it stopped, the finished incident, the Slack message."""
+    service = nc.Service(config, nc.SqliteStore(str(tmp_path / "nightcrier.db"))).start()
+    try:
+        (incident_id,) = service.store.insert_events([make_event("c1")])
+        service.work_available.set()
+        (message,) = wait_for(webhook.messages, timeout=60, what="the Slack message")
+        incident = service.store.get_incident(incident_id)
+    finally:
+        service.stop()
+    assert incident is not None
+    return service, incident, message
+
+
+def button(message: dict[str, Any]) -> str | None:
+    actions = [b for b in message["blocks"] if b["type"] == "actions"]
+    return actions[0]["elements"][0]["url"] if actions else None
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self.links.append((data, self._href))
+            self._href = None
+
+
+def index_links(page: str) -> dict[str, str]:
+    """Object name (the path after the incident id) -> signed link, from index.html."""
+    parser = _Links()
+    parser.feed(page)
+    found = {}
+    for _, href in parser.links:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(href).path)
+        found[_object_name(path)] = href
+    return found
+
+
+def _object_name(path: str) -> str:
+    # .../<incident id>/<name...>: the incident id is the only UUID in the path.
+    parts = path.split("/")
+    index = next(i for i, part in enumerate(parts) if nc.is_uuid(part))
+    return "/".join(parts[index + 1:])
+
+
+def all_log_text(caplog: pytest.LogCaptureFixture) -> str:
+    formatter = nc._TextFormatter()
+    return "\n".join(formatter.format(record) for record in caplog.records)
+
+
+# -- the whole path: run, upload, Slack button, links -------------------------------------------
+
+
+def test_artifacts_reach_the_store_and_slack_opens_the_report_through_a_signed_link(
+        backend: Backend, tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+    config = service_config(tmp_path, webhook, backend.settings())
+    before = nc.utcnow()
+    service, incident, message = run_one_incident(config, tmp_path, webhook)
+    after = nc.utcnow()
+    logs = all_log_text(caplog)  # every logger's lines while the service ran, before this test's requests
+    assert incident.status == nc.RESOLVED
+
+    url = button(message)
+    assert url and url.startswith(backend.endpoint) and backend.signature_in(url)
+    path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+    assert path.endswith(f"{incident.incident_id}/index.html")
+    index = requests.get(url, timeout=10)
+    assert index.status_code == 200, index.text
+    assert index.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert f"<title>Incident Report: {incident.incident_id}</title>" in index.text
+
+    links = index_links(index.text)
+    assert set(links) == set(EXPECTED_TYPES), "the planted symlink logs/agent-full.log is not uploaded"
+    workspace = Path(incident.workspace_path or "")
+    for name, link in links.items():
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200, (name, got.text)
+        assert got.headers["Content-Type"] == EXPECTED_TYPES[name], name
+        source = workspace / ("output/investigation.md" if name == "investigation.md" else name)
+        assert got.content == source.read_bytes(), name
+    assert "ran out of memory" in requests.get(links["investigation.html"], timeout=10).text
+
+    # The expiry printed on the page is azure_sas_expiry (168h) after the upload.
+    printed = index.text.split("These links will expire on ", 1)[1].split(" (UTC)", 1)[0]
+    expires = dt.datetime.strptime(printed, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+    week = dt.timedelta(hours=168)
+    assert before + week - dt.timedelta(seconds=1) <= expires <= after + week
+
+    report = _report(tmp_path, incident)
+    assert report.storage_type == backend.kind
+    assert report.raw_report_path and "?" not in report.raw_report_path
+    assert report.raw_report_path == links["investigation.md"].split("?", 1)[0]
+    assert service.metrics.value("uploads") == 1 and service.metrics.value("upload_failed") == 0
+
+    assert "incident artifacts saved to storage" in logs
+    assert not backend.signature_in(logs), "a signed link reached the log"
+    assert urllib.parse.urlsplit(url).query not in logs
+
+    if backend.kind == "azure_blob":  # Azurite checks SAS permissions; moto does not check signatures
+        assert requests.put(links["incident.json"], data=b"{}", headers={"x-ms-blob-type": "BlockBlob"},
+                            timeout=10).status_code == 403, "the links are read-only"
+        assert requests.get(url.split("?", 1)[0], timeout=10).status_code in (403, 404)
+
+
+def _report(tmp_path: Path, incident: nc.Incident) -> nc.TriageReport:
+    store = nc.SqliteStore(str(tmp_path / "nightcrier.db"))
+    try:
+        report = store.get_report(incident.incident_id)
+    finally:
+        store.close()
+    assert report is not None
+    return report
