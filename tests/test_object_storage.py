@@ -340,3 +340,121 @@ def _report(tmp_path: Path, incident: nc.Incident) -> nc.TriageReport:
         store.close()
     assert report is not None
     return report
+
+
+# -- expiry -----------------------------------------------------------------------------------------
+
+
+def test_an_expired_sas_link_stops_working(azurite: Backend, tmp_path: Path, webhook: Webhook) -> None:
+    config = service_config(tmp_path, webhook, {**azurite.settings(), "azure_sas_expiry": "8s"})
+    _, incident, message = run_one_incident(config, tmp_path, webhook)
+    url = button(message)
+    assert url is not None
+    opened = requests.get(url, timeout=10)
+    assert opened.status_code == 200, opened.text
+    link = index_links(opened.text)["investigation.md"]
+    wait_for(lambda: requests.get(url, timeout=10).status_code == 403, timeout=30,
+             what="the index link to expire")
+    assert requests.get(link, timeout=10).status_code == 403
+
+
+def test_presigned_links_carry_the_configured_expiry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     webhook: Webhook) -> None:
+    """moto does not enforce presigned expiry, so this checks what a real S3 enforces: the signed window."""
+    backend = Backend("s3", tmp_path, monkeypatch)
+    backend.emulator.start()
+    try:
+        backend.create_container()
+        config = service_config(tmp_path, webhook, {**backend.settings(), "azure_sas_expiry": "90m"})
+        _, _, message = run_one_incident(config, tmp_path, webhook)
+    finally:
+        backend.emulator.stop()
+    url = button(message)
+    assert url is not None
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert query["X-Amz-Expires"] == ["5400"]
+    signed_at = dt.datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((nc.utcnow() - signed_at).total_seconds()) < 120
+
+
+# -- a configuration written for the Go original ----------------------------------------------------
+
+
+def test_a_go_config_with_azure_keys_loads_and_uploads_without_edits(azurite: Backend, tmp_path: Path) -> None:
+    text = (Path(__file__).parent / "fixtures" / "go-config.yaml").read_text()
+    text = text.replace('azure_storage_account: ""\nazure_storage_container: ""\n',
+                        f'azure_storage_connection_string: "{azurite.connection_string()}"\n'
+                        f'azure_storage_container: "{CONTAINER}"\nazure_sas_expiry: "72h"\n')
+    assert "azure_storage_connection_string" in text
+    path = tmp_path / "go-config.yaml"
+    path.write_text(text)
+    config, warnings = nc.load_config(str(path), env={})
+    assert not [w for w in warnings if "azure" in w]
+    assert nc.object_storage_type(config) == "azure_blob"
+
+    store = nc.SqliteStore(str(tmp_path / "go.db"))
+    try:
+        (incident_id,) = store.insert_events([make_event("prod-us-east-1")])
+        incident = store.get_incident(incident_id)
+        assert incident is not None
+        workspace = nc.prepare_workspace(str(tmp_path / "ws"), incident)
+        (Path(workspace) / "output" / "investigation.md").write_text("## Root Cause\nDisk full.\n")
+        incident.status, incident.workspace_path = nc.RESOLVED, workspace
+        handed: list[tuple[str, str | None]] = []
+        uploader = nc.ReportUploader(config, store, nc.open_object_store(config), nc.Metrics(),
+                                     notify=lambda i, link: handed.append((i.incident_id, link)))
+        uploader.start()
+        uploader.enqueue(incident)
+        uploader.stop()
+    finally:
+        store.close()
+    ((handed_id, url),) = handed
+    assert handed_id == incident_id and url is not None
+    index = requests.get(url, timeout=10)
+    assert index.status_code == 200
+    assert set(index_links(index.text)) == {"investigation.md", "incident.json"}
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    expires = dt.datetime.strptime(query["se"][0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((expires - nc.utcnow()) - dt.timedelta(hours=72)) < dt.timedelta(minutes=2)
+
+
+# -- the store is down ------------------------------------------------------------------------------
+
+
+def test_with_the_store_down_the_incident_finishes_and_slack_gets_the_fallback_link(
+        backend: Backend, tmp_path: Path, webhook: Webhook) -> None:
+    config = service_config(tmp_path, webhook, {**backend.settings(), "storage_max_attempts": 3,
+                                                "storage_timeout_seconds": 2})
+    backend.emulator.stop()
+    service, incident, message = run_one_incident(config, tmp_path, webhook)
+    assert incident.status == nc.RESOLVED
+    assert button(message) == nc.report_url(REPORT_BASE_URL, incident.incident_id)
+    # The uploader handed the incident to Slack only after it gave up, so the counts are final here.
+    assert service.metrics.value("upload_retries") == 2
+    assert service.metrics.value("upload_failed") == 1 and service.metrics.value("uploads") == 0
+    metrics = service.metrics_text().decode()
+    assert "nightcrier_storage_uploads_failed_total 1.0" in metrics
+    report = _report(tmp_path, incident)
+    assert report.storage_type == "filesystem"
+
+
+def test_an_upload_succeeds_when_the_store_comes_back_during_the_retries(
+        azurite: Backend, tmp_path: Path, webhook: Webhook) -> None:
+    config = service_config(tmp_path, webhook, {**azurite.settings(), "storage_max_attempts": 50,
+                                                "storage_timeout_seconds": 2})
+    azurite.emulator.stop()
+    service = nc.Service(config, nc.SqliteStore(str(tmp_path / "nightcrier.db"))).start()
+    try:
+        (incident_id,) = service.store.insert_events([make_event("c1")])
+        service.work_available.set()
+        wait_for(lambda: service.metrics.value("upload_retries") >= 1, timeout=60, what="a failed upload")
+        assert webhook.messages() == [], "Slack waits for the upload"
+        azurite.emulator.start()
+        (message,) = wait_for(webhook.messages, timeout=60, what="the Slack message")
+    finally:
+        service.stop()
+    url = button(message)
+    assert url and url.startswith(azurite.endpoint)
+    assert requests.get(url, timeout=10).status_code == 200
+    assert service.metrics.value("uploads") == 1 and service.metrics.value("upload_failed") == 0
+    assert incident_id in url
