@@ -26,6 +26,8 @@ import pytest
 import requests
 import yaml
 from conftest import wait_for
+from hypothesis import given
+from hypothesis import strategies as st
 from test_reporting import Webhook
 from test_store_contract import make_event
 
@@ -462,3 +464,232 @@ def test_an_upload_succeeds_when_the_store_comes_back_during_the_retries(
     assert requests.get(url, timeout=10).status_code == 200
     assert service.metrics.value("uploads") == 1 and service.metrics.value("upload_failed") == 0
     assert incident_id in url
+
+
+# -- where the report went, on both engines ---------------------------------------------------------
+
+
+def test_set_report_storage_updates_the_newest_report_only(store: nc.StateStore) -> None:
+    (incident_id,) = store.insert_events([make_event("c1")])
+    (other_id,) = store.insert_events([make_event("c1")])
+    execution = store.start_execution(incident_id, "process", {})
+    older, newer = nc.utcnow() - dt.timedelta(minutes=5), nc.utcnow()
+    for report_id, at in ((nc.new_id(), older), (nc.new_id(), newer)):
+        store.record_report(nc.TriageReport(report_id, incident_id, execution.execution_id, at, "# r",
+                                            raw_report_path="/ws/output/investigation.md",
+                                            storage_type="filesystem"))
+    url = f"https://acct.blob.core.windows.net/reports/{incident_id}/investigation.md"
+    assert store.set_report_storage(incident_id, "azure_blob", url) is True
+    report = store.get_report(incident_id)
+    assert report is not None and report.generated_at == newer.replace(microsecond=newer.microsecond)
+    assert (report.storage_type, report.raw_report_path) == ("azure_blob", url)
+    assert store.set_report_storage(other_id, "s3", "https://x/y") is False, "no report, nothing changed"
+    assert store.set_report_storage("not-a-uuid", "s3", "https://x/y") is False
+    assert store.get_report(other_id) is None
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+
+def load(tmp_path: Path, **keys: Any) -> tuple[nc.Config, list[str]]:
+    data = {"clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/c1"}}], **keys}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return nc.load_config(str(path), env={})
+
+
+def problems(tmp_path: Path, **keys: Any) -> list[str]:
+    with pytest.raises(nc.ConfigError) as raised:
+        load(tmp_path, **keys)
+    return raised.value.problems
+
+
+CONN = f"DefaultEndpointsProtocol=https;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY}"
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"azure_storage_account": "acct", "azure_storage_key": "k"},
+     "AZURE_STORAGE_CONTAINER is required when Azure storage is enabled"),
+    ({"azure_storage_account": "acct", "azure_storage_container": "c"},
+     "Azure storage requires either AZURE_STORAGE_CONNECTION_STRING or both AZURE_STORAGE_ACCOUNT and "
+     "AZURE_STORAGE_KEY"),
+    ({"azure_storage_connection_string": "just-a-token", "azure_storage_container": "c"},
+     "invalid AZURE_STORAGE_CONNECTION_STRING: expected at least 2 ';'-separated key=value pairs"),
+    ({"azure_storage_connection_string": "AccountKey=abc;BlobEndpoint=https://x",
+      "azure_storage_container": "c"},
+     "invalid AZURE_STORAGE_CONNECTION_STRING: AccountName is missing"),
+    ({"azure_storage_connection_string": "AccountName=a;SharedAccessSignature=sv=1&sig=zzz",
+      "azure_storage_container": "c"},
+     "invalid AZURE_STORAGE_CONNECTION_STRING: AccountKey is missing (read-only links are signed with the "
+     "account key)"),
+    ({"azure_storage_connection_string": CONN, "azure_storage_container": "c", "azure_sas_expiry": "7d"},
+     "invalid AZURE_SAS_EXPIRY duration '7d': time: unknown unit \"d\" in duration \"7d\""),
+    ({"azure_storage_connection_string": CONN, "azure_storage_container": "c", "azure_sas_expiry": "10"},
+     "invalid AZURE_SAS_EXPIRY duration '10': time: missing unit in duration \"10\""),
+    ({"s3_bucket": "b", "azure_sas_expiry": "169h"},
+     "invalid AZURE_SAS_EXPIRY duration '169h': S3 presigned links last at most 168h"),
+    ({"s3_bucket": "b", "azure_sas_expiry": "0s"},
+     "invalid AZURE_SAS_EXPIRY duration '0s': must be positive"),
+    ({"s3_bucket": "b", "s3_endpoint_url": "minio:9000"},
+     "s3_endpoint_url (env S3_ENDPOINT_URL): must be an http(s) URL, got 'minio:9000'"),
+    ({"s3_bucket": "b", "azure_storage_connection_string": CONN, "azure_storage_container": "c"},
+     "s3_bucket (env S3_BUCKET): configure one object store, Azure Blob or S3, not both"),
+])
+def test_object_storage_settings_are_checked_with_the_go_messages(tmp_path: Path, keys: dict[str, Any],
+                                                                  message: str) -> None:
+    found = problems(tmp_path, **keys)
+    assert message in found
+    assert not [p for p in found if AZURITE_KEY in p or "sig=zzz" in p], "a secret was quoted"
+
+
+def test_valid_object_storage_settings_load_from_file_and_environment(tmp_path: Path) -> None:
+    config, warnings = load(tmp_path, azure_storage_account="acct", azure_storage_key="a2V5",
+                            azure_storage_container="reports", azure_sas_expiry="1h30m")
+    assert warnings == [] and nc.object_storage_type(config) == "azure_blob"
+    assert nc.parse_go_duration(config.azure_sas_expiry) == 5400
+    masked = nc.config_as_dict(config)
+    assert masked["azure_storage_key"] == nc.SECRET_MASK
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump({"clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/c"}}]}))
+    config, _ = nc.load_config(str(path), env={"S3_BUCKET": "reports", "S3_PREFIX": "nc/",
+                                               "S3_ENDPOINT_URL": "http://127.0.0.1:9000"})
+    assert nc.object_storage_type(config) == "s3" and config.s3_prefix == "nc/"
+    assert nc.object_storage_type(load(tmp_path)[0]) == "filesystem"
+
+
+def test_account_and_key_sign_https_only_links_to_the_public_endpoint(tmp_path: Path) -> None:
+    config, _ = load(tmp_path, azure_storage_account="acct", azure_storage_key="a2V5a2V5",
+                     azure_storage_container="reports")
+    store = nc.open_object_store(config)
+    assert isinstance(store, nc.AzureBlobStore)
+    name = "0b0f6c1e-3c7a-4b7e-9d52-8f3c0a1b2c3d/logs/agent-stdout.log"
+    assert store.object_url(name) == f"https://acct.blob.core.windows.net/reports/{name}"
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(
+        store.signed_url(name, nc.utcnow() + dt.timedelta(hours=1))).query)
+    assert query["sp"] == ["r"] and query["spr"] == ["https"] and query["sr"] == ["b"]
+    assert "a2V5a2V5" in store.secrets()
+
+
+# Hides a client library from the import system, as on a host where it is not installed.
+HIDE_MODULE = """
+import sys
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == sys.argv[1]:
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Hide())
+sys.path.insert(0, sys.argv[2])
+import nightcrier
+sys.exit(nightcrier.main(["check-config", "--config", sys.argv[3]]))
+"""
+
+
+@pytest.mark.parametrize(("hidden", "keys", "message"), [
+    ("azure", {"azure_storage_connection_string": CONN, "azure_storage_container": "c"},
+     "azure_storage_*: Azure Blob storage needs the Python package azure-storage-blob, "
+     "which is not installed"),
+    ("boto3", {"s3_bucket": "b"},
+     "s3_bucket: S3 storage needs the Python package boto3, which is not installed"),
+])
+def test_check_config_says_when_the_client_library_is_missing(tmp_path: Path, hidden: str,
+                                                              keys: dict[str, Any], message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/c"}}],
+                                    **keys}))
+
+    def check_config(hide: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-c", HIDE_MODULE, hide, str(Path(nc.__file__).parent), str(path)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              env={"PATH": os.environ["PATH"]})
+
+    result = check_config(hidden)
+    assert result.returncode == nc.EXIT_CONFIG, result.stdout + result.stderr
+    assert message in result.stderr
+    assert AZURITE_KEY not in result.stderr + result.stdout
+    installed = check_config("nothing-hidden")
+    assert installed.returncode == 0, installed.stderr
+
+
+# -- hostile input ------------------------------------------------------------------------------------
+
+
+@given(st.text(max_size=40))
+def test_any_duration_text_parses_or_raises_value_error(text: str) -> None:
+    try:
+        seconds = nc.parse_go_duration(text)
+    except ValueError as exc:
+        assert str(exc).startswith("time: ")
+    else:
+        assert isinstance(seconds, float)
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(sorted(nc.GO_DURATION_UNITS))),
+                min_size=1, max_size=6))
+def test_go_durations_add_up(parts: list[tuple[int, str]]) -> None:
+    text = "".join(f"{n}{unit}" for n, unit in parts)
+    expected = sum(n * nc.GO_DURATION_UNITS[unit] for n, unit in parts)
+    assert nc.parse_go_duration(text) == pytest.approx(expected)
+
+
+CONNECTION_STRING_PROBLEMS = {
+    "", "expected at least 2 ';'-separated key=value pairs", "AccountName is missing",
+    "AccountKey is missing (read-only links are signed with the account key)"}
+
+
+@given(st.text(max_size=80))
+def test_a_bad_connection_string_is_never_quoted(text: str) -> None:
+    """The reasons are fixed sentences, so no part of the (secret) string can leak into them."""
+    assert nc._azure_connection_string_problem(text) in CONNECTION_STRING_PROBLEMS
+
+
+def test_scrub_masks_every_kind_of_signature() -> None:
+    text = ("GET https://a.blob.core.windows.net/c/x?se=2026&sp=r&sig=abc%2Fdef and "
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=f00d "
+            "AccountKey=Zm9v;SharedAccessSignature=sv=1")
+    scrubbed = nc.scrub_signatures(text)
+    for secret in ("abc%2Fdef", "AKIA", "f00d", "Zm9v", "sv=1"):
+        assert secret not in scrubbed
+
+
+def test_an_artifact_outside_the_workspace_or_not_a_regular_file_is_not_opened(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    (workspace / "logs").mkdir(parents=True)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("host secret")
+    (workspace / "logs" / "agent-full.log").symlink_to(outside)
+    os.mkfifo(workspace / "logs" / "agent-stdout.log")
+    (workspace / "logs" / "agent-stderr.log").write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "prompt-sent.md").write_text("not the workspace's")
+    (workspace / "linked").symlink_to(tmp_path / "elsewhere")
+    (workspace / "incident.json").write_text("{}")
+    for relative in ("logs/agent-full.log", "logs/agent-stdout.log", "logs/agent-stderr.log",
+                     "linked/prompt-sent.md", "../secret.txt", "missing.md"):
+        assert nc.open_artifact(str(workspace), relative) is None, relative
+    opened = nc.open_artifact(str(workspace), "incident.json")
+    assert opened is not None
+    body, length = opened
+    with body:
+        assert (body.read(), length) == (b"{}", 2)
+
+
+# -- the uploader's queue -----------------------------------------------------------------------------
+
+
+def test_a_full_upload_queue_hands_the_incident_to_slack_at_once(tmp_path: Path) -> None:
+    config, _ = load(tmp_path, s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-1")
+    handed: list[tuple[str, str | None]] = []
+    metrics = nc.Metrics()
+    store = nc.SqliteStore(str(tmp_path / "q.db"))
+    try:
+        uploader = nc.ReportUploader(config, store, nc.open_object_store(config), metrics, queue_size=1,
+                                     notify=lambda i, link: handed.append((i.incident_id, link)))
+        first, second = (nc.Incident(incident_id=nc.new_id(), event_id=nc.new_id(), status=nc.RESOLVED,
+                                     cluster="c1", created_at=nc.utcnow(), updated_at=nc.utcnow())
+                         for _ in range(2))
+        uploader.enqueue(first)   # not started: it stays queued
+        uploader.enqueue(second)  # the queue is full: straight to Slack, without a link
+    finally:
+        store.close()
+    assert handed == [(second.incident_id, None)]
+    assert metrics.value("upload_failed") == 1
