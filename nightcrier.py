@@ -4565,7 +4565,7 @@ def _retry_after(value: str | None) -> float | None:
 
 STORAGE_INDEX_NAME = "index.html"
 UPLOAD_QUEUE_SIZE = 1000         # incidents waiting for upload; beyond that they go to Slack un-uploaded
-UPLOAD_DRAIN_SECONDS = 60.0
+UPLOAD_DRAIN_SECONDS = 20.0
 SAS_CLOCK_SKEW = dt.timedelta(minutes=5)  # links start a little early: the store's clock may be behind
 
 # Workspace file, object name under <incident_id>/ and its title in index.html, in the Go original's
