@@ -112,20 +112,25 @@ class Emulator:
         wait_for(lambda: not _answers(self.port), timeout=10, what="the storage emulator to stop listening")
 
 
-def _azurite_binary() -> str:
-    cached = sorted(glob.glob("/var/cache/nightcrier-ci/azurite-*/node_modules/.bin/azurite-blob"))
-    found = (os.environ.get("NIGHTCRIER_TEST_AZURITE") or shutil.which("azurite-blob")
+def _node_binary(package: str, command: str) -> str:
+    """An npm package's command: $NIGHTCRIER_TEST_<PACKAGE>, PATH, or where .ci/run installs it."""
+    cached = sorted(glob.glob(f"/var/cache/nightcrier-ci/{package}-*/node_modules/.bin/{command}"))
+    found = (os.environ.get(f"NIGHTCRIER_TEST_{package.upper()}") or shutil.which(command)
              or (cached[-1] if cached else None))
     if not found or not os.access(found, os.X_OK):
-        infra.unavailable("azurite-blob not found: run `bash .ci/run` or npm install azurite@3.37.0 "
-                          "and set NIGHTCRIER_TEST_AZURITE")
+        infra.unavailable(f"{command} not found: run `bash .ci/run` (it installs the npm package {package}) "
+                          f"or set NIGHTCRIER_TEST_{package.upper()}")
     return found
+
+
+def _azurite_binary() -> str:
+    return _node_binary("azurite", "azurite-blob")
 
 
 class Backend:
     """One kind of object store under test: its emulator, the config keys that reach it, a raw client."""
 
-    def __init__(self, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def __init__(self, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str = "moto"):
         self.kind = kind
         if kind == "azure_blob":
             binary, data = _azurite_binary(), tmp_path / "azurite"
@@ -135,14 +140,22 @@ class Backend:
                                                    "--loose", "--silent"], tmp_path / "azurite.log")
         else:
             # Credentials reach boto3 through the standard AWS chain: here, the environment.
-            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nightcrier-test")
-            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nightcrier-test-secret")
+            # s3rver knows one key pair, its published default; moto takes any.
+            key_id, secret = ("S3RVER", "S3RVER") if server == "s3rver" else ("nc-test", "nc-test-secret")
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
             monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
             monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
             for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
                 monkeypatch.delenv(name, raising=False)
-            self.emulator = Emulator(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                                   "-p", str(port)], tmp_path / "moto.log")
+            if server == "s3rver":
+                binary, data = _node_binary("s3rver", "s3rver"), tmp_path / "s3rver"
+                data.mkdir()
+                self.emulator = Emulator(lambda port: [binary, "-d", str(data), "-a", "127.0.0.1",
+                                                       "-p", str(port), "--silent"], tmp_path / "s3rver.log")
+            else:
+                self.emulator = Emulator(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                                       "-p", str(port)], tmp_path / "moto.log")
 
     @property
     def endpoint(self) -> str:
@@ -360,6 +373,28 @@ def test_an_expired_sas_link_stops_working(azurite: Backend, tmp_path: Path, web
     wait_for(lambda: requests.get(url, timeout=10).status_code == 403, timeout=30,
              what="the index link to expire")
     assert requests.get(link, timeout=10).status_code == 403
+
+
+def test_an_expired_presigned_link_stops_working(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 webhook: Webhook) -> None:
+    """Against s3rver, an S3-compatible server that, unlike moto, enforces a presigned link's expiry."""
+    backend = Backend("s3", tmp_path, monkeypatch, server="s3rver")
+    backend.emulator.start()
+    try:
+        backend.create_container()
+        config = service_config(tmp_path, webhook, {**backend.settings(), "azure_sas_expiry": "8s"})
+        _, _, message = run_one_incident(config, tmp_path, webhook)
+        url = button(message)
+        assert url is not None and backend.signature_in(url)
+        opened = requests.get(url, timeout=10)
+        assert opened.status_code == 200, opened.text
+        link = index_links(opened.text)["investigation.md"]
+        wait_for(lambda: requests.get(url, timeout=10).status_code == 403, timeout=30,
+                 what="the index link to expire")
+        expired = requests.get(link, timeout=10)
+        assert expired.status_code == 403 and "Request has expired" in expired.text
+    finally:
+        backend.emulator.stop()
 
 
 def test_presigned_links_carry_the_configured_expiry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
