@@ -1,8 +1,10 @@
 """Object storage: artifacts to Azure Blob (Azurite) and S3 (moto), signed links, Slack's button, failures.
 
-Both emulators run as real servers on 127.0.0.1, started and stopped by the tests: Azurite from the npm
+The emulators run as real servers on 127.0.0.1, started and stopped by the tests: Azurite from the npm
 registry (``.ci/run`` installs it; ``NIGHTCRIER_TEST_AZURITE`` names its ``azurite-blob``), moto in server
-mode from PyPI. Slack is the local webhook of test_reporting.
+mode from PyPI, and s3rver from the npm registry (``NIGHTCRIER_TEST_S3RVER``) for the one check moto
+cannot make: that a presigned link stops working when it expires. Slack is the local webhook of
+test_reporting.
 """
 
 from __future__ import annotations
