@@ -184,7 +184,9 @@ class Backend:
                 pass  # Azurite restarted on the same data
         else:
             import boto3
-            boto3.client("s3", endpoint_url=self.endpoint, region_name="eu-west-1").create_bucket(
+            # A session of its own: boto3's default session keeps the credentials it first found.
+            session = boto3.session.Session()
+            session.client("s3", endpoint_url=self.endpoint, region_name="eu-west-1").create_bucket(
                 Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
 
     def signature_in(self, text: str) -> bool:
