@@ -81,11 +81,6 @@ OBSOLETE_KEYS: dict[str, str] = {
     "dedup_window_seconds": "every fault becomes one incident; nothing is deduplicated",
     "queue_overflow_policy": "overflow goes to the on-disk spool; no event is dropped",
     "sse_read_timeout": "liveness is checked with MCP pings every mcp_ping_interval seconds",
-    "azure_storage_connection_string": "reports stay in the workspace and the database",
-    "azure_storage_account": "reports stay in the workspace and the database",
-    "azure_storage_key": "reports stay in the workspace and the database",
-    "azure_storage_container": "reports stay in the workspace and the database",
-    "azure_sas_expiry": "reports stay in the workspace and the database",
     "upload_failed_investigations": "reports of failed runs are kept in the workspace",
     "state_storage.migrations_path": "the schema ships inside nightcrier",
 }
@@ -273,6 +268,26 @@ class Config:
                                                "minutes between RBAC checks", minimum=1)
     failover_seconds: float = setting(15.0, "FAILOVER_SECONDS",
                                       "seconds before a standby takes over a cluster", minimum=1)
+    # Object storage: each incident's artifacts are uploaded after its run, to Azure Blob or to S3.
+    azure_storage_connection_string: str = setting(
+        "", "AZURE_STORAGE_CONNECTION_STRING",
+        "Azure Blob connection string with AccountName and AccountKey", secret=True)
+    azure_storage_account: str = setting("", "AZURE_STORAGE_ACCOUNT",
+                                         "Azure storage account, with azure_storage_key")
+    azure_storage_key: str = setting("", "AZURE_STORAGE_KEY", "Azure storage account key", secret=True)
+    azure_storage_container: str = setting("", "AZURE_STORAGE_CONTAINER",
+                                           "Azure Blob container for reports (must exist)")
+    azure_sas_expiry: str = setting("168h", "AZURE_SAS_EXPIRY",
+                                    "lifetime of the read-only SAS and S3 presigned links (Go duration)")
+    s3_bucket: str = setting("", "S3_BUCKET", "S3 bucket for reports (must exist); empty = no S3")
+    s3_prefix: str = setting("", "S3_PREFIX", "key prefix put before <incident_id>/")
+    s3_region: str = setting("", "S3_REGION", "S3 region; default from the AWS configuration")
+    s3_endpoint_url: str = setting("", "S3_ENDPOINT_URL",
+                                   "S3-compatible endpoint (MinIO, Ceph, R2); empty = AWS")
+    storage_max_attempts: int = setting(5, "STORAGE_MAX_ATTEMPTS",
+                                        "failed requests tolerated per incident upload", minimum=1)
+    storage_timeout_seconds: float = setting(30.0, "STORAGE_TIMEOUT_SECONDS",
+                                             "per object storage request", minimum=0.1)
     state_storage: StateStorageConfig = field(default_factory=StateStorageConfig)
     skills: SkillsConfig = field(default_factory=SkillsConfig)
 
@@ -727,6 +742,7 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     if config.slack_webhook_url and not _is_http_url(config.slack_webhook_url):
         problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
                         f"got {SECRET_MASK}")
+    _check_object_storage(config, problems)
     storage = config.state_storage
     if storage.type == "postgres":
         dsn = postgres_dsn(storage)
@@ -752,30 +768,109 @@ def _is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
-                     "m": 60.0, "h": 3600.0}
-_GO_DURATION_PART_RE = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+def object_storage_type(config: Config) -> str:
+    """Where artifacts are uploaded: ``azure_blob``, ``s3``, or ``filesystem`` (nowhere but the workspace).
+
+    Azure is on when an account or a connection string is set, as in the Go original.
+    """
+    if config.azure_storage_account or config.azure_storage_connection_string:
+        return "azure_blob"
+    return "s3" if config.s3_bucket else "filesystem"
+
+
+def _check_object_storage(config: Config, problems: list[str]) -> None:
+    """The Go original's Azure checks, word for word, then S3's and the client libraries'."""
+    kind = object_storage_type(config)
+    if kind == "filesystem":
+        return
+    if kind == "azure_blob":
+        if config.s3_bucket:
+            problems.append("s3_bucket (env S3_BUCKET): configure one object store, Azure Blob or S3, "
+                            "not both")
+        if not config.azure_storage_container:
+            problems.append("AZURE_STORAGE_CONTAINER is required when Azure storage is enabled")
+        if not config.azure_storage_connection_string and not (
+                config.azure_storage_account and config.azure_storage_key):
+            problems.append("Azure storage requires either AZURE_STORAGE_CONNECTION_STRING or both "
+                            "AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY")
+        elif config.azure_storage_connection_string:
+            why = _azure_connection_string_problem(config.azure_storage_connection_string)
+            if why:
+                problems.append(f"invalid AZURE_STORAGE_CONNECTION_STRING: {why}")
+    elif config.s3_endpoint_url and not _is_http_url(config.s3_endpoint_url):
+        problems.append(f"s3_endpoint_url (env S3_ENDPOINT_URL): must be an http(s) URL, "
+                        f"got {config.s3_endpoint_url!r}")
+    try:
+        expiry = parse_go_duration(config.azure_sas_expiry)
+        if expiry <= 0:
+            raise ValueError("must be positive")
+        if kind == "s3" and expiry > S3_MAX_LINK_SECONDS:
+            raise ValueError("S3 presigned links last at most 168h")
+    except ValueError as exc:
+        problems.append(f"invalid AZURE_SAS_EXPIRY duration '{config.azure_sas_expiry}': {exc}")
+    module, package = {"azure_blob": ("azure.storage.blob", "azure-storage-blob"),
+                       "s3": ("boto3", "boto3")}[kind]
+    if not _importable(module):
+        keys = "azure_storage_*" if kind == "azure_blob" else "s3_bucket"
+        problems.append(f"{keys}: {'Azure Blob' if kind == 'azure_blob' else 'S3'} storage needs the "
+                        f"Python package {package}, which is not installed (pip install {package}; "
+                        "nightcrier.pyz includes it)")
+
+
+def _azure_connection_string_problem(text: str) -> str:
+    """Why an Azure connection string cannot be used here, or ''. Never quotes the string (a secret)."""
+    pairs = [part.split("=", 1) for part in text.split(";") if part.strip()]
+    if len(pairs) < 2 or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        return "expected at least 2 ';'-separated key=value pairs"
+    keys = {key.strip().lower() for key, _ in pairs}
+    if "accountname" not in keys:
+        return "AccountName is missing"
+    if "accountkey" not in keys:
+        # The Go original accepted SharedAccessSignature here and then failed at startup.
+        return "AccountKey is missing (read-only links are signed with the account key)"
+    return ""
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (the client libraries are slow to load)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                     "h": 3600.0}
+_GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)([^\d.]*)")
+S3_MAX_LINK_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot outlive a week
 
 
 def parse_go_duration(text: str) -> float:
-    """Seconds of a duration in Go's ``time.ParseDuration`` syntax (``168h``, ``1h30m``, ``2.5s``).
+    """Seconds in a Go duration string such as ``168h``, ``1h30m`` or ``2.5s``.
 
-    Raises ValueError for anything else; a bare number other than 0 needs a unit, as in Go.
+    Raises ValueError with Go's own wording for anything ``time.ParseDuration`` rejects.
     """
-    value = str(text).strip()
-    sign = -1.0 if value.startswith("-") else 1.0
-    body = value[1:] if value[:1] in "+-" else value
-    if body == "0":
+    quoted = '"' + text + '"'
+    rest = text.strip()
+    sign = -1.0 if rest.startswith("-") else 1.0
+    rest = rest[1:] if rest[:1] in "+-" and rest else rest
+    if rest == "0":
         return 0.0
-    if not body or len(body) > 100:
-        raise ValueError("not a duration")
-    total, position = 0.0, 0
-    while position < len(body):
-        match = _GO_DURATION_PART_RE.match(body, position)
+    if not rest:
+        raise ValueError(f"time: invalid duration {quoted}")
+    total = 0.0
+    while rest:
+        match = _GO_DURATION_PART.match(rest)
         if not match:
-            raise ValueError("not a duration")
-        total += float(match.group(1)) * GO_DURATION_UNITS[match.group(2)]
-        position = match.end()
+            raise ValueError(f"time: invalid duration {quoted}")
+        number, unit = match.groups()
+        if not unit:
+            raise ValueError(f"time: missing unit in duration {quoted}")
+        if unit not in GO_DURATION_UNITS:
+            raise ValueError(f'time: unknown unit "{unit}" in duration {quoted}')
+        total += float(number) * GO_DURATION_UNITS[unit]
+        rest = rest[match.end():]
     return sign * total
 
 
@@ -1285,6 +1380,11 @@ class StateStore:
         """Store an agent's report."""
         raise NotImplementedError
 
+    def set_report_storage(self, incident_id: str, storage_type: str, raw_report_path: str) -> bool:
+        """Record where the incident's newest report was uploaded (``azure_blob`` or ``s3``, and the
+        object's URL without any signature). Returns False, changing nothing, when it has no report."""
+        raise NotImplementedError
+
     def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
                  reason: str | None) -> bool:
         """Give a claimed incident its final status.
@@ -1711,6 +1811,14 @@ class SqlStore(StateStore):
     def record_report(self, report: TriageReport) -> None:
         values = dataclasses.asdict(report)
         self._execute(_insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values()))
+
+    def set_report_storage(self, incident_id: str, storage_type: str, raw_report_path: str) -> bool:
+        if not is_uuid(incident_id):
+            return False
+        return self._execute(
+            "UPDATE triage_reports SET storage_type = ?, raw_report_path = ? WHERE report_id = "
+            "(SELECT report_id FROM triage_reports WHERE incident_id = ? ORDER BY generated_at DESC "
+            "LIMIT 1)", (storage_type, raw_report_path, incident_id)) > 0
 
     def get_incident(self, incident_id: str) -> Incident | None:
         if not is_uuid(incident_id):
@@ -4660,9 +4768,11 @@ class SlackNotifier(threading.Thread):
         self._session: Any = None
         self._link_key: bytes | None = None
 
-    def enqueue(self, incident: Incident, summary: ReportSummary | None = None) -> None:
-        """Queue a finished incident; ``summary`` overrides the one read from its stored report."""
-        self._queue.put((incident, summary))
+    def enqueue(self, incident: Incident, summary: ReportSummary | None = None,
+                uploaded_url: str | None = None) -> None:
+        """Queue a finished incident; ``summary`` overrides the one read from its stored report;
+        ``uploaded_url`` is the signed link to its artifacts in the object store, if they got there."""
+        self._queue.put((incident, summary, uploaded_url))
 
     def stop(self, timeout: float = SLACK_DRAIN_SECONDS) -> None:
         """Deliver what is queued within ``timeout`` seconds, then drop the rest and end the thread."""
@@ -4696,7 +4806,8 @@ class SlackNotifier(threading.Thread):
         finally:
             self._session.close()
 
-    def _handle(self, incident: Incident, summary: ReportSummary | None) -> None:
+    def _handle(self, incident: Incident, summary: ReportSummary | None,
+                uploaded_url: str | None = None) -> None:
         at = incident.completed_at or utcnow()
         if incident.status == AGENT_FAILED:
             log_event(logging.INFO, "skipping slack notification due to agent failure",
@@ -4712,7 +4823,7 @@ class SlackNotifier(threading.Thread):
         has_report = summary is not None
         if summary is None:
             summary, has_report = self._stored_summary(incident)
-        url = self.report_link(incident) if has_report else None
+        url = self._button_url(incident, has_report, uploaded_url)
         self.send(incident_message(incident, summary, url), "incident notification",
                   incident_id=incident.incident_id)
         if incident.status == RESOLVED:
@@ -4739,6 +4850,13 @@ class SlackNotifier(threading.Thread):
                 return None
         return signed_report_url(self.config.report_base_url, incident.incident_id, self._link_key,
                                  parse_go_duration(self.config.report_link_ttl))
+
+    def _button_url(self, incident: Incident, has_report: bool, uploaded_url: str | None) -> str | None:
+        """The "View Report" link: the object store's signed index when the upload succeeded, else
+        nightcrier's own link to the report (None without one)."""
+        if uploaded_url and len(uploaded_url) <= SLACK_TEXT_LIMIT:
+            return uploaded_url
+        return self.report_link(incident) if has_report else None
 
     def _stored_summary(self, incident: Incident) -> tuple[ReportSummary, bool]:
         try:
@@ -4820,6 +4938,408 @@ def _retry_after(value: str | None) -> float | None:
     return min(seconds, SLACK_MAX_RETRY_AFTER) if seconds >= 0 else None
 
 
+# -- object storage -----------------------------------------------------------------
+
+STORAGE_INDEX_NAME = "index.html"
+UPLOAD_QUEUE_SIZE = 1000         # incidents waiting for upload; beyond that they go to Slack un-uploaded
+UPLOAD_DRAIN_SECONDS = 20.0
+SAS_CLOCK_SKEW = dt.timedelta(minutes=5)  # links start a little early: the store's clock may be behind
+
+# Workspace file, object name under <incident_id>/ and its title in index.html, in the Go original's
+# order. Missing and empty files are left out.
+STORED_ARTIFACTS = (
+    (REPORT_HTML_NAME, REPORT_HTML_NAME, "Investigation Report"),
+    ("output/investigation.md", "investigation.md", "Investigation Report (Raw)"),
+    ("incident.json", "incident.json", "Incident Data"),
+    ("incident_cluster_permissions.json", "incident_cluster_permissions.json", "Cluster Permissions"),
+    ("prompt-sent.md", "prompt-sent.md", "Prompt Sent to Agent"),
+    ("logs/agent-stdout.log", "logs/agent-stdout.log", "Agent Output"),
+    ("logs/agent-stderr.log", "logs/agent-stderr.log", "Agent Errors"),
+    ("logs/agent-full.log", "logs/agent-full.log", "Agent Full Log"),
+    ("logs/agent-commands-executed.log", "logs/agent-commands-executed.log", "Commands Executed"),
+    ("logs/agent-session.tar.gz", "logs/agent-session.tar.gz", "Agent Session Archive"),
+)
+CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".json": "application/json; charset=utf-8",
+                 ".log": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8",
+                 ".html": "text/html; charset=utf-8", ".gz": "application/gzip"}
+# Query parameters that make a link usable; they never reach a log line.
+_SIGNATURE_RE = re.compile(r"(?i)((?:sig|x-amz-signature|x-amz-credential|x-amz-security-token|"
+                           r"accountkey|sharedaccesssignature)=)[^&;\s\"']+")
+
+
+def content_type(name: str) -> str:
+    """The Content-Type an artifact is stored with, by extension (octet-stream when unknown)."""
+    return CONTENT_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
+
+
+def scrub_signatures(text: str) -> str:
+    """``text`` with every signature, credential and account key masked."""
+    return _SIGNATURE_RE.sub(r"\g<1>" + SECRET_MASK, text)
+
+
+class ObjectStore:
+    """One bucket or container that artifacts are uploaded to, and read-only links into it.
+
+    Object names are ``<incident_id>/<artifact>``. Methods may be called from
+    any thread; :meth:`put` raises whatever the client library raises (the
+    caller retries), :meth:`signed_url` and :meth:`object_url` work offline.
+    """
+
+    kind = "abstract"
+
+    def put(self, name: str, body: Any, length: int, content_type: str) -> None:
+        """Store ``length`` bytes read from ``body`` (bytes or a binary file) as ``name``, replacing it."""
+        raise NotImplementedError
+
+    def signed_url(self, name: str, expires_at: dt.datetime) -> str:
+        """A link that lets anyone read ``name``, and nothing else, until ``expires_at``."""
+        raise NotImplementedError
+
+    def object_url(self, name: str) -> str:
+        """``name``'s URL without any signature: where it is, not a way in."""
+        raise NotImplementedError
+
+    def secrets(self) -> list[str]:
+        """Strings that must never appear in a log line (keys, connection strings)."""
+        return []
+
+
+class AzureBlobStore(ObjectStore):
+    """Azure Blob Storage (or an emulator such as Azurite) through ``azure-storage-blob``.
+
+    Signs blob SAS links with the account key: read permission only, HTTPS
+    only unless the endpoint itself is plain http (a local emulator). The
+    client library does not retry; :class:`ReportUploader` does.
+    """
+
+    kind = "azure_blob"
+
+    def __init__(self, config: Config):
+        from azure.storage.blob import BlobServiceClient
+        options = {"retry_total": 0, "connection_timeout": config.storage_timeout_seconds,
+                   "read_timeout": config.storage_timeout_seconds}
+        if config.azure_storage_connection_string:
+            service = BlobServiceClient.from_connection_string(config.azure_storage_connection_string,
+                                                               **options)
+            self._account, self._key = service.credential.account_name, service.credential.account_key
+        else:
+            self._account, self._key = config.azure_storage_account, config.azure_storage_key
+            service = BlobServiceClient(f"https://{self._account}.blob.core.windows.net",
+                                        credential={"account_name": self._account,
+                                                    "account_key": self._key}, **options)
+        self._secrets = [s for s in (config.azure_storage_connection_string, self._key) if s]
+        self._container_name = config.azure_storage_container
+        self._container = service.get_container_client(self._container_name)
+        self._protocol = "https" if urllib.parse.urlsplit(service.url).scheme == "https" else "https,http"
+
+    def put(self, name: str, body: Any, length: int, content_type: str) -> None:
+        from azure.storage.blob import ContentSettings
+        settings = ContentSettings(content_type=content_type, content_disposition="inline")
+        self._container.upload_blob(name, body, length=length, overwrite=True, content_settings=settings)
+
+    def signed_url(self, name: str, expires_at: dt.datetime) -> str:
+        from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+        sas = generate_blob_sas(self._account, self._container_name, name, account_key=self._key,
+                                permission=BlobSasPermissions(read=True), start=utcnow() - SAS_CLOCK_SKEW,
+                                expiry=expires_at, protocol=self._protocol)
+        return f"{self.object_url(name)}?{sas}"
+
+    def object_url(self, name: str) -> str:
+        return self._container.get_blob_client(name).url
+
+    def secrets(self) -> list[str]:
+        return self._secrets
+
+
+class S3Store(ObjectStore):
+    """Amazon S3 or an S3-compatible store (``s3_endpoint_url``) through ``boto3``.
+
+    Credentials come from the standard AWS chain (environment, shared files,
+    instance role). Links are SigV4 presigned GETs. Path-style addressing is
+    used with a custom endpoint, as MinIO and Ceph expect; the client library
+    does not retry; :class:`ReportUploader` does.
+    """
+
+    kind = "s3"
+
+    def __init__(self, config: Config):
+        import boto3
+        from botocore.config import Config as BotoConfig
+        options: dict[str, Any] = {
+            "signature_version": "s3v4", "retries": {"max_attempts": 1, "mode": "standard"},
+            "connect_timeout": config.storage_timeout_seconds, "read_timeout": config.storage_timeout_seconds,
+            # Checksum trailers (boto3's default) are not understood by every S3-compatible store.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required"}
+        if config.s3_endpoint_url:
+            options["s3"] = {"addressing_style": "path"}
+        self._client = boto3.session.Session().client(
+            "s3", region_name=config.s3_region or None, endpoint_url=config.s3_endpoint_url or None,
+            config=BotoConfig(**options))
+        self._bucket = config.s3_bucket
+        self._prefix = config.s3_prefix
+
+    def put(self, name: str, body: Any, length: int, content_type: str) -> None:
+        self._client.put_object(Bucket=self._bucket, Key=self._prefix + name, Body=body, ContentLength=length,
+                                ContentType=content_type, ContentDisposition="inline")
+
+    def signed_url(self, name: str, expires_at: dt.datetime) -> str:
+        seconds = max(1, int((expires_at - utcnow()).total_seconds() + 0.5))
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": self._prefix + name}, ExpiresIn=seconds)
+
+    def object_url(self, name: str) -> str:
+        # The presigned form, unsigned, is exactly how the client addresses the object.
+        return self.signed_url(name, utcnow() + dt.timedelta(seconds=60)).split("?", 1)[0]
+
+
+def open_object_store(config: Config) -> ObjectStore | None:
+    """The configured object store, or None when artifacts stay in the workspace only.
+
+    Raises ImportError when its client library is missing and ValueError for
+    settings the library refuses; check-config reports both beforehand.
+    """
+    kind = object_storage_type(config)
+    if kind == "azure_blob":
+        return AzureBlobStore(config)
+    if kind == "s3":
+        return S3Store(config)
+    return None
+
+
+_INDEX_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<title>Incident Report: {incident_id}</title>
+<style>
+body {{ font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, sans-serif; max-width: 900px;
+       margin: 0 auto; padding: 20px; background: #f5f5f5; color: #333; }}
+.card {{ background: #fff; border-radius: 8px; padding: 30px; box-shadow: 0 2px 4px rgba(0,0,0,.1); }}
+h1 {{ border-bottom: 2px solid #0066cc; padding-bottom: 10px; }}
+li {{ margin: 8px 0; }} .name {{ color: #666; font-family: monospace; }}
+.expiry {{ background: #fff3cd; border-left: 4px solid #ffc107; padding: 10px; }}
+</style>
+</head>
+<body>
+<div class="card">
+<h1>&#128269; Kubernetes Incident Report</h1>
+<p>Incident ID: <code>{incident_id}</code> &middot; Cluster: {cluster} &middot; Status: {status}</p>
+<ul>
+{items}
+</ul>
+<p class="expiry">These links will expire on {expires} (UTC)</p>
+</div>
+</body>
+</html>
+"""
+
+
+def storage_index_page(incident: Incident, links: Sequence[tuple[str, str, str]], expires_at: dt.datetime
+                       ) -> str:
+    """index.html of an incident's uploaded artifacts: (name, title, signed URL) each, and the expiry."""
+    import html
+    items = "\n".join(f'<li><a href="{html.escape(url, quote=True)}">{html.escape(title)}</a> '
+                      f'<span class="name">{html.escape(name)}</span></li>' for name, title, url in links)
+    return _INDEX_PAGE.format(incident_id=html.escape(incident.incident_id),
+                              cluster=html.escape(incident.cluster), status=html.escape(incident.status),
+                              items=items,
+                              expires=expires_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def open_artifact(workspace: str, relative: str) -> tuple[Any, int] | None:
+    """``relative`` opened for reading if it is a non-empty regular file inside ``workspace``, else None.
+
+    The agent wrote the workspace, so a symlink or FIFO planted there must not
+    make nightcrier upload a file of its host or hang on a read.
+    """
+    root = os.path.realpath(workspace)
+    path = os.path.join(root, relative)
+    if not os.path.realpath(path).startswith(root + os.sep):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    import stat
+    info = os.fstat(fd)
+    if not (stat.S_ISREG(info.st_mode) and info.st_size > 0):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+class UploadFailed(Exception):
+    """An incident's upload was given up on; the message says why (no signature in it)."""
+
+
+class ReportUploader(threading.Thread):
+    """Uploads each finished incident's artifacts to the object store, then hands it to Slack.
+
+    :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
+    worker threads, it never blocks or raises. Its queue is bounded
+    (``UPLOAD_QUEUE_SIZE``); an incident that finds it full is not uploaded
+    (logged and counted as failed) and goes to ``notify`` at once.
+
+    This thread uploads one incident at a time: the workspace's artifacts
+    (``STORED_ARTIFACTS``, each a regular file inside the workspace) to
+    ``<incident_id>/<name>`` with their content types, then ``index.html``
+    listing them with read-only links that expire ``azure_sas_expiry`` after
+    the upload. A failed request is retried with exponential backoff; after
+    ``storage_max_attempts`` failed requests the incident is given up on,
+    logged and counted. On success the report's row records the store and
+    the object URL of ``investigation.md``. Either way ``notify(incident,
+    link)`` follows, with the index's signed URL or None, so Slack speaks
+    only once the upload has ended. Signed URLs, keys and connection strings
+    never appear in a log line. :meth:`stop` uploads what is queued within a
+    bounded time, then hands what is left to ``notify`` without uploading.
+    """
+
+    def __init__(self, config: Config, store: StateStore, object_store: ObjectStore,
+                 metrics: Metrics | None = None,
+                 notify: Callable[[Incident, str | None], None] | None = None, *,
+                 retry_initial: float = 1.0, retry_max: float = 30.0, queue_size: int = UPLOAD_QUEUE_SIZE):
+        import queue
+        super().__init__(name="report-uploader", daemon=True)
+        self.config = config
+        self.store = store
+        self.object_store = object_store
+        self.metrics = metrics
+        self.notify = notify
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.expiry = parse_go_duration(config.azure_sas_expiry)
+        self._queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self._abort = threading.Event()
+        self._failures = 0  # failed requests of the incident being uploaded
+
+    def enqueue(self, incident: Incident) -> None:
+        """Queue a finished incident for upload; never blocks."""
+        import queue
+        try:
+            self._queue.put_nowait(incident)
+        except queue.Full:
+            self._count("upload_failed")
+            log_event(logging.ERROR, "upload queue full, incident not uploaded",
+                      incident_id=incident.incident_id, queued=self._queue.qsize())
+            self._notify(incident, None)
+
+    def stop(self, timeout: float = UPLOAD_DRAIN_SECONDS) -> None:
+        """Upload what is queued within ``timeout`` seconds, then hand the rest to ``notify`` and end."""
+        if not self.is_alive():
+            return
+        self._queue.put(_STOP)
+        self.join(timeout)
+        if self.is_alive():
+            log_event(logging.WARNING, "uploader out of time, notifying without uploading",
+                      pending=self._queue.qsize())
+            self._abort.set()
+            self.join(self.config.storage_timeout_seconds + 5)
+
+    def run(self) -> None:
+        while True:
+            incident = self._queue.get()
+            if incident is _STOP:
+                return
+            link = None
+            if not self._abort.is_set():
+                try:
+                    link = self.upload(incident)
+                except Exception as exc:  # one incident's failure must not end the uploader
+                    self._count("upload_failed")
+                    log_event(logging.ERROR, "failed to upload incident artifacts",
+                              incident_id=incident.incident_id, store=self.object_store.kind,
+                              error=self._scrub(_short_error(exc)))
+            self._notify(incident, link)
+
+    def upload(self, incident: Incident) -> str | None:
+        """Upload one incident; returns the index's signed URL, or None for one that never ran.
+
+        Raises :class:`UploadFailed` once the retries are used up.
+        """
+        workspace = incident.workspace_path
+        if incident.status not in (RESOLVED, FAILED, AGENT_FAILED) or not workspace:
+            return None
+        prefix = incident.incident_id + "/"
+        expires_at = utcnow() + dt.timedelta(seconds=self.expiry)
+        self._failures = 0
+        links = []
+        uploaded_report = False
+        for relative, name, title in STORED_ARTIFACTS:
+            opened = open_artifact(workspace, relative)
+            if opened is None:
+                continue
+            body, length = opened
+            with body:
+                self._put(prefix + name, body, length)
+            links.append((name, title, self.object_store.signed_url(prefix + name, expires_at)))
+            uploaded_report = uploaded_report or name == "investigation.md"
+        if not links:
+            log_event(logging.WARNING, "no artifacts to upload", incident_id=incident.incident_id)
+            return None
+        page = storage_index_page(incident, links, expires_at).encode()
+        self._put(prefix + STORAGE_INDEX_NAME, page, len(page))
+        index_url = self.object_store.signed_url(prefix + STORAGE_INDEX_NAME, expires_at)
+        self._count("uploads")
+        location = self.object_store.object_url(prefix + STORAGE_INDEX_NAME)
+        if uploaded_report:
+            self._record(incident.incident_id, self.object_store.object_url(prefix + "investigation.md"))
+        log_event(logging.INFO, "incident artifacts saved to storage", incident_id=incident.incident_id,
+                  store=self.object_store.kind, artifact_count=len(links) + 1, index=location,
+                  expires=expires_at.isoformat(timespec="seconds"))
+        return index_url
+
+    def _put(self, name: str, body: Any, length: int) -> None:
+        """One object, retried with backoff while the incident has failed requests to spare."""
+        backoff = Backoff(self.retry_initial, self.retry_max)
+        attempts = max(1, self.config.storage_max_attempts)
+        while True:
+            if hasattr(body, "seek"):
+                body.seek(0)
+            try:
+                self.object_store.put(name, body, length, content_type(name))
+                return
+            except Exception as exc:
+                self._failures += 1
+                error = self._scrub(_short_error(exc))
+                if self._failures >= attempts:
+                    raise UploadFailed(f"{name}: {error} (after {self._failures} failed requests)") from None
+                delay = backoff.next()
+                self._count("upload_retries")
+                log_event(logging.WARNING, "object storage request failed, retrying", object=name,
+                          store=self.object_store.kind, attempt=self._failures, error=error,
+                          retry_in=round(delay, 2))
+                if self._abort.wait(delay):
+                    raise UploadFailed(f"{name}: {error} (shutting down)") from None
+
+    def _record(self, incident_id: str, location: str) -> None:
+        try:
+            self.store.set_report_storage(incident_id, self.object_store.kind, location)
+        except StoreError as exc:
+            log_event(logging.WARNING, "cannot record where the report was uploaded", incident_id=incident_id,
+                      error=str(exc))
+
+    def _notify(self, incident: Incident, link: str | None) -> None:
+        if self.notify is None:
+            return
+        try:
+            self.notify(incident, link)
+        except Exception:  # a notifier bug must not stop uploads
+            log.exception("uploader: notify failed")
+
+    def _scrub(self, text: str) -> str:
+        for secret in self.object_store.secrets():
+            text = text.replace(secret, SECRET_MASK)
+        return scrub_signatures(text)
+
+    def _count(self, key: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(key)
+
+
 ###############################################################################
 # Ops ##########################################################################
 ###############################################################################
@@ -4845,6 +5365,12 @@ class Metrics:
         "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
         "slack_sent": ("nightcrier_slack_messages_sent_total", "Slack messages delivered", ()),
         "slack_failed": ("nightcrier_slack_messages_failed_total", "Slack messages given up on", ()),
+        "uploads": ("nightcrier_storage_uploads_total", "Incidents whose artifacts reached the object store",
+                    ()),
+        "upload_retries": ("nightcrier_storage_upload_retries_total",
+                           "Object storage requests that failed and were tried again", ()),
+        "upload_failed": ("nightcrier_storage_uploads_failed_total",
+                          "Incidents whose upload was given up on", ()),
     }
 
     def __init__(self) -> None:
@@ -5595,9 +6121,12 @@ class Service:
         self.permissions = PermissionChecker(config)
         self.notifier = (SlackNotifier(config, self.store, self.metrics) if config.slack_webhook_url
                          else None)
+        self.uploader = self._uploader()
+        on_finished = (self.uploader.enqueue if self.uploader
+                       else self.notifier.enqueue if self.notifier else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
-                                     on_finished=self.notifier.enqueue if self.notifier else None)
+                                     on_finished=on_finished)
         self.pages = WebPages(config, self.store, self.cluster_health, config.health_bind)
         # Given when it was bound before the database was reached, to report the wait in /readyz.
         self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
@@ -5614,10 +6143,29 @@ class Service:
                                          args=(self.work_available.set, self._stop_watching))
         self._stopped = False
 
+    def _uploader(self) -> ReportUploader | None:
+        """The object storage uploader, which hands incidents on to Slack; None when not configured.
+
+        Raises ConfigError when the store's client refuses the settings.
+        """
+        try:
+            object_store = open_object_store(self.config)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError([f"failed to initialize artifact storage backend: {scrub_signatures(str(exc))}"]
+                              ) from None
+        if object_store is None:
+            return None
+        notifier = self.notifier
+        return ReportUploader(self.config, self.store, object_store, self.metrics,
+                              notify=(lambda incident, link: notifier.enqueue(incident, uploaded_url=link))
+                              if notifier else None)
+
     def start(self) -> Service:
         self.writer.start()
         if self.notifier is not None:
             self.notifier.start()
+        if self.uploader is not None:
+            self.uploader.start()
         self.dispatcher.start()
         self._watcher.start()
         self.permissions.start()
@@ -5681,6 +6229,8 @@ class Service:
         self.ownership.stop()  # only now: the sessions it guarded are deleted
         self.writer.stop()
         self.dispatcher.stop()
+        if self.uploader is not None:
+            self.uploader.stop()  # after the dispatcher, before Slack: it hands incidents on to Slack
         if self.notifier is not None:
             self.notifier.stop()  # after the dispatcher: the last incidents' messages are queued by then
         if self.health_server is not None:
@@ -6311,6 +6861,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if health is not None:
             health.stop()
         return 1
+    except ConfigError as exc:
+        return _startup_failed("invalid configuration: " + "; ".join(exc.problems), health)
     except StartupError as exc:
         return _startup_failed(str(exc), health)
     except OSError as exc:  # the workspace or spool directory cannot be created, say

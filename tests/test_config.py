@@ -96,9 +96,9 @@ def test_go_original_config_loads_with_warnings(tmp_path: Path) -> None:
     text = "\n".join(warnings)
     for obsolete in ("agent_script_path", "severity_threshold", "cluster_queue_size",
                      "dedup_window_seconds", "queue_overflow_policy", "sse_read_timeout",
-                     "upload_failed_investigations", "azure_storage_account",
-                     "state_storage.migrations_path"):
+                     "upload_failed_investigations", "state_storage.migrations_path"):
         assert f"{obsolete}: no longer used" in text
+    assert "azure_storage" not in text and nc.object_storage_type(config) == "filesystem"
     assert "state_storage.type: 'filesystem' is read as 'sqlite'" in text
 
 
