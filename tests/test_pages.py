@@ -313,7 +313,8 @@ def test_bad_go_durations(text: str) -> None:
 def test_a_bad_ttl_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text('{"clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/mcp"}}]}')
-    with pytest.raises(nc.ConfigError, match=r'report_link_ttl \(env REPORT_LINK_TTL\): time: unknown unit "d"'):
+    bad_unit = r'report_link_ttl \(env REPORT_LINK_TTL\): time: unknown unit "d"'
+    with pytest.raises(nc.ConfigError, match=bad_unit):
         nc.load_config(str(path), env={"REPORT_LINK_TTL": "7d"})
     with pytest.raises(nc.ConfigError, match="must be positive"):
         nc.load_config(str(path), env={"REPORT_LINK_TTL": "-1h"})
