@@ -3957,7 +3957,9 @@ class Dispatcher(threading.Thread):
         if incident_id in self.running():
             return True
         incident = self.store.get_incident(incident_id)
-        if incident is None or incident.status != INVESTIGATING or incident.claimed_by == self.instance:
+        if incident is None:
+            return True  # another deployment's container on a shared engine: not ours to remove
+        if incident.status != INVESTIGATING or incident.claimed_by == self.instance:
             return False
         stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
         return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
