@@ -282,11 +282,6 @@ class Config:
         """The SQLite file, derived from ``workspace_root`` unless set."""
         return self.state_storage.sqlite_path or os.path.join(self.workspace_root, "nightcrier.db")
 
-    def api_keys(self) -> dict[str, str]:
-        """LLM keys from configuration, falling back to nightcrier's environment."""
-        keys = {"ANTHROPIC_API_KEY": self.anthropic_api_key, "OPENAI_API_KEY": self.openai_api_key,
-                "GEMINI_API_KEY": self.gemini_api_key}
-        return {k: v or os.environ.get(k, "") for k, v in keys.items() if v or os.environ.get(k)}
 
 
 class ConfigError(Exception):
@@ -6003,11 +5998,10 @@ def _tail(store: StateStore, config: Config, incident_id: str, log_name: str, ou
         print(f"nightcrier: no incident {incident_id!r}", file=sys.stderr)
         return 1
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root), incident_id)
-    path = os.path.join(workspace, "logs", log_name)
     offset = 0
     while True:
         finished = incident.status not in (PENDING, INVESTIGATING)
-        offset = _copy_new_bytes(path, offset, out)
+        offset = _copy_new_bytes(workspace, f"logs/{log_name}", offset, out)
         if finished:
             break
         time.sleep(poll)
@@ -6142,13 +6136,17 @@ def _duration(incident: Incident) -> str:
     return f"{(incident.completed_at - incident.started_at).total_seconds():.0f}s"
 
 
-def _copy_new_bytes(path: str, offset: int, out: Any) -> int:
+def _copy_new_bytes(workspace: str, relpath: str, offset: int, out: Any) -> int:
     try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
+        fd = open_workspace_file(workspace, relpath)
     except FileNotFoundError:
         return offset
+    except UnsafeWorkspaceFile as exc:  # never print what a planted symlink points at
+        print(f"nightcrier: not following {exc}", file=sys.stderr)
+        return offset
+    with os.fdopen(fd, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read()
     if data:
         out.write(data)
         out.flush()

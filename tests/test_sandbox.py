@@ -505,3 +505,15 @@ def test_containers_of_another_deployment_are_not_orphans(tmp_path: Path) -> Non
         assert not dispatcher._is_live(incident_id), "a known incident nobody runs is an orphan"
     finally:
         store.close()
+
+
+def test_tail_does_not_follow_a_planted_log_symlink(tmp_path: Path, outside: dict[str, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    (ws / "logs").mkdir(parents=True)
+    os.symlink(outside["secret"], ws / "logs" / "agent-stdout.log")
+    out = tempfile.TemporaryFile("w+b")
+    assert nc._copy_new_bytes(str(ws), "logs/agent-stdout.log", 0, out) == 0
+    out.seek(0)
+    assert out.read() == b""
+    assert "not following logs/agent-stdout.log is a symbolic link" in capsys.readouterr().err
