@@ -3,6 +3,7 @@ agent_user, agent_env and keys, runner health, and prompt hygiene."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -512,8 +513,7 @@ def test_tail_does_not_follow_a_planted_log_symlink(tmp_path: Path, outside: dic
     ws = tmp_path / "ws"
     (ws / "logs").mkdir(parents=True)
     os.symlink(outside["secret"], ws / "logs" / "agent-stdout.log")
-    out = tempfile.TemporaryFile("w+b")
+    out = io.BytesIO()
     assert nc._copy_new_bytes(str(ws), "logs/agent-stdout.log", 0, out) == 0
-    out.seek(0)
-    assert out.read() == b""
+    assert out.getvalue() == b""
     assert "not following logs/agent-stdout.log is a symbolic link" in capsys.readouterr().err
