@@ -12,6 +12,11 @@ The database is both the record and the job queue: ingestion never waits for an
 agent, a crash loses nothing that was stored or spooled, and a restart picks up
 where the previous process stopped.
 
+The agent is treated as untrusted code: it runs in a locked-down container,
+gets only its own CLI's credentials, and everything it leaves in its workspace
+is read without following links, opening FIFOs or reading past a size cap, so
+that an agent can only ever spoil its own incident.
+
 Usage::
 
     python nightcrier.py --config config.yaml            # run the service
