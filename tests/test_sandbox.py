@@ -517,3 +517,19 @@ def test_tail_does_not_follow_a_planted_log_symlink(tmp_path: Path, outside: dic
     assert nc._copy_new_bytes(str(ws), "logs/agent-stdout.log", 0, out) == 0
     assert out.getvalue() == b""
     assert "not following logs/agent-stdout.log is a symbolic link" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.text(max_size=80) | st.lists(st.sampled_from(["A=1", "B='x y'", "=v", "C", "D=${E}", "F=\"",
+                                                          "\\", "G=\x00", "H=é"]), max_size=6).map(" ".join))
+def test_agent_env_from_the_environment_parses_or_fails_clearly(tmp_path_factory: pytest.TempPathFactory,
+                                                                 raw: str) -> None:
+    path = tmp_path_factory.getbasetemp() / "agent-env-minimal.yaml"
+    path.write_text(yaml.safe_dump({"clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/"}}]}))
+    try:
+        config, _ = nc.load_config(str(path), env={"AGENT_ENV": raw, "E": "e"})
+    except nc.ConfigError as exc:
+        assert all(p.startswith("agent_env") for p in exc.problems), exc.problems
+        return
+    assert all(nc.ENV_NAME_RE.fullmatch(name) for name in config.agent_env) or not raw.strip()
+    assert all(isinstance(v, str) for v in config.agent_env.values())
