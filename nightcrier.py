@@ -3254,10 +3254,14 @@ class DockerRunner:
             raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
         except (docker.errors.DockerException, requests.RequestException) as exc:
             raise RunnerUnavailable(f"cannot create agent container: {_short_error(exc)}") from exc
+        log_fds: list[int] = []
         try:
             # Opened before the agent can run, so that it cannot swap the files for symlinks first.
-            log_fds = [open_agent_log(job.workspace, name) for name in AGENT_LOG_NAMES]
+            for name in AGENT_LOG_NAMES:
+                log_fds.append(open_agent_log(job.workspace, name))
         except OSError as exc:
+            for fd in log_fds:
+                os.close(fd)
             try:
                 container.remove(force=True, v=True)
             except (docker.errors.DockerException, requests.RequestException):
