@@ -462,7 +462,11 @@ def _closing_fence(line: str, fence: str) -> bool:
     return len(line) - len(line.lstrip(" ")) <= 3 and set(stripped) == {"`"} and len(stripped) >= len(fence)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A longer run: NIGHTCRIER_HYPOTHESIS_EXAMPLES=5000 python3 -m pytest tests/test_sandbox.py -k hostile
+EXAMPLES = int(os.environ.get("NIGHTCRIER_HYPOTHESIS_EXAMPLES", "150"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(context=HOSTILE, name=HOSTILE, namespace=HOSTILE, fault_type=HOSTILE, kind=HOSTILE)
 def test_hostile_incident_fields_cannot_leave_their_fence(context: str, name: str, namespace: str,
                                                           fault_type: str, kind: str) -> None:
@@ -519,7 +523,8 @@ def test_tail_does_not_follow_a_planted_log_symlink(tmp_path: Path, outside: dic
     assert "not following logs/agent-stdout.log is a symbolic link" in capsys.readouterr().err
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                       HealthCheck.function_scoped_fixture])
 @given(raw=st.text(max_size=80) | st.lists(st.sampled_from(["A=1", "B='x y'", "=v", "C", "D=${E}", "F=\"",
                                                           "\\", "G=\x00", "H=é"]), max_size=6).map(" ".join))
 def test_agent_env_from_the_environment_parses_or_fails_clearly(tmp_path_factory: pytest.TempPathFactory,
