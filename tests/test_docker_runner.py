@@ -147,7 +147,7 @@ def test_secrets_are_only_in_the_container_environment(run_docker: Callable[...,
     assert f"ANTHROPIC_API_KEY={SECRET}" in attrs["Config"]["Env"]
     assert attrs["Config"]["Labels"] == {"nightcrier.incident_id": incident_id,
                                          "nightcrier.instance": "test-instance"}
-    assert attrs["HostConfig"]["NetworkMode"] == "host"
+    assert attrs["HostConfig"]["NetworkMode"] == "bridge"
     ws = tmp_path / "ws" / incident_id
     (ws / "output" / "go").touch()
     wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.RESOLVED, timeout=60,
@@ -166,12 +166,21 @@ def test_limits_are_applied(run_docker: Callable[..., Any], docker_client: Any) 
         256 * 1024 * 1024, 500_000_000, 64, "none")
 
 
-def test_missing_image_returns_the_incident_to_pending(run_docker: Callable[..., Any]) -> None:
-    store, incident_id, dispatcher = run_docker(REPORT, wait=False, agent_image="nightcrier-no-such-image:1")
-    incident = wait_for(lambda: dispatcher.runner_error and store.get_incident(incident_id), what="a refusal")
-    wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.PENDING and i.attempts == 0,
-             what="the incident back to pending")
-    assert "not found" in dispatcher.runner_error and incident is not None
+def test_missing_image_leaves_the_incident_pending(tmp_path: Path, docker_client: Any) -> None:
+    config = docker_config(tmp_path, REPORT, agent_image="nightcrier-no-such-image:1")
+    store = nc.SqliteStore(str(tmp_path / "nc.db"))
+    (incident_id,) = store.insert_events([make_event("c1")])
+    dispatcher = nc.Dispatcher(config, store, nc.DockerRunner(config, "test-instance", grace=1),
+                               threading.Event(), nc.Metrics(), "test-instance")
+    dispatcher.start()
+    try:
+        dispatcher.wake.set()
+        wait_for(lambda: "not found" in dispatcher.runner_error, what="a refusal")
+        incident = store.get_incident(incident_id)
+        assert incident is not None and (incident.status, incident.attempts) == (nc.PENDING, 0)
+    finally:
+        dispatcher.stop()
+        store.close()
 
 
 def test_orphaned_containers_are_removed(tmp_path: Path, docker_client: Any) -> None:

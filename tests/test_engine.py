@@ -88,10 +88,13 @@ def test_a_good_report_resolves_and_the_workspace_is_complete(
     assert env["ANTHROPIC_API_KEY"] == "sk-ant-secret-value"
     assert (ws / "logs" / "agent-stdout.log").read_text() == "to-stdout\n"
     assert (ws / "logs" / "agent-stderr.log").read_text() == "to-stderr\n"
-    for directory in (ws, ws / "output", ws / "logs"):
-        assert directory.stat().st_mode & 0o777 == 0o700
-    for name in ("incident.json", "prompt-sent.md", "logs/agent-stdout.log"):
-        assert (ws / name).stat().st_mode & 0o777 == 0o600, name
+    # Closed to other users; nightcrier's group (which an agent_user gets) reads inputs, writes output.
+    assert ws.stat().st_mode & 0o7777 == 0o700
+    for directory in (ws / "output", ws / "logs"):
+        assert directory.stat().st_mode & 0o7777 == 0o2770
+    for name in ("incident.json", "prompt-sent.md"):
+        assert (ws / name).stat().st_mode & 0o777 == 0o640, name
+    assert (ws / "logs/agent-stdout.log").stat().st_mode & 0o777 == 0o660
     # incident.json is rewritten just after the database records the final status.
     document = wait_for(lambda: (d := json.loads((ws / "incident.json").read_text()))["status"] == "resolved"
                         and d, what="incident.json to show the final status")
@@ -215,7 +218,7 @@ def test_runner_unavailable_returns_the_incident_to_pending(tmp_path: Path, stor
         wait_for(lambda: dispatcher.runner_error, what="the runner to be reported unavailable")
         incident = wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.PENDING and i,
                             what="the incident back to pending")
-        assert incident.attempts == 0 and "docker engine unreachable" in (incident.failure_reason or "")
+        assert incident.attempts == 0 and "docker engine unreachable" in dispatcher.runner_error
     finally:
         dispatcher.stop()
 

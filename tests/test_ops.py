@@ -296,7 +296,7 @@ def test_startup_is_not_blocked_and_results_reach_health_and_workspaces(
         ws = Path(incident.workspace_path or "")
         written = json.loads((ws / "incident_cluster_permissions.json").read_text())
         assert written["cluster_name"] == "good" and written["can_get_pods"] is True
-        assert (ws / "incident_cluster_permissions.json").stat().st_mode & 0o777 == 0o600
+        assert (ws / "incident_cluster_permissions.json").stat().st_mode & 0o777 == 0o640
         assert '"can_get_pods": true' in (ws / "prompt-sent.md").read_text()
     finally:
         service.stop()
