@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def _needs_agent_sandbox_settings() -> None:
         pytest.skip("this nightcrier has no agent_env setting yet")
 
 
-def cli_config(tmp_path: Path, cli: Cli, model: ScriptedModel) -> nc.Config:
+def cli_config(tmp_path: Path, cli: Cli, model: ScriptedModel, monkeypatch: pytest.MonkeyPatch) -> nc.Config:
     kubeconfig = tmp_path / "kubeconfig.yaml"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
     # All three vendors' keys are configured, as on a machine that runs several CLIs over time;
@@ -179,6 +180,8 @@ def cli_config(tmp_path: Path, cli: Cli, model: ScriptedModel) -> nc.Config:
                           "triage": {"enabled": True, "kubeconfig": str(kubeconfig)}}]}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
+    # agent_env references are checked when the file loads and resolved when an agent starts.
+    monkeypatch.setenv("NIGHTCRIER_TEST_MODEL_URL", model.url)
     config, _ = nc.load_config(str(path), env={"NIGHTCRIER_TEST_MODEL_URL": model.url})
     return config
 
@@ -193,8 +196,11 @@ def run_incident(tmp_path: Path, docker_client: Any) -> Iterator[Callable[[nc.Co
         store = nc.SqliteStore(str(tmp_path / "nc.db"))
         stores.append(store)
         (incident_id,) = store.insert_events([make_event("c1")])
-        dispatcher = nc.Dispatcher(config, store, nc.DockerRunner(config, "test-instance", grace=1),
-                                   threading.Event(), nc.Metrics(), "test-instance")
+        # An instance name of its own: sweeps by other nightcrier processes on a shared engine
+        # remove the containers of their own instance name.
+        instance = f"agent-clis-{uuid.uuid4().hex[:8]}"
+        dispatcher = nc.Dispatcher(config, store, nc.DockerRunner(config, instance, grace=1),
+                                   threading.Event(), nc.Metrics(), instance)
         dispatchers.append(dispatcher)
         dispatcher.start()
         dispatcher.wake.set()
@@ -212,10 +218,10 @@ def run_incident(tmp_path: Path, docker_client: Any) -> Iterator[Callable[[nc.Co
 
 @pytest.mark.parametrize("cli", CLIS, ids=CLI_IDS)
 def test_real_cli_resolves_an_incident_through_the_docker_runner(
-        cli: Cli, tmp_path: Path, model: ScriptedModel,
+        cli: Cli, tmp_path: Path, model: ScriptedModel, monkeypatch: pytest.MonkeyPatch,
         run_incident: Callable[[nc.Config], tuple[nc.StateStore, nc.Incident]]) -> None:
     _needs_agent_sandbox_settings()
-    config = cli_config(tmp_path, cli, model)
+    config = cli_config(tmp_path, cli, model, monkeypatch)
     store, incident = run_incident(config)
     assert (incident.status, incident.exit_code) == (nc.RESOLVED, 0), incident.failure_reason
     report = store.get_report(incident.incident_id)
