@@ -4,8 +4,10 @@
 # Docker Hub is not reachable from the project machines, so nothing here pulls: the agent image is
 # busybox-static imported as a rootfs, and the PostgreSQL image is a debootstrap of Debian bookworm
 # with postgresql-15 plus a small entrypoint that mimics the official image's POSTGRES_* variables
-# (testcontainers' PostgresContainer relies on them). Images that already exist are kept, so a
-# second run costs a couple of `docker image inspect` calls.
+# (testcontainers' PostgresContainer relies on them). The shipped agent image (agent/Dockerfile,
+# with the real agent CLIs) is built as users build it, on a debootstrapped base image imported
+# under the base's name. Images that already exist are kept, so a second run costs a couple of
+# `docker image inspect` calls.
 #
 # Needs a Docker engine that answers (`bash .ci/run` starts one) and root for apt/debootstrap.
 # Environment:
