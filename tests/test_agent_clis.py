@@ -156,6 +156,33 @@ def test_image_runs_the_cli_as_uid_1000_on_a_read_only_root(
     assert env["HOME"].startswith("/tmp/home."), env.get("HOME")
 
 
+def test_home_is_usable_by_any_uid(docker_client: Any, model: ScriptedModel, tmp_path: Path) -> None:
+    """A uid the image does not know keeps /home/agent as HOME and can write its settings there."""
+    cli = CLIS[0]
+    output = tmp_path / "output"
+    output.mkdir()
+    os.chmod(output, 0o777)
+    prompt = tmp_path / "prompt-sent.md"
+    prompt.write_text("Investigate incident any-uid-51c2.\n")
+    os.chmod(prompt, 0o644)
+    config = dataclasses.replace(nc.Config(), agent_cli=cli.name, agent_model=cli.model)
+    command = nc.agent_cli_command(config)
+    command[-1] += " && ls -A ~/.claude > ~/output/home-listing"
+    container = docker_client.containers.run(
+        CLI_IMAGE, command, detach=True, user="4321:4321", network_mode="host",
+        environment={cli.key_env: KEYS[cli.key_env], cli.base_url_env: model.url},
+        volumes=[f"{prompt}:/home/agent/prompt-sent.md:ro", f"{output}:/home/agent/output:rw"])
+    try:
+        status = container.wait(timeout=240)
+        logs = container.logs().decode("utf-8", "replace")
+    finally:
+        container.remove(force=True)
+    assert status["StatusCode"] == 0, logs[-3000:]
+    env = assert_conversation(model, cli, "any-uid-51c2")
+    assert env["HOME"] == "/home/agent"
+    assert (output / "home-listing").read_text().strip(), "claude kept no state in its HOME"
+
+
 # -- whole incidents through nightcrier ---------------------------------------------------------
 
 def _needs_agent_sandbox_settings() -> None:
