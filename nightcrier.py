@@ -3834,9 +3834,9 @@ def agent_cli_command(config: Config) -> list[str]:
     elif config.agent_cli == "codex":
         mapped = {"opus": "gpt-5-codex", "sonnet": "gpt-5.2", "haiku": "gpt-4o"}.get(
             config.agent_model, config.agent_model)
+        # Current codex releases know skills without a feature flag and reject `--enable skills`.
         line = ('printenv OPENAI_API_KEY | codex login --with-api-key && codex exec --skip-git-repo-check '
-                f"--enable skills --dangerously-bypass-approvals-and-sandbox -m {shlex.quote(mapped)} "
-                f"{prompt}")
+                f"--dangerously-bypass-approvals-and-sandbox -m {shlex.quote(mapped)} {prompt}")
     elif config.agent_cli == "gemini":
         tools = {"Read": "read_file", "Write": "write_file", "Grep": "grep", "Glob": "glob",
                  "Bash": "run_shell_command"}

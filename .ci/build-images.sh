@@ -4,18 +4,24 @@
 # Docker Hub is not reachable from the project machines, so nothing here pulls: the agent image is
 # busybox-static imported as a rootfs, and the PostgreSQL image is a debootstrap of Debian bookworm
 # with postgresql-15 plus a small entrypoint that mimics the official image's POSTGRES_* variables
-# (testcontainers' PostgresContainer relies on them). Images that already exist are kept, so a
-# second run costs a couple of `docker image inspect` calls.
+# (testcontainers' PostgresContainer relies on them). The shipped agent image (agent/Dockerfile,
+# with the real agent CLIs) is built as users build it, on a debootstrapped base image imported
+# under the base's name. Images that already exist are kept, so a second run costs a couple of
+# `docker image inspect` calls.
 #
 # Needs a Docker engine that answers (`bash .ci/run` starts one) and root for apt/debootstrap.
 # Environment:
 #   NIGHTCRIER_TEST_AGENT_IMAGE     tag of the agent image (default nightcrier-test-agent:latest)
 #   NIGHTCRIER_TEST_POSTGRES_IMAGE  when set, that image is used by the tests and none is built here
 #   NIGHTCRIER_DEBIAN_MIRROR        mirror for debootstrap (default http://deb.debian.org/debian)
+#   NIGHTCRIER_AGENT_CLI_IMAGE      tag for the image built from agent/Dockerfile
+#                                   (default nightcrier-agent:ci)
 set -euo pipefail
 
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 AGENT_IMAGE=${NIGHTCRIER_TEST_AGENT_IMAGE:-nightcrier-test-agent:latest}
 PG_IMAGE=nightcrier-test-postgres:15
+CLI_IMAGE=${NIGHTCRIER_AGENT_CLI_IMAGE:-nightcrier-agent:ci}
 MIRROR=${NIGHTCRIER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 export DEBIAN_FRONTEND=noninteractive
 
@@ -184,5 +190,57 @@ smoke_test_pg_image() {
     docker rm -f "$cid" >/dev/null
 }
 
+# The shipped agent image, built from agent/Dockerfile exactly as users build it. Its base image
+# cannot be pulled here, so a debootstrap of the same Debian release is imported under the base's
+# name first. The tag carries a digest of agent/, so a changed recipe or version pin is rebuilt.
+build_cli_image() {
+    local digest base release tag
+    digest=$(cd agent && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+    tag="$CLI_IMAGE-$digest"
+    if have_image "$tag"; then
+        echo "ci: image $tag present"
+        docker tag "$tag" "$CLI_IMAGE"
+        return
+    fi
+    base=$(sed -n 's/^ARG BASE_IMAGE=//p' agent/Dockerfile)
+    release=${base#debian:}
+    release=${release%-slim}
+    if ! have_image "$base"; then
+        echo "ci: making base image $base with debootstrap (once per machine, about 1 min)"
+        command -v debootstrap >/dev/null || apt_install debootstrap
+        local root=$work/base log=/var/tmp/nightcrier-debootstrap-$release.log
+        debootstrap --variant=minbase "$release" "$root" "$MIRROR" >"$log" 2>&1 || {
+            tail -n 30 "$log" >&2
+            die "debootstrap of $release failed (full log: $log)"
+        }
+        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+        tar --numeric-owner -C "$root" -cf - . |
+            docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+                --change 'CMD ["bash"]' - "$base" >/dev/null ||
+            die "docker import of $base failed"
+        rm -rf --one-file-system "$root"
+    fi
+    echo "ci: building $tag from agent/Dockerfile (about 3-5 min once per recipe)"
+    # The machine reaches the npm registry through a TLS-inspecting proxy; its CA goes in through
+    # the directory the Dockerfile offers for that, in a copy of the build context.
+    local ctx=$work/agent-context log=/var/tmp/nightcrier-agent-build.log
+    cp -R agent "$ctx"
+    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+        cp /etc/ssl/certs/ca-certificates.crt "$ctx/ca-certificates/host-ca-bundle.crt"
+    fi
+    DOCKER_BUILDKIT=0 docker build --network host -t "$tag" "$ctx" >"$log" 2>&1 || {
+        tail -n 40 "$log" >&2
+        die "docker build of agent/Dockerfile failed (full log: $log)"
+    }
+    docker tag "$tag" "$CLI_IMAGE"
+    # Images of earlier recipes are 1 GB each; only the current one is kept.
+    docker images --format '{{.Repository}}:{{.Tag}}' | grep -F "$CLI_IMAGE-" | grep -vxF "$tag" |
+        xargs -r docker rmi >/dev/null 2>&1 || true
+    docker run --rm --network none "$CLI_IMAGE" \
+        sh -c 'claude --version && codex --version && gemini --version && kubectl version --client' ||
+        die "$CLI_IMAGE was built but its CLIs do not run"
+}
+
 build_agent_image
 build_pg_image
+build_cli_image
