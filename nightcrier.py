@@ -977,10 +977,38 @@ def _truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n[... {len(text) - limit} more characters in the raw payload]"
 
 
+_RFC3339_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
+def emission_keys(event: FaultEvent) -> tuple[str | None, str | None]:
+    """The two keys under which ``event`` is one fault emission (see schema version 3).
+
+    Copies of one emission -- the same detection delivered on two subscriptions,
+    whose timestamps lie at most one second apart -- share at least one key;
+    emissions whose timestamps are two or more seconds apart share none, and the
+    server never sends one ``faultId`` twice that close on a subscription. No
+    keys (None) without a ``faultId`` or a readable RFC 3339 timestamp: such an
+    event is never taken for a copy.
+    """
+    match = _RFC3339_RE.fullmatch(event.timestamp.strip()) if event.fault_id else None
+    if match is None:
+        return None, None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    zone = match.group(7)
+    try:
+        offset = 0 if zone in ("Z", "z") else (1 if zone[0] == "+" else -1) * (
+            int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+        seconds = int(dt.datetime(year, month, day, hour, minute, min(second, 59),
+                                  tzinfo=dt.timezone.utc).timestamp()) - offset
+    except ValueError:
+        return None, None
+    return f"{event.fault_id}/{seconds // 2}", f"{event.fault_id}/{(seconds + 1) // 2}"
+
+
 EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream_cluster",
                  "received_at", "resource_api_version", "resource_kind", "resource_name",
                  "resource_namespace", "resource_uid", "fault_type", "severity", "context",
-                 "timestamp", "mcp_payload")
+                 "timestamp", "mcp_payload", "emission_key_even", "emission_key_odd")
 INCIDENT_INSERT_COLUMNS = ("incident_id", "event_id", "status", "cluster", "created_at", "updated_at",
                            "fault_id", "subscription_id", "fault_type", "severity", "context",
                            "timestamp", "resource_api_version", "resource_kind", "resource_name",
@@ -1043,7 +1071,10 @@ class StateStore:
         ``skipped_clusters`` are created ``skipped``, the rest ``pending``.
         Rejected notifications and subscription gaps are stored alongside. Items
         whose id is already stored are left as they are, so a batch may be written
-        again safely. Returns the incident ids in the order of ``events``.
+        again safely. An event that is a copy of a stored one (the same fault
+        emission, see :func:`emission_keys`), from this process or another, gets
+        no rows of its own. Returns the incident ids in the order of ``events``;
+        a copy's is the stored emission's.
         """
         raise NotImplementedError
 
@@ -1248,7 +1279,8 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
                     text(e.resource_namespace), text(e.resource_uid))
         event_rows.append((e.event_id, fault_id, subscription, text(e.cluster), text(e.upstream_cluster),
                            received, *resource, text(e.fault_type), text(e.severity), context,
-                           text(e.timestamp), text(e.mcp_payload)))
+                           text(e.timestamp), text(e.mcp_payload),
+                           *(key and text(key) for key in emission_keys(e))))
         incident_rows.append((e.incident_id, e.event_id, SKIPPED if e.cluster in skipped else PENDING,
                               text(e.cluster), received, now, fault_id, subscription, text(e.fault_type),
                               text(e.severity), context, text(e.timestamp), *resource, 0))
@@ -1282,6 +1314,37 @@ QUEUE_UPSERT = ("INSERT INTO cluster_queue (cluster, next_pending_at) VALUES {va
                 "WHEN cluster_queue.next_pending_at IS NULL "
                 "OR excluded.next_pending_at < cluster_queue.next_pending_at "
                 "THEN excluded.next_pending_at ELSE cluster_queue.next_pending_at END")
+
+
+def settle_copies(run: Callable[..., Any], events: Sequence[FaultEvent]
+                  ) -> tuple[set[str], Callable[[], list[str]]]:
+    """For a batch whose ``fault_events`` insert stored fewer rows than it had events.
+
+    ``run(sql, params)`` executes one statement (``?`` placeholders) in the
+    batch's transaction. Returns the ids of the events stored under their own id
+    (now, or by an earlier write of the same batch) -- only their incidents are
+    to be inserted -- and a function to call after that insert, which gives the
+    incident ids to return: each copy's is the one of the emission it copies.
+    """
+    ids = [e.event_id for e in events]
+    present: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        present.update(str(row["event_id"]) for row in run(
+            f"SELECT event_id FROM fault_events WHERE event_id IN ({','.join('?' * len(chunk))})",
+            chunk).fetchall())
+
+    def incident_ids() -> list[str]:
+        result = []
+        for event in events:
+            row = None if event.event_id in present else run(
+                "SELECT i.incident_id FROM fault_events f JOIN incidents i ON i.event_id = f.event_id "
+                "WHERE f.cluster = ? AND (f.emission_key_even = ? OR f.emission_key_odd = ?) LIMIT 1",
+                (event.cluster, *emission_keys(event))).fetchone()
+            result.append(str(row["incident_id"]) if row else event.incident_id)
+        return result
+
+    return present, incident_ids
 
 
 def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
@@ -1693,16 +1756,31 @@ class SqliteStore(SqlStore):
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso)
         heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, skipped_clusters)]
+        own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> list[str]:
+            present: set[str] | None = None
+            incident_ids = own_incident_ids
             for table, columns, key, rows in tables:
-                if rows:
+                if present is not None and table == "incidents":
+                    rows = [row for row in rows if row[1] in present]
+                if not rows:
+                    continue
+                if table == "fault_events":
+                    # No conflict target: a copy of a stored emission is skipped like a stored id.
+                    stored = conn.executemany(_insert_sql(table, columns, ""), rows).rowcount
+                    if stored < len(rows):
+                        present, incident_ids = settle_copies(
+                            lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params]),
+                            events)
+                else:
                     conn.executemany(_insert_sql(table, columns, key), rows)
             conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
+            return incident_ids()
 
         if any(rows for *_, rows in tables):
-            self._write_fn(write)
-        return [e.incident_id for e in events]
+            return self._write_fn(write)
+        return own_incident_ids()
 
     def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
         return self._write_fn(lambda conn: fn(
@@ -1732,8 +1810,10 @@ def _sqlite_param(value: Any) -> Any:
 
 
 def _insert_sql(table: str, columns: Sequence[str], key: str) -> str:
+    """An insert that leaves a row alone whose ``key`` is stored; with no ``key``, whose any unique
+    key is stored."""
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT ({key}) DO NOTHING")
+            f"ON CONFLICT {f'({key}) ' if key else ''}DO NOTHING")
 
 
 # -- PostgreSQL ----------------------------------------------------------------
@@ -1971,23 +2051,42 @@ class PostgresStore(SqlStore):
         import psycopg2.extras
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_clean)
         heads = queue_heads(events, skipped_clusters)
+        own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
-        def write(cur: Any) -> None:
+
+        def write(cur: Any) -> list[str]:
+            present: set[str] | None = None
+            incident_ids = own_incident_ids
             for table, columns, key, rows in tables:
+                if present is not None and table == "incidents":
+                    rows = [row for row in rows if row[1] in present]
                 if not rows:
                     continue
                 template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
                                            for c in columns) + ")"
+                if table == "fault_events":
+                    # No conflict target: a copy of a stored emission is skipped like a stored id.
+                    stored = psycopg2.extras.execute_values(
+                        cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
+                        "ON CONFLICT DO NOTHING RETURNING event_id", rows, template=template,
+                        page_size=1000, fetch=True)
+                    if len(stored) < len(rows):
+                        def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                            cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                            return cur
+                        present, incident_ids = settle_copies(run, events)
+                    continue
                 psycopg2.extras.execute_values(
                     cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
                     f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
             if heads:
                 psycopg2.extras.execute_values(cur, QUEUE_UPSERT.format(values="%s"), heads)
                 cur.execute(f"NOTIFY {self.WORK_CHANNEL}")
+            return incident_ids()
 
         if any(rows for *_, rows in tables):
-            self._tx(write)
-        return [e.incident_id for e in events]
+            return self._tx(write)
+        return own_incident_ids()
 
     def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
         def body(cur: Any) -> T:
