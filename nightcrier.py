@@ -2747,22 +2747,36 @@ class ClusterOwnership(threading.Thread):
     process holding its session-level advisory lock, taken on a connection of
     this thread's own. The others stand by and try again every third of
     ``failover_seconds``, so a cluster whose holder died or lost its database
-    connection is taken over within ``failover_seconds``. If this process's lock
-    connection breaks, it gives up every cluster at once (the server has released
-    the locks, or will) and calls ``on_change`` so that listeners unsubscribe
-    before a standby subscribes. :meth:`owns` and :meth:`owners` are thread-safe.
+    connection is taken over within ``failover_seconds``.
+
+    Losing the database is not losing a cluster. While the lock connection is
+    down nothing can be proved either way, so the clusters held stay held: their
+    listeners stay subscribed and what arrives is spooled. Once the database
+    answers, their locks are taken again; a lock still held by this process's
+    own broken session (the server has not noticed it yet) is freed by ending
+    that session. A cluster is given up only when another process's session
+    provably holds its lock; then ``on_change`` is called so that its listener
+    unsubscribes. Whatever both watched in between is stored once (see
+    :func:`emission_keys`). After a reconnect, clusters held by nobody are
+    taken only once ``failover_seconds`` have passed, so that their previous
+    holders, reconnecting too, re-assert them first.
+    :meth:`owns` and :meth:`owners` are thread-safe.
     """
 
     KEY_PREFIX = "nightcrier:cluster:"
+    APP_PREFIX = "nightcrier-owner "
 
     def __init__(self, config: Config, instance: str, on_change: Callable[[], None]):
         super().__init__(name="cluster-ownership", daemon=True)
         self.dsn = postgres_dsn(config.state_storage) if config.state_storage.type == "postgres" else ""
         self.clusters = [c.name for c in config.clusters]
         self.instance = instance
+        self.app_name = (self.APP_PREFIX + instance)[:63]  # PostgreSQL keeps 63 bytes of it
         self.interval = config.failover_seconds / 3
+        self.grace = config.failover_seconds
         self.on_change = on_change
         self._owned: set[str] = set()
+        self._unconfirmed: set[str] = set()   # held, but whose lock was lost with a connection
         self._owners: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -2778,6 +2792,11 @@ class ClusterOwnership(threading.Thread):
         with self._lock:
             return dict(self._owners)
 
+    def unconfirmed(self) -> set[str]:
+        """Clusters held through a database outage whose locks are not taken again yet."""
+        with self._lock:
+            return set(self._unconfirmed)
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -2786,17 +2805,27 @@ class ClusterOwnership(threading.Thread):
             return
         backoff = Backoff(0.2, self.interval)
         conn = None
+        take_free_after = 0.0  # monotonic time from which clusters held by nobody may be taken
         while not self._stopping.is_set():
             try:
-                conn = conn or self._connect()
-                changed = self._take_free_clusters(conn)
+                if conn is None:
+                    conn = self._connect()
+                    if self.unconfirmed():
+                        log_event(logging.INFO, "database answers again, re-asserting cluster ownership",
+                                  clusters=",".join(sorted(self.unconfirmed())))
+                    if backoff.attempt:
+                        take_free_after = time.monotonic() + self.grace
+                changed = self._reassert(conn)
+                changed = self._take_free_clusters(conn, time.monotonic() >= take_free_after) or changed
                 backoff.reset()
             except Exception as exc:  # the connection, and with it every lock, is gone
-                log_event(logging.WARNING, "cluster ownership connection lost", error=_short_error(exc))
+                if conn is not None or not backoff.attempt:
+                    log_event(logging.WARNING, "cluster ownership connection lost, keeping the clusters "
+                              "held until the database answers", error=_short_error(exc),
+                              held=",".join(sorted(self._owned)))
                 conn = self._close(conn)
-                changed = self._give_up_all()
-                if changed:
-                    self.on_change()
+                with self._lock:
+                    self._unconfirmed = set(self._owned)
                 self._stopping.wait(backoff.next())
                 continue
             if changed:
@@ -2807,23 +2836,71 @@ class ClusterOwnership(threading.Thread):
     def _connect(self) -> Any:
         import psycopg2
         timeout_ms = int(self.interval * 1000)
-        conn = psycopg2.connect(self.dsn, application_name=f"nightcrier-owner {self.instance}"[:63],
+        conn = psycopg2.connect(self.dsn, application_name=self.app_name,
                                 connect_timeout=max(1, int(self.interval)), keepalives=1,
                                 keepalives_idle=max(1, int(self.interval)), keepalives_interval=1,
                                 keepalives_count=2, tcp_user_timeout=timeout_ms)
         conn.autocommit = True
         return conn
 
-    def _take_free_clusters(self, conn: Any) -> bool:
+    @classmethod
+    def _try_lock(cls, cur: Any, cluster: str) -> bool:
+        cur.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (cls.KEY_PREFIX + cluster,))
+        return bool(cur.fetchone()[0])
+
+    def _reassert(self, conn: Any) -> bool:
+        """Take again the locks of the clusters held through an outage; True if one was given up."""
         changed = False
         with conn.cursor() as cur:
             cur.execute("SELECT 1")  # proves the connection, and so our locks, still there
-            for cluster in self.clusters:
+            for cluster in sorted(self.unconfirmed()):
+                if self._try_lock(cur, cluster):
+                    with self._lock:
+                        self._unconfirmed.discard(cluster)
+                    log_event(logging.INFO, "cluster ownership re-asserted", cluster=cluster)
+                    continue
+                holder = self._holder(cur, cluster)
+                if holder is None:
+                    continue  # freed between the two statements: taken at the next tick
+                pid, app = holder
+                if app == self.app_name:
+                    self._end_own_session(cur, pid, cluster)
+                    continue
+                with self._lock:
+                    self._owned.discard(cluster)
+                    self._unconfirmed.discard(cluster)
+                changed = True
+                log_event(logging.WARNING, "cluster taken over by another process during the outage, "
+                          "giving it up", cluster=cluster, owner=app.removeprefix(self.APP_PREFIX))
+        return changed
+
+    @staticmethod
+    def _end_own_session(cur: Any, pid: int, cluster: str) -> None:
+        """End this process's earlier lock session, which the server still thinks alive."""
+        import psycopg2
+        try:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        except psycopg2.Error as exc:  # not allowed: the server ends it once its keepalives fail
+            log_event(logging.WARNING, "cannot end the earlier ownership session yet", cluster=cluster,
+                      pid=pid, error=str(exc).strip())
+
+    def _holder(self, cur: Any, cluster: str) -> tuple[int, str] | None:
+        """(backend pid, application name) of the session holding the cluster's lock, if any."""
+        cur.execute("SELECT l.pid, a.application_name FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                    "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(%s, 0)",
+                    (self.KEY_PREFIX + cluster,))
+        row = cur.fetchone()
+        return (int(row[0]), str(row[1] or "")) if row else None
+
+    def _take_free_clusters(self, conn: Any, take: bool) -> bool:
+        changed = False
+        with conn.cursor() as cur:
+            for cluster in self.clusters if take else ():
                 if self.owns(cluster):
                     continue
-                cur.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                            (self.KEY_PREFIX + cluster,))
-                if cur.fetchone()[0]:
+                if self._try_lock(cur, cluster):
                     with self._lock:
                         self._owned.add(cluster)
                     changed = True
@@ -2834,17 +2911,10 @@ class ClusterOwnership(threading.Thread):
                 "AND ((l.classid::bigint << 32) | l.objid::bigint) = "
                 "hashtextextended(%s || c.name, 0) "
                 "JOIN pg_stat_activity a ON a.pid = l.pid", (self.clusters, self.KEY_PREFIX))
-            owners = {name: app.removeprefix("nightcrier-owner ") for name, app in cur.fetchall()}
+            owners = {name: app.removeprefix(self.APP_PREFIX) for name, app in cur.fetchall()}
         with self._lock:
             self._owners = owners
         return changed
-
-    def _give_up_all(self) -> bool:
-        with self._lock:
-            had = bool(self._owned)
-            self._owned.clear()
-            self._owners = {}
-        return had
 
     @staticmethod
     def _close(conn: Any) -> None:
@@ -2969,7 +3039,8 @@ class ClusterListener(threading.Thread):
             if self._stopping.is_set():
                 return
             if not self.owns(self.cluster.name):
-                log_event(logging.WARNING, "cluster ownership lost, unsubscribing", cluster=self.cluster.name)
+                log_event(logging.WARNING, "cluster held by another process, unsubscribing",
+                          cluster=self.cluster.name)
                 return
             if session.stream_ended.is_set():
                 self._start_gap(f"notification stream ended: {session.stream_error}")
@@ -5022,19 +5093,32 @@ SIMULATED_FAULTS = {
 
 
 def simulated_fault(cluster: str, number: int) -> dict[str, Any]:
-    """A fault payload of one of the five real types, shaped like the server's."""
-    import hashlib
+    """A fault payload of one of the five real types, shaped like the server's.
+
+    Each number names a resource of its own, so every generated fault is a
+    distinct emission (its own ``faultId``), as the server's would be.
+    """
     fault_type = list(SIMULATED_FAULTS)[number % len(SIMULATED_FAULTS)]
     api_version, kind, severity, context = SIMULATED_FAULTS[fault_type]
-    name = f"{kind.lower()}-{number}"
-    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{kind}/{name}"))
+    name, uid, fault_id = _simulated_identity(cluster, fault_type, number)
     resource = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
     if kind != "Node":
         resource["namespace"] = "default"
-    digest = hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()
-    return {"cluster": cluster, "faultId": digest[:16], "faultType": fault_type, "severity": severity,
-            "resource": resource, "context": context,
-            "timestamp": utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")}
+    return {"cluster": cluster, "faultId": fault_id, "faultType": fault_type, "severity": severity,
+            "resource": resource, "context": context, "timestamp": _simulated_now()}
+
+
+def _simulated_identity(cluster: str, fault_type: str, number: int) -> tuple[str, str, str]:
+    """(resource name, uid, faultId) of generated fault ``number``, the id made like the server's."""
+    import hashlib
+    kind = SIMULATED_FAULTS[fault_type][1]
+    name = f"{kind.lower()}-{number}"
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{kind}/{name}"))
+    return name, uid, hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()[:16]
+
+
+def _simulated_now() -> str:
+    return utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -5062,7 +5146,7 @@ class SimulatedServer:
         self._lock = threading.Lock()
         self._sessions: dict[str, _SimSession] = {}
         self._owners: dict[str, str] = {}     # subscription id -> session id
-        self._frames: dict[tuple[str, int], bytes] = {}
+        self._frames: dict[tuple[str, int], tuple[bytes, str]] = {}
         self._emitted = 0
         self._httpd = _make_sim_httpd(self, host, port)
         self.port = self._httpd.server_address[1]
@@ -5111,14 +5195,19 @@ class SimulatedServer:
         return delivered
 
     def _frame(self, subscription_id: str, number: int) -> bytes:
-        """The SSE frame of generated fault ``number``; a few hundred distinct ones are rendered
-        once and reused, so that a fast emitter spends its time sending, not formatting."""
+        """The SSE frame of generated fault ``number``. A few hundred templates are rendered once
+        and reused, so that a fast emitter spends its time sending, not formatting; only the
+        resource's identity and the time are filled in per fault."""
         key = (subscription_id, number % 512)
-        frame = self._frames.get(key)
-        if frame is None:
+        if key not in self._frames:
             data = dict(simulated_fault(self.cluster, number), subscriptionId=subscription_id)
-            frame = self._frames[key] = _sse_event(_fault_message(data))
-        return frame
+            data.update(faultId="@@FAULT_ID@@", timestamp="@@TIMESTAMP@@")
+            data["resource"].update(name="@@NAME@@", uid="@@UID@@")
+            self._frames[key] = (_sse_event(_fault_message(data)), data["faultType"])
+        template, fault_type = self._frames[key]
+        name, uid, fault_id = _simulated_identity(self.cluster, fault_type, number)
+        return (template.replace(b"@@FAULT_ID@@", fault_id.encode()).replace(b"@@NAME@@", name.encode())
+                .replace(b"@@UID@@", uid.encode()).replace(b"@@TIMESTAMP@@", _simulated_now().encode()))
 
     def emit_many(self, count: int, rate: float) -> threading.Thread:
         """Emit ``count`` faults at ``rate`` per second (0 = unpaced) on a background thread."""
