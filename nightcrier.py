@@ -10,7 +10,10 @@ never two at once on the same cluster -- then stores the report and tells Slack.
 
 The database is both the record and the job queue: ingestion never waits for an
 agent, a crash loses nothing that was stored or spooled, and a restart picks up
-where the previous process stopped.
+where the previous process stopped. A database outage stops nothing but the
+writing: clusters stay subscribed, what arrives is spooled and stored once the
+database answers, and one fault emission received twice (by two subscriptions,
+or by two replicas while a cluster changes hands) is stored once.
 
 Usage::
 
