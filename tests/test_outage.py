@@ -373,11 +373,10 @@ def assert_each_stored_once(stream: FaultStream, database: str) -> dict[str, int
     sent = stream.snapshot()
     expected = {m for m, n in sent.items() if n}
 
-    def settled() -> bool:
-        stored = stored_markers(database)
-        return expected <= set(stored)
-
-    wait_for(settled, timeout=60, what="every delivered fault stored", interval=0.5)
+    deadline = time.monotonic() + 60
+    while (missing := expected - set(stored_markers(database))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not missing, f"{len(missing)} of {len(expected)} delivered faults never stored: {sorted(missing)}"
     stored = stored_markers(database)
     doubled = {m: n for m, n in stored.items() if n != 1}
     assert not doubled, f"faults stored more than once: {sorted(doubled)[:10]}"
@@ -473,6 +472,9 @@ def test_kill_9_during_an_outage_and_restart(fleet: Fleet, mcp_servers: list[Mcp
                  what="every fault received during the outage spooled")
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+        # Until the server notices, a write to the dead process's stream still "succeeds".
+        wait_for(lambda: not any(s.open_get_streams() for s in mcp_servers), timeout=10,
+                 what="the server to see the killed process's streams closed")
         stream.resume()
 
     try:
