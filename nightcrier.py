@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -993,19 +994,27 @@ def emission_keys(event: FaultEvent) -> tuple[str | None, str | None]:
     keys (None) without a ``faultId`` or a readable RFC 3339 timestamp: such an
     event is never taken for a copy.
     """
-    match = _RFC3339_RE.fullmatch(event.timestamp.strip()) if event.fault_id else None
-    if match is None:
+    seconds = _epoch_seconds(event.timestamp) if event.fault_id else None
+    if seconds is None:
         return None, None
+    return f"{event.fault_id}/{seconds // 2}", f"{event.fault_id}/{(seconds + 1) // 2}"
+
+
+@functools.lru_cache(maxsize=4096)  # a flood carries few distinct seconds
+def _epoch_seconds(timestamp: str) -> int | None:
+    """Whole seconds since the epoch of an RFC 3339 time, or None if it is not one."""
+    match = _RFC3339_RE.fullmatch(timestamp.strip())
+    if match is None:
+        return None
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     zone = match.group(7)
     try:
         offset = 0 if zone in ("Z", "z") else (1 if zone[0] == "+" else -1) * (
             int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-        seconds = int(dt.datetime(year, month, day, hour, minute, min(second, 59),
-                                  tzinfo=dt.timezone.utc).timestamp()) - offset
+        return int(dt.datetime(year, month, day, hour, minute, min(second, 59),
+                               tzinfo=dt.timezone.utc).timestamp()) - offset
     except ValueError:
-        return None, None
-    return f"{event.fault_id}/{seconds // 2}", f"{event.fault_id}/{(seconds + 1) // 2}"
+        return None
 
 
 EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream_cluster",
