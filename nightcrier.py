@@ -2949,8 +2949,12 @@ class ClusterListener(threading.Thread):
     and subscribe again (the server may have cancelled the subscription); a
     ``subscription_error`` notification means subscribe again. Every window
     between losing a subscription and having a new one is recorded as a
-    :class:`SubscriptionGap`. :meth:`health` returns a snapshot; :meth:`stop`
-    ends the session (DELETE) and the thread.
+    :class:`SubscriptionGap`. While ``owns`` is false (another replica holds the
+    cluster) it stands by; when ``owns`` turns false under an active session --
+    which :class:`ClusterOwnership` lets happen only once another process
+    provably holds the cluster, never merely because the database is down -- it
+    unsubscribes. :meth:`health` returns a snapshot; :meth:`stop` ends the
+    session (DELETE) and the thread.
     """
 
     def __init__(self, cluster: ClusterConfig, config: Config, sink: IngestSink, metrics: Metrics,
