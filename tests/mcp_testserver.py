@@ -739,8 +739,9 @@ class McpTestServer:
         `timestamp`: in the Go server every subscription has a watcher of its own, and each stamps the
         same detection with the same id and (to the second) the same time; nothing in the payload is
         unique per delivery. Like the Go server, send one `faultId` again only as a new detection, with a
-        `timestamp` at least two seconds later: nightcrier stores copies of one detection once. A session that never called logging/setLevel gets
-        nothing; a session without an open GET stream loses the subscription. Returns
+        `timestamp` at least two seconds later: nightcrier stores copies of one detection once. A session
+        that never called logging/setLevel gets nothing; a session without an open GET stream loses the
+        subscription. Returns
         {"delivered": n, "dropped_no_level": n, "cancelled_no_stream": n}; returns after the notifications
         were written to the sockets, so a later `emit_raw` cannot overtake them.
         """

@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import infra
 import pytest
@@ -118,6 +119,77 @@ def test_emission_keys_match_within_a_second_only() -> None:
     for unreadable in ("", "2026-13-01T00:00:00Z", "yesterday", "2026-03-01T12:00:00"):
         assert keys(unreadable) == (None, None)
     assert keys("2026-03-01T12:00:00Z", fault_id="") == (None, None)
+
+
+# -- ownership re-asserted after a lost connection ------------------------------------------------
+
+def ownership(tmp_path: Path, url: str, clusters: list[str]) -> nc.ClusterOwnership:
+    path = tmp_path / "ownership.yaml"
+    path.write_text(yaml.safe_dump({
+        "workspace_root": str(tmp_path / "ws"), "failover_seconds": 3,
+        "state_storage": {"type": "postgres", "postgres_connection_string": url},
+        "clusters": [{"name": c, "mcp": {"endpoint": "http://127.0.0.1:9/mcp"}} for c in clusters]}))
+    config, _ = nc.load_config(str(path), env={})
+    return nc.ClusterOwnership(config, f"test:{uuid.uuid4().hex[:8]}", on_change=lambda: None)
+
+
+def hold_lock(url: str, cluster: str, application_name: str) -> Any:
+    """A session of its own holding ``cluster``'s ownership lock, as a process would."""
+    import psycopg2
+    conn = psycopg2.connect(url, application_name=application_name)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                    (nc.ClusterOwnership.KEY_PREFIX + cluster,))
+        assert cur.fetchone()[0]
+    return conn
+
+
+@pytest.mark.postgres
+def test_a_lock_lost_with_the_connection_is_taken_again(tmp_path: Path, postgres_schema_url: str) -> None:
+    mine, other = f"keep-{uuid.uuid4().hex[:8]}", f"lose-{uuid.uuid4().hex[:8]}"
+    owner = ownership(tmp_path, postgres_schema_url, [mine, other])
+    conn = owner._connect()
+    stale = hold_lock(postgres_schema_url, mine, owner.app_name)  # our session the server still keeps
+    rival = hold_lock(postgres_schema_url, other, "nightcrier-owner rival:1:abcd")
+    try:
+        # As after a lost connection: both clusters still held, neither lock confirmed.
+        owner._owned, owner._unconfirmed = {mine, other}, {mine, other}
+        assert owner._reassert(conn), "a cluster another process holds is given up"
+        assert owner.owns(mine) and not owner.owns(other)
+        wait_for(lambda: stale.closed or not _answers(stale), what="our stale session ended")
+        wait_for(lambda: not owner._reassert(conn) and not owner.unconfirmed(), what="the lock taken again")
+        assert owner.owns(mine)
+        owner._take_free_clusters(conn, True)
+        assert owner.owners() == {mine: owner.instance, other: "rival:1:abcd"}
+    finally:
+        for c in (conn, stale, rival):
+            c.close()
+
+
+def _answers(conn: Any) -> bool:
+    import psycopg2
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        return True
+    except psycopg2.Error:
+        return False
+
+
+def test_held_clusters_are_kept_while_the_database_is_unreachable(tmp_path: Path) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{infra._free_port()}/postgres?connect_timeout=1"
+    changes: list[int] = []
+    owner = ownership(tmp_path, dead, ["c0"])
+    owner.on_change = lambda: changes.append(1)
+    owner._owned = {"c0"}
+    owner.start()
+    try:
+        wait_for(lambda: owner.unconfirmed() == {"c0"}, what="the lock marked unconfirmed")
+        assert owner.owns("c0") and not changes
+    finally:
+        owner.stop()
+        owner.join(10)
 
 
 # -- a PostgreSQL server the tests may stop ------------------------------------------------------------
