@@ -981,6 +981,7 @@ def _truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n[... {len(text) - limit} more characters in the raw payload]"
 
 
+MAX_FAULT_ID_KEY_CHARS = 256
 _RFC3339_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 
 
@@ -991,10 +992,13 @@ def emission_keys(event: FaultEvent) -> tuple[str | None, str | None]:
     whose timestamps lie at most one second apart -- share at least one key;
     emissions whose timestamps are two or more seconds apart share none, and the
     server never sends one ``faultId`` twice that close on a subscription. No
-    keys (None) without a ``faultId`` or a readable RFC 3339 timestamp: such an
-    event is never taken for a copy.
+    keys (None) without a ``faultId`` (or with one longer than
+    ``MAX_FAULT_ID_KEY_CHARS``) or a readable RFC 3339 timestamp: such an event
+    is never taken for a copy.
     """
-    seconds = _epoch_seconds(event.timestamp) if event.fault_id else None
+    # The server's ids are 16 hex digits; a huge one would not fit an index entry.
+    usable = 0 < len(event.fault_id) <= MAX_FAULT_ID_KEY_CHARS and len(event.timestamp) <= 64
+    seconds = _epoch_seconds(event.timestamp) if usable else None
     if seconds is None:
         return None, None
     return f"{event.fault_id}/{seconds // 2}", f"{event.fault_id}/{(seconds + 1) // 2}"

@@ -119,6 +119,15 @@ def test_emission_keys_match_within_a_second_only() -> None:
     for unreadable in ("", "2026-13-01T00:00:00Z", "yesterday", "2026-03-01T12:00:00"):
         assert keys(unreadable) == (None, None)
     assert keys("2026-03-01T12:00:00Z", fault_id="") == (None, None)
+    assert keys("2026-03-01T12:00:00Z", fault_id="f" * (nc.MAX_FAULT_ID_KEY_CHARS + 1)) == (None, None)
+
+
+def test_an_overlong_fault_id_is_stored_not_refused(store_factory: Callable[[], nc.StateStore]) -> None:
+    huge = "f" * 1000
+    store = store_factory()
+    ids = store.insert_events([received(notification(fault_id=huge)), received(notification(fault_id=huge))])
+    assert len(set(ids)) == 2, "without a usable identity nothing is taken for a copy"
+    assert {i.fault_id for i in store.list_incidents()} == {huge}
 
 
 # -- ownership re-asserted after a lost connection ------------------------------------------------
