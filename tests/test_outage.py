@@ -27,7 +27,6 @@ import pytest
 import yaml
 from conftest import ROOT, wait_for
 from mcp_testserver import McpTestServer, make_fault
-from tcp_proxy import TcpProxy
 
 import nightcrier as nc
 
@@ -573,36 +572,52 @@ def test_kill_9_during_an_outage_and_restart(fleet: Fleet, mcp_servers: list[Mcp
     assert "spool replayed" in fleet.log("a"), "the restarted process stored what the killed one spooled"
 
 
+def set_login(url: str, role: str, allowed: bool) -> None:
+    """Let ``role`` log in, or not; when not, end its sessions too: to the server, and to the
+    process using the role, the database is gone while it stays up for everyone else."""
+    import psycopg2
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"ALTER ROLE {role} {'LOGIN' if allowed else 'NOLOGIN'}")
+            if not allowed:
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                            (role,))
+    finally:
+        conn.close()
+
+
 @pytest.mark.postgres
 @pytest.mark.outage
 def test_a_replica_that_alone_lost_the_database_overlaps_without_doubles(
         fleet: Fleet, mcp_servers: list[McpTestServer], postgres_server: StoppablePostgres,
         database: str) -> None:
-    proxy = TcpProxy("127.0.0.1", postgres_server.port).start()
-    via_proxy = database.replace(f":{postgres_server.port}/", f":{proxy.port}/")
-    fleet.start("a", via_proxy)
+    role = "replica_" + uuid.uuid4().hex[:8]
+    infra._execute(postgres_server.url, f"CREATE ROLE {role} SUPERUSER LOGIN")
+    fleet.start("a", database.replace("://postgres@", f"://{role}@"))
     wait_for(lambda: subscribed(mcp_servers), timeout=30, what="both clusters watched")
     fleet.start("b")
     wait_for(lambda: owner_sessions(postgres_server.url) == 2, timeout=30, what="the replica standing by")
     stream = FaultStream(mcp_servers).start()
     try:
         flow_until_stored(stream, database, 50)
-        proxy.cut()
-        # The server sees the first process gone and frees its locks; the second takes over while
-        # the first, which cannot tell the difference from an outage, keeps watching and spools.
+        set_login(postgres_server.url, role, False)
+        # The server ends the first process's sessions and frees its locks; the second takes over
+        # while the first, which cannot tell the difference from an outage, keeps watching and spools.
         wait_for(lambda: "cluster taken" in fleet.log("b"), timeout=FAILOVER + 10, what="the take-over")
         wait_for(lambda: all(live_subscriptions(s) == 2 for s in mcp_servers), timeout=30,
                  what="both processes subscribed")
         overlap_from = len(stream.snapshot())
         wait_for(lambda: len(stream.snapshot()) >= overlap_from + RATE, timeout=10, what="faults in overlap")
-        proxy.restore()
+        set_login(postgres_server.url, role, True)
         wait_for(lambda: "giving it up" in fleet.log("a"), timeout=FAILOVER + 10,
                  what="the first process to give the clusters up")
         wait_for(lambda: subscribed(mcp_servers), timeout=30, what="one subscription per cluster again")
         flow_until_stored(stream, database, 50)
     finally:
         stream.stop()
-        proxy.stop()
     sent = assert_each_stored_once(stream, database)
     assert sum(1 for n in sent.values() if n == 2) >= RATE, "faults delivered to both were stored once"
     assert all(sent.values()), "every fault reached a subscription"
+    assert "spool replayed" in fleet.log("a")
