@@ -10,7 +10,10 @@ never two at once on the same cluster -- then stores the report and tells Slack.
 
 The database is both the record and the job queue: ingestion never waits for an
 agent, a crash loses nothing that was stored or spooled, and a restart picks up
-where the previous process stopped.
+where the previous process stopped. A database outage stops nothing but the
+writing: clusters stay subscribed, what arrives is spooled and stored once the
+database answers, and one fault emission received twice (by two subscriptions,
+or by two replicas while a cluster changes hands) is stored once.
 
 The agent is treated as untrusted code: it runs in a locked-down container,
 gets only its own CLI's credentials, and everything it leaves in its workspace
@@ -1326,10 +1329,50 @@ def _truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n[... {len(text) - limit} more characters in the raw payload]"
 
 
+MAX_FAULT_ID_KEY_CHARS = 256
+_RFC3339_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
+def emission_keys(event: FaultEvent) -> tuple[str | None, str | None]:
+    """The two keys under which ``event`` is one fault emission (see schema version 4).
+
+    Copies of one emission -- the same detection delivered on two subscriptions,
+    whose timestamps lie at most one second apart -- share at least one key;
+    emissions whose timestamps are two or more seconds apart share none, and the
+    server never sends one ``faultId`` twice that close on a subscription. No
+    keys (None) without a ``faultId`` (or with one longer than
+    ``MAX_FAULT_ID_KEY_CHARS``) or a readable RFC 3339 timestamp: such an event
+    is never taken for a copy.
+    """
+    # The server's ids are 16 hex digits; a huge one would not fit an index entry.
+    usable = 0 < len(event.fault_id) <= MAX_FAULT_ID_KEY_CHARS and len(event.timestamp) <= 64
+    seconds = _epoch_seconds(event.timestamp) if usable else None
+    if seconds is None:
+        return None, None
+    return f"{event.fault_id}/{seconds // 2}", f"{event.fault_id}/{(seconds + 1) // 2}"
+
+
+@functools.lru_cache(maxsize=4096)  # a flood carries few distinct seconds
+def _epoch_seconds(timestamp: str) -> int | None:
+    """Whole seconds since the epoch of an RFC 3339 time, or None if it is not one."""
+    match = _RFC3339_RE.fullmatch(timestamp.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    zone = match.group(7)
+    try:
+        offset = 0 if zone in ("Z", "z") else (1 if zone[0] == "+" else -1) * (
+            int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+        return int(dt.datetime(year, month, day, hour, minute, min(second, 59),
+                               tzinfo=dt.timezone.utc).timestamp()) - offset
+    except ValueError:
+        return None
+
+
 EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream_cluster",
                  "received_at", "resource_api_version", "resource_kind", "resource_name",
                  "resource_namespace", "resource_uid", "fault_type", "severity", "context",
-                 "timestamp", "mcp_payload")
+                 "timestamp", "mcp_payload", "emission_key_even", "emission_key_odd")
 INCIDENT_INSERT_COLUMNS = ("incident_id", "event_id", "status", "cluster", "created_at", "updated_at",
                            "fault_id", "subscription_id", "fault_type", "severity", "context",
                            "timestamp", "resource_api_version", "resource_kind", "resource_name",
@@ -1404,7 +1447,10 @@ class StateStore:
         ``skipped_clusters`` are created ``skipped``, the rest ``pending``.
         Rejected notifications and subscription gaps are stored alongside. Items
         whose id is already stored are left as they are, so a batch may be written
-        again safely. Returns the incident ids in the order of ``events``.
+        again safely. An event that is a copy of a stored one (the same fault
+        emission, see :func:`emission_keys`), from this process or another, gets
+        no rows of its own. Returns the incident ids in the order of ``events``;
+        a copy's is the stored emission's.
         """
         raise NotImplementedError
 
@@ -1627,7 +1673,8 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
                     text(e.resource_namespace), text(e.resource_uid))
         event_rows.append((e.event_id, fault_id, subscription, text(e.cluster), text(e.upstream_cluster),
                            received, *resource, text(e.fault_type), text(e.severity), context,
-                           text(e.timestamp), text(e.mcp_payload)))
+                           text(e.timestamp), text(e.mcp_payload),
+                           *(key and text(key) for key in emission_keys(e))))
         incident_rows.append((e.incident_id, e.event_id, SKIPPED if e.cluster in skipped else PENDING,
                               text(e.cluster), received, now, fault_id, subscription, text(e.fault_type),
                               text(e.severity), context, text(e.timestamp), *resource, 0))
@@ -1661,6 +1708,37 @@ QUEUE_UPSERT = ("INSERT INTO cluster_queue (cluster, next_pending_at) VALUES {va
                 "WHEN cluster_queue.next_pending_at IS NULL "
                 "OR excluded.next_pending_at < cluster_queue.next_pending_at "
                 "THEN excluded.next_pending_at ELSE cluster_queue.next_pending_at END")
+
+
+def settle_copies(run: Callable[..., Any], events: Sequence[FaultEvent]
+                  ) -> tuple[set[str], Callable[[], list[str]]]:
+    """For a batch whose ``fault_events`` insert stored fewer rows than it had events.
+
+    ``run(sql, params)`` executes one statement (``?`` placeholders) in the
+    batch's transaction. Returns the ids of the events stored under their own id
+    (now, or by an earlier write of the same batch) -- only their incidents are
+    to be inserted -- and a function to call after that insert, which gives the
+    incident ids to return: each copy's is the one of the emission it copies.
+    """
+    ids = [e.event_id for e in events]
+    present: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        present.update(str(row["event_id"]) for row in run(
+            f"SELECT event_id FROM fault_events WHERE event_id IN ({','.join('?' * len(chunk))})",
+            chunk).fetchall())
+
+    def incident_ids() -> list[str]:
+        result = []
+        for event in events:
+            row = None if event.event_id in present else run(
+                "SELECT i.incident_id FROM fault_events f JOIN incidents i ON i.event_id = f.event_id "
+                "WHERE f.cluster = ? AND (f.emission_key_even = ? OR f.emission_key_odd = ?) LIMIT 1",
+                (event.cluster, *emission_keys(event))).fetchone()
+            result.append(str(row["incident_id"]) if row else event.incident_id)
+        return result
+
+    return present, incident_ids
 
 
 def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
@@ -2096,16 +2174,31 @@ class SqliteStore(SqlStore):
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso)
         heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, skipped_clusters)]
+        own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> list[str]:
+            present: set[str] | None = None
+            incident_ids = own_incident_ids
             for table, columns, key, rows in tables:
-                if rows:
+                if present is not None and table == "incidents":
+                    rows = [row for row in rows if row[1] in present]
+                if not rows:
+                    continue
+                if table == "fault_events":
+                    # No conflict target: a copy of a stored emission is skipped like a stored id.
+                    stored = conn.executemany(_insert_sql(table, columns, ""), rows).rowcount
+                    if stored < len(rows):
+                        present, incident_ids = settle_copies(
+                            lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params]),
+                            events)
+                else:
                     conn.executemany(_insert_sql(table, columns, key), rows)
             conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
+            return incident_ids()
 
         if any(rows for *_, rows in tables):
-            self._write_fn(write)
-        return [e.incident_id for e in events]
+            return self._write_fn(write)
+        return own_incident_ids()
 
     def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
         return self._write_fn(lambda conn: fn(
@@ -2135,8 +2228,10 @@ def _sqlite_param(value: Any) -> Any:
 
 
 def _insert_sql(table: str, columns: Sequence[str], key: str) -> str:
+    """An insert that leaves a row alone whose ``key`` is stored; with no ``key``, whose any unique
+    key is stored."""
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT ({key}) DO NOTHING")
+            f"ON CONFLICT {f'({key}) ' if key else ''}DO NOTHING")
 
 
 # -- PostgreSQL ----------------------------------------------------------------
@@ -2375,23 +2470,42 @@ class PostgresStore(SqlStore):
         import psycopg2.extras
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_clean)
         heads = queue_heads(events, skipped_clusters)
+        own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
-        def write(cur: Any) -> None:
+
+        def write(cur: Any) -> list[str]:
+            present: set[str] | None = None
+            incident_ids = own_incident_ids
             for table, columns, key, rows in tables:
+                if present is not None and table == "incidents":
+                    rows = [row for row in rows if row[1] in present]
                 if not rows:
                     continue
                 template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
                                            for c in columns) + ")"
+                if table == "fault_events":
+                    # No conflict target: a copy of a stored emission is skipped like a stored id.
+                    stored = psycopg2.extras.execute_values(
+                        cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
+                        "ON CONFLICT DO NOTHING RETURNING event_id", rows, template=template,
+                        page_size=1000, fetch=True)
+                    if len(stored) < len(rows):
+                        def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                            cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                            return cur
+                        present, incident_ids = settle_copies(run, events)
+                    continue
                 psycopg2.extras.execute_values(
                     cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
                     f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
             if heads:
                 psycopg2.extras.execute_values(cur, QUEUE_UPSERT.format(values="%s"), heads)
                 cur.execute(f"NOTIFY {self.WORK_CHANNEL}")
+            return incident_ids()
 
         if any(rows for *_, rows in tables):
-            self._tx(write)
-        return [e.incident_id for e in events]
+            return self._tx(write)
+        return own_incident_ids()
 
     def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
         def body(cur: Any) -> T:
@@ -3081,22 +3195,36 @@ class ClusterOwnership(threading.Thread):
     process holding its session-level advisory lock, taken on a connection of
     this thread's own. The others stand by and try again every third of
     ``failover_seconds``, so a cluster whose holder died or lost its database
-    connection is taken over within ``failover_seconds``. If this process's lock
-    connection breaks, it gives up every cluster at once (the server has released
-    the locks, or will) and calls ``on_change`` so that listeners unsubscribe
-    before a standby subscribes. :meth:`owns` and :meth:`owners` are thread-safe.
+    connection is taken over within ``failover_seconds``.
+
+    Losing the database is not losing a cluster. While the lock connection is
+    down nothing can be proved either way, so the clusters held stay held: their
+    listeners stay subscribed and what arrives is spooled. Once the database
+    answers, their locks are taken again; a lock still held by this process's
+    own broken session (the server has not noticed it yet) is freed by ending
+    that session. A cluster is given up only when another process's session
+    provably holds its lock; then ``on_change`` is called so that its listener
+    unsubscribes. Whatever both watched in between is stored once (see
+    :func:`emission_keys`). After a reconnect, clusters held by nobody are
+    taken only once ``failover_seconds`` have passed, so that their previous
+    holders, reconnecting too, re-assert them first.
+    :meth:`owns` and :meth:`owners` are thread-safe.
     """
 
     KEY_PREFIX = "nightcrier:cluster:"
+    APP_PREFIX = "nightcrier-owner "
 
     def __init__(self, config: Config, instance: str, on_change: Callable[[], None]):
         super().__init__(name="cluster-ownership", daemon=True)
         self.dsn = postgres_dsn(config.state_storage) if config.state_storage.type == "postgres" else ""
         self.clusters = [c.name for c in config.clusters]
         self.instance = instance
+        self.app_name = (self.APP_PREFIX + instance)[:63]  # PostgreSQL keeps 63 bytes of it
         self.interval = config.failover_seconds / 3
+        self.grace = config.failover_seconds
         self.on_change = on_change
         self._owned: set[str] = set()
+        self._unconfirmed: set[str] = set()   # held, but whose lock was lost with a connection
         self._owners: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -3112,6 +3240,11 @@ class ClusterOwnership(threading.Thread):
         with self._lock:
             return dict(self._owners)
 
+    def unconfirmed(self) -> set[str]:
+        """Clusters held through a database outage whose locks are not taken again yet."""
+        with self._lock:
+            return set(self._unconfirmed)
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -3120,17 +3253,27 @@ class ClusterOwnership(threading.Thread):
             return
         backoff = Backoff(0.2, self.interval)
         conn = None
+        take_free_after = 0.0  # monotonic time from which clusters held by nobody may be taken
         while not self._stopping.is_set():
             try:
-                conn = conn or self._connect()
-                changed = self._take_free_clusters(conn)
+                if conn is None:
+                    conn = self._connect()
+                    if self.unconfirmed():
+                        log_event(logging.INFO, "database answers again, re-asserting cluster ownership",
+                                  clusters=",".join(sorted(self.unconfirmed())))
+                    if backoff.attempt:
+                        take_free_after = time.monotonic() + self.grace
+                changed = self._reassert(conn)
+                changed = self._take_free_clusters(conn, time.monotonic() >= take_free_after) or changed
                 backoff.reset()
             except Exception as exc:  # the connection, and with it every lock, is gone
-                log_event(logging.WARNING, "cluster ownership connection lost", error=_short_error(exc))
+                if conn is not None or not backoff.attempt:
+                    log_event(logging.WARNING, "cluster ownership connection lost, keeping the clusters "
+                              "held until the database answers", error=_short_error(exc),
+                              held=",".join(sorted(self._owned)))
                 conn = self._close(conn)
-                changed = self._give_up_all()
-                if changed:
-                    self.on_change()
+                with self._lock:
+                    self._unconfirmed = set(self._owned)
                 self._stopping.wait(backoff.next())
                 continue
             if changed:
@@ -3141,23 +3284,71 @@ class ClusterOwnership(threading.Thread):
     def _connect(self) -> Any:
         import psycopg2
         timeout_ms = int(self.interval * 1000)
-        conn = psycopg2.connect(self.dsn, application_name=f"nightcrier-owner {self.instance}"[:63],
+        conn = psycopg2.connect(self.dsn, application_name=self.app_name,
                                 connect_timeout=max(1, int(self.interval)), keepalives=1,
                                 keepalives_idle=max(1, int(self.interval)), keepalives_interval=1,
                                 keepalives_count=2, tcp_user_timeout=timeout_ms)
         conn.autocommit = True
         return conn
 
-    def _take_free_clusters(self, conn: Any) -> bool:
+    @classmethod
+    def _try_lock(cls, cur: Any, cluster: str) -> bool:
+        cur.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (cls.KEY_PREFIX + cluster,))
+        return bool(cur.fetchone()[0])
+
+    def _reassert(self, conn: Any) -> bool:
+        """Take again the locks of the clusters held through an outage; True if one was given up."""
         changed = False
         with conn.cursor() as cur:
             cur.execute("SELECT 1")  # proves the connection, and so our locks, still there
-            for cluster in self.clusters:
+            for cluster in sorted(self.unconfirmed()):
+                if self._try_lock(cur, cluster):
+                    with self._lock:
+                        self._unconfirmed.discard(cluster)
+                    log_event(logging.INFO, "cluster ownership re-asserted", cluster=cluster)
+                    continue
+                holder = self._holder(cur, cluster)
+                if holder is None:
+                    continue  # freed between the two statements: taken at the next tick
+                pid, app = holder
+                if app == self.app_name:
+                    self._end_own_session(cur, pid, cluster)
+                    continue
+                with self._lock:
+                    self._owned.discard(cluster)
+                    self._unconfirmed.discard(cluster)
+                changed = True
+                log_event(logging.WARNING, "cluster taken over by another process during the outage, "
+                          "giving it up", cluster=cluster, owner=app.removeprefix(self.APP_PREFIX))
+        return changed
+
+    @staticmethod
+    def _end_own_session(cur: Any, pid: int, cluster: str) -> None:
+        """End this process's earlier lock session, which the server still thinks alive."""
+        import psycopg2
+        try:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        except psycopg2.Error as exc:  # not allowed: the server ends it once its keepalives fail
+            log_event(logging.WARNING, "cannot end the earlier ownership session yet", cluster=cluster,
+                      pid=pid, error=str(exc).strip())
+
+    def _holder(self, cur: Any, cluster: str) -> tuple[int, str] | None:
+        """(backend pid, application name) of the session holding the cluster's lock, if any."""
+        cur.execute("SELECT l.pid, a.application_name FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                    "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(%s, 0)",
+                    (self.KEY_PREFIX + cluster,))
+        row = cur.fetchone()
+        return (int(row[0]), str(row[1] or "")) if row else None
+
+    def _take_free_clusters(self, conn: Any, take: bool) -> bool:
+        changed = False
+        with conn.cursor() as cur:
+            for cluster in self.clusters if take else ():
                 if self.owns(cluster):
                     continue
-                cur.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                            (self.KEY_PREFIX + cluster,))
-                if cur.fetchone()[0]:
+                if self._try_lock(cur, cluster):
                     with self._lock:
                         self._owned.add(cluster)
                     changed = True
@@ -3168,17 +3359,10 @@ class ClusterOwnership(threading.Thread):
                 "AND ((l.classid::bigint << 32) | l.objid::bigint) = "
                 "hashtextextended(%s || c.name, 0) "
                 "JOIN pg_stat_activity a ON a.pid = l.pid", (self.clusters, self.KEY_PREFIX))
-            owners = {name: app.removeprefix("nightcrier-owner ") for name, app in cur.fetchall()}
+            owners = {name: app.removeprefix(self.APP_PREFIX) for name, app in cur.fetchall()}
         with self._lock:
             self._owners = owners
         return changed
-
-    def _give_up_all(self) -> bool:
-        with self._lock:
-            had = bool(self._owned)
-            self._owned.clear()
-            self._owners = {}
-        return had
 
     @staticmethod
     def _close(conn: Any) -> None:
@@ -3201,8 +3385,12 @@ class ClusterListener(threading.Thread):
     and subscribe again (the server may have cancelled the subscription); a
     ``subscription_error`` notification means subscribe again. Every window
     between losing a subscription and having a new one is recorded as a
-    :class:`SubscriptionGap`. :meth:`health` returns a snapshot; :meth:`stop`
-    ends the session (DELETE) and the thread.
+    :class:`SubscriptionGap`. While ``owns`` is false (another replica holds the
+    cluster) it stands by; when ``owns`` turns false under an active session --
+    which :class:`ClusterOwnership` lets happen only once another process
+    provably holds the cluster, never merely because the database is down -- it
+    unsubscribes. :meth:`health` returns a snapshot; :meth:`stop` ends the
+    session (DELETE) and the thread.
     """
 
     def __init__(self, cluster: ClusterConfig, config: Config, sink: IngestSink, metrics: Metrics,
@@ -3310,7 +3498,8 @@ class ClusterListener(threading.Thread):
             if self._stopping.is_set():
                 return
             if not self.owns(self.cluster.name):
-                log_event(logging.WARNING, "cluster ownership lost, unsubscribing", cluster=self.cluster.name)
+                log_event(logging.WARNING, "cluster held by another process, unsubscribing",
+                          cluster=self.cluster.name)
                 return
             if session.stream_ended.is_set():
                 self._start_gap(f"notification stream ended: {session.stream_error}")
@@ -6696,19 +6885,32 @@ SIMULATED_FAULTS = {
 
 
 def simulated_fault(cluster: str, number: int) -> dict[str, Any]:
-    """A fault payload of one of the five real types, shaped like the server's."""
-    import hashlib
+    """A fault payload of one of the five real types, shaped like the server's.
+
+    Each number names a resource of its own, so every generated fault is a
+    distinct emission (its own ``faultId``), as the server's would be.
+    """
     fault_type = list(SIMULATED_FAULTS)[number % len(SIMULATED_FAULTS)]
     api_version, kind, severity, context = SIMULATED_FAULTS[fault_type]
-    name = f"{kind.lower()}-{number}"
-    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{kind}/{name}"))
+    name, uid, fault_id = _simulated_identity(cluster, fault_type, number)
     resource = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
     if kind != "Node":
         resource["namespace"] = "default"
-    digest = hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()
-    return {"cluster": cluster, "faultId": digest[:16], "faultType": fault_type, "severity": severity,
-            "resource": resource, "context": context,
-            "timestamp": utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")}
+    return {"cluster": cluster, "faultId": fault_id, "faultType": fault_type, "severity": severity,
+            "resource": resource, "context": context, "timestamp": _simulated_now()}
+
+
+def _simulated_identity(cluster: str, fault_type: str, number: int) -> tuple[str, str, str]:
+    """(resource name, uid, faultId) of generated fault ``number``, the id made like the server's."""
+    import hashlib
+    kind = SIMULATED_FAULTS[fault_type][1]
+    name = f"{kind.lower()}-{number}"
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{kind}/{name}"))
+    return name, uid, hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()[:16]
+
+
+def _simulated_now() -> str:
+    return utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -6736,7 +6938,7 @@ class SimulatedServer:
         self._lock = threading.Lock()
         self._sessions: dict[str, _SimSession] = {}
         self._owners: dict[str, str] = {}     # subscription id -> session id
-        self._frames: dict[tuple[str, int], bytes] = {}
+        self._frames: dict[tuple[str, int], tuple[bytes, str]] = {}
         self._emitted = 0
         self._httpd = _make_sim_httpd(self, host, port)
         self.port = self._httpd.server_address[1]
@@ -6785,14 +6987,19 @@ class SimulatedServer:
         return delivered
 
     def _frame(self, subscription_id: str, number: int) -> bytes:
-        """The SSE frame of generated fault ``number``; a few hundred distinct ones are rendered
-        once and reused, so that a fast emitter spends its time sending, not formatting."""
+        """The SSE frame of generated fault ``number``. A few hundred templates are rendered once
+        and reused, so that a fast emitter spends its time sending, not formatting; only the
+        resource's identity and the time are filled in per fault."""
         key = (subscription_id, number % 512)
-        frame = self._frames.get(key)
-        if frame is None:
+        if key not in self._frames:
             data = dict(simulated_fault(self.cluster, number), subscriptionId=subscription_id)
-            frame = self._frames[key] = _sse_event(_fault_message(data))
-        return frame
+            data.update(faultId="@@FAULT_ID@@", timestamp="@@TIMESTAMP@@")
+            data["resource"].update(name="@@NAME@@", uid="@@UID@@")
+            self._frames[key] = (_sse_event(_fault_message(data)), data["faultType"])
+        template, fault_type = self._frames[key]
+        name, uid, fault_id = _simulated_identity(self.cluster, fault_type, number)
+        return (template.replace(b"@@FAULT_ID@@", fault_id.encode()).replace(b"@@NAME@@", name.encode())
+                .replace(b"@@UID@@", uid.encode()).replace(b"@@TIMESTAMP@@", _simulated_now().encode()))
 
     def emit_many(self, count: int, rate: float) -> threading.Thread:
         """Emit ``count`` faults at ``rate`` per second (0 = unpaced) on a background thread."""

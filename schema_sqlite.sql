@@ -146,3 +146,22 @@ CREATE TABLE settings (
     name                 TEXT PRIMARY KEY,
     value                TEXT NOT NULL
 );
+
+-- version: 4
+
+-- The same fault emission can reach nightcrier more than once: through two
+-- subscriptions while one replaces another, or through two replicas while a
+-- cluster changes hands. The server stamps each detection with its faultId and
+-- a time of second precision, and never sends one faultId again on a
+-- subscription within minutes; two subscriptions stamp the same detection
+-- within a second of each other. So a fault whose faultId matches a stored one
+-- and whose timestamp lies at most one second from it is a copy. The keys are
+-- "<faultId>/<2-second window>", the windows starting at even and at odd
+-- seconds: two times at most one second apart share one of the two windows,
+-- two times two or more seconds apart share neither. NULL (no faultId or no
+-- readable timestamp) is never a copy. Rows stored before this version have
+-- no keys.
+ALTER TABLE fault_events ADD COLUMN emission_key_even TEXT;
+ALTER TABLE fault_events ADD COLUMN emission_key_odd TEXT;
+CREATE UNIQUE INDEX uq_fault_events_emission_even ON fault_events (cluster, emission_key_even);
+CREATE UNIQUE INDEX uq_fault_events_emission_odd ON fault_events (cluster, emission_key_odd);

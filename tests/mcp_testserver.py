@@ -735,8 +735,13 @@ class McpTestServer:
 
         Each subscription gets a copy with `subscriptionId` set (and `cluster` set to the server's cluster
         unless the fault carries one), as `notifications/message` {level "warning", logger `logger` or
-        "kubernetes/faults"} on its session's GET stream. A session that never called logging/setLevel gets
-        nothing; a session without an open GET stream loses the subscription. Returns
+        "kubernetes/faults"} on its session's GET stream. The copies keep the fault's `faultId` and
+        `timestamp`: in the Go server every subscription has a watcher of its own, and each stamps the
+        same detection with the same id and (to the second) the same time; nothing in the payload is
+        unique per delivery. Like the Go server, send one `faultId` again only as a new detection, with a
+        `timestamp` at least two seconds later: nightcrier stores copies of one detection once. A session
+        that never called logging/setLevel gets nothing; a session without an open GET stream loses the
+        subscription. Returns
         {"delivered": n, "dropped_no_level": n, "cancelled_no_stream": n}; returns after the notifications
         were written to the sockets, so a later `emit_raw` cannot overtake them.
         """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 from collections.abc import Callable
 
@@ -18,8 +19,15 @@ def engine(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+_DETECTIONS = itertools.count()
+
+
 def make_event(cluster: str = "prod", *, received_at: dt.datetime | None = None, **fields: object
                ) -> nc.FaultEvent:
+    """A fault event; each one a distinct emission (its timestamp 2 s after the previous one's)
+    unless ``timestamp`` is given."""
+    detected = dt.datetime(2025, 12, 19, 22, 11, 10, tzinfo=dt.timezone(dt.timedelta(hours=1))) \
+        + dt.timedelta(seconds=2 * next(_DETECTIONS))
     payload = {"jsonrpc": "2.0", "method": "notifications/message",
                "params": {"logger": "kubernetes/faults", "level": "warning",
                           "data": {"faultId": "f7a3b2c1d4e5f6a7", "cluster": "kind"}}}
@@ -28,7 +36,7 @@ def make_event(cluster: str = "prod", *, received_at: dt.datetime | None = None,
         "received_at": received_at or nc.utcnow(), "mcp_payload": json.dumps(payload),
         "fault_id": "f7a3b2c1d4e5f6a7", "subscription_id": "sub-0ddc180f", "upstream_cluster": "kind",
         "context": "Container entered CrashLoopBackOff state, restart count: 3",
-        "timestamp": "2025-12-19T22:11:10+01:00", "resource_api_version": "v1",
+        "timestamp": detected.isoformat(), "resource_api_version": "v1",
         "resource_kind": "Pod", "resource_name": "api-7f8b9c", "resource_namespace": "payments",
         "resource_uid": "0b0f6c1e-3c7a-4b7e-9d52-8f3c0a1b2c3d"}
     values.update(fields)
