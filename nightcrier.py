@@ -222,6 +222,9 @@ class Config:
     gemini_api_key: str = setting("", "GEMINI_API_KEY", "passed to the agent", secret=True)
     investigation_min_size_bytes: int = setting(100, "INVESTIGATION_MIN_SIZE_BYTES",
                                                 "smallest report that counts", minimum=0)
+    report_max_bytes: int = setting(1024 * 1024, "REPORT_MAX_BYTES",
+                                    "largest report read into the database and Slack; the rest is "
+                                    "cut with a note (the file stays)", minimum=1)
     stale_after_seconds: float = setting(60.0, "STALE_AFTER_SECONDS",
                                          "a running incident without heartbeat this long is orphaned",
                                          minimum=1)
@@ -1007,6 +1010,10 @@ class SchemaTooNew(StoreError):
     """The database was migrated by a newer nightcrier; this one refuses to touch it."""
 
 
+class DatabaseOwned(StoreError):
+    """Another live nightcrier process owns this SQLite database; the message names it."""
+
+
 @dataclass(frozen=True)
 class IncidentFilter:
     """Criteria for :meth:`StateStore.list_incidents`; empty fields match everything."""
@@ -1063,6 +1070,16 @@ class StateStore:
 
         Returns how many were refreshed; fewer than asked means some were taken away.
         """
+        return len(self.refresh_claims(worker_id, incident_ids))
+
+    def refresh_claims(self, worker_id: str, incident_ids: Sequence[str]) -> set[str]:
+        """Like :meth:`heartbeat`, but returns the ids still held: a missing one was swept or
+        taken over, and its run must stop without writing a result."""
+        raise NotImplementedError
+
+    def now(self) -> dt.datetime:
+        """The database's clock. Claims, heartbeats and staleness are all measured on it, so
+        that replicas whose clocks disagree still agree on which claim is stale."""
         raise NotImplementedError
 
     def set_workspace(self, incident_id: str, workspace_path: str) -> None:
@@ -1101,14 +1118,43 @@ class StateStore:
         """
         raise NotImplementedError
 
-    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+    def requeue(self, incident_id: str, worker_id: str, reason: str, max_attempts: int) -> str | None:
+        """Return a claimed incident to ``pending`` *counting* the attempt, or fail it when
+        ``attempts`` has reached ``max_attempts``; for runs that broke after the agent started.
+
+        Returns the new status, or None (changing nothing) if the claim is not ``worker_id``'s.
+        """
+        raise NotImplementedError
+
+    def recover_stale(self, stale_before: dt.datetime | float, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
         """Sweep incidents whose worker stopped sending heartbeats, in one transaction.
 
-        Those investigating with ``heartbeat_at`` older than ``stale_before`` go
-        back to ``pending`` while ``attempts < max_attempts``, else become
-        ``failed`` with reason ``orphaned``; their open executions are closed.
-        Returns (requeued ids, failed ids).
+        Those investigating with ``heartbeat_at`` older than ``stale_before`` (a
+        moment, or a number of seconds before the database's clock) go back to
+        ``pending`` while ``attempts < max_attempts``, else become ``failed`` with
+        reason ``orphaned``; their open executions are closed. Returns (requeued
+        ids, failed ids).
+        """
+        raise NotImplementedError
+
+    def hold_liveness(self, instance: str) -> None:
+        """Prove, for as long as this store is open, that the process ``instance`` is alive.
+
+        A lock that dies with the process: a session advisory lock on a connection
+        of its own on PostgreSQL (re-taken if that connection breaks), an exclusive
+        ``flock`` on ``<database>.lock`` on SQLite. Raises :class:`DatabaseOwned` on
+        SQLite when another live process holds it. Calling it again with the same
+        instance does nothing.
+        """
+        raise NotImplementedError
+
+    def recover_orphans(self, instance: str, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Sweep, like :meth:`recover_stale`, the incidents claimed by processes whose
+        liveness lock is free: they died, whatever their last heartbeat says.
+
+        Only a store that holds its own liveness lock judges others; otherwise
+        this returns ([], []). Returns (requeued ids, failed ids).
         """
         raise NotImplementedError
 
@@ -1318,6 +1364,14 @@ class SqlStore(StateStore):
 
     # Claims take a row lock on the cluster's queue row where the engine has row locks.
     SKIP_LOCKED = ""
+    # The database's clock as an SQL expression, and one for "? seconds before it".
+    NOW = "now()"
+    AGO = "(now() - make_interval(secs => ?))"
+    _liveness_instance = ""
+
+    @staticmethod
+    def _ago_param(seconds: float) -> Any:
+        return float(seconds)
 
     def _announce_work(self, run: Callable[..., Any]) -> None:
         """Tell other processes' dispatchers that something became claimable (at commit)."""
@@ -1360,17 +1414,18 @@ class SqlStore(StateStore):
                 if ready is None:
                     return None
                 cluster = ready["cluster"]
-                now = utcnow()
+                now = self.NOW
                 run("SAVEPOINT claim")
                 try:
                     claimed = run(
-                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, heartbeat_at = ?, "
-                        "started_at = ?, updated_at = ?, attempts = attempts + 1 "
+                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, "
+                        f"heartbeat_at = {now}, started_at = {now}, updated_at = {now}, "
+                        "attempts = attempts + 1 "
                         "WHERE status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
                         "WHERE cluster = ? AND status = 'pending' ORDER BY created_at, incident_id LIMIT 1) "
                         "AND NOT EXISTS "
                         "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating') "
-                        "RETURNING *", (worker_id, now, now, now, cluster, cluster)).fetchone()
+                        "RETURNING *", (worker_id, cluster, cluster)).fetchone()
                 except self.integrity_errors():
                     # A writer that bypassed the queue row flipped an incident of this
                     # cluster a moment ago; the one-investigating index refused ours.
@@ -1396,51 +1451,84 @@ class SqlStore(StateStore):
                  reason: str | None) -> bool:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"not a final status: {status!r}")
-        now = utcnow()
+        now = self.NOW
         return self._finish_claim(
-            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
-            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+            f"UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
+            f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
             "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (status, exit_code, reason, now, now, incident_id, worker_id))
+            (status, exit_code, reason, incident_id, worker_id)) is not None
 
     def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
         return self._finish_claim(
-            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
+            f"UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = {self.NOW}, "
             "claimed_by = NULL, heartbeat_at = NULL, "
             "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
             "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (reason, utcnow(), incident_id, worker_id))
+            (reason, incident_id, worker_id)) is not None
 
-    def _finish_claim(self, sql: str, params: Sequence[Any]) -> bool:
-        def finish(run: Callable[..., Any]) -> bool:
+    def requeue(self, incident_id: str, worker_id: str, reason: str, max_attempts: int) -> str | None:
+        now = self.NOW
+        row = self._finish_claim(
+            "UPDATE incidents SET status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'pending' END, "
+            f"failure_reason = ?, updated_at = {now}, "
+            f"completed_at = CASE WHEN attempts >= ? THEN {now} ELSE NULL END, "
+            "claimed_by = NULL, heartbeat_at = NULL "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster, status",
+            (max_attempts, reason, max_attempts, incident_id, worker_id))
+        return None if row is None else row["status"]
+
+    def _finish_claim(self, sql: str, params: Sequence[Any]) -> Any:
+        def finish(run: Callable[..., Any]) -> Any:
             row = run(sql, params).fetchone()
             if row is not None:
+                row = dict(row)
                 self._refresh_queue(run, row["cluster"])
                 self._announce_work(run)
-            return row is not None
+            return row
         return self._transaction(finish)
 
-    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+    def recover_stale(self, stale_before: dt.datetime | float, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
-        now = utcnow()
+        if isinstance(stale_before, dt.datetime):
+            return self._sweep("heartbeat_at < ?", (stale_before,), max_attempts)
+        return self._sweep(f"heartbeat_at < {self.AGO}", (self._ago_param(stale_before),), max_attempts)
+
+    def recover_orphans(self, instance: str, max_attempts: int) -> tuple[list[str], list[str]]:
+        if not self._liveness_instance:
+            return [], []
+        claimants = {r["claimed_by"] for r in self._query(
+            "SELECT DISTINCT claimed_by FROM incidents WHERE status = 'investigating'")}
+        dead = sorted(c for c in claimants if c != self._liveness_instance and not self._is_alive(c))
+        if not dead:
+            return [], []
+        return self._sweep(f"claimed_by IN ({','.join('?' * len(dead))})", dead, max_attempts)
+
+    def _is_alive(self, instance: str | None) -> bool:
+        """Whether the process that claimed as ``instance`` still holds its liveness lock."""
+        raise NotImplementedError
+
+    def _sweep(self, condition: str, params: Sequence[Any], max_attempts: int
+               ) -> tuple[list[str], list[str]]:
+        """Requeue or fail the investigating incidents matching ``condition``, in one transaction."""
+        now = self.NOW
 
         def sweep(run: Callable[..., Any]) -> tuple[list[str], list[str]]:
             failed = run(
-                "UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = ?, "
-                "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < ? AND attempts >= ? "
-                "RETURNING incident_id, cluster", (ORPHANED_REASON, now, now, stale_before, max_attempts)
+                f"UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = {now}, "
+                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
+                f"WHERE status = 'investigating' AND {condition} AND attempts >= ? "
+                "RETURNING incident_id, cluster", (ORPHANED_REASON, *params, max_attempts)
             ).fetchall()
             requeued = run(
-                "UPDATE incidents SET status = 'pending', updated_at = ?, "
+                f"UPDATE incidents SET status = 'pending', updated_at = {now}, "
                 "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, 'unknown') || ' stopped', "
                 "claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < ? RETURNING incident_id, cluster",
-                (now, stale_before)).fetchall()
+                f"WHERE status = 'investigating' AND {condition} RETURNING incident_id, cluster",
+                tuple(params)).fetchall()
             for row in [*failed, *requeued]:
-                run("UPDATE agent_executions SET completed_at = ?, error_message = ? "
+                run(f"UPDATE agent_executions SET completed_at = {now}, error_message = ? "
                     "WHERE incident_id = ? AND completed_at IS NULL",
-                    (now, "worker lost", row["incident_id"]))
+                    ("worker lost", row["incident_id"]))
             for cluster in sorted({row["cluster"] for row in [*failed, *requeued]}):
                 self._refresh_queue(run, cluster)
             self._repair_queue(run)
@@ -1466,13 +1554,19 @@ class SqlStore(StateStore):
             "WHERE next_pending_at IS NULL AND EXISTS (SELECT 1 FROM incidents i "
             "WHERE i.cluster = cluster_queue.cluster AND i.status = 'pending')")
 
-    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
+    def refresh_claims(self, worker_id: str, incident_ids: Sequence[str]) -> set[str]:
         if not incident_ids:
-            return 0
+            return set()
         marks = ",".join("?" * len(incident_ids))
-        return self._execute(
-            "UPDATE incidents SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'investigating' "
-            f"AND incident_id IN ({marks})", (utcnow(), worker_id, *incident_ids))
+        return self._transaction(lambda run: {str(r["incident_id"]) for r in run(
+            f"UPDATE incidents SET heartbeat_at = {self.NOW} WHERE claimed_by = ? "
+            f"AND status = 'investigating' AND incident_id IN ({marks}) RETURNING incident_id",
+            (worker_id, *incident_ids)).fetchall()})
+
+    def now(self) -> dt.datetime:
+        moment = _ts(self._query(f"SELECT {self.NOW} AS now")[0]["now"])
+        assert moment is not None
+        return moment
 
     def set_workspace(self, incident_id: str, workspace_path: str) -> None:
         self._execute("UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
@@ -1550,32 +1644,126 @@ class SqliteStore(SqlStore):
     WAL journal, ``synchronous=NORMAL``, foreign keys on, a busy timeout, one
     connection per thread (closed when its thread ends), and ``BEGIN IMMEDIATE``
     for every transaction that writes, so writers queue on the busy timeout
-    instead of failing with "database is locked". Several processes may share the
-    file. The schema is applied when the store opens.
+    instead of failing with "database is locked". Several processes may read and
+    write the file, but only one ``run`` process owns it: :meth:`hold_liveness`
+    takes an exclusive ``flock`` on ``<path>.lock`` (holder's pid, host and
+    instance written inside) and refuses a second owner with
+    :class:`DatabaseOwned`. Because there is only ever one owner, every incident
+    claimed by another instance is an orphan once the owner holds the lock. The
+    schema is applied when the store opens; ``owner`` takes the lock first, so a
+    refused process never migrates. ``read_only`` opens an existing database for
+    the commands that only read: no migration, no repair, no write.
     """
 
     engine = "sqlite"
+    # Fixed-width text like _iso() gives, so that it compares with stored times as a string.
+    NOW = "(strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000+00:00')"
+    AGO = "(strftime('%Y-%m-%dT%H:%M:%f', 'now', ?) || '000+00:00')"
 
-    def __init__(self, path: str, busy_timeout: float = 30.0):
+    @staticmethod
+    def _ago_param(seconds: float) -> Any:
+        return f"-{float(seconds):.3f} seconds"
+
+    def __init__(self, path: str, busy_timeout: float = 30.0, *, read_only: bool = False,
+                 owner: str = ""):
         self.path = path
+        self.read_only = read_only
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
         self._conns: set[sqlite3.Connection] = set()   # touched only with atomic set operations
         self._closed = False
+        self._lock_fd: int | None = None
         self._stop_checkpoints = threading.Event()
+        self._uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+        if read_only:
+            if not os.path.lexists(path):
+                # Nothing stored yet: read an empty database in memory rather than create the file.
+                self._uri = f"file:nightcrier-empty-{new_id()}?mode=memory&cache=shared"
+                self._keeper = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+                for _, statements in read_schema("sqlite"):
+                    for statement in statements:
+                        self._keeper.execute(statement)
+                self._keeper.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+                                     "dirty INTEGER NOT NULL DEFAULT 0, applied_at TEXT NOT NULL)")
+                self._keeper.execute("INSERT INTO schema_migrations VALUES (?, 0, '')",
+                                     (latest_schema_version("sqlite"),))
+                self._keeper.commit()
+            self._check_readable_schema()
+            return
         parent = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create directory for {path}: {exc}") from exc
+        if owner:
+            self.hold_liveness(owner)
         created = not os.path.exists(path)
-        self._write_fn(self._migrate)
+        try:
+            self._write_fn(self._migrate)
+        except BaseException:
+            self._release_lock()
+            raise
         self._transaction(lambda run: self._repair_queue(run, full=True))
         if created:
             os.chmod(path, 0o600)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                               name="sqlite-checkpoint")
         self._checkpointer.start()
+
+    def _check_readable_schema(self) -> None:
+        try:
+            row = self._read("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
+        except StoreError as exc:
+            raise StoreError(f"{self.path} is not a nightcrier database ({exc})") from exc
+        latest = latest_schema_version("sqlite")
+        current = row[0]["version"] if row else 0
+        _check_schema_version(current, latest, bool(row and row[0]["dirty"]))
+        if current < latest:
+            raise StoreError(f"database schema is version {current}, older than this nightcrier's "
+                             f"({latest}); start `nightcrier run` once to migrate it")
+
+    # liveness: one owner per file
+
+    @property
+    def lock_path(self) -> str:
+        return self.path + ".lock"
+
+    def hold_liveness(self, instance: str) -> None:
+        import fcntl
+        if self._liveness_instance:
+            if self._liveness_instance != instance:
+                raise StoreError(f"this store already proves {self._liveness_instance} alive")
+            return
+        if self.read_only:
+            raise StoreError("a read-only store cannot own the database")
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open lock file {self.lock_path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise DatabaseOwned(
+                f"SQLite database {self.path} is owned by another nightcrier run process ({holder}); "
+                "only one may run on a SQLite database: stop that one first, or use PostgreSQL "
+                "to run several replicas") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, instance {instance}, "
+                       f"since {_iso(utcnow())}\n").encode(), 0)
+        self._lock_fd = fd
+        self._liveness_instance = instance
+
+    def _is_alive(self, instance: str | None) -> bool:
+        # Only the owner judges (see recover_orphans), and it is the only live process.
+        return instance == self._liveness_instance
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+            self._liveness_instance = ""
 
     def _checkpoint_loop(self, interval: float = 1.0) -> None:
         """Copy the write-ahead log into the database from here, not from a committing writer.
@@ -1600,14 +1788,20 @@ class SqliteStore(SqlStore):
         if self._closed:
             raise StoreError("store is closed")
         try:
-            conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            if self.read_only:
+                conn = sqlite3.connect(self._uri, uri=True, timeout=self._busy_ms / 1000,
+                                       isolation_level=None, check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            else:
+                conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
         # The sentinel lives exactly as long as this thread's locals; when the
@@ -1714,13 +1908,18 @@ class SqliteStore(SqlStore):
     def close(self) -> None:
         self._closed = True
         self._stop_checkpoints.set()
-        if threading.current_thread() is not self._checkpointer:
-            self._checkpointer.join()
+        checkpointer = getattr(self, "_checkpointer", None)
+        if checkpointer is not None and threading.current_thread() is not checkpointer:
+            checkpointer.join()
         conns = list(self._conns)
         self._conns.clear()
         for conn in conns:
             conn.close()
         self._local = threading.local()
+        self._release_lock()
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None:
+            keeper.close()
 
 
 class _ThreadSentinel:
@@ -1750,8 +1949,9 @@ class PostgresPool:
 
     def __init__(self, dsn: str, *, max_open: int = 25, max_idle: int = 5,
                  max_lifetime: float = 300.0, max_idle_time: float = 600.0, wait: float = 30.0,
-                 statement_timeout: float = 30.0, connect_timeout: int = 10):
+                 statement_timeout: float = 30.0, connect_timeout: int = 10, read_only: bool = False):
         self.dsn = dsn
+        self.read_only = read_only
         self.max_open = max_open
         self.max_idle = max_idle
         self.max_lifetime = max_lifetime
@@ -1838,6 +2038,8 @@ class PostgresPool:
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (self.statement_timeout_ms,))
                 cur.execute("SET TIME ZONE 'UTC'")
+                if self.read_only:
+                    cur.execute("SET default_transaction_read_only = on")
             conn.commit()
         except psycopg2.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL {mask_dsn(self.dsn)}: "
@@ -1857,11 +2059,19 @@ class PostgresStore(SqlStore):
     settles two processes racing for one cluster. ``sslmode`` and every other
     libpq parameter of the connection string are honoured. The schema is applied
     when the store opens, under an advisory lock so that replicas starting
-    together do not race.
+    together do not race; ``read_only`` skips it and opens every transaction
+    read-only, for the commands that only read.
+
+    :meth:`hold_liveness` keeps a session advisory lock, in the two-key space
+    of ``LIVENESS_CLASS``, on a connection of a daemon thread's own; a process
+    whose lock nobody holds is dead (or lost its database) and its claims are
+    orphans.
     """
 
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
+    LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
+    LIVENESS_CHECK_SECONDS = 1.0
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     WORK_CHANNEL = "nightcrier_work"
 
@@ -1891,7 +2101,8 @@ class PostgresStore(SqlStore):
                         if conn.notifies:
                             conn.notifies.clear()
                             wake()
-            except (psycopg2.Error, OSError):
+            except Exception as exc:  # this thread must outlive any error; it reconnects
+                log_event(logging.DEBUG, "work watch connection lost", error=_short_error(exc))
                 stop.wait(backoff.next())
             finally:
                 conn.close()
@@ -1901,14 +2112,108 @@ class PostgresStore(SqlStore):
         import psycopg2
         return (psycopg2.IntegrityError,)
 
-    def __init__(self, dsn: str, **pool_options: Any):
+    def __init__(self, dsn: str, *, read_only: bool = False, **pool_options: Any):
         import psycopg2.errors
         import psycopg2.extras
         self._errors = psycopg2.errors
         self._dict_cursor = psycopg2.extras.RealDictCursor
-        self._pool = PostgresPool(dsn, **pool_options)
+        self._pool = PostgresPool(dsn, read_only=read_only, **pool_options)
+        self._stop_liveness = threading.Event()
+        self._liveness_thread: threading.Thread | None = None
+        if read_only:
+            self._check_readable_schema()
+            return
         self._tx(self._migrate)
         self._transaction(lambda run: self._repair_queue(run, full=True))
+
+    def _check_readable_schema(self) -> None:
+        try:
+            rows = self._select("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            raise StoreError(f"not a nightcrier database ({exc})") from exc
+        latest = latest_schema_version("postgres")
+        current = rows[0]["version"] if rows else 0
+        _check_schema_version(current, latest, bool(rows and rows[0]["dirty"]))
+        if current < latest:
+            raise StoreError(f"database schema is version {current}, older than this nightcrier's "
+                             f"({latest}); start `nightcrier run` once to migrate it")
+
+    # liveness
+
+    @staticmethod
+    def liveness_key(instance: str) -> int:
+        import zlib
+        return zlib.crc32(instance.encode("utf-8")) & 0x7FFF_FFFF
+
+    def hold_liveness(self, instance: str) -> None:
+        if self._liveness_instance:
+            if self._liveness_instance != instance:
+                raise StoreError(f"this store already proves {self._liveness_instance} alive")
+            return
+        if self._pool.read_only:
+            raise StoreError("a read-only store cannot prove a process alive")
+        conn = self._liveness_connect(instance)  # the first time here: claims wait for it
+        self._liveness_instance = instance
+        self._liveness_thread = threading.Thread(target=self._keep_liveness, args=(instance, conn),
+                                                 daemon=True, name="liveness")
+        self._liveness_thread.start()
+
+    def _liveness_connect(self, instance: str) -> Any:
+        """A connection holding this instance's lock; raises StoreUnavailable if none can be had."""
+        import psycopg2
+        try:
+            conn = psycopg2.connect(self._pool.dsn, application_name=f"nightcrier-live {instance}"[:63],
+                                    connect_timeout=5, keepalives=1, keepalives_idle=5,
+                                    keepalives_interval=1, keepalives_count=3)
+        except psycopg2.Error as exc:
+            raise StoreUnavailable(f"liveness lock: {str(exc).strip()}") from exc
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                # Not the blocking form: a session of ours the server has not yet noticed
+                # is dead may still hold it for a moment.
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                            (self.LIVENESS_CLASS, self.liveness_key(instance)))
+                if not cur.fetchone()[0]:
+                    raise StoreUnavailable("liveness lock still held by an earlier session")
+        except (psycopg2.Error, StoreUnavailable) as exc:
+            conn.close()
+            raise StoreUnavailable(f"liveness lock: {str(exc).strip()}") from exc
+        return conn
+
+    def _keep_liveness(self, instance: str, conn: Any) -> None:
+        """Check the lock's connection every second; re-take the lock when it broke."""
+        backoff = Backoff(0.2, 5.0)
+        while not self._stop_liveness.wait(self.LIVENESS_CHECK_SECONDS if conn else backoff.next()):
+            try:
+                if conn is None:
+                    conn = self._liveness_connect(instance)
+                    backoff.reset()
+                    log_event(logging.INFO, "liveness lock taken again", instance=instance)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+            except Exception as exc:  # any failure means the lock may be gone: take it again
+                if conn is not None:
+                    log_event(logging.WARNING, "liveness lock connection lost", error=_short_error(exc))
+                    try:
+                        conn.close()
+                    except Exception:  # already broken
+                        pass
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _is_alive(self, instance: str | None) -> bool:
+        if not instance:
+            return False
+        rows = self._select(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+            "AND classid = %s AND objid = %s "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (self.LIVENESS_CLASS, self.liveness_key(instance)))
+        return bool(rows)
 
     def _tx(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(cursor)`` in one transaction, retrying once on a broken connection."""
@@ -2007,6 +2312,9 @@ class PostgresStore(SqlStore):
         return self._tx(run)
 
     def close(self) -> None:
+        self._stop_liveness.set()
+        if self._liveness_thread is not None:
+            self._liveness_thread.join(self.LIVENESS_CHECK_SECONDS + 5)
         self._pool.close()
 
 
@@ -2018,17 +2326,31 @@ def _pg_clean(value: Any) -> Any:
     return value
 
 
-def open_store(config: Config) -> StateStore:
-    """The store the configuration names, schema applied. Raises StoreError/StoreUnavailable."""
+def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> StateStore:
+    """The store the configuration names, schema applied. Raises StoreError/StoreUnavailable.
+
+    ``owner`` (an instance id) also takes the liveness lock -- on SQLite before the
+    schema is touched, so a refused second process changes nothing. ``read_only``
+    opens an existing database without migrating, repairing or writing.
+    """
     storage = config.state_storage
     if storage.type == "postgres":
-        return PostgresStore(postgres_dsn(storage), max_open=storage.postgres_max_open_conns,
-                             max_idle=storage.postgres_max_idle_conns,
-                             max_lifetime=storage.postgres_conn_max_lifetime,
-                             max_idle_time=storage.postgres_conn_max_idle_time,
-                             wait=storage.postgres_pool_wait,
-                             statement_timeout=storage.postgres_statement_timeout)
-    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout)
+        store = PostgresStore(postgres_dsn(storage), read_only=read_only,
+                              max_open=storage.postgres_max_open_conns,
+                              max_idle=storage.postgres_max_idle_conns,
+                              max_lifetime=storage.postgres_conn_max_lifetime,
+                              max_idle_time=storage.postgres_conn_max_idle_time,
+                              wait=storage.postgres_pool_wait,
+                              statement_timeout=storage.postgres_statement_timeout)
+        if owner:
+            try:
+                store.hold_liveness(owner)
+            except BaseException:
+                store.close()
+                raise
+        return store
+    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout,
+                       read_only=read_only, owner=owner)
 
 
 ###############################################################################
@@ -2981,10 +3303,21 @@ Numbered, concrete next steps for a human, most urgent first.
 
 AGENT_HOME = "/home/agent"
 STOP_GRACE_SECONDS = 10.0
+ORPHAN_CHECK_SECONDS = 2.0       # how often dead processes' claims are looked for
+ABORT_SECONDS = 2.0              # what a second signal may spend killing agents and releasing claims
+CLAIM_LOST_REASON = "claim lost while the agent ran; result discarded"
 
 
 class RunnerUnavailable(Exception):
-    """The agent could not be started for reasons outside the incident (engine down, image missing)."""
+    """The agent could not be run for reasons outside the incident (engine down, image missing).
+
+    ``started`` is True when the agent had already started: that run counts as
+    an attempt, so an incident cannot bounce between pending and investigating.
+    """
+
+    def __init__(self, message: str, started: bool = False):
+        super().__init__(message)
+        self.started = started
 
 
 @dataclass
@@ -3031,9 +3364,19 @@ class ProcessRunner:
 
     def __init__(self, grace: float = STOP_GRACE_SECONDS):
         self.grace = grace
+        self._procs: dict[str, Any] = {}   # incident id -> Popen, for kill_all
 
     def check(self) -> None:
         """Nothing to check: the command is validated at configuration time."""
+
+    def kill_all(self) -> None:
+        """SIGKILL every running agent's process group at once (a second signal; any thread)."""
+        import signal
+        for proc in list(self._procs.values()):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
         import shutil
@@ -3054,14 +3397,19 @@ class ProcessRunner:
                                         start_new_session=True)
             except OSError as exc:
                 return AgentOutcome(None, error=f"cannot start agent command: {exc}")
-        deadline = time.monotonic() + job.timeout
-        while proc.poll() is None:
-            if cancel.is_set() or time.monotonic() >= deadline:
-                self._stop_group(proc)
-                return AgentOutcome(proc.returncode, timed_out=not cancel.is_set(),
-                                    cancelled=cancel.is_set())
-            cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-        return AgentOutcome(proc.returncode)
+        self._procs[job.incident_id] = proc
+        try:
+            deadline = time.monotonic() + job.timeout
+            while proc.poll() is None:
+                if cancel.is_set() or time.monotonic() >= deadline:
+                    self._stop_group(proc)
+                    return AgentOutcome(proc.returncode, timed_out=not cancel.is_set(),
+                                        cancelled=cancel.is_set())
+                cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            # A group killed by kill_all() ends here too; its exit code is no verdict.
+            return AgentOutcome(proc.returncode, cancelled=cancel.is_set() and proc.returncode != 0)
+        finally:
+            self._procs.pop(job.incident_id, None)
 
     def _stop_group(self, proc: Any) -> None:
         import signal
@@ -3129,6 +3477,22 @@ class DockerRunner:
         self.grace = grace
         self._client: Any = None
         self._lock = threading.Lock()
+        self._containers: dict[str, Any] = {}   # incident id -> running container, for kill_all
+
+    def kill_all(self, timeout: float = ABORT_SECONDS) -> None:
+        """Remove every running agent container at once, in parallel, within ``timeout``."""
+        def remove(container: Any) -> None:
+            try:
+                container.remove(force=True)
+            except Exception as exc:  # the engine may be gone; the next start's sweep retries
+                log_event(logging.WARNING, "agent container not removed", error=_short_error(exc))
+        threads = [threading.Thread(target=remove, args=(c,), daemon=True)
+                   for c in list(self._containers.values())]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _docker(self) -> Any:
         import docker
@@ -3171,16 +3535,24 @@ class DockerRunner:
             raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
         except (docker.errors.DockerException, requests.RequestException) as exc:
             raise RunnerUnavailable(f"cannot create agent container: {_short_error(exc)}") from exc
+        started = False
+        self._containers[job.incident_id] = container
         try:
             container.start()
+            started = True
             pumps = self._stream_logs(container, job.workspace)
             outcome = self._wait(container, job, cancel)
             for pump in pumps:
                 pump.join(10)
+            outcome.cancelled = outcome.cancelled or cancel.is_set()
             return outcome
         except (docker.errors.DockerException, requests.RequestException) as exc:
-            raise RunnerUnavailable(f"docker engine failed during the run: {_short_error(exc)}") from exc
+            if cancel.is_set():  # killed on purpose (a second signal, a lost claim)
+                return AgentOutcome(None, cancelled=True)
+            raise RunnerUnavailable(f"docker engine failed during the run: {_short_error(exc)}",
+                                    started=started) from exc
         finally:
+            self._containers.pop(job.incident_id, None)
             try:
                 container.remove(force=True)
             except (docker.errors.DockerException, requests.RequestException):
@@ -3351,16 +3723,107 @@ def write_private(path: str, text: str) -> None:
 
 
 def prepare_workspace(root: str, incident: Incident) -> str:
-    """``<root>/<incident_id>/`` with output/ and logs/, directories 0700, and incident.json."""
+    """``<root>/<incident_id>/`` with output/ and logs/, directories 0700, and incident.json.
+
+    What an earlier attempt left in output/ and logs/ is first moved to
+    ``attempts/<n>/`` (see :func:`rotate_attempt`), so each attempt starts empty.
+    """
     if not is_uuid(incident.incident_id):
         raise ValueError(f"refusing workspace for a non-UUID incident id {incident.incident_id!r}")
     workspace = os.path.join(os.path.abspath(root), incident.incident_id)
-    for path in (root, workspace, os.path.join(workspace, "output"), os.path.join(workspace, "logs")):
+    for path in (root, workspace):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    rotate_attempt(workspace)
+    for path in (os.path.join(workspace, "output"), os.path.join(workspace, "logs")):
         os.makedirs(path, mode=0o700, exist_ok=True)
     for path in (workspace, os.path.join(workspace, "output"), os.path.join(workspace, "logs")):
         os.chmod(path, 0o700)
     write_private(os.path.join(workspace, "incident.json"), json.dumps(incident_document(incident), indent=2))
     return workspace
+
+
+ATTEMPT_ENTRIES = ("output", "logs", "investigation.html")   # what belongs to one attempt
+
+
+def rotate_attempt(workspace: str) -> str | None:
+    """Move an earlier attempt's output/, logs/ and investigation.html to ``attempts/<n>/``.
+
+    ``n`` is one more than the highest attempt kept (1 for the first). Nothing
+    moves when output/ and logs/ are both empty directories (an attempt that never
+    started). Entries are renamed as they are -- a symlink an agent left is moved,
+    never followed -- through directory descriptors opened with ``O_NOFOLLOW``;
+    an ``attempts`` that is not a real directory is renamed aside first. Returns
+    the new directory's path, or None. Raises OSError.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    ws = os.open(workspace, flags)
+    try:
+        present = [name for name in ATTEMPT_ENTRIES if _lexists_at(name, ws)]
+        if not present or all(_empty_dir_at(name, ws) for name in present):
+            return None
+        try:
+            attempts = os.open("attempts", flags, dir_fd=ws)
+        except FileNotFoundError:
+            os.mkdir("attempts", 0o700, dir_fd=ws)
+            attempts = os.open("attempts", flags, dir_fd=ws)
+        except OSError:  # a file or symlink named attempts: keep it, out of the way
+            os.rename("attempts", f"attempts.invalid-{new_id()[:8]}", src_dir_fd=ws, dst_dir_fd=ws)
+            os.mkdir("attempts", 0o700, dir_fd=ws)
+            attempts = os.open("attempts", flags, dir_fd=ws)
+        try:
+            numbers = [int(name) for name in os.listdir(attempts) if name.isdigit()]
+            number = str(max(numbers, default=0) + 1)
+            os.mkdir(number, 0o700, dir_fd=attempts)
+            target = os.open(number, flags, dir_fd=attempts)
+            try:
+                for name in present:
+                    os.rename(name, name, src_dir_fd=ws, dst_dir_fd=target)
+            finally:
+                os.close(target)
+        finally:
+            os.close(attempts)
+        return os.path.join(workspace, "attempts", number)
+    finally:
+        os.close(ws)
+
+
+def _lexists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _empty_dir_at(name: str, dir_fd: int) -> bool:
+    import stat
+    if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return not os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def read_report(path: str, max_bytes: int) -> tuple[str, bool]:
+    """The report at ``path`` as text, at most ``max_bytes`` of it: (text, truncated).
+
+    A longer report is cut (at a character boundary) and ends with a note saying
+    so; the file itself is left alone. Invalid UTF-8 is replaced, not fatal.
+    Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+        truncated = len(data) > max_bytes
+        total = os.fstat(fh.fileno()).st_size if truncated else len(data)
+    if not truncated:
+        return data.decode("utf-8", "replace"), False
+    import codecs
+    # Not final: a character cut in half at the limit is held back rather than replaced.
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(data[:max_bytes], final=False)
+    return (text + f"\n\n---\n*Report truncated: the first {max_bytes} of {total} bytes are shown; "
+            "the whole report is output/investigation.md in the incident workspace.*\n"), True
 
 
 def build_prompt(config: Config, incident: Incident, permissions: Mapping[str, Any] | None) -> str:
@@ -3411,6 +3874,15 @@ def judge_outcome(outcome: AgentOutcome, workspace: str, timeout: float, min_siz
 
 # -- dispatch -----------------------------------------------------------------------
 
+@dataclass
+class _Run:
+    """One agent run of this process: how to cancel it, and whether its claim was lost."""
+
+    cancel: threading.Event
+    future: Any = None
+    lost: bool = False
+
+
 class Dispatcher(threading.Thread):
     """Claims pending incidents and runs each on a pool of ``max_concurrent_agents`` workers.
 
@@ -3418,12 +3890,21 @@ class Dispatcher(threading.Thread):
     workers), with a poll every ``dispatch_poll_interval`` only as a fallback,
     and claims while a slot is free: the oldest pending incident of a cluster
     that has no agent running. Per-cluster locks keep one agent per cluster in
-    this process; the database keeps it so across processes. It also refreshes
-    heartbeats of running incidents, sweeps stale ones back to pending (or to
-    failed), and removes orphaned containers. When the runner is unavailable the
-    incident returns to pending and claiming pauses with backoff. :meth:`stop`
-    stops claiming, waits up to ``shutdown_timeout`` for running agents, then
-    cancels them and returns their incidents to pending.
+    this process; the database keeps it so across processes.
+
+    It also refreshes heartbeats of running incidents -- a run whose claim is
+    gone (swept, taken over) is cancelled and its result discarded --, returns
+    the incidents of dead processes (their liveness lock is free) to pending
+    every ``ORPHAN_CHECK_SECONDS``, sweeps incidents without a heartbeat for
+    ``stale_after_seconds`` (a live but hung process) the same way, and removes
+    orphaned containers. All times are the database's. When the runner is
+    unavailable before the agent started, the incident returns to pending
+    without counting the attempt and claiming pauses with backoff; after the
+    agent started, the attempt counts. :meth:`stop` stops claiming, waits up to
+    ``shutdown_timeout`` for running agents, then cancels them and returns their
+    incidents to pending. :meth:`abort` does that at once, within
+    ``ABORT_SECONDS``. Every worker's future is checked: an exception that
+    escaped it is logged and counted (``nightcrier_worker_errors_total``).
     """
 
     def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
@@ -3443,10 +3924,10 @@ class Dispatcher(threading.Thread):
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
         self._cluster_locks: dict[str, threading.Lock] = {}
-        self._running: dict[str, Any] = {}        # incident id -> Future
+        self._running: dict[str, _Run] = {}
         self._running_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._cancel = threading.Event()
+        self._aborting = threading.Event()
         self._paused_until = 0.0
         self._runner_backoff = Backoff(1.0, 60.0)
 
@@ -3463,21 +3944,58 @@ class Dispatcher(threading.Thread):
         self.wake.set()
         self.join()
         with self._running_lock:
-            futures = list(self._running.values())
-        done, not_done = wait(futures, timeout=self.config.shutdown_timeout)
+            runs = list(self._running.values())
+        done, not_done = wait([r.future for r in runs], timeout=self.config.shutdown_timeout)
         if not_done:
             log_event(logging.WARNING, "agents still running at shutdown, stopping them",
                       count=len(not_done))
-            self._cancel.set()
+            for run in runs:
+                run.cancel.set()
             wait(not_done, timeout=STOP_GRACE_SECONDS + 30)
         self.pool.shutdown(wait=False)
+
+    def abort(self, timeout: float = ABORT_SECONDS) -> list[str]:
+        """Kill every agent now and return its incident to pending, within ``timeout`` seconds.
+
+        For a second signal: may run in a signal handler, so it takes no lock
+        another thread of this process could hold, and does its work on fresh
+        threads. Returns the ids of the incidents given back.
+        """
+        self._aborting.set()
+        self._stopping.set()
+        runs = dict(self._running)  # a copy without the lock, which the interrupted thread may hold
+        for run in runs.values():
+            run.cancel.set()
+        released: list[str] = []
+
+        def release_all() -> None:
+            for incident_id in runs:
+                try:
+                    if self.store.release(incident_id, self.instance, "nightcrier stopped by a second "
+                                          "signal while the agent ran"):
+                        released.append(incident_id)
+                except Exception as exc:  # the sweep of the next start covers what is left
+                    log_event(logging.ERROR, "cannot release incident", incident_id=incident_id,
+                              error=_short_error(exc))
+
+        threads = [threading.Thread(target=release_all, daemon=True, name="abort-release"),
+                   threading.Thread(target=self.runner.kill_all, daemon=True, name="abort-kill")]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return released
 
     # -- thread ---------------------------------------------------------------
 
     def run(self) -> None:
         next_maintenance = 0.0
+        first = True
         while not self._stopping.is_set():
-            self.wake.wait(self.config.dispatch_poll_interval)
+            if not first:  # a restart looks for the dead process's incidents at once
+                self.wake.wait(min(self.config.dispatch_poll_interval, self._heartbeat_interval()))
+            first = False
             self.wake.clear()
             if self._stopping.is_set():
                 break
@@ -3495,7 +4013,7 @@ class Dispatcher(threading.Thread):
                 self._stopping.wait(1.0)
 
     def _heartbeat_interval(self) -> float:
-        return max(0.2, self.config.stale_after_seconds / 4)
+        return max(0.2, min(self.config.stale_after_seconds / 4, ORPHAN_CHECK_SECONDS))
 
     def _fill_slots(self) -> None:
         if time.monotonic() < self._paused_until:
@@ -3509,15 +4027,31 @@ class Dispatcher(threading.Thread):
                 return
             lock = self._cluster_locks.setdefault(incident.cluster, threading.Lock())
             lock.acquire()
+            run = _Run(threading.Event())
             with self._running_lock:
-                self._running[incident.incident_id] = self.pool.submit(self._work, incident, lock)
+                self._running[incident.incident_id] = run
+                run.future = self.pool.submit(self._work, incident, lock, run)
+            run.future.add_done_callback(
+                lambda future, incident_id=incident.incident_id: self._check_future(future, incident_id))
+
+    def _check_future(self, future: Any, incident_id: str) -> None:
+        """A worker's exception must not vanish inside its future."""
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            self.metrics.inc("worker_errors")
+            log_event(logging.ERROR, "worker error escaped", incident_id=incident_id,
+                      error=_short_error(error))
 
     def _maintain(self) -> None:
         running = self.running()
         if running:
-            self.store.heartbeat(self.instance, running)
-        stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
-        requeued, failed = self.store.recover_stale(stale_before, self.config.max_attempts)
+            held = self.store.refresh_claims(self.instance, running)
+            for incident_id in set(running) - held:
+                self._claim_lost(incident_id)
+        requeued, failed = self.store.recover_stale(float(self.config.stale_after_seconds),
+                                                    self.config.max_attempts)
+        dead_requeued, dead_failed = self.store.recover_orphans(self.instance, self.config.max_attempts)
+        requeued, failed = requeued + dead_requeued, failed + dead_failed
         for incident_id in requeued:
             log_event(logging.WARNING, "orphaned incident returned to pending", incident_id=incident_id)
         for incident_id in failed:
@@ -3528,6 +4062,15 @@ class Dispatcher(threading.Thread):
         if requeued:
             self.wake.set()
 
+    def _claim_lost(self, incident_id: str) -> None:
+        run = self._running.get(incident_id)
+        if run is None or run.lost:
+            return
+        run.lost = True
+        run.cancel.set()
+        self.metrics.inc("claims_lost")
+        log_event(logging.WARNING, "claim lost while the agent ran, cancelling it", incident_id=incident_id)
+
     def _is_live(self, incident_id: str) -> bool:
         """Whether some live worker, here or in another process, is running this incident."""
         if incident_id in self.running():
@@ -3535,16 +4078,19 @@ class Dispatcher(threading.Thread):
         incident = self.store.get_incident(incident_id)
         if incident is None or incident.status != INVESTIGATING or incident.claimed_by == self.instance:
             return False
-        stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
+        stale_before = self.store.now() - dt.timedelta(seconds=self.config.stale_after_seconds)
         return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
 
     # -- worker ---------------------------------------------------------------
 
-    def _work(self, incident: Incident, lock: threading.Lock) -> None:
+    def _work(self, incident: Incident, lock: threading.Lock, run: _Run) -> None:
         try:
-            self._run_incident(incident)
+            self._run_incident(incident, run)
         except RunnerUnavailable as exc:
-            self._runner_down(incident, str(exc))
+            if exc.started:
+                self._requeue(incident, str(exc))
+            else:
+                self._runner_down(incident, str(exc))
         except Exception as exc:  # nothing may stay investigating
             log.exception("worker error")
             self._finish(incident, FAILED, None, f"nightcrier error: {_short_error(exc)}")
@@ -3554,7 +4100,7 @@ class Dispatcher(threading.Thread):
                 self._running.pop(incident.incident_id, None)
             self.wake.set()
 
-    def _run_incident(self, incident: Incident) -> None:
+    def _run_incident(self, incident: Incident, run: _Run) -> None:
         config = self.config
         cluster = next((c for c in config.clusters if c.name == incident.cluster), None)
         workspace = prepare_workspace(config.workspace_root, incident)
@@ -3582,7 +4128,7 @@ class Dispatcher(threading.Thread):
         self.metrics.agents_running.inc()
         started = time.monotonic()
         try:
-            outcome = self.runner.run(job, self._cancel)
+            outcome = self.runner.run(job, run.cancel)
         except RunnerUnavailable as exc:
             self.store.finish_execution(execution.execution_id, None, str(exc), logs)
             raise
@@ -3591,9 +4137,17 @@ class Dispatcher(threading.Thread):
         self.runner_error = ""
         self._runner_backoff.reset()
         self.metrics.agent_duration.observe(time.monotonic() - started)
+        if run.lost or (not outcome.cancelled
+                        and not self.store.refresh_claims(self.instance, [incident.incident_id])):
+            # Another process owns the incident now: nothing of this run may become its verdict.
+            run.lost = True
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs)
+            log_event(logging.WARNING, "run discarded: its claim was lost", incident_id=incident.incident_id)
+            return
         self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs)
         if outcome.cancelled:
-            self._release(incident, "nightcrier shut down while the agent ran")
+            if not self._aborting.is_set():
+                self._release(incident, "nightcrier shut down while the agent ran")
             return
         status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
                                        config.investigation_min_size_bytes)
@@ -3606,10 +4160,12 @@ class Dispatcher(threading.Thread):
     def _store_report(self, incident: Incident, execution_id: str, workspace: str) -> None:
         path = os.path.join(workspace, "output", "investigation.md")
         try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                markdown = fh.read()
+            markdown, truncated = read_report(path, self.config.report_max_bytes)
         except OSError:
             return
+        if truncated:
+            log_event(logging.WARNING, "report larger than report_max_bytes, stored truncated",
+                      incident_id=incident.incident_id, report_max_bytes=self.config.report_max_bytes)
         page = publish_report(markdown, incident.incident_id, workspace)
         self.store.record_report(TriageReport(new_id(), incident.incident_id, execution_id, utcnow(),
                                               markdown, report_html=page,
@@ -3637,6 +4193,17 @@ class Dispatcher(threading.Thread):
             log_event(logging.INFO, "incident returned to pending", incident_id=incident.incident_id,
                       reason=reason)
 
+    def _requeue(self, incident: Incident, reason: str) -> None:
+        """The runner broke after the agent started: the attempt counts."""
+        self.runner_error = reason
+        status = self.store.requeue(incident.incident_id, self.instance, f"runner failed: {reason}",
+                                    self.config.max_attempts)
+        if status is not None:
+            log_event(logging.ERROR, "agent runner failed during the run", incident_id=incident.incident_id,
+                      error=reason, status=status)
+            if status == FAILED:
+                self.metrics.outcomes.labels(FAILED).inc()
+
     def _runner_down(self, incident: Incident, reason: str) -> None:
         self.runner_error = reason
         delay = self._runner_backoff.next() + 1.0
@@ -3662,6 +4229,7 @@ SLACK_HEADER_LIMIT = 150
 SLACK_MAX_BLOCKS = 50
 SLACK_MAX_RETRY_AFTER = 300.0    # a longer Retry-After would stall every message behind it
 SLACK_DRAIN_SECONDS = 30.0
+SLACK_QUEUE_LIMIT = 1000         # messages waiting at most; beyond it the oldest is dropped
 FAILURE_REASONS_TRACKED = 5
 FAILURE_REASONS_SHOWN = 3
 
@@ -4255,11 +4823,13 @@ class SlackNotifier(threading.Thread):
     other 4xx answers; after ``slack_max_attempts`` it is given up with an
     error log. The webhook URL is a secret and never appears in a log line.
     Any error is logged and the thread carries on. :meth:`stop` delivers what
-    is queued, waiting a bounded time.
+    is queued, waiting a bounded time. At most ``queue_limit`` messages wait:
+    beyond that the oldest is dropped with a warning and counted
+    (``nightcrier_slack_messages_dropped_total``), so a dead Slack costs bounded memory.
     """
 
     def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None, *,
-                 retry_initial: float = 0.5, retry_max: float = 30.0):
+                 retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = SLACK_QUEUE_LIMIT):
         super().__init__(name="slack-notifier", daemon=True)
         self.config = config
         self.store = store
@@ -4269,12 +4839,27 @@ class SlackNotifier(threading.Thread):
         self.retry_max = retry_max
         import queue
         self._queue: queue.Queue[Any] = queue.Queue()
+        self.queue_limit = max(1, queue_limit)
+        self._enqueue_lock = threading.Lock()
         self._abort = threading.Event()
         self._session: Any = None
 
     def enqueue(self, incident: Incident, summary: ReportSummary | None = None) -> None:
         """Queue a finished incident; ``summary`` overrides the one read from its stored report."""
-        self._queue.put((incident, summary))
+        import queue
+        with self._enqueue_lock:
+            while self._queue.qsize() >= self.queue_limit:
+                try:
+                    oldest = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if oldest is _STOP:  # never lose the stop request
+                    self._queue.put(oldest)
+                    break
+                self._count("slack_dropped")
+                log_event(logging.WARNING, "slack queue full, oldest message dropped",
+                          incident_id=oldest[0].incident_id, queue_limit=self.queue_limit)
+            self._queue.put((incident, summary))
 
     def stop(self, timeout: float = SLACK_DRAIN_SECONDS) -> None:
         """Deliver what is queued within ``timeout`` seconds, then drop the rest and end the thread."""
@@ -4440,6 +5025,14 @@ class Metrics:
         "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
         "slack_sent": ("nightcrier_slack_messages_sent_total", "Slack messages delivered", ()),
         "slack_failed": ("nightcrier_slack_messages_failed_total", "Slack messages given up on", ()),
+        "slack_dropped": ("nightcrier_slack_messages_dropped_total",
+                          "Slack messages dropped, oldest first, because the queue was full", ()),
+        "worker_errors": ("nightcrier_worker_errors_total",
+                          "Exceptions that escaped a worker while finishing or releasing an incident", ()),
+        "claims_lost": ("nightcrier_claims_lost_total",
+                        "Runs cancelled because their claim was swept or taken over", ()),
+        "thread_errors": ("nightcrier_thread_errors_total",
+                          "Errors a background thread survived", ("thread",)),
     }
 
     def __init__(self) -> None:
@@ -4662,10 +5255,11 @@ class PermissionChecker(threading.Thread):
     Does nothing when kubectl is not on PATH. :meth:`results` is thread-safe.
     """
 
-    def __init__(self, config: Config, timeout: float = 30.0):
+    def __init__(self, config: Config, timeout: float = 30.0, metrics: Metrics | None = None):
         import shutil
         super().__init__(name="permission-checks", daemon=True)
         self.config = config
+        self.metrics = metrics
         self.timeout = timeout
         self.kubectl = shutil.which("kubectl")
         self.clusters = [c for c in config.clusters if c.triage.enabled and c.triage.check_permissions]
@@ -4685,7 +5279,12 @@ class PermissionChecker(threading.Thread):
         if not self.kubectl or not self.clusters:
             return
         while not self._stopping.is_set():
-            self.check_all()
+            try:
+                self.check_all()
+            except Exception as exc:  # a failed round must not end the checks
+                log_event(logging.ERROR, "permission check round failed", error=_short_error(exc))
+                if self.metrics is not None:
+                    self.metrics.inc("thread_errors", "permission-checks")
             self._stopping.wait(self.config.permission_check_interval * 60)
 
     def check_all(self) -> None:
@@ -4695,7 +5294,13 @@ class PermissionChecker(threading.Thread):
             futures = {c.name: pool.submit(check_cluster_permissions, c, self.kubectl, self.timeout)
                        for c in self.clusters}
             for name, future in futures.items():
-                result = future.result()
+                try:
+                    result = future.result()
+                except Exception as exc:  # one cluster's broken check leaves the others' results
+                    result = {"cluster_name": name, "validated_at": utcnow().isoformat(),
+                              "error": f"permission check failed: {_short_error(exc)}",
+                              **{key: False for key, _ in PERMISSION_CHECKS + SECRET_CHECKS},
+                              "minimum_permissions_met": False, "warnings": []}
                 with self._lock:
                     self._results[name] = result
                 if result.get("error"):
@@ -4764,22 +5369,22 @@ class Service:
     Created and driven by the main thread.
     """
 
-    def __init__(self, config: Config, store: StateStore | None = None):
+    def __init__(self, config: Config, store: StateStore | None = None, instance: str = ""):
         self.config = config
         self.metrics = Metrics()
-        self.store = store or open_store_with_retry(config)
+        self.instance = instance or new_instance_id()
+        self.store = store or open_store_with_retry(config, owner=self.instance)
         self.work_available = threading.Event()
         self.sink = IngestSink(config.global_queue_size,
                                Spool(os.path.join(config.workspace_root, "spool")), self.metrics)
         skipped = [c.name for c in config.clusters if not c.triage.enabled]
         self.writer = IngestWriter(self.store, self.sink, skipped, self.work_available, self.metrics)
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         self.ownership = ClusterOwnership(config, self.instance, on_change=self._ownership_changed)
         self.listeners = [ClusterListener(c, config, self.sink, self.metrics, owns=self.ownership.owns)
                           for c in config.clusters]
         runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
                   else ProcessRunner())
-        self.permissions = PermissionChecker(config)
+        self.permissions = PermissionChecker(config, metrics=self.metrics)
         self.notifier = (SlackNotifier(config, self.store, self.metrics) if config.slack_webhook_url
                          else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
@@ -4796,6 +5401,9 @@ class Service:
         self._stopped = False
 
     def start(self) -> Service:
+        """Start every thread. Raises :class:`DatabaseOwned` (nothing started) when another
+        process owns the SQLite database."""
+        self.store.hold_liveness(self.instance)  # before any claim: the proof of life comes first
         self.writer.start()
         if self.notifier is not None:
             self.notifier.start()
@@ -4847,6 +5455,10 @@ class Service:
             self.metrics.inc("db_errors")
         return prometheus_client.generate_latest(self.metrics.registry)
 
+    def abort(self) -> list[str]:
+        """Second signal: kill the agents and give their incidents back, within ``ABORT_SECONDS``."""
+        return self.dispatcher.abort()
+
     def stop(self) -> None:
         if self._stopped:
             return
@@ -4870,16 +5482,23 @@ class Service:
         log_event(logging.INFO, "nightcrier stopped")
 
 
-def open_store_with_retry(config: Config, stop: threading.Event | None = None) -> StateStore:
+def new_instance_id() -> str:
+    """host:pid:random -- unique per process start, so a dead process's id never comes back."""
+    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+
+
+def open_store_with_retry(config: Config, stop: threading.Event | None = None, owner: str = "") -> StateStore:
     """Open the configured store, retrying with backoff while the database is unavailable.
 
-    Raises StoreError for problems retrying cannot fix (a schema too new, say).
+    ``owner`` takes the liveness lock (see :func:`open_store`). Raises StoreError
+    for problems retrying cannot fix (a schema too new, another process owning
+    the SQLite database).
     """
     backoff = Backoff(0.5, 30.0)
     stop = stop or threading.Event()
     while True:
         try:
-            return open_store(config)
+            return open_store(config, owner=owner)
         except StoreUnavailable as exc:
             delay = backoff.next()
             log_event(logging.WARNING, "database unavailable, retrying", error=str(exc),
@@ -5451,11 +6070,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in warnings:
         log_event(logging.WARNING, "config warning", detail=warning)
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    running: list[Service] = []
+    _install_signal_handlers(stop, on_second=lambda: running and running[0].abort())
+    instance = new_instance_id()
     try:
-        service = Service(config, open_store_with_retry(config, stop)).start()
+        service = Service(config, open_store_with_retry(config, stop, owner=instance), instance=instance)
+        running.append(service)
+        service.start()
     except StoreUnavailable:
         return 0  # asked to stop while waiting for the database
+    except DatabaseOwned as exc:
+        log_event(logging.ERROR, "refusing to start: the database has an owner", error=str(exc))
+        print(f"nightcrier: {exc}", file=sys.stderr)
+        return 1
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
         return 1
@@ -5467,9 +6094,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT: shut down in order. Second: leave at once. SIGUSR1: dump every
-    thread's stack to stderr, for a process that seems stuck."""
+def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any] | None = None) -> None:
+    """First SIGTERM/SIGINT: shut down in order. Second: ``on_second`` (kill the agents and
+    give their incidents back, bounded), then leave at once. SIGUSR1: dump every thread's
+    stack to stderr, for a process that seems stuck."""
     import faulthandler
     import signal
 
@@ -5477,7 +6105,13 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
     def handle(signum: int, _frame: Any) -> None:
         if stop.is_set():
-            log_event(logging.WARNING, "second signal, exiting at once", signal=signum)
+            log_event(logging.WARNING, "second signal, stopping agents and exiting at once", signal=signum)
+            if on_second is not None:
+                try:
+                    released = on_second()
+                    log_event(logging.WARNING, "incidents returned to pending", count=len(released or []))
+                except BaseException as exc:  # exiting is what matters now
+                    log_event(logging.ERROR, "stopping agents failed", error=_short_error(exc))
             os._exit(1)
         log_event(logging.INFO, "shutdown requested", signal=signum)
         stop.set()
@@ -5490,7 +6124,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print an incident's agent log and follow it until the incident is finished."""
     config, _ = _load_or_exit(args)
     try:
-        store = open_store(config)
+        store = open_store(config, read_only=True)
     except StoreError as exc:
         print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
         return 1
@@ -5596,9 +6230,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _cli_store(config: Config) -> Iterator[StateStore]:
-    """The database of a running (or stopped) service, for commands that read it."""
+    """The database of a running (or stopped) service, for commands that read it: opened
+    read-only, so it never migrates, repairs or writes, and works beside a running ``run``."""
     try:
-        store = open_store(config)
+        store = open_store(config, read_only=True)
     except StoreError as exc:
         print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
