@@ -2072,6 +2072,7 @@ class PostgresStore(SqlStore):
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
     LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
     LIVENESS_CHECK_SECONDS = 1.0
+    _empty = False  # read-only on a database nightcrier never ran on
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     WORK_CHANNEL = "nightcrier_work"
 
@@ -2127,6 +2128,10 @@ class PostgresStore(SqlStore):
         self._transaction(lambda run: self._repair_queue(run, full=True))
 
     def _check_readable_schema(self) -> None:
+        if self._select("SELECT to_regclass('schema_migrations') AS t")[0]["t"] is None:
+            # Nothing stored yet: every read answers "nothing" rather than create the schema.
+            self._empty = True
+            return
         try:
             rows = self._select("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
         except StoreUnavailable:
@@ -2303,6 +2308,8 @@ class PostgresStore(SqlStore):
         return self._tx(body)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._empty:
+            return []
         return self._select(sql.replace("?", "%s"), params)
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
