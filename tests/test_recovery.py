@@ -276,14 +276,20 @@ def test_one_run_process_owns_a_sqlite_database_and_readers_work_beside_it(
     store.close()
 
 
-def test_readers_never_create_or_migrate_a_database(tmp_path: Path) -> None:
-    db = tmp_path / "nothing-here.db"
-    config = service_config(tmp_path, "sqlite", str(db), GOOD_AGENT)
+def test_readers_never_create_or_migrate_a_database(tmp_path: Path, engine: str, store_locator: str) -> None:
+    config = service_config(tmp_path, engine, store_locator, GOOD_AGENT)
     listed = cli(config, "incidents", "--json")
     assert (listed.returncode, json.loads(listed.stdout or "null")) == (0, []), listed.stderr
     shown = cli(config, "show", nc.new_id())
     assert shown.returncode == 1 and "no incident" in shown.stderr
-    assert not db.exists() and not list(tmp_path.glob("nothing-here.db*"))
+    if engine == "sqlite":
+        assert not list(tmp_path.glob(Path(store_locator).name + "*")), "the readers created a file"
+    else:
+        import psycopg2
+        with psycopg2.connect(store_locator) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()")
+            assert cur.fetchone()[0] == 0, "the readers created tables"
+        conn.close()
 
 
 # -- crash, restart, second signal -------------------------------------------------------------
