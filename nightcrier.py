@@ -10,7 +10,13 @@ never two at once on the same cluster -- then stores the report and tells Slack.
 
 The database is both the record and the job queue: ingestion never waits for an
 agent, a crash loses nothing that was stored or spooled, and a restart picks up
-where the previous process stopped.
+where the previous process stopped. Each ``run`` process proves it is alive with a
+lock that dies with it (a session advisory lock on PostgreSQL, ``<db>.lock`` on
+SQLite, which only one ``run`` process may own), so the incidents of a dead
+process run again within seconds; heartbeats and staleness use the database's
+clock. Each attempt of an incident starts with an empty ``output/`` (earlier ones
+are kept under ``attempts/<n>/``), and a run whose claim was lost writes nothing,
+so every verdict is about the run it names.
 
 Usage::
 
@@ -1035,7 +1041,8 @@ class StateStore:
     transaction: either all of their effect is visible or none of it. Methods
     raise :class:`StoreUnavailable` when the database cannot be reached (the
     caller retries with backoff) and :class:`StoreError` for anything else.
-    Timestamps go in and come out as timezone-aware UTC datetimes.
+    Timestamps go in and come out as timezone-aware UTC datetimes; the times of
+    claims, heartbeats, completions and sweeps are the database's own clock.
     """
 
     engine = "abstract"
@@ -2088,7 +2095,7 @@ class PostgresStore(SqlStore):
         while not stop.is_set():
             try:
                 conn = psycopg2.connect(self._pool.dsn, application_name="nightcrier-listen")
-            except psycopg2.Error:
+            except Exception:  # psycopg2.Error or worse: this thread must outlive it and retry
                 stop.wait(backoff.next())
                 continue
             try:

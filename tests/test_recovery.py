@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT, open_test_store, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_engine import GOOD_AGENT, _alive, engine_config
 from test_store_contract import make_event
 
@@ -480,3 +482,21 @@ def test_read_report(tmp_path: Path, data: bytes, limit: int, expected: str, tru
     text, cut = nc.read_report(str(path), limit)
     assert cut is truncated
     assert text.split("\n\n---\n", 1)[0] == expected
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=3000), limit=st.integers(min_value=1, max_value=4000))
+def test_read_report_never_exceeds_its_limit_and_keeps_what_it_shows(tmp_path: Path, data: bytes,
+                                                                     limit: int) -> None:
+    """An agent's report is hostile input: any bytes, any limit."""
+    path = tmp_path / "investigation.md"
+    path.write_bytes(data)
+    text, cut = nc.read_report(str(path), limit)
+    assert cut is (len(data) > limit)
+    if not cut:
+        assert text == data.decode("utf-8", "replace")
+        return
+    head, note = text.split("\n\n---\n*Report truncated", 1)
+    shown = data[:limit].decode("utf-8", "replace")
+    assert shown.startswith(head) and len(shown) - len(head) <= 1, "only a cut character is held back"
+    assert f"of {len(data)} bytes" in note
