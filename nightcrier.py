@@ -1504,7 +1504,8 @@ class SqlStore(StateStore):
         if not self._liveness_instance:
             return [], []
         claimants = {r["claimed_by"] for r in self._query(
-            "SELECT DISTINCT claimed_by FROM incidents WHERE status = 'investigating'")}
+            "SELECT DISTINCT claimed_by FROM incidents WHERE status = 'investigating' "
+            "AND claimed_by IS NOT NULL")}
         dead = sorted(c for c in claimants if c != self._liveness_instance and not self._is_alive(c))
         if not dead:
             return [], []
@@ -3405,6 +3406,8 @@ class ProcessRunner:
         with open(logs["agent-stdout.log"], "ab") as out, open(logs["agent-stderr.log"], "ab") as err:
             os.chmod(out.name, 0o600)
             os.chmod(err.name, 0o600)
+            if cancel.is_set():  # stopped before it began: start nothing a later kill could miss
+                return AgentOutcome(None, cancelled=True)
             try:
                 proc = subprocess.Popen(_with_parent_death_signal(job.command), cwd=job.workspace,
                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -3538,6 +3541,8 @@ class DockerRunner:
         import requests
         self.check()
         client = self._docker()
+        if cancel.is_set():  # stopped before it began: create nothing a later kill could miss
+            return AgentOutcome(None, cancelled=True)
         try:
             # A container left by an earlier attempt of this incident (we hold its claim now)
             # would make the name clash.
