@@ -4095,7 +4095,9 @@ class Dispatcher(threading.Thread):
         if incident_id in self.running():
             return True
         incident = self.store.get_incident(incident_id)
-        if incident is None or incident.status != INVESTIGATING or incident.claimed_by == self.instance:
+        if incident is None:  # not of this database: another deployment's agent, not ours to remove
+            return True
+        if incident.status != INVESTIGATING or incident.claimed_by == self.instance:
             return False
         stale_before = self.store.now() - dt.timedelta(seconds=self.config.stale_after_seconds)
         return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
