@@ -3371,8 +3371,9 @@ class ProcessRunner:
     ``AGENT_MODEL``, ``PROMPT_FILE``, ``NIGHTCRIER_INSTANCE`` (the process
     running it) and the API keys, and writes stdout and
     stderr straight into the workspace's log files. At the deadline, or when
-    cancelled, the whole group gets SIGTERM, then SIGKILL after a grace period.
-    Called from worker threads; holds no state between runs.
+    cancelled, the whole group gets SIGTERM, then SIGKILL after a grace period;
+    :meth:`kill_all` (a second signal) sends every running group SIGKILL at once.
+    Called from worker threads; remembers only the runs in progress.
     """
 
     name = "process"
@@ -3477,7 +3478,8 @@ class DockerRunner:
     and kubeconfig read-only, output/ and logs/ writable). API keys travel only
     in the container's environment. stdout and stderr are streamed into the
     workspace logs while it runs. At the deadline it is stopped (SIGTERM, then
-    SIGKILL after a grace period); it is always removed afterwards.
+    SIGKILL after a grace period); it is always removed afterwards, and
+    :meth:`kill_all` (a second signal) removes every running one at once.
 
     Raises :class:`RunnerUnavailable` when the engine cannot be reached or the
     image is missing, so that the incident is retried rather than failed.
@@ -5387,7 +5389,9 @@ class Service:
     stores or spools everything still queued, then the dispatcher, which stops
     claiming and gives running agents ``shutdown_timeout`` before stopping them
     and returning their incidents to pending -- and is safe to call twice.
-    Created and driven by the main thread.
+    :meth:`start` first proves the process alive (the store's liveness lock);
+    :meth:`abort` is the second signal's way out. Created and driven by the main
+    thread.
     """
 
     def __init__(self, config: Config, store: StateStore | None = None, instance: str = ""):
