@@ -215,6 +215,25 @@ def test_claims_and_heartbeats_use_the_database_clock(store: nc.StateStore) -> N
     assert store.recover_stale(30.0, max_attempts=2) == ([incident_id], [])
 
 
+def test_a_replica_whose_clock_is_off_neither_keeps_a_dead_claim_alive_nor_orphans_a_live_one(
+        store: nc.StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    (incident_id,) = store.insert_events([make_event("c1")])
+    real = nc.utcnow
+    # This process's clock runs an hour ahead of the database's.
+    monkeypatch.setattr(nc, "utcnow", lambda: real() + nc.dt.timedelta(hours=1))
+    claimed = store.claim_next("skewed")
+    assert claimed is not None and claimed.heartbeat_at is not None
+    assert abs((claimed.heartbeat_at - store.now()).total_seconds()) < 5, "claimed on the local clock"
+    # Sixty seconds later, by the database, its heartbeat is stale -- not an hour later.
+    store._execute("UPDATE incidents SET heartbeat_at = ? WHERE incident_id = ?",  # type: ignore[attr-defined]
+                   (store.now() - nc.dt.timedelta(seconds=61), incident_id))
+    assert store.recover_stale(60.0, max_attempts=2) == ([incident_id], [])
+    # And a replica an hour behind does not find a fresh heartbeat stale.
+    monkeypatch.setattr(nc, "utcnow", lambda: real() - nc.dt.timedelta(hours=1))
+    assert store.claim_next("behind") is not None
+    assert store.recover_stale(60.0, max_attempts=2) == ([], [])
+
+
 # -- liveness -------------------------------------------------------------------------------
 
 
