@@ -1501,7 +1501,7 @@ class SqlStore(StateStore):
         return self._sweep(f"heartbeat_at < {self.AGO}", (self._ago_param(stale_before),), max_attempts)
 
     def recover_orphans(self, instance: str, max_attempts: int) -> tuple[list[str], list[str]]:
-        if not self._liveness_instance:
+        if not self._liveness_instance or not self._may_judge():
             return [], []
         claimants = {r["claimed_by"] for r in self._query(
             "SELECT DISTINCT claimed_by FROM incidents WHERE status = 'investigating' "
@@ -1514,6 +1514,10 @@ class SqlStore(StateStore):
     def _is_alive(self, instance: str | None) -> bool:
         """Whether the process that claimed as ``instance`` still holds its liveness lock."""
         raise NotImplementedError
+
+    def _may_judge(self) -> bool:
+        """Whether a free liveness lock proves its process dead right now."""
+        return True
 
     def _sweep(self, condition: str, params: Sequence[Any], max_attempts: int
                ) -> tuple[list[str], list[str]]:
@@ -2073,13 +2077,15 @@ class PostgresStore(SqlStore):
     :meth:`hold_liveness` keeps a session advisory lock, in the two-key space
     of ``LIVENESS_CLASS``, on a connection of a daemon thread's own; a process
     whose lock nobody holds is dead (or lost its database) and its claims are
-    orphans.
+    orphans -- except in the first ``LIVENESS_SETTLE_SECONDS`` after the server
+    started, when every live process is still taking its lock again.
     """
 
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
     LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
     LIVENESS_CHECK_SECONDS = 1.0
+    LIVENESS_SETTLE_SECONDS = 15.0  # after a server start: longer than re-taking a lock takes
     _empty = False  # read-only on a database nightcrier never ran on
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     WORK_CHANNEL = "nightcrier_work"
@@ -2185,6 +2191,14 @@ class PostgresStore(SqlStore):
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
+                # The server, too, must notice within seconds that a vanished host's session
+                # (and so its lock) is dead; its own keepalive default is two hours.
+                for setting_sql in ("SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 1",
+                                    "SET tcp_keepalives_count = 3", "SET tcp_user_timeout = 8000"):
+                    try:
+                        cur.execute(setting_sql)
+                    except psycopg2.Error:  # an older server without it: its default applies
+                        pass
                 # Not the blocking form: a session of ours the server has not yet noticed
                 # is dead may still hold it for a moment.
                 cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
@@ -2217,6 +2231,12 @@ class PostgresStore(SqlStore):
                 conn = None
         if conn is not None:
             conn.close()
+
+    def _may_judge(self) -> bool:
+        # A server that just restarted dropped every process's lock at once; the live ones
+        # take theirs again within seconds, and must not be swept meanwhile.
+        return bool(self._select("SELECT now() - pg_postmaster_start_time() > make_interval(secs => %s) "
+                                 "AS settled", (self.LIVENESS_SETTLE_SECONDS,))[0]["settled"])
 
     def _is_alive(self, instance: str | None) -> bool:
         if not instance:
