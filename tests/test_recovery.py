@@ -519,3 +519,50 @@ def test_read_report_never_exceeds_its_limit_and_keeps_what_it_shows(tmp_path: P
     shown = data[:limit].decode("utf-8", "replace")
     assert shown.startswith(head) and len(shown) - len(head) <= 1, "only a cut character is held back"
     assert f"of {len(data)} bytes" in note
+
+
+@pytest.fixture
+def throwaway_postgres() -> Iterator[Any]:
+    """A PostgreSQL server of this test's own, which the test may restart."""
+    import infra
+    bindir = infra._native_bindir()
+    if bindir is None:
+        infra.unavailable("no initdb/pg_ctl under /usr/lib/postgresql")
+    server = infra._NativeServer(bindir)
+    try:
+        server.url = server.start()
+    except infra._Unavailable as exc:
+        infra.unavailable(str(exc))
+    yield server
+    server.close()
+
+
+def test_a_database_restart_does_not_make_live_processes_orphans(throwaway_postgres: Any) -> None:
+    server = throwaway_postgres
+    alive = nc.PostgresStore(server.url, max_open=5, wait=30)
+    other = nc.PostgresStore(server.url, max_open=5, wait=30)
+    try:
+        alive.hold_liveness("alive-instance")
+        other.hold_liveness("other-instance")
+        (incident_id,) = alive.insert_events([make_event("c1")])
+        assert alive.claim_next("alive-instance") is not None
+        restarted = server._run(os.path.join(server.bindir, "pg_ctl"), "-D", server.data, "-w", "-t", "30",
+                                "-l", server.log, "-m", "fast", "restart")
+        assert restarted.returncode == 0, restarted.stderr
+        # Every lock died with the server. At once, nobody judges...
+        assert other.recover_orphans("other-instance", max_attempts=2) == ([], [])
+        # ...and once the server has settled, the live process holds its lock again.
+        nc.PostgresStore.LIVENESS_SETTLE_SECONDS, settle = 3.0, nc.PostgresStore.LIVENESS_SETTLE_SECONDS
+        try:
+            wait_for(lambda: other._may_judge(), timeout=30,  # type: ignore[attr-defined]
+                     what="the server to settle")
+            assert other.recover_orphans("other-instance", max_attempts=2) == ([], [])
+        finally:
+            nc.PostgresStore.LIVENESS_SETTLE_SECONDS = settle
+        incident = other.get_incident(incident_id)
+        assert incident is not None and (incident.status, incident.claimed_by) == (
+            nc.INVESTIGATING, "alive-instance")
+        assert other._is_alive("alive-instance")  # type: ignore[attr-defined]
+    finally:
+        alive.close()
+        other.close()
