@@ -3341,6 +3341,7 @@ STOP_GRACE_SECONDS = 10.0
 ORPHAN_CHECK_SECONDS = 2.0       # how often dead processes' claims are looked for
 ABORT_SECONDS = 2.0              # what a second signal may spend killing agents and releasing claims
 CLAIM_LOST_REASON = "claim lost while the agent ran; result discarded"
+ABORTED_REASON = "stopped by a second signal"
 
 
 class RunnerUnavailable(Exception):
@@ -3922,6 +3923,8 @@ class _Run:
     cancel: threading.Event
     future: Any = None
     lost: bool = False
+    execution_id: str = ""
+    logs: dict[str, str] = field(default_factory=dict)
 
 
 class Dispatcher(threading.Thread):
@@ -4010,11 +4013,13 @@ class Dispatcher(threading.Thread):
         released: list[str] = []
 
         def release_all() -> None:
-            for incident_id in runs:
+            for incident_id, run in runs.items():
                 try:
                     if self.store.release(incident_id, self.instance, "nightcrier stopped by a second "
                                           "signal while the agent ran"):
                         released.append(incident_id)
+                    if run.execution_id:
+                        self.store.finish_execution(run.execution_id, None, ABORTED_REASON, run.logs)
                 except Exception as exc:  # the sweep of the next start covers what is left
                     log_event(logging.ERROR, "cannot release incident", incident_id=incident_id,
                               error=_short_error(exc))
@@ -4105,7 +4110,7 @@ class Dispatcher(threading.Thread):
 
     def _claim_lost(self, incident_id: str) -> None:
         run = self._running.get(incident_id)
-        if run is None or run.lost:
+        if run is None or run.lost or self._aborting.is_set():
             return
         run.lost = True
         run.cancel.set()
@@ -4166,6 +4171,7 @@ class Dispatcher(threading.Thread):
             timeout=config.agent_timeout, kubeconfig=cluster.triage.kubeconfig if cluster else "")
         logs = agent_log_paths(workspace)
         execution = self.store.start_execution(incident.incident_id, self._image(), logs)
+        run.execution_id, run.logs = execution.execution_id, logs
         log_event(logging.INFO, "worker started incident", incident_id=incident.incident_id,
                   cluster=incident.cluster, runner=self.runner.name, attempt=incident.attempts)
         self.metrics.agents_running.inc()
@@ -4180,6 +4186,9 @@ class Dispatcher(threading.Thread):
         self.runner_error = ""
         self._runner_backoff.reset()
         self.metrics.agent_duration.observe(time.monotonic() - started)
+        if self._aborting.is_set():  # abort() gave the incident back already
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs)
+            return
         if run.lost or (not outcome.cancelled
                         and not self.store.refresh_claims(self.instance, [incident.incident_id])):
             # Another process owns the incident now: nothing of this run may become its verdict.
@@ -4189,8 +4198,7 @@ class Dispatcher(threading.Thread):
             return
         self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs)
         if outcome.cancelled:
-            if not self._aborting.is_set():
-                self._release(incident, "nightcrier shut down while the agent ran")
+            self._release(incident, "nightcrier shut down while the agent ran")
             return
         status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
                                        config.investigation_min_size_bytes)

@@ -373,6 +373,8 @@ def test_a_second_sigterm_kills_agents_and_returns_incidents_to_pending(
     for incident_id in incident_ids:
         incident = store.get_incident(incident_id)
         assert incident is not None and incident.attempts == 0 and incident.claimed_by is None
+        (execution,) = store.list_executions(incident_id)
+        assert execution.completed_at is not None and execution.error_message == "stopped by a second signal"
     store.close()
 
 
