@@ -15,6 +15,14 @@ writing: clusters stay subscribed, what arrives is spooled and stored once the
 database answers, and one fault emission received twice (by two subscriptions,
 or by two replicas while a cluster changes hands) is stored once.
 
+Each ``run`` process proves it is alive with a lock that dies with it (a
+session advisory lock on PostgreSQL, ``<db>.lock`` on SQLite, which only one
+``run`` process may own), so the incidents of a dead process run again within
+seconds; heartbeats and staleness use the database's clock. Each attempt of an
+incident starts with an empty ``output/`` (earlier ones are kept under
+``attempts/<n>/``), and a run whose claim was lost writes nothing, so every
+verdict is about the run it names.
+
 The agent is treated as untrusted code: it runs in a locked-down container,
 gets only its own CLI's credentials, and everything it leaves in its workspace
 is read without following links, opening FIFOs or reading past a size cap, so
@@ -246,6 +254,9 @@ class Config:
     gemini_api_key: str = setting("", "GEMINI_API_KEY", "passed to the agent", secret=True)
     investigation_min_size_bytes: int = setting(100, "INVESTIGATION_MIN_SIZE_BYTES",
                                                 "smallest report that counts", minimum=0)
+    report_max_bytes: int = setting(1024 * 1024, "REPORT_MAX_BYTES",
+                                    "largest report read into the database and Slack; the rest is "
+                                    "cut with a note (the file stays)", minimum=1)
     stale_after_seconds: float = setting(60.0, "STALE_AFTER_SECONDS",
                                          "a running incident without heartbeat this long is orphaned",
                                          minimum=1)
@@ -1411,6 +1422,10 @@ class SchemaTooNew(StoreError):
     """The database was migrated by a newer nightcrier; this one refuses to touch it."""
 
 
+class DatabaseOwned(StoreError):
+    """Another live nightcrier process owns this SQLite database; the message names it."""
+
+
 @dataclass(frozen=True)
 class IncidentFilter:
     """Criteria for :meth:`StateStore.list_incidents`; empty fields match everything."""
@@ -1432,7 +1447,8 @@ class StateStore:
     transaction: either all of their effect is visible or none of it. Methods
     raise :class:`StoreUnavailable` when the database cannot be reached (the
     caller retries with backoff) and :class:`StoreError` for anything else.
-    Timestamps go in and come out as timezone-aware UTC datetimes.
+    Timestamps go in and come out as timezone-aware UTC datetimes; the times of
+    claims, heartbeats, completions and sweeps are the database's own clock.
     """
 
     engine = "abstract"
@@ -1470,6 +1486,16 @@ class StateStore:
 
         Returns how many were refreshed; fewer than asked means some were taken away.
         """
+        return len(self.refresh_claims(worker_id, incident_ids))
+
+    def refresh_claims(self, worker_id: str, incident_ids: Sequence[str]) -> set[str]:
+        """Like :meth:`heartbeat`, but returns the ids still held: a missing one was swept or
+        taken over, and its run must stop without writing a result."""
+        raise NotImplementedError
+
+    def now(self) -> dt.datetime:
+        """The database's clock. Claims, heartbeats and staleness are all measured on it, so
+        that replicas whose clocks disagree still agree on which claim is stale."""
         raise NotImplementedError
 
     def set_workspace(self, incident_id: str, workspace_path: str) -> None:
@@ -1513,14 +1539,43 @@ class StateStore:
         """
         raise NotImplementedError
 
-    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+    def requeue(self, incident_id: str, worker_id: str, reason: str, max_attempts: int) -> str | None:
+        """Return a claimed incident to ``pending`` *counting* the attempt, or fail it when
+        ``attempts`` has reached ``max_attempts``; for runs that broke after the agent started.
+
+        Returns the new status, or None (changing nothing) if the claim is not ``worker_id``'s.
+        """
+        raise NotImplementedError
+
+    def recover_stale(self, stale_before: dt.datetime | float, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
         """Sweep incidents whose worker stopped sending heartbeats, in one transaction.
 
-        Those investigating with ``heartbeat_at`` older than ``stale_before`` go
-        back to ``pending`` while ``attempts < max_attempts``, else become
-        ``failed`` with reason ``orphaned``; their open executions are closed.
-        Returns (requeued ids, failed ids).
+        Those investigating with ``heartbeat_at`` older than ``stale_before`` (a
+        moment, or a number of seconds before the database's clock) go back to
+        ``pending`` while ``attempts < max_attempts``, else become ``failed`` with
+        reason ``orphaned``; their open executions are closed. Returns (requeued
+        ids, failed ids).
+        """
+        raise NotImplementedError
+
+    def hold_liveness(self, instance: str) -> None:
+        """Prove, for as long as this store is open, that the process ``instance`` is alive.
+
+        A lock that dies with the process: a session advisory lock on a connection
+        of its own on PostgreSQL (re-taken if that connection breaks), an exclusive
+        ``flock`` on ``<database>.lock`` on SQLite. Raises :class:`DatabaseOwned` on
+        SQLite when another live process holds it. Calling it again with the same
+        instance does nothing.
+        """
+        raise NotImplementedError
+
+    def recover_orphans(self, instance: str, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Sweep, like :meth:`recover_stale`, the incidents claimed by processes whose
+        liveness lock is free: they died, whatever their last heartbeat says.
+
+        Only a store that holds its own liveness lock judges others; otherwise
+        this returns ([], []). Returns (requeued ids, failed ids).
         """
         raise NotImplementedError
 
@@ -1775,6 +1830,14 @@ class SqlStore(StateStore):
 
     # Claims take a row lock on the cluster's queue row where the engine has row locks.
     SKIP_LOCKED = ""
+    # The database's clock as an SQL expression, and one for "? seconds before it".
+    NOW = "now()"
+    AGO = "(now() - make_interval(secs => ?))"
+    _liveness_instance = ""
+
+    @staticmethod
+    def _ago_param(seconds: float) -> Any:
+        return float(seconds)
 
     def _announce_work(self, run: Callable[..., Any]) -> None:
         """Tell other processes' dispatchers that something became claimable (at commit)."""
@@ -1817,17 +1880,18 @@ class SqlStore(StateStore):
                 if ready is None:
                     return None
                 cluster = ready["cluster"]
-                now = utcnow()
+                now = self.NOW
                 run("SAVEPOINT claim")
                 try:
                     claimed = run(
-                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, heartbeat_at = ?, "
-                        "started_at = ?, updated_at = ?, attempts = attempts + 1 "
+                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, "
+                        f"heartbeat_at = {now}, started_at = {now}, updated_at = {now}, "
+                        "attempts = attempts + 1 "
                         "WHERE status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
                         "WHERE cluster = ? AND status = 'pending' ORDER BY created_at, incident_id LIMIT 1) "
                         "AND NOT EXISTS "
                         "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating') "
-                        "RETURNING *", (worker_id, now, now, now, cluster, cluster)).fetchone()
+                        "RETURNING *", (worker_id, cluster, cluster)).fetchone()
                 except self.integrity_errors():
                     # A writer that bypassed the queue row flipped an incident of this
                     # cluster a moment ago; the one-investigating index refused ours.
@@ -1853,51 +1917,89 @@ class SqlStore(StateStore):
                  reason: str | None) -> bool:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"not a final status: {status!r}")
-        now = utcnow()
+        now = self.NOW
         return self._finish_claim(
-            "UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = ?, "
-            "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
+            f"UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
+            f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
             "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (status, exit_code, reason, now, now, incident_id, worker_id))
+            (status, exit_code, reason, incident_id, worker_id)) is not None
 
     def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
         return self._finish_claim(
-            "UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = ?, "
+            f"UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = {self.NOW}, "
             "claimed_by = NULL, heartbeat_at = NULL, "
             "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
             "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (reason, utcnow(), incident_id, worker_id))
+            (reason, incident_id, worker_id)) is not None
 
-    def _finish_claim(self, sql: str, params: Sequence[Any]) -> bool:
-        def finish(run: Callable[..., Any]) -> bool:
+    def requeue(self, incident_id: str, worker_id: str, reason: str, max_attempts: int) -> str | None:
+        now = self.NOW
+        row = self._finish_claim(
+            "UPDATE incidents SET status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'pending' END, "
+            f"failure_reason = ?, updated_at = {now}, "
+            f"completed_at = CASE WHEN attempts >= ? THEN {now} ELSE NULL END, "
+            "claimed_by = NULL, heartbeat_at = NULL "
+            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster, status",
+            (max_attempts, reason, max_attempts, incident_id, worker_id))
+        return None if row is None else row["status"]
+
+    def _finish_claim(self, sql: str, params: Sequence[Any]) -> Any:
+        def finish(run: Callable[..., Any]) -> Any:
             row = run(sql, params).fetchone()
             if row is not None:
+                row = dict(row)
                 self._refresh_queue(run, row["cluster"])
                 self._announce_work(run)
-            return row is not None
+            return row
         return self._transaction(finish)
 
-    def recover_stale(self, stale_before: dt.datetime, max_attempts: int
+    def recover_stale(self, stale_before: dt.datetime | float, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
-        now = utcnow()
+        if isinstance(stale_before, dt.datetime):
+            return self._sweep("heartbeat_at < ?", (stale_before,), max_attempts)
+        return self._sweep(f"heartbeat_at < {self.AGO}", (self._ago_param(stale_before),), max_attempts)
+
+    def recover_orphans(self, instance: str, max_attempts: int) -> tuple[list[str], list[str]]:
+        if not self._liveness_instance or not self._may_judge():
+            return [], []
+        claimants = {r["claimed_by"] for r in self._query(
+            "SELECT DISTINCT claimed_by FROM incidents WHERE status = 'investigating' "
+            "AND claimed_by IS NOT NULL")}
+        dead = sorted(c for c in claimants if c != self._liveness_instance and not self._is_alive(c))
+        if not dead:
+            return [], []
+        return self._sweep(f"claimed_by IN ({','.join('?' * len(dead))})", dead, max_attempts)
+
+    def _is_alive(self, instance: str | None) -> bool:
+        """Whether the process that claimed as ``instance`` still holds its liveness lock."""
+        raise NotImplementedError
+
+    def _may_judge(self) -> bool:
+        """Whether a free liveness lock proves its process dead right now."""
+        return True
+
+    def _sweep(self, condition: str, params: Sequence[Any], max_attempts: int
+               ) -> tuple[list[str], list[str]]:
+        """Requeue or fail the investigating incidents matching ``condition``, in one transaction."""
+        now = self.NOW
 
         def sweep(run: Callable[..., Any]) -> tuple[list[str], list[str]]:
             failed = run(
-                "UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = ?, "
-                "updated_at = ?, claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < ? AND attempts >= ? "
-                "RETURNING incident_id, cluster", (ORPHANED_REASON, now, now, stale_before, max_attempts)
+                f"UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = {now}, "
+                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
+                f"WHERE status = 'investigating' AND {condition} AND attempts >= ? "
+                "RETURNING incident_id, cluster", (ORPHANED_REASON, *params, max_attempts)
             ).fetchall()
             requeued = run(
-                "UPDATE incidents SET status = 'pending', updated_at = ?, "
+                f"UPDATE incidents SET status = 'pending', updated_at = {now}, "
                 "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, 'unknown') || ' stopped', "
                 "claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE status = 'investigating' AND heartbeat_at < ? RETURNING incident_id, cluster",
-                (now, stale_before)).fetchall()
+                f"WHERE status = 'investigating' AND {condition} RETURNING incident_id, cluster",
+                tuple(params)).fetchall()
             for row in [*failed, *requeued]:
-                run("UPDATE agent_executions SET completed_at = ?, error_message = ? "
+                run(f"UPDATE agent_executions SET completed_at = {now}, error_message = ? "
                     "WHERE incident_id = ? AND completed_at IS NULL",
-                    (now, "worker lost", row["incident_id"]))
+                    ("worker lost", row["incident_id"]))
             for cluster in sorted({row["cluster"] for row in [*failed, *requeued]}):
                 self._refresh_queue(run, cluster)
             self._repair_queue(run)
@@ -1923,13 +2025,19 @@ class SqlStore(StateStore):
             "WHERE next_pending_at IS NULL AND EXISTS (SELECT 1 FROM incidents i "
             "WHERE i.cluster = cluster_queue.cluster AND i.status = 'pending')")
 
-    def heartbeat(self, worker_id: str, incident_ids: Sequence[str]) -> int:
+    def refresh_claims(self, worker_id: str, incident_ids: Sequence[str]) -> set[str]:
         if not incident_ids:
-            return 0
+            return set()
         marks = ",".join("?" * len(incident_ids))
-        return self._execute(
-            "UPDATE incidents SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'investigating' "
-            f"AND incident_id IN ({marks})", (utcnow(), worker_id, *incident_ids))
+        return self._transaction(lambda run: {str(r["incident_id"]) for r in run(
+            f"UPDATE incidents SET heartbeat_at = {self.NOW} WHERE claimed_by = ? "
+            f"AND status = 'investigating' AND incident_id IN ({marks}) RETURNING incident_id",
+            (worker_id, *incident_ids)).fetchall()})
+
+    def now(self) -> dt.datetime:
+        moment = _ts(self._query(f"SELECT {self.NOW} AS now")[0]["now"])
+        assert moment is not None
+        return moment
 
     def set_workspace(self, incident_id: str, workspace_path: str) -> None:
         self._execute("UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
@@ -2031,32 +2139,126 @@ class SqliteStore(SqlStore):
     WAL journal, ``synchronous=NORMAL``, foreign keys on, a busy timeout, one
     connection per thread (closed when its thread ends), and ``BEGIN IMMEDIATE``
     for every transaction that writes, so writers queue on the busy timeout
-    instead of failing with "database is locked". Several processes may share the
-    file. The schema is applied when the store opens.
+    instead of failing with "database is locked". Several processes may read and
+    write the file, but only one ``run`` process owns it: :meth:`hold_liveness`
+    takes an exclusive ``flock`` on ``<path>.lock`` (holder's pid, host and
+    instance written inside) and refuses a second owner with
+    :class:`DatabaseOwned`. Because there is only ever one owner, every incident
+    claimed by another instance is an orphan once the owner holds the lock. The
+    schema is applied when the store opens; ``owner`` takes the lock first, so a
+    refused process never migrates. ``read_only`` opens an existing database for
+    the commands that only read: no migration, no repair, no write.
     """
 
     engine = "sqlite"
+    # Fixed-width text like _iso() gives, so that it compares with stored times as a string.
+    NOW = "(strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000+00:00')"
+    AGO = "(strftime('%Y-%m-%dT%H:%M:%f', 'now', ?) || '000+00:00')"
 
-    def __init__(self, path: str, busy_timeout: float = 30.0):
+    @staticmethod
+    def _ago_param(seconds: float) -> Any:
+        return f"-{float(seconds):.3f} seconds"
+
+    def __init__(self, path: str, busy_timeout: float = 30.0, *, read_only: bool = False,
+                 owner: str = ""):
         self.path = path
+        self.read_only = read_only
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
         self._conns: set[sqlite3.Connection] = set()   # touched only with atomic set operations
         self._closed = False
+        self._lock_fd: int | None = None
         self._stop_checkpoints = threading.Event()
+        self._uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+        if read_only:
+            if not os.path.lexists(path):
+                # Nothing stored yet: read an empty database in memory rather than create the file.
+                self._uri = f"file:nightcrier-empty-{new_id()}?mode=memory&cache=shared"
+                self._keeper = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+                for _, statements in read_schema("sqlite"):
+                    for statement in statements:
+                        self._keeper.execute(statement)
+                self._keeper.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+                                     "dirty INTEGER NOT NULL DEFAULT 0, applied_at TEXT NOT NULL)")
+                self._keeper.execute("INSERT INTO schema_migrations VALUES (?, 0, '')",
+                                     (latest_schema_version("sqlite"),))
+                self._keeper.commit()
+            self._check_readable_schema()
+            return
         parent = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create directory for {path}: {exc}") from exc
+        if owner:
+            self.hold_liveness(owner)
         created = not os.path.exists(path)
-        self._write_fn(self._migrate)
+        try:
+            self._write_fn(self._migrate)
+        except BaseException:
+            self._release_lock()
+            raise
         self._transaction(lambda run: self._repair_queue(run, full=True))
         if created:
             os.chmod(path, 0o600)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                               name="sqlite-checkpoint")
         self._checkpointer.start()
+
+    def _check_readable_schema(self) -> None:
+        try:
+            row = self._read("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
+        except StoreError as exc:
+            raise StoreError(f"{self.path} is not a nightcrier database ({exc})") from exc
+        latest = latest_schema_version("sqlite")
+        current = row[0]["version"] if row else 0
+        _check_schema_version(current, latest, bool(row and row[0]["dirty"]))
+        if current < latest:
+            raise StoreError(f"database schema is version {current}, older than this nightcrier's "
+                             f"({latest}); start `nightcrier run` once to migrate it")
+
+    # liveness: one owner per file
+
+    @property
+    def lock_path(self) -> str:
+        return self.path + ".lock"
+
+    def hold_liveness(self, instance: str) -> None:
+        import fcntl
+        if self._liveness_instance:
+            if self._liveness_instance != instance:
+                raise StoreError(f"this store already proves {self._liveness_instance} alive")
+            return
+        if self.read_only:
+            raise StoreError("a read-only store cannot own the database")
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open lock file {self.lock_path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise DatabaseOwned(
+                f"SQLite database {self.path} is owned by another nightcrier run process ({holder}); "
+                "only one may run on a SQLite database: stop that one first, or use PostgreSQL "
+                "to run several replicas") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, instance {instance}, "
+                       f"since {_iso(utcnow())}\n").encode(), 0)
+        self._lock_fd = fd
+        self._liveness_instance = instance
+
+    def _is_alive(self, instance: str | None) -> bool:
+        # Only the owner judges (see recover_orphans), and it is the only live process.
+        return instance == self._liveness_instance
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+            self._liveness_instance = ""
 
     def _checkpoint_loop(self, interval: float = 1.0) -> None:
         """Copy the write-ahead log into the database from here, not from a committing writer.
@@ -2081,14 +2283,20 @@ class SqliteStore(SqlStore):
         if self._closed:
             raise StoreError("store is closed")
         try:
-            conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            if self.read_only:
+                conn = sqlite3.connect(self._uri, uri=True, timeout=self._busy_ms / 1000,
+                                       isolation_level=None, check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            else:
+                conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
         # The sentinel lives exactly as long as this thread's locals; when the
@@ -2210,13 +2418,18 @@ class SqliteStore(SqlStore):
     def close(self) -> None:
         self._closed = True
         self._stop_checkpoints.set()
-        if threading.current_thread() is not self._checkpointer:
-            self._checkpointer.join()
+        checkpointer = getattr(self, "_checkpointer", None)
+        if checkpointer is not None and threading.current_thread() is not checkpointer:
+            checkpointer.join()
         conns = list(self._conns)
         self._conns.clear()
         for conn in conns:
             conn.close()
         self._local = threading.local()
+        self._release_lock()
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None:
+            keeper.close()
 
 
 class _ThreadSentinel:
@@ -2248,8 +2461,9 @@ class PostgresPool:
 
     def __init__(self, dsn: str, *, max_open: int = 25, max_idle: int = 5,
                  max_lifetime: float = 300.0, max_idle_time: float = 600.0, wait: float = 30.0,
-                 statement_timeout: float = 30.0, connect_timeout: int = 10):
+                 statement_timeout: float = 30.0, connect_timeout: int = 10, read_only: bool = False):
         self.dsn = dsn
+        self.read_only = read_only
         self.max_open = max_open
         self.max_idle = max_idle
         self.max_lifetime = max_lifetime
@@ -2336,6 +2550,8 @@ class PostgresPool:
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (self.statement_timeout_ms,))
                 cur.execute("SET TIME ZONE 'UTC'")
+                if self.read_only:
+                    cur.execute("SET default_transaction_read_only = on")
             conn.commit()
         except psycopg2.Error as exc:
             reason = " ".join(str(exc).split())
@@ -2356,11 +2572,22 @@ class PostgresStore(SqlStore):
     settles two processes racing for one cluster. ``sslmode`` and every other
     libpq parameter of the connection string are honoured. The schema is applied
     when the store opens, under an advisory lock so that replicas starting
-    together do not race.
+    together do not race; ``read_only`` skips it and opens every transaction
+    read-only, for the commands that only read.
+
+    :meth:`hold_liveness` keeps a session advisory lock, in the two-key space
+    of ``LIVENESS_CLASS``, on a connection of a daemon thread's own; a process
+    whose lock nobody holds is dead (or lost its database) and its claims are
+    orphans -- except in the first ``LIVENESS_SETTLE_SECONDS`` after the server
+    started, when every live process is still taking its lock again.
     """
 
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
+    LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
+    LIVENESS_CHECK_SECONDS = 1.0
+    LIVENESS_SETTLE_SECONDS = 15.0  # after a server start: longer than re-taking a lock takes
+    _empty = False  # read-only on a database nightcrier never ran on
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     WORK_CHANNEL = "nightcrier_work"
 
@@ -2376,7 +2603,7 @@ class PostgresStore(SqlStore):
         while not stop.is_set():
             try:
                 conn = psycopg2.connect(self._pool.dsn, application_name="nightcrier-listen")
-            except psycopg2.Error:
+            except Exception:  # psycopg2.Error or worse: this thread must outlive it and retry
                 stop.wait(backoff.next())
                 continue
             try:
@@ -2390,7 +2617,8 @@ class PostgresStore(SqlStore):
                         if conn.notifies:
                             conn.notifies.clear()
                             wake()
-            except (psycopg2.Error, OSError):
+            except Exception as exc:  # this thread must outlive any error; it reconnects
+                log_event(logging.DEBUG, "work watch connection lost", error=_short_error(exc))
                 stop.wait(backoff.next())
             finally:
                 conn.close()
@@ -2400,14 +2628,126 @@ class PostgresStore(SqlStore):
         import psycopg2
         return (psycopg2.IntegrityError,)
 
-    def __init__(self, dsn: str, **pool_options: Any):
+    def __init__(self, dsn: str, *, read_only: bool = False, **pool_options: Any):
         import psycopg2.errors
         import psycopg2.extras
         self._errors = psycopg2.errors
         self._dict_cursor = psycopg2.extras.RealDictCursor
-        self._pool = PostgresPool(dsn, **pool_options)
+        self._pool = PostgresPool(dsn, read_only=read_only, **pool_options)
+        self._stop_liveness = threading.Event()
+        self._liveness_thread: threading.Thread | None = None
+        if read_only:
+            self._check_readable_schema()
+            return
         self._tx(self._migrate)
         self._transaction(lambda run: self._repair_queue(run, full=True))
+
+    def _check_readable_schema(self) -> None:
+        if self._select("SELECT to_regclass('schema_migrations') AS t")[0]["t"] is None:
+            # Nothing stored yet: every read answers "nothing" rather than create the schema.
+            self._empty = True
+            return
+        try:
+            rows = self._select("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            raise StoreError(f"not a nightcrier database ({exc})") from exc
+        latest = latest_schema_version("postgres")
+        current = rows[0]["version"] if rows else 0
+        _check_schema_version(current, latest, bool(rows and rows[0]["dirty"]))
+        if current < latest:
+            raise StoreError(f"database schema is version {current}, older than this nightcrier's "
+                             f"({latest}); start `nightcrier run` once to migrate it")
+
+    # liveness
+
+    @staticmethod
+    def liveness_key(instance: str) -> int:
+        import zlib
+        return zlib.crc32(instance.encode("utf-8")) & 0x7FFF_FFFF
+
+    def hold_liveness(self, instance: str) -> None:
+        if self._liveness_instance:
+            if self._liveness_instance != instance:
+                raise StoreError(f"this store already proves {self._liveness_instance} alive")
+            return
+        if self._pool.read_only:
+            raise StoreError("a read-only store cannot prove a process alive")
+        conn = self._liveness_connect(instance)  # the first time here: claims wait for it
+        self._liveness_instance = instance
+        self._liveness_thread = threading.Thread(target=self._keep_liveness, args=(instance, conn),
+                                                 daemon=True, name="liveness")
+        self._liveness_thread.start()
+
+    def _liveness_connect(self, instance: str) -> Any:
+        """A connection holding this instance's lock; raises StoreUnavailable if none can be had."""
+        import psycopg2
+        try:
+            conn = psycopg2.connect(self._pool.dsn, application_name=f"nightcrier-live {instance}"[:63],
+                                    connect_timeout=5, keepalives=1, keepalives_idle=5,
+                                    keepalives_interval=1, keepalives_count=3)
+        except psycopg2.Error as exc:
+            raise StoreUnavailable(f"liveness lock: {str(exc).strip()}") from exc
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                # The server, too, must notice within seconds that a vanished host's session
+                # (and so its lock) is dead; its own keepalive default is two hours.
+                for setting_sql in ("SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 1",
+                                    "SET tcp_keepalives_count = 3", "SET tcp_user_timeout = 8000"):
+                    try:
+                        cur.execute(setting_sql)
+                    except psycopg2.Error:  # an older server without it: its default applies
+                        pass
+                # Not the blocking form: a session of ours the server has not yet noticed
+                # is dead may still hold it for a moment.
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                            (self.LIVENESS_CLASS, self.liveness_key(instance)))
+                if not cur.fetchone()[0]:
+                    raise StoreUnavailable("liveness lock still held by an earlier session")
+        except (psycopg2.Error, StoreUnavailable) as exc:
+            conn.close()
+            raise StoreUnavailable(f"liveness lock: {str(exc).strip()}") from exc
+        return conn
+
+    def _keep_liveness(self, instance: str, conn: Any) -> None:
+        """Check the lock's connection every second; re-take the lock when it broke."""
+        backoff = Backoff(0.2, 5.0)
+        while not self._stop_liveness.wait(self.LIVENESS_CHECK_SECONDS if conn else backoff.next()):
+            try:
+                if conn is None:
+                    conn = self._liveness_connect(instance)
+                    backoff.reset()
+                    log_event(logging.INFO, "liveness lock taken again", instance=instance)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+            except Exception as exc:  # any failure means the lock may be gone: take it again
+                if conn is not None:
+                    log_event(logging.WARNING, "liveness lock connection lost", error=_short_error(exc))
+                    try:
+                        conn.close()
+                    except Exception:  # already broken
+                        pass
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _may_judge(self) -> bool:
+        # A server that just restarted dropped every process's lock at once; the live ones
+        # take theirs again within seconds, and must not be swept meanwhile.
+        return bool(self._select("SELECT now() - pg_postmaster_start_time() > make_interval(secs => %s) "
+                                 "AS settled", (self.LIVENESS_SETTLE_SECONDS,))[0]["settled"])
+
+    def _is_alive(self, instance: str | None) -> bool:
+        if not instance:
+            return False
+        rows = self._select(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+            "AND classid = %s AND objid = %s "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (self.LIVENESS_CLASS, self.liveness_key(instance)))
+        return bool(rows)
 
     def _tx(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(cursor)`` in one transaction, retrying once on a broken connection."""
@@ -2516,6 +2856,8 @@ class PostgresStore(SqlStore):
         return self._tx(body)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._empty:
+            return []
         return self._select(sql.replace("?", "%s"), params)
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -2525,6 +2867,9 @@ class PostgresStore(SqlStore):
         return self._tx(run)
 
     def close(self) -> None:
+        self._stop_liveness.set()
+        if self._liveness_thread is not None:
+            self._liveness_thread.join(self.LIVENESS_CHECK_SECONDS + 5)
         self._pool.close()
 
 
@@ -2536,17 +2881,31 @@ def _pg_clean(value: Any) -> Any:
     return value
 
 
-def open_store(config: Config) -> StateStore:
-    """The store the configuration names, schema applied. Raises StoreError/StoreUnavailable."""
+def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> StateStore:
+    """The store the configuration names, schema applied. Raises StoreError/StoreUnavailable.
+
+    ``owner`` (an instance id) also takes the liveness lock -- on SQLite before the
+    schema is touched, so a refused second process changes nothing. ``read_only``
+    opens an existing database without migrating, repairing or writing.
+    """
     storage = config.state_storage
     if storage.type == "postgres":
-        return PostgresStore(postgres_dsn(storage), max_open=storage.postgres_max_open_conns,
-                             max_idle=storage.postgres_max_idle_conns,
-                             max_lifetime=storage.postgres_conn_max_lifetime,
-                             max_idle_time=storage.postgres_conn_max_idle_time,
-                             wait=storage.postgres_pool_wait,
-                             statement_timeout=storage.postgres_statement_timeout)
-    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout)
+        store = PostgresStore(postgres_dsn(storage), read_only=read_only,
+                              max_open=storage.postgres_max_open_conns,
+                              max_idle=storage.postgres_max_idle_conns,
+                              max_lifetime=storage.postgres_conn_max_lifetime,
+                              max_idle_time=storage.postgres_conn_max_idle_time,
+                              wait=storage.postgres_pool_wait,
+                              statement_timeout=storage.postgres_statement_timeout)
+        if owner:
+            try:
+                store.hold_liveness(owner)
+            except BaseException:
+                store.close()
+                raise
+        return store
+    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout,
+                       read_only=read_only, owner=owner)
 
 
 ###############################################################################
@@ -3633,10 +3992,22 @@ Numbered, concrete next steps for a human, most urgent first.
 AGENT_HOME = "/home/agent"
 STOP_GRACE_SECONDS = 10.0
 RUNNER_CHECK_INTERVAL = 30.0   # seconds between checks that the runner could start an agent
+ORPHAN_CHECK_SECONDS = 2.0       # how often dead processes' claims are looked for
+ABORT_SECONDS = 2.0              # what a second signal may spend killing agents and releasing claims
+CLAIM_LOST_REASON = "claim lost while the agent ran; result discarded"
+ABORTED_REASON = "stopped by a second signal"
 
 
 class RunnerUnavailable(Exception):
-    """The agent could not be started for reasons outside the incident (engine down, image missing)."""
+    """The agent could not be run for reasons outside the incident (engine down, image missing).
+
+    ``started`` is True when the agent had already started: that run counts as
+    an attempt, so an incident cannot bounce between pending and investigating.
+    """
+
+    def __init__(self, message: str, started: bool = False):
+        super().__init__(message)
+        self.started = started
 
 
 @dataclass
@@ -3675,17 +4046,28 @@ class ProcessRunner:
     ``AGENT_MODEL``, ``PROMPT_FILE``, ``NIGHTCRIER_INSTANCE`` (the process
     running it) and the API keys, and writes stdout and
     stderr straight into the workspace's log files. At the deadline, or when
-    cancelled, the whole group gets SIGTERM, then SIGKILL after a grace period.
-    Called from worker threads; holds no state between runs.
+    cancelled, the whole group gets SIGTERM, then SIGKILL after a grace period;
+    :meth:`kill_all` (a second signal) sends every running group SIGKILL at once.
+    Called from worker threads; remembers only the runs in progress.
     """
 
     name = "process"
 
     def __init__(self, grace: float = STOP_GRACE_SECONDS):
         self.grace = grace
+        self._procs: dict[str, Any] = {}   # incident id -> Popen, for kill_all
 
     def check(self) -> None:
         """Nothing to check: the command is validated at configuration time."""
+
+    def kill_all(self) -> None:
+        """SIGKILL every running agent's process group at once (a second signal; any thread)."""
+        import signal
+        for proc in list(self._procs.values()):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
         import shutil
@@ -3706,22 +4088,30 @@ class ProcessRunner:
             os.close(out)
             return AgentOutcome(None, error=f"cannot open the agent's log: {exc}")
         try:
-            proc = subprocess.Popen(_with_parent_death_signal(job.command), cwd=job.workspace,
-                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
-        except OSError as exc:
-            return AgentOutcome(None, error=f"cannot start agent command: {exc}")
+            if cancel.is_set():  # stopped before it began: start nothing a later kill could miss
+                return AgentOutcome(None, cancelled=True)
+            try:
+                proc = subprocess.Popen(_with_parent_death_signal(job.command), cwd=job.workspace,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        start_new_session=True)
+            except OSError as exc:
+                return AgentOutcome(None, error=f"cannot start agent command: {exc}")
         finally:
             os.close(out)
             os.close(err)
-        deadline = time.monotonic() + job.timeout
-        while proc.poll() is None:
-            if cancel.is_set() or time.monotonic() >= deadline:
-                self._stop_group(proc)
-                return AgentOutcome(proc.returncode, timed_out=not cancel.is_set(),
-                                    cancelled=cancel.is_set())
-            cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-        return AgentOutcome(proc.returncode)
+        self._procs[job.incident_id] = proc
+        try:
+            deadline = time.monotonic() + job.timeout
+            while proc.poll() is None:
+                if cancel.is_set() or time.monotonic() >= deadline:
+                    self._stop_group(proc)
+                    return AgentOutcome(proc.returncode, timed_out=not cancel.is_set(),
+                                        cancelled=cancel.is_set())
+                cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            # A group killed by kill_all() ends here too; its exit code is no verdict.
+            return AgentOutcome(proc.returncode, cancelled=cancel.is_set() and proc.returncode != 0)
+        finally:
+            self._procs.pop(job.incident_id, None)
 
     def _stop_group(self, proc: Any) -> None:
         import signal
@@ -3777,7 +4167,8 @@ class DockerRunner:
     in the container's environment. stdout and stderr are streamed into the
     workspace logs, opened by nightcrier before the container starts. At the
     deadline it is stopped (SIGTERM, then SIGKILL after a grace period); it is
-    always removed afterwards.
+    always removed afterwards, and :meth:`kill_all` (a second signal) removes
+    every running one at once.
 
     Raises :class:`RunnerUnavailable` when the engine cannot be reached or the
     image is missing, so that the incident is retried rather than failed.
@@ -3794,6 +4185,22 @@ class DockerRunner:
         self.grace = grace
         self._client: Any = None
         self._lock = threading.Lock()
+        self._containers: dict[str, Any] = {}   # incident id -> running container, for kill_all
+
+    def kill_all(self, timeout: float = ABORT_SECONDS) -> None:
+        """Remove every running agent container at once, in parallel, within ``timeout``."""
+        def remove(container: Any) -> None:
+            try:
+                container.remove(force=True)
+            except Exception as exc:  # the engine may be gone; the next start's sweep retries
+                log_event(logging.WARNING, "agent container not removed", error=_short_error(exc))
+        threads = [threading.Thread(target=remove, args=(c,), daemon=True)
+                   for c in list(self._containers.values())]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _docker(self) -> Any:
         import docker
@@ -3825,6 +4232,8 @@ class DockerRunner:
         import requests
         self.check()
         client = self._docker()
+        if cancel.is_set():  # stopped before it began: create nothing a later kill could miss
+            return AgentOutcome(None, cancelled=True)
         try:
             # A container left by an earlier attempt of this incident (we hold its claim now)
             # would make the name clash.
@@ -3849,19 +4258,27 @@ class DockerRunner:
             except (docker.errors.DockerException, requests.RequestException):
                 pass  # the orphan sweep removes it
             return AgentOutcome(None, error=f"cannot open the agent's log: {exc}")
+        started = False
+        self._containers[job.incident_id] = container
         try:
             container.start()
+            started = True
             pumps = self._stream_logs(container, log_fds)
             log_fds = []
             outcome = self._wait(container, job, cancel)
             for pump in pumps:
                 pump.join(10)
+            outcome.cancelled = outcome.cancelled or cancel.is_set()
             return outcome
         except (docker.errors.DockerException, requests.RequestException) as exc:
-            raise RunnerUnavailable(f"docker engine failed during the run: {_short_error(exc)}") from exc
+            if cancel.is_set():  # killed on purpose (a second signal, a lost claim)
+                return AgentOutcome(None, cancelled=True)
+            raise RunnerUnavailable(f"docker engine failed during the run: {_short_error(exc)}",
+                                    started=started) from exc
         finally:
             for fd in log_fds:
                 os.close(fd)
+            self._containers.pop(job.incident_id, None)
             try:
                 container.remove(force=True, v=True)
             except (docker.errors.DockerException, requests.RequestException):
@@ -4048,7 +4465,6 @@ INPUT_FILE_MODE = 0o640       # what the agent reads: nightcrier's group may rea
 LOG_FILE_MODE = 0o660
 AGENT_LOG_NAMES = ("agent-stdout.log", "agent-stderr.log")
 REPORT_RELPATH = "output/investigation.md"
-REPORT_READ_LIMIT = 1 << 20   # bytes of a report read into memory, the database and Slack
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -4247,6 +4663,9 @@ def prepare_workspace(root: str, incident: Incident) -> str:
     writes stays readable to nightcrier; the workspace itself stays closed to
     every other user. Whatever an earlier attempt left in place of output/ or
     logs/ (a symlink, a file) is removed, never followed.
+
+    What an earlier attempt left in output/ and logs/ is first moved to
+    ``attempts/<n>/`` (see :func:`rotate_attempt`), so each attempt starts empty.
     """
     if not is_uuid(incident.incident_id):
         raise ValueError(f"refusing workspace for a non-UUID incident id {incident.incident_id!r}")
@@ -4256,6 +4675,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
         os.mkdir(workspace, 0o700)
     except FileExistsError:
         pass
+    rotate_attempt(workspace)
     ws_fd = os.open(workspace, _OPEN_DIR)
     try:
         os.fchmod(ws_fd, 0o700)
@@ -4293,6 +4713,70 @@ def create_agent_logs(workspace: str) -> None:
     """Create the agent's log files (0660) before the agent starts, so that it finds files, not names."""
     for name in AGENT_LOG_NAMES:
         os.close(open_agent_log(workspace, name))
+
+
+ATTEMPT_ENTRIES = ("output", "logs", "investigation.html")   # what belongs to one attempt
+
+
+def rotate_attempt(workspace: str) -> str | None:
+    """Move an earlier attempt's output/, logs/ and investigation.html to ``attempts/<n>/``.
+
+    ``n`` is one more than the highest attempt kept (1 for the first). Nothing
+    moves when output/ and logs/ are both empty directories (an attempt that never
+    started). Entries are renamed as they are -- a symlink an agent left is moved,
+    never followed -- through directory descriptors opened with ``O_NOFOLLOW``;
+    an ``attempts`` that is not a real directory is renamed aside first. Returns
+    the new directory's path, or None. Raises OSError.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    ws = os.open(workspace, flags)
+    try:
+        present = [name for name in ATTEMPT_ENTRIES if _lexists_at(name, ws)]
+        if not present or all(_empty_dir_at(name, ws) for name in present):
+            return None
+        try:
+            attempts = os.open("attempts", flags, dir_fd=ws)
+        except FileNotFoundError:
+            os.mkdir("attempts", 0o700, dir_fd=ws)
+            attempts = os.open("attempts", flags, dir_fd=ws)
+        except OSError:  # a file or symlink named attempts: keep it, out of the way
+            os.rename("attempts", f"attempts.invalid-{new_id()[:8]}", src_dir_fd=ws, dst_dir_fd=ws)
+            os.mkdir("attempts", 0o700, dir_fd=ws)
+            attempts = os.open("attempts", flags, dir_fd=ws)
+        try:
+            numbers = [int(name) for name in os.listdir(attempts) if name.isdigit()]
+            number = str(max(numbers, default=0) + 1)
+            os.mkdir(number, 0o700, dir_fd=attempts)
+            target = os.open(number, flags, dir_fd=attempts)
+            try:
+                for name in present:
+                    os.rename(name, name, src_dir_fd=ws, dst_dir_fd=target)
+            finally:
+                os.close(target)
+        finally:
+            os.close(attempts)
+        return os.path.join(workspace, "attempts", number)
+    finally:
+        os.close(ws)
+
+
+def _lexists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _empty_dir_at(name: str, dir_fd: int) -> bool:
+    import stat
+    if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return not os.listdir(fd)
+    finally:
+        os.close(fd)
 
 
 def build_prompt(config: Config, incident: Incident, permissions: Mapping[str, Any] | None) -> str:
@@ -4375,21 +4859,37 @@ def judge_outcome(outcome: AgentOutcome, workspace: str, timeout: float, min_siz
     return RESOLVED, None
 
 
-def read_report(workspace: str, limit: int = REPORT_READ_LIMIT) -> str | None:
-    """The agent's report as text, at most ``limit`` bytes of it (a longer one ends with a note
-    saying so; the file stays in the workspace); None when it is missing or unsafe to read."""
-    try:
-        data, size = read_workspace_file(workspace, REPORT_RELPATH, limit)
-    except OSError:
-        return None
-    text = data.decode("utf-8", errors="replace")
-    if size > len(data):
-        text += (f"\n\n*[report truncated: {len(data)} of {size} bytes shown; the whole file is "
-                 f"{REPORT_RELPATH} in the workspace]*\n")
-    return text
+def read_report(workspace: str, max_bytes: int) -> tuple[str, bool]:
+    """The agent's report (``output/investigation.md``) as text, at most ``max_bytes`` of it:
+    (text, truncated).
+
+    Read by :func:`read_workspace_file`'s rules (no symlink, FIFO or hard link).
+    A longer report is cut at a character boundary and ends with a note saying
+    so; the file itself is left alone. Invalid UTF-8 is replaced, not fatal.
+    Raises OSError (UnsafeWorkspaceFile among them) when it cannot be read.
+    """
+    data, size = read_workspace_file(workspace, REPORT_RELPATH, max_bytes)
+    if size <= max_bytes and len(data) == size:
+        return data.decode("utf-8", "replace"), False
+    import codecs
+    # Not final: a character cut in half at the limit is held back rather than replaced.
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+    return (text + f"\n\n---\n*Report truncated: the first {len(data)} of {size} bytes are shown; "
+            f"the whole report is {REPORT_RELPATH} in the incident workspace.*\n"), True
 
 
 # -- dispatch -----------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """One agent run of this process: how to cancel it, and whether its claim was lost."""
+
+    cancel: threading.Event
+    future: Any = None
+    lost: bool = False
+    execution_id: str = ""
+    logs: dict[str, str] = field(default_factory=dict)
+
 
 class Dispatcher(threading.Thread):
     """Claims pending incidents and runs each on a pool of ``max_concurrent_agents`` workers.
@@ -4398,12 +4898,21 @@ class Dispatcher(threading.Thread):
     workers), with a poll every ``dispatch_poll_interval`` only as a fallback,
     and claims while a slot is free: the oldest pending incident of a cluster
     that has no agent running. Per-cluster locks keep one agent per cluster in
-    this process; the database keeps it so across processes. It also refreshes
-    heartbeats of running incidents, sweeps stale ones back to pending (or to
-    failed), and removes orphaned containers. When the runner is unavailable the
-    incident returns to pending and claiming pauses with backoff. :meth:`stop`
-    stops claiming, waits up to ``shutdown_timeout`` for running agents, then
-    cancels them and returns their incidents to pending.
+    this process; the database keeps it so across processes.
+
+    It also refreshes heartbeats of running incidents -- a run whose claim is
+    gone (swept, taken over) is cancelled and its result discarded --, returns
+    the incidents of dead processes (their liveness lock is free) to pending
+    every ``ORPHAN_CHECK_SECONDS``, sweeps incidents without a heartbeat for
+    ``stale_after_seconds`` (a live but hung process) the same way, and removes
+    orphaned containers. All times are the database's. When the runner is
+    unavailable before the agent started, the incident returns to pending
+    without counting the attempt and claiming pauses with backoff; after the
+    agent started, the attempt counts. :meth:`stop` stops claiming, waits up to
+    ``shutdown_timeout`` for running agents, then cancels them and returns their
+    incidents to pending. :meth:`abort` does that at once, within
+    ``ABORT_SECONDS``. Every worker's future is checked: an exception that
+    escaped it is logged and counted (``nightcrier_worker_errors_total``).
     """
 
     def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
@@ -4423,10 +4932,10 @@ class Dispatcher(threading.Thread):
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
         self._cluster_locks: dict[str, threading.Lock] = {}
-        self._running: dict[str, Any] = {}        # incident id -> Future
+        self._running: dict[str, _Run] = {}
         self._running_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._cancel = threading.Event()
+        self._aborting = threading.Event()
         self._paused_until = 0.0
         self._runner_backoff = Backoff(1.0, 60.0)
         self._next_runner_check = 0.0
@@ -4444,22 +4953,61 @@ class Dispatcher(threading.Thread):
         self.wake.set()
         self.join()
         with self._running_lock:
-            futures = list(self._running.values())
-        done, not_done = wait(futures, timeout=self.config.shutdown_timeout)
+            runs = list(self._running.values())
+        done, not_done = wait([r.future for r in runs], timeout=self.config.shutdown_timeout)
         if not_done:
             log_event(logging.WARNING, "agents still running at shutdown, stopping them",
                       count=len(not_done))
-            self._cancel.set()
+            for run in runs:
+                run.cancel.set()
             wait(not_done, timeout=STOP_GRACE_SECONDS + 30)
         self.pool.shutdown(wait=False)
+
+    def abort(self, timeout: float = ABORT_SECONDS) -> list[str]:
+        """Kill every agent now and return its incident to pending, within ``timeout`` seconds.
+
+        For a second signal: may run in a signal handler, so it takes no lock
+        another thread of this process could hold, and does its work on fresh
+        threads. Returns the ids of the incidents given back.
+        """
+        self._aborting.set()
+        self._stopping.set()
+        runs = dict(self._running)  # a copy without the lock, which the interrupted thread may hold
+        for run in runs.values():
+            run.cancel.set()
+        released: list[str] = []
+
+        def release_all() -> None:
+            for incident_id, run in runs.items():
+                try:
+                    if self.store.release(incident_id, self.instance, "nightcrier stopped by a second "
+                                          "signal while the agent ran"):
+                        released.append(incident_id)
+                    if run.execution_id:
+                        self.store.finish_execution(run.execution_id, None, ABORTED_REASON, run.logs)
+                except Exception as exc:  # the sweep of the next start covers what is left
+                    log_event(logging.ERROR, "cannot release incident", incident_id=incident_id,
+                              error=_short_error(exc))
+
+        threads = [threading.Thread(target=release_all, daemon=True, name="abort-release"),
+                   threading.Thread(target=self.runner.kill_all, daemon=True, name="abort-kill")]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return released
 
     # -- thread ---------------------------------------------------------------
 
     def run(self) -> None:
         next_maintenance = 0.0
+        first = True
         self._check_runner()
         while not self._stopping.is_set():
-            self.wake.wait(self.config.dispatch_poll_interval)
+            if not first:  # a restart looks for the dead process's incidents at once
+                self.wake.wait(min(self.config.dispatch_poll_interval, self._heartbeat_interval()))
+            first = False
             self.wake.clear()
             if self._stopping.is_set():
                 break
@@ -4505,7 +5053,7 @@ class Dispatcher(threading.Thread):
         self._next_runner_check = time.monotonic() + RUNNER_CHECK_INTERVAL
 
     def _heartbeat_interval(self) -> float:
-        return max(0.2, self.config.stale_after_seconds / 4)
+        return max(0.2, min(self.config.stale_after_seconds / 4, ORPHAN_CHECK_SECONDS))
 
     def _fill_slots(self) -> None:
         if time.monotonic() < self._paused_until:
@@ -4519,15 +5067,31 @@ class Dispatcher(threading.Thread):
                 return
             lock = self._cluster_locks.setdefault(incident.cluster, threading.Lock())
             lock.acquire()
+            run = _Run(threading.Event())
             with self._running_lock:
-                self._running[incident.incident_id] = self.pool.submit(self._work, incident, lock)
+                self._running[incident.incident_id] = run
+                run.future = self.pool.submit(self._work, incident, lock, run)
+            run.future.add_done_callback(
+                lambda future, incident_id=incident.incident_id: self._check_future(future, incident_id))
+
+    def _check_future(self, future: Any, incident_id: str) -> None:
+        """A worker's exception must not vanish inside its future."""
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            self.metrics.inc("worker_errors")
+            log_event(logging.ERROR, "worker error escaped", incident_id=incident_id,
+                      error=_short_error(error))
 
     def _maintain(self) -> None:
         running = self.running()
         if running:
-            self.store.heartbeat(self.instance, running)
-        stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
-        requeued, failed = self.store.recover_stale(stale_before, self.config.max_attempts)
+            held = self.store.refresh_claims(self.instance, running)
+            for incident_id in set(running) - held:
+                self._claim_lost(incident_id)
+        requeued, failed = self.store.recover_stale(float(self.config.stale_after_seconds),
+                                                    self.config.max_attempts)
+        dead_requeued, dead_failed = self.store.recover_orphans(self.instance, self.config.max_attempts)
+        requeued, failed = requeued + dead_requeued, failed + dead_failed
         for incident_id in requeued:
             log_event(logging.WARNING, "orphaned incident returned to pending", incident_id=incident_id)
         for incident_id in failed:
@@ -4538,25 +5102,37 @@ class Dispatcher(threading.Thread):
         if requeued:
             self.wake.set()
 
+    def _claim_lost(self, incident_id: str) -> None:
+        run = self._running.get(incident_id)
+        if run is None or run.lost or self._aborting.is_set():
+            return
+        run.lost = True
+        run.cancel.set()
+        self.metrics.inc("claims_lost")
+        log_event(logging.WARNING, "claim lost while the agent ran, cancelling it", incident_id=incident_id)
+
     def _is_live(self, incident_id: str) -> bool:
         """Whether some live worker, here or in another process, is running this incident."""
         if incident_id in self.running():
             return True
         incident = self.store.get_incident(incident_id)
-        if incident is None:
-            return True  # another deployment's container on a shared engine: not ours to remove
+        if incident is None:  # not of this database: another deployment's agent, not ours to remove
+            return True
         if incident.status != INVESTIGATING or incident.claimed_by == self.instance:
             return False
-        stale_before = utcnow() - dt.timedelta(seconds=self.config.stale_after_seconds)
+        stale_before = self.store.now() - dt.timedelta(seconds=self.config.stale_after_seconds)
         return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
 
     # -- worker ---------------------------------------------------------------
 
-    def _work(self, incident: Incident, lock: threading.Lock) -> None:
+    def _work(self, incident: Incident, lock: threading.Lock, run: _Run) -> None:
         try:
-            self._run_incident(incident)
+            self._run_incident(incident, run)
         except RunnerUnavailable as exc:
-            self._runner_down(incident, str(exc))
+            if exc.started:
+                self._requeue(incident, str(exc))
+            else:
+                self._runner_down(incident, str(exc))
         except Exception as exc:  # nothing may stay investigating
             log.exception("worker error")
             self._finish(incident, FAILED, None, f"nightcrier error: {_short_error(exc)}")
@@ -4566,7 +5142,7 @@ class Dispatcher(threading.Thread):
                 self._running.pop(incident.incident_id, None)
             self.wake.set()
 
-    def _run_incident(self, incident: Incident) -> None:
+    def _run_incident(self, incident: Incident, run: _Run) -> None:
         config = self.config
         workspace = prepare_workspace(config.workspace_root, incident)
         self.store.set_workspace(incident.incident_id, workspace)
@@ -4574,12 +5150,13 @@ class Dispatcher(threading.Thread):
         job = stage_agent_job(config, incident, workspace, self.instance, permissions)
         logs = agent_log_paths(workspace)
         execution = self.store.start_execution(incident.incident_id, self._image(), logs)
+        run.execution_id, run.logs = execution.execution_id, logs
         log_event(logging.INFO, "worker started incident", incident_id=incident.incident_id,
                   cluster=incident.cluster, runner=self.runner.name, attempt=incident.attempts)
         self.metrics.agents_running.inc()
         started = time.monotonic()
         try:
-            outcome = self.runner.run(job, self._cancel)
+            outcome = self.runner.run(job, run.cancel)
         except RunnerUnavailable as exc:
             self.store.finish_execution(execution.execution_id, None, str(exc), logs)
             raise
@@ -4588,6 +5165,16 @@ class Dispatcher(threading.Thread):
         self.runner_error = ""
         self._runner_backoff.reset()
         self.metrics.agent_duration.observe(time.monotonic() - started)
+        if self._aborting.is_set():  # abort() gave the incident back already
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs)
+            return
+        if run.lost or (not outcome.cancelled
+                        and not self.store.refresh_claims(self.instance, [incident.incident_id])):
+            # Another process owns the incident now: nothing of this run may become its verdict.
+            run.lost = True
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs)
+            log_event(logging.WARNING, "run discarded: its claim was lost", incident_id=incident.incident_id)
+            return
         self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs)
         if outcome.cancelled:
             self._release(incident, "nightcrier shut down while the agent ran")
@@ -4602,9 +5189,13 @@ class Dispatcher(threading.Thread):
 
     def _store_report(self, incident: Incident, execution_id: str, workspace: str) -> None:
         path = os.path.join(workspace, "output", "investigation.md")
-        markdown = read_report(workspace)
-        if markdown is None:
+        try:
+            markdown, truncated = read_report(workspace, self.config.report_max_bytes)
+        except OSError:
             return
+        if truncated:
+            log_event(logging.WARNING, "report larger than report_max_bytes, stored truncated",
+                      incident_id=incident.incident_id, report_max_bytes=self.config.report_max_bytes)
         page = publish_report(markdown, incident.incident_id, workspace)
         self.store.record_report(TriageReport(new_id(), incident.incident_id, execution_id, utcnow(),
                                               markdown, report_html=page,
@@ -4632,6 +5223,17 @@ class Dispatcher(threading.Thread):
             log_event(logging.INFO, "incident returned to pending", incident_id=incident.incident_id,
                       reason=reason)
 
+    def _requeue(self, incident: Incident, reason: str) -> None:
+        """The runner broke after the agent started: the attempt counts."""
+        self.runner_error = reason
+        status = self.store.requeue(incident.incident_id, self.instance, f"runner failed: {reason}",
+                                    self.config.max_attempts)
+        if status is not None:
+            log_event(logging.ERROR, "agent runner failed during the run", incident_id=incident.incident_id,
+                      error=reason, status=status)
+            if status == FAILED:
+                self.metrics.outcomes.labels(FAILED).inc()
+
     def _runner_down(self, incident: Incident, reason: str) -> None:
         self.runner_error = reason
         delay = self._runner_backoff.next() + 1.0
@@ -4657,6 +5259,7 @@ SLACK_HEADER_LIMIT = 150
 SLACK_MAX_BLOCKS = 50
 SLACK_MAX_RETRY_AFTER = 300.0    # a longer Retry-After would stall every message behind it
 SLACK_DRAIN_SECONDS = 30.0
+SLACK_QUEUE_LIMIT = 1000         # messages waiting at most; beyond it the oldest is dropped
 FAILURE_REASONS_TRACKED = 5
 FAILURE_REASONS_SHOWN = 3
 
@@ -5351,11 +5954,13 @@ class SlackNotifier(threading.Thread):
     other 4xx answers; after ``slack_max_attempts`` it is given up with an
     error log. The webhook URL is a secret and never appears in a log line.
     Any error is logged and the thread carries on. :meth:`stop` delivers what
-    is queued, waiting a bounded time.
+    is queued, waiting a bounded time. At most ``queue_limit`` messages wait:
+    beyond that the oldest is dropped with a warning and counted
+    (``nightcrier_slack_messages_dropped_total``), so a dead Slack costs bounded memory.
     """
 
     def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None, *,
-                 retry_initial: float = 0.5, retry_max: float = 30.0):
+                 retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = SLACK_QUEUE_LIMIT):
         super().__init__(name="slack-notifier", daemon=True)
         self.config = config
         self.store = store
@@ -5365,6 +5970,8 @@ class SlackNotifier(threading.Thread):
         self.retry_max = retry_max
         import queue
         self._queue: queue.Queue[Any] = queue.Queue()
+        self.queue_limit = max(1, queue_limit)
+        self._enqueue_lock = threading.Lock()
         self._abort = threading.Event()
         self._session: Any = None
         self._link_key: bytes | None = None
@@ -5372,8 +5979,22 @@ class SlackNotifier(threading.Thread):
     def enqueue(self, incident: Incident, summary: ReportSummary | None = None,
                 uploaded_url: str | None = None) -> None:
         """Queue a finished incident; ``summary`` overrides the one read from its stored report;
-        ``uploaded_url`` is the signed link to its artifacts in the object store, if they got there."""
-        self._queue.put((incident, summary, uploaded_url))
+        ``uploaded_url`` is the signed link to its artifacts in the object store, if they got there.
+        When ``queue_limit`` messages wait already, the oldest is dropped (counted, logged)."""
+        import queue
+        with self._enqueue_lock:
+            while self._queue.qsize() >= self.queue_limit:
+                try:
+                    oldest = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if oldest is _STOP:  # never lose the stop request
+                    self._queue.put(oldest)
+                    break
+                self._count("slack_dropped")
+                log_event(logging.WARNING, "slack queue full, oldest message dropped",
+                          incident_id=oldest[0].incident_id, queue_limit=self.queue_limit)
+            self._queue.put((incident, summary, uploaded_url))
 
     def stop(self, timeout: float = SLACK_DRAIN_SECONDS) -> None:
         """Deliver what is queued within ``timeout`` seconds, then drop the rest and end the thread."""
@@ -5972,6 +6593,14 @@ class Metrics:
                            "Object storage requests that failed and were tried again", ()),
         "upload_failed": ("nightcrier_storage_uploads_failed_total",
                           "Incidents whose upload was given up on", ()),
+        "slack_dropped": ("nightcrier_slack_messages_dropped_total",
+                          "Slack messages dropped, oldest first, because the queue was full", ()),
+        "worker_errors": ("nightcrier_worker_errors_total",
+                          "Exceptions that escaped a worker while finishing or releasing an incident", ()),
+        "claims_lost": ("nightcrier_claims_lost_total",
+                        "Runs cancelled because their claim was swept or taken over", ()),
+        "thread_errors": ("nightcrier_thread_errors_total",
+                          "Errors a background thread survived", ("thread",)),
     }
 
     def __init__(self) -> None:
@@ -6585,10 +7214,11 @@ class PermissionChecker(threading.Thread):
     Does nothing when kubectl is not on PATH. :meth:`results` is thread-safe.
     """
 
-    def __init__(self, config: Config, timeout: float = 30.0):
+    def __init__(self, config: Config, timeout: float = 30.0, metrics: Metrics | None = None):
         import shutil
         super().__init__(name="permission-checks", daemon=True)
         self.config = config
+        self.metrics = metrics
         self.timeout = timeout
         self.kubectl = shutil.which("kubectl")
         self.clusters = [c for c in config.clusters if c.triage.enabled and c.triage.check_permissions]
@@ -6608,7 +7238,12 @@ class PermissionChecker(threading.Thread):
         if not self.kubectl or not self.clusters:
             return
         while not self._stopping.is_set():
-            self.check_all()
+            try:
+                self.check_all()
+            except Exception as exc:  # a failed round must not end the checks
+                log_event(logging.ERROR, "permission check round failed", error=_short_error(exc))
+                if self.metrics is not None:
+                    self.metrics.inc("thread_errors", "permission-checks")
             self._stopping.wait(self.config.permission_check_interval * 60)
 
     def check_all(self) -> None:
@@ -6618,7 +7253,13 @@ class PermissionChecker(threading.Thread):
             futures = {c.name: pool.submit(check_cluster_permissions, c, self.kubectl, self.timeout)
                        for c in self.clusters}
             for name, future in futures.items():
-                result = future.result()
+                try:
+                    result = future.result()
+                except Exception as exc:  # one cluster's broken check leaves the others' results
+                    result = {"cluster_name": name, "validated_at": utcnow().isoformat(),
+                              "error": f"permission check failed: {_short_error(exc)}",
+                              **{key: False for key, _ in PERMISSION_CHECKS + SECRET_CHECKS},
+                              "minimum_permissions_met": False, "warnings": []}
                 with self._lock:
                     self._results[name] = result
                 if result.get("error"):
@@ -6684,27 +7325,29 @@ class Service:
     stores or spools everything still queued, then the dispatcher, which stops
     claiming and gives running agents ``shutdown_timeout`` before stopping them
     and returning their incidents to pending -- and is safe to call twice.
-    Created and driven by the main thread.
+    :meth:`start` first proves the process alive (the store's liveness lock);
+    :meth:`abort` is the second signal's way out. Created and driven by the main
+    thread.
     """
 
     def __init__(self, config: Config, store: StateStore | None = None,
-                 health_server: HealthServer | None = None):
+                 health_server: HealthServer | None = None, instance: str = ""):
         self.config = config
         self.metrics = Metrics()
         self.metrics.declare_clusters(c.name for c in config.clusters)
-        self.store = store or open_store_with_retry(config)
+        self.instance = instance or new_instance_id()
+        self.store = store or open_store_with_retry(config, owner=self.instance)
         self.work_available = threading.Event()
         self.sink = IngestSink(config.global_queue_size,
                                Spool(os.path.join(config.workspace_root, "spool")), self.metrics)
         skipped = [c.name for c in config.clusters if not c.triage.enabled]
         self.writer = IngestWriter(self.store, self.sink, skipped, self.work_available, self.metrics)
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         self.ownership = ClusterOwnership(config, self.instance, on_change=self._ownership_changed)
         self.listeners = [ClusterListener(c, config, self.sink, self.metrics, owns=self.ownership.owns)
                           for c in config.clusters]
         runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
                   else ProcessRunner())
-        self.permissions = PermissionChecker(config)
+        self.permissions = PermissionChecker(config, metrics=self.metrics)
         self.notifier = (SlackNotifier(config, self.store, self.metrics) if config.slack_webhook_url
                          else None)
         self.uploader = self._uploader()
@@ -6747,6 +7390,9 @@ class Service:
                               if notifier else None)
 
     def start(self) -> Service:
+        """Start every thread. Raises :class:`DatabaseOwned` (nothing started) when another
+        process owns the SQLite database."""
+        self.store.hold_liveness(self.instance)  # before any claim: the proof of life comes first
         self.writer.start()
         if self.notifier is not None:
             self.notifier.start()
@@ -6800,6 +7446,10 @@ class Service:
             self.metrics.inc("db_errors")
         return prometheus_client.generate_latest(self.metrics.registry)
 
+    def abort(self) -> list[str]:
+        """Second signal: kill the agents and give their incidents back, within ``ABORT_SECONDS``."""
+        return self.dispatcher.abort()
+
     def stop(self) -> None:
         if self._stopped:
             return
@@ -6825,19 +7475,26 @@ class Service:
         log_event(logging.INFO, "nightcrier stopped")
 
 
+def new_instance_id() -> str:
+    """host:pid:random -- unique per process start, so a dead process's id never comes back."""
+    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+
+
 def open_store_with_retry(config: Config, stop: threading.Event | None = None,
-                          on_error: Callable[[str], None] | None = None) -> StateStore:
+                          on_error: Callable[[str], None] | None = None, owner: str = "") -> StateStore:
     """Open the configured store, retrying with backoff while the database is unavailable;
-    ``on_error`` is told each failure (for ``/readyz`` meanwhile).
+    ``on_error`` is told each failure (for ``/readyz`` meanwhile), and ``owner`` takes the
+    liveness lock (see :func:`open_store`).
 
     Raises StoreRefused when the server refuses the database or credentials and StoreError for
-    other problems retrying cannot fix (a schema too new, say).
+    other problems retrying cannot fix (a schema too new, another process owning the SQLite
+    database).
     """
     backoff = Backoff(0.5, 30.0)
     stop = stop or threading.Event()
     while True:
         try:
-            return open_store(config)
+            return open_store(config, owner=owner)
         except StoreRefused:
             raise
         except StoreUnavailable as exc:
@@ -7534,18 +8191,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in warnings:
         log_event(logging.WARNING, "config warning", detail=warning)
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    running: list[Service] = []
+    _install_signal_handlers(stop, on_second=lambda: running and running[0].abort())
+    instance = new_instance_id()
     health: HealthServer | None = None
     try:
         health, waiting = _early_health_server(config)
-        store = open_store_with_retry(config, stop, on_error=waiting)
-        service = Service(config, store, health_server=health).start()
+        store = open_store_with_retry(config, stop, on_error=waiting, owner=instance)
+        service = Service(config, store, health_server=health, instance=instance)
+        running.append(service)
+        service.start()
     except StoreRefused as exc:
         return _startup_failed(f"the database refuses nightcrier: {exc}", health)
     except StoreUnavailable:
         if health is not None:
             health.stop()
         return 0  # asked to stop while waiting for the database
+    except DatabaseOwned as exc:
+        log_event(logging.ERROR, "refusing to start: the database has an owner", error=str(exc))
+        print(f"nightcrier: {exc}", file=sys.stderr)
+        return 1
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
         if health is not None:
@@ -7593,9 +8258,10 @@ def _early_health_server(config: Config) -> tuple[HealthServer | None, Callable[
     return server.start(), lambda error: waiting.update(error=error)
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT: shut down in order. Second: leave at once. SIGUSR1: dump every
-    thread's stack to stderr, for a process that seems stuck."""
+def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any] | None = None) -> None:
+    """First SIGTERM/SIGINT: shut down in order. Second: ``on_second`` (kill the agents and
+    give their incidents back, bounded), then leave at once. SIGUSR1: dump every thread's
+    stack to stderr, for a process that seems stuck."""
     import faulthandler
     import signal
 
@@ -7603,7 +8269,13 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
     def handle(signum: int, _frame: Any) -> None:
         if stop.is_set():
-            log_event(logging.WARNING, "second signal, exiting at once", signal=signum)
+            log_event(logging.WARNING, "second signal, stopping agents and exiting at once", signal=signum)
+            if on_second is not None:
+                try:
+                    released = on_second()
+                    log_event(logging.WARNING, "incidents returned to pending", count=len(released or []))
+                except BaseException as exc:  # exiting is what matters now
+                    log_event(logging.ERROR, "stopping agents failed", error=_short_error(exc))
             os._exit(1)
         log_event(logging.INFO, "shutdown requested", signal=signum)
         stop.set()
@@ -7616,7 +8288,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print an incident's agent log and follow it until the incident is finished."""
     config, _ = _load_or_exit(args)
     try:
-        store = open_store(config)
+        store = open_store(config, read_only=True)
     except StoreError as exc:
         print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
         return 1
@@ -7753,9 +8425,10 @@ def _attempts_line(attempts: int, runs: int, max_attempts: int) -> str:
 
 @contextmanager
 def _cli_store(config: Config) -> Iterator[StateStore]:
-    """The database of a running (or stopped) service, for commands that read it."""
+    """The database of a running (or stopped) service, for commands that read it: opened
+    read-only, so it never migrates, repairs or writes, and works beside a running ``run``."""
     try:
-        store = open_store(config)
+        store = open_store(config, read_only=True)
     except StoreError as exc:
         print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

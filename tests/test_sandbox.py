@@ -161,8 +161,8 @@ def test_a_100_mb_report_is_stored_capped(harness: Harness, outside: dict[str, P
     assert incident.status == nc.RESOLVED, incident.failure_reason
     report = harness.store.get_report(incident.incident_id)
     assert report is not None
-    assert len(report.report_markdown.encode()) < nc.REPORT_READ_LIMIT + 1000
-    assert "report truncated" in report.report_markdown
+    assert len(report.report_markdown.encode()) < nc.Config().report_max_bytes + 1000
+    assert "Report truncated" in report.report_markdown
     assert "ran out of memory" in report.summary_text
     full = Path(incident.workspace_path or "") / "output" / "investigation.md"
     assert full.stat().st_size > 100_000_000, "the whole file stays in the workspace"
@@ -170,25 +170,27 @@ def test_a_100_mb_report_is_stored_capped(harness: Harness, outside: dict[str, P
 
 def test_symlinked_logs_planted_before_a_retry(harness: Harness, outside: dict[str, Path]) -> None:
     target = outside["log"]
-    agent = ("if [ -e logs/attempt-1 ]; then echo second-attempt; echo to-stderr >&2; " + REPORT + "; else "
-             f"touch logs/attempt-1; ln -sf {target} logs/agent-stdout.log; "
-             f"ln -sf {target} logs/agent-stderr.log; mkfifo logs/incident.log; sleep 300; fi")
+    planter = (f"ln -sf {target} logs/agent-stdout.log; ln -sf {target} logs/agent-stderr.log; "
+               "mkfifo logs/incident.log; sleep 300")
     (incident_id,) = harness.store.insert_events([make_event("c1")])
-    config = sandbox_config(harness.tmp_path, harness.runner, agent)
-    first = harness.start(config)
-    logs = Path(wait_for(lambda: (i := harness.store.get_incident(incident_id)) and i.workspace_path,
-                         what="a workspace")) / "logs"
-    wait_for(lambda: (logs / "agent-stderr.log").is_symlink(), timeout=60, what="the planted symlinks")
+    first = harness.start(sandbox_config(harness.tmp_path, harness.runner, planter))
+    workspace = Path(wait_for(lambda: (i := harness.store.get_incident(incident_id)) and i.workspace_path,
+                              what="a workspace"))
+    wait_for(lambda: (workspace / "logs" / "agent-stderr.log").is_symlink(), timeout=60,
+             what="the planted symlinks")
     first.stop()  # attempt 1 is cancelled and its incident released
     assert harness.store.get_incident(incident_id).status == nc.PENDING  # type: ignore[union-attr]
-    harness.start(config)
+    harness.start(sandbox_config(harness.tmp_path, harness.runner,
+                                 "echo second-attempt; echo to-stderr >&2; " + REPORT))
     incident = harness.finished(incident_id)
     assert incident.status == nc.RESOLVED, incident.failure_reason
     assert len(harness.store.list_executions(incident_id)) == 2
+    # The planted links went, as they were, with attempt 1's files; nothing followed them.
+    assert (workspace / "attempts" / "1" / "logs" / "agent-stdout.log").is_symlink()
     for name, text in (("agent-stdout.log", "second-attempt"), ("agent-stderr.log", "to-stderr")):
-        info = os.lstat(logs / name)
+        info = os.lstat(workspace / "logs" / name)
         assert stat.S_ISREG(info.st_mode) and info.st_mode & 0o777 == 0o660
-        assert text in (logs / name).read_text()
+        assert text in (workspace / "logs" / name).read_text()
 
 
 def test_output_directory_swapped_for_a_symlink(tmp_path: Path, outside: dict[str, Path]) -> None:
@@ -239,6 +241,23 @@ def test_write_private_replaces_a_planted_symlink(tmp_path: Path, outside: dict[
     nc.write_private(str(tmp_path / "investigation.html"), "<p>page</p>")
     assert not (tmp_path / "investigation.html").is_symlink()
     assert (tmp_path / "investigation.html").read_text() == "<p>page</p>"
+
+
+def test_open_agent_log_replaces_planted_entries(tmp_path: Path, outside: dict[str, Path]) -> None:
+    """Rotation moves an earlier attempt's logs away; should it fail, the log opener still never
+    writes through what an agent left under a log's name."""
+    (tmp_path / "logs").mkdir()
+    os.symlink(outside["log"], tmp_path / "logs" / "agent-stdout.log")
+    os.mkfifo(tmp_path / "logs" / "agent-stderr.log")
+    for name in nc.AGENT_LOG_NAMES:
+        fd = nc.open_agent_log(str(tmp_path), name)
+        try:
+            os.write(fd, b"fresh\n")
+        finally:
+            os.close(fd)
+        info = os.lstat(tmp_path / "logs" / name)
+        assert stat.S_ISREG(info.st_mode) and info.st_mode & 0o777 == 0o660
+        assert (tmp_path / "logs" / name).read_text() == "fresh\n"
 
 
 # -- the container's settings -------------------------------------------------------------
