@@ -2405,19 +2405,55 @@ def _keepalive_http_adapter() -> Any:
 
 def _sse_messages(response: Any) -> Iterator[str]:
     """The ``data`` of each event of an SSE response, refusing absurdly large events."""
-    import sseclient
-    for event in sseclient.SSEClient(_bounded_chunks(response)).events():
-        if event.data:
-            yield event.data
+    return sse_events(response.iter_content(chunk_size=None))
 
 
-def _bounded_chunks(response: Any) -> Iterator[bytes]:
-    pending = 0
-    for chunk in response.iter_content(chunk_size=None):
-        pending = 0 if (b"\n\n" in chunk or b"\r\n\r\n" in chunk) else pending + len(chunk)
-        if pending > MAX_SSE_MESSAGE_BYTES:
-            raise McpError(f"an event on the stream exceeds {MAX_SSE_MESSAGE_BYTES} bytes")
-        yield chunk
+def sse_events(chunks: Iterable[bytes], limit: int = MAX_SSE_MESSAGE_BYTES) -> Iterator[str]:
+    """The ``data`` of each event in a stream of byte chunks cut anywhere.
+
+    Lines end with LF, CRLF or CR (also when a CRLF is cut between two chunks);
+    an empty line ends an event; ``data`` fields are joined with newlines;
+    other fields and comments are ignored. Text is UTF-8, invalid bytes read as
+    U+FFFD, so no byte a server sends can end the stream. Raises
+    :class:`McpError` as soon as one event, however it is cut into chunks,
+    exceeds ``limit`` bytes: what is held in memory is bounded.
+    """
+    buffer = bytearray()
+    carried_cr = False
+    for chunk in chunks:
+        if carried_cr:
+            chunk, carried_cr = b"\r" + chunk, False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, carried_cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        scan_from = max(0, len(buffer) - 1)
+        buffer += chunk
+        end = buffer.find(b"\n\n", scan_from)
+        if end >= 0:
+            end = buffer.rfind(b"\n\n", end)
+            block = bytes(buffer[:end])
+            del buffer[:end + 2]
+            for event in block.split(b"\n\n"):
+                if len(event) > limit:
+                    raise McpError(f"an event on the stream exceeds {limit} bytes")
+                data = _sse_data(event)
+                if data:
+                    yield data
+        if len(buffer) > limit:
+            raise McpError(f"an event on the stream exceeds {limit} bytes")
+
+
+def _sse_data(event: bytes) -> str:
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:].decode("utf-8", "replace")
+    lines = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            lines.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        elif line == b"data":
+            lines.append(b"")
+    return b"\n".join(lines).decode("utf-8", "replace")
 
 
 def _read_limited(response: Any, limit: int) -> str:
