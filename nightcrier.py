@@ -985,6 +985,8 @@ def parse_notification(raw: str, cluster: str, received_at: dt.datetime
         return rejected(str(exc))
     except RecursionError:
         return rejected("not storable JSON: nested too deeply")
+    except Exception as exc:  # a shape nobody foresaw is still kept, never lost
+        return rejected(f"cannot classify: {_short_error(exc)}")
 
 
 def _classify(message: Any, raw: str, cluster: str, received_at: dt.datetime
@@ -1001,6 +1003,8 @@ def _classify(message: Any, raw: str, cluster: str, received_at: dt.datetime
     if not isinstance(params, dict):
         raise _Reject(f"params: expected an object, got {_json_type(params)}")
     logger = params.get("logger")
+    if logger is not None and not isinstance(logger, str):
+        raise _Reject(f"params.logger: expected a string, got {_json_type(logger)}")
     if logger == SUBSCRIPTION_ERROR_LOGGER:
         data = params.get("data") if isinstance(params.get("data"), dict) else {}
         return SubscriptionErrorNotice(str(data.get("subscriptionId") or ""), str(data.get("error") or ""))
@@ -2419,13 +2423,14 @@ def sse_events(chunks: Iterable[bytes], limit: int = MAX_SSE_MESSAGE_BYTES) -> I
     exceeds ``limit`` bytes: what is held in memory is bounded.
     """
     buffer = bytearray()
-    carried_cr = False
+    cr_ended = False  # the previous chunk ended with CR: an LF starting this one completes a CRLF
     for chunk in chunks:
-        if carried_cr:
-            chunk, carried_cr = b"\r" + chunk, False
+        if not chunk:
+            continue
+        if cr_ended and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        cr_ended = chunk.endswith(b"\r")
         if b"\r" in chunk:
-            if chunk.endswith(b"\r"):
-                chunk, carried_cr = chunk[:-1], True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         scan_from = max(0, len(buffer) - 1)
         buffer += chunk
