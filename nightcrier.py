@@ -2897,8 +2897,8 @@ class IngestWriter(threading.Thread):
                       error=_short_error(exc))
             return
         self.metrics.inc("refused", rejected.cluster)
-        log_event(logging.ERROR, "notification refused by the database, kept as rejected",
-                  cluster=rejected.cluster, rejected_id=rejected.rejected_id, reason=rejected.reason[:300])
+        log_event(logging.ERROR, "item kept as rejected", cluster=rejected.cluster,
+                  rejected_id=rejected.rejected_id, reason=rejected.reason[:300])
 
     def _to_spool(self, items: Sequence[IngestItem]) -> None:
         if not items:
