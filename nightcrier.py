@@ -1059,8 +1059,17 @@ def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: d
     context = data.get("context")
     if context is not None and not isinstance(context, str):
         context = json.dumps(context)
+    event_id, incident_id = _two_ids()
     return FaultEvent(cluster=cluster, fault_type=fault_type, received_at=received_at, mcp_payload=raw,
-                      context=_truncate(context or "", MAX_CONTEXT_CHARS), **values)
+                      context=_truncate(context or "", MAX_CONTEXT_CHARS), event_id=event_id,
+                      incident_id=incident_id, **values)
+
+
+def _two_ids() -> tuple[str, str]:
+    """Two random UUIDs from one call for randomness: the ids every fault needs, on the hot path."""
+    h = os.urandom(32).hex()
+    return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}",
+            f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{'89ab'[int(h[48], 16) & 3]}{h[49:52]}-{h[52:]}")
 
 
 def _optional_string(value: Any, where: str) -> str:
@@ -2648,10 +2657,18 @@ class Spool:
             self._fsync_directory()
 
 
+_SPOOL_KINDS: dict[type, tuple[str, tuple[str, ...]]] = {
+    cls: (kind, tuple(f.name for f in dataclasses.fields(cls)))  # type: ignore[arg-type]
+    for cls, kind in ((FaultEvent, "event"), (RejectedNotification, "rejected"), (SubscriptionGap, "gap"))}
+
+
 def _spool_record(item: IngestItem) -> dict[str, Any]:
-    kind = {FaultEvent: "event", RejectedNotification: "rejected", SubscriptionGap: "gap"}[type(item)]
-    record = {k: (_iso(v) if isinstance(v, dt.datetime) else v)
-              for k, v in dataclasses.asdict(item).items()}
+    # Every field is a string or a datetime: a shallow copy, not dataclasses.asdict's deep one.
+    kind, names = _SPOOL_KINDS[type(item)]
+    record = {}
+    for name in names:
+        value = getattr(item, name)
+        record[name] = _iso(value) if isinstance(value, dt.datetime) else value
     record["kind"] = kind
     return record
 
@@ -2661,12 +2678,10 @@ def _spool_item(record: dict[str, Any]) -> IngestItem:
     for name in ("received_at", "started_at", "ended_at"):
         if name in record:
             record[name] = _ts(record[name])
-    item = cls(**record)
-    if not isinstance(item.cluster, str) or not all(
-            isinstance(getattr(item, f.name), (str, dt.datetime, type(None)))
-            for f in dataclasses.fields(item)):  # type: ignore[arg-type]
-        raise TypeError("a field of the record has the wrong type")
-    return item
+    for value in record.values():
+        if not isinstance(value, (str, dt.datetime, type(None))):
+            raise TypeError(f"a field of the record is {type(value).__name__}, not text")
+    return cls(**record)
 
 
 class IngestSink:
@@ -2814,13 +2829,26 @@ class IngestWriter(threading.Thread):
         batch = [first]
         deadline = time.monotonic() + self.batch_window
         while len(batch) < self.batch_size:
+            self._take_queued(batch)
             remaining = deadline - time.monotonic()
+            if len(batch) >= self.batch_size or remaining <= 0:
+                break
             try:
-                batch.append(self.sink.queue.get(timeout=remaining) if remaining > 0
-                             else self.sink.queue.get_nowait())
+                batch.append(self.sink.queue.get(timeout=remaining))
             except queue.Empty:
                 break
         return batch
+
+    def _take_queued(self, batch: list[IngestItem]) -> None:
+        """Move what is queued, up to a full batch, in one go: one lock round instead of
+        one per item, under the queue's own lock and with its own bookkeeping."""
+        q = self.sink.queue
+        with q.mutex:
+            taken = min(len(q.queue), self.batch_size - len(batch))
+            for _ in range(taken):
+                batch.append(q.queue.popleft())
+            if taken:
+                q.not_full.notify(taken)
 
     def _write(self, batch: Sequence[IngestItem]) -> None:
         events = [i for i in batch if isinstance(i, FaultEvent)]
