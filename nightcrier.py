@@ -2812,12 +2812,12 @@ class IngestWriter(threading.Thread):
                         return
                     continue
                 self._inflight = batch
-                try:
-                    self._store_with_retry(batch)
-                finally:
-                    self._inflight = []
+                self._store_with_retry(batch)
+                self._inflight = []
             except Exception:  # this thread must outlive any bug in one batch
                 log.exception("ingest writer error")
+                held, self._inflight = self._inflight, []
+                self._to_spool(held)  # kept for the next replay rather than lost
                 self._stopping.wait(backoff.next())
 
     def _next_batch(self) -> list[IngestItem]:

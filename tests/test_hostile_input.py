@@ -364,3 +364,4 @@ def test_writer_stop_has_a_deadline_and_loses_nothing(tmp_path: Path) -> None:
         again.stop(5)
     wait_for(lambda: len(store.list_incidents(nc.IncidentFilter(limit=100))) == 50, what="50 incidents")
     store.close()
+
