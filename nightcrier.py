@@ -1150,7 +1150,8 @@ class StateStore:
     raise :class:`StoreUnavailable` when the database cannot be reached (the
     caller retries with backoff), :class:`RecordRefused` when it (or its driver)
     refuses a value written, and :class:`StoreError` for anything else: no
-    driver exception leaves a store unmapped. Timestamps go in and come out as timezone-aware UTC datetimes.
+    driver exception leaves a store unmapped. Timestamps go in and come out as
+    timezone-aware UTC datetimes.
     """
 
     engine = "abstract"
@@ -2976,8 +2977,11 @@ class IngestWriter(threading.Thread):
             for segment in self.spool.take_segments():
                 if self._stopping.is_set():
                     return True
-                if not self._replay_segment(segment):
-                    return True
+                try:
+                    if not self._replay_segment(segment):
+                        return True
+                except OSError as exc:
+                    self._set_aside(segment, exc)
         except StoreUnavailable:
             self.metrics.inc("db_errors")
             return False
@@ -2986,6 +2990,13 @@ class IngestWriter(threading.Thread):
             return False
         self._degraded = False
         return True
+
+    def _set_aside(self, segment: str, error: OSError) -> None:
+        """A segment that cannot be read at all is renamed ``*.unreadable``, so that it
+        neither blocks the ones after it nor is retried forever. Raises OSError."""
+        log_event(logging.ERROR, "spool segment unreadable, set aside", segment=segment, error=str(error))
+        if os.path.exists(segment):
+            os.rename(segment, segment + ".unreadable")
 
     def _replay_segment(self, segment: str) -> bool:
         """Replay one segment; False if stop interrupted it. Raises StoreUnavailable, OSError."""
