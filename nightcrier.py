@@ -2055,6 +2055,10 @@ class PostgresStore(SqlStore):
                 broken = bool(conn.closed)
                 self._rollback_quietly(conn)
                 self._pool.release(conn, broken=broken)
+                if str(getattr(exc, "pgcode", "") or "").startswith("54"):
+                    # "program limit exceeded" (an index row too large, say) is an
+                    # OperationalError to the driver, but about the record, not the server.
+                    raise RecordRefused(f"PostgreSQL: {str(exc).strip()}") from exc
                 if broken and attempt == 1:
                     continue
                 raise StoreUnavailable(f"PostgreSQL: {str(exc).strip()}") from exc

@@ -365,3 +365,17 @@ def test_writer_stop_has_a_deadline_and_loses_nothing(tmp_path: Path) -> None:
     wait_for(lambda: len(store.list_incidents(nc.IncidentFilter(limit=100))) == 50, what="50 incidents")
     store.close()
 
+
+
+def test_a_value_too_large_for_an_index_is_refused_not_unavailable(store: nc.StateStore,
+                                                                   tmp_path: Path) -> None:
+    """PostgreSQL reports an oversized index row as an OperationalError; it must not read as an outage."""
+    huge = nc.FaultEvent(cluster="prod", fault_type="m" * 1_000_000, received_at=nc.utcnow(),
+                         mcp_payload="{}")
+    fine = nc.FaultEvent(cluster="prod", fault_type="CrashLoop", received_at=nc.utcnow(), mcp_payload="{}")
+    writer = _writer(store, tmp_path)
+    writer._store_with_retry([huge, fine])
+    assert store.get_incident(fine.incident_id) is not None
+    assert (store.get_incident(huge.incident_id) is not None) != (
+        _refused_id(huge.event_id) in _rejected_ids(store))
+    assert writer.metrics.value("spooled", "prod") == 0
