@@ -2557,7 +2557,8 @@ class Spool:
     def __init__(self, directory: str):
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for appends and renames only, never across an fsync
+        self._quarantine_lock = threading.Lock()
         self._current = os.path.join(directory, "current.jsonl")
         self._unsynced = False
         self._directory_unsynced = False
@@ -2576,20 +2577,25 @@ class Spool:
             self._directory_unsynced = self._directory_unsynced or created
 
     def sync(self) -> None:
-        """Make every append so far durable. Cheap when there is nothing to do."""
+        """Make every append so far durable. Cheap when there is nothing to do. Called by
+        one thread (the writer); the fsyncs run outside the lock, so appends never wait."""
         if not (self._unsynced or self._directory_unsynced):
             return
         with self._lock:
-            if self._unsynced and os.path.exists(self._current):
+            file, directory = self._unsynced, self._directory_unsynced
+            self._unsynced = self._directory_unsynced = False
+        if file:
+            try:
                 fd = os.open(self._current, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = -1  # sealed meanwhile: take_segments syncs before sealing
+            if fd >= 0:
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            self._unsynced = False
-            if self._directory_unsynced:
-                self._fsync_directory()
-                self._directory_unsynced = False
+        if directory:
+            self._fsync_directory()
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -2605,12 +2611,22 @@ class Spool:
     def take_segments(self) -> list[str]:
         self.sync()
         with self._lock:
+            sealed, tail_unsynced = "", False
             if os.path.exists(self._current) and os.path.getsize(self._current) > 0:
                 sealed = os.path.join(self.directory, f"{time.time_ns():020d}.sealed")
                 os.rename(self._current, sealed)
-                self._fsync_directory()
-            return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
-                          if n.endswith(".sealed"))
+                tail_unsynced, self._unsynced = self._unsynced, False  # appended since sync()
+            segments = sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
+                              if n.endswith(".sealed"))
+        if tail_unsynced:
+            fd = os.open(sealed, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if sealed:
+            self._fsync_directory()
+        return segments
 
     @staticmethod
     def records(segment: str) -> Iterator[tuple[int, bytes, IngestItem | None, str]]:
@@ -2645,7 +2661,7 @@ class Spool:
                             "text": line.rstrip(b"\n").decode("utf-8", "backslashreplace")},
                            ensure_ascii=True)
         path = os.path.join(self.directory, self.QUARANTINE)
-        with self._lock:
+        with self._quarantine_lock:
             created = not os.path.exists(path)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -2658,8 +2674,7 @@ class Spool:
 
     def remove(self, segment: str) -> None:
         os.remove(segment)
-        with self._lock:
-            self._fsync_directory()
+        self._fsync_directory()
 
 
 _SPOOL_KINDS: dict[type, tuple[str, tuple[str, ...]]] = {
