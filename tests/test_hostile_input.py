@@ -136,9 +136,11 @@ def _refused_id(item_id: str) -> str:
 def test_each_notification_becomes_one_incident_or_one_rejected_row(store: nc.StateStore,
                                                                     tmp_path: Path) -> None:
     writer = _writer(store, tmp_path)
+    seen: list[int] = []
 
     @given(st.lists(notifications(), min_size=1, max_size=6))
     def check(bodies: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+        seen.append(len(bodies))
         parsed = [(kind, raw, fault, nc.parse_notification(raw, "prod", nc.utcnow()))
                   for kind, raw, fault in bodies]
         items = [p for *_, p in parsed if isinstance(p, (nc.FaultEvent, nc.RejectedNotification))]
@@ -165,6 +167,7 @@ def test_each_notification_becomes_one_incident_or_one_rejected_row(store: nc.St
         assert writer.metrics.value("dropped", "prod") == 0
 
     check()
+    print(f"{store.engine}: {len(seen)} examples, {sum(seen)} notifications")
 
 
 def test_the_notorious_five_are_stored_clean(store: nc.StateStore, tmp_path: Path) -> None:
