@@ -3031,6 +3031,15 @@ class IngestWriter(threading.Thread):
             self._write_isolating([item for _, _, item in pending], quarantine)
             stored += len(pending)
             pending.clear()
+            # Keep the queue moving too: while it is full, everything arriving is spooled,
+            # and a spooled item costs several times what a queued one does. Order between
+            # the two does not matter: each incident carries its own receive time.
+            queued: list[IngestItem] = []
+            self._take_queued(queued)
+            if queued:
+                self._inflight = queued
+                self._store_with_retry(queued)
+                self._inflight = []
 
         try:
             for number, line, item, error in self.spool.records(segment):
