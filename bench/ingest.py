@@ -69,6 +69,7 @@ class Recorder:
 
 def _generator(clusters: list[str], conn: multiprocessing.connection.Connection) -> None:
     """One generator process: serves ``clusters``, emits on command, reports how long sending took."""
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- connections reset at the end are expected
     servers = [nc.SimulatedServer(name).start() for name in clusters]
     conn.send([{"cluster": s.cluster, "endpoint": s.url} for s in servers])
     while (command := conn.recv()) is not None:
