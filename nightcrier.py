@@ -2769,7 +2769,9 @@ class IngestWriter(threading.Thread):
     Spool replay streams each segment through the same path; a line that
     cannot be read or stored is quarantined (see :class:`Spool`) and recorded
     as rejected, and replay carries on. Rejections made here have ids derived
-    from the item, so replaying a segment twice records them once.
+    from the item, so replaying a segment twice records them once. Between two
+    batches of replay the writer also stores what is queued, so that a burst
+    larger than the queue spills as little as it can.
 
     The writer also does the spool's disk work (:meth:`Spool.sync`), so that
     the listeners' :meth:`IngestSink.put` never waits on the disk. Every loop
