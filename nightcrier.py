@@ -1242,6 +1242,101 @@ class _Reject(Exception):
     """Why a notification cannot become a fault event."""
 
 
+# Text both engines refuse, and what Python's json accepts but PostgreSQL's
+# jsonb does not, is cleaned here, once, so that nothing past this point can
+# carry it: lone surrogates (from "\ud800" escapes) become U+FFFD; NUL, which
+# PostgreSQL text cannot hold, is written as the six characters \u0000 so the
+# reader still sees it was there; NaN and +/-Infinity become the strings
+# "NaN", "Infinity" and "-Infinity". Those become strings rather than a
+# rejection because the fault itself is real: one unrepresentable number in
+# its context must not cost it its incident, and the string keeps what was
+# sent. A notification that needed cleaning is stored re-serialised; every
+# other one exactly as received.
+NUL_ESCAPE = "\\u0000"
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_HAZARDOUS_ESCAPE_RE = re.compile(r"\\u(?:0000|[dD][89abcdefABCDEF])")
+_NONFINITE = {"NaN": "NaN", "Infinity": "Infinity", "-Infinity": "-Infinity"}
+_CLEANING_DECODER = json.JSONDecoder(parse_constant=_NONFINITE.__getitem__)
+
+
+class _NonFiniteSeen(Exception):
+    """Raised from inside the JSON scanner: the fast path met NaN or Infinity."""
+
+
+def _refuse_constant(_name: str) -> Any:
+    raise _NonFiniteSeen
+
+
+# The fast path's decoder: as fast as json.loads, and it notices non-finite constants
+# for free, as they are parsed, instead of scanning the text for them.
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+# A switch for the benchmark that measures what cleaning costs; always on in service.
+SANITIZE = True
+
+
+def _needs_cleaning(text: str) -> bool:
+    """Whether ``text`` may hold anything :func:`_clean` changes, non-finite constants
+    apart (the decoder notices those). A few C-speed scans; the regular expression
+    runs only on text with backslashes."""
+    if "\x00" in text:
+        return True
+    if "\\" in text and _HAZARDOUS_ESCAPE_RE.search(text):  # one character: a memchr
+        return True
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+    return False
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates as U+FFFD and NUL escaped: storable on both engines."""
+    if "\x00" in text:
+        text = text.replace("\x00", NUL_ESCAPE)
+    if not text.isascii():
+        text = _SURROGATE_RE.sub("\ufffd", text)
+    return text
+
+
+def storable_raw(raw: str) -> str:
+    """A received body as kept for ``rejected_events``: NUL and lone surrogates written as
+    backslash escapes, so the bytes that were refused stay readable and storable."""
+    if "\x00" in raw:
+        raw = raw.replace("\x00", NUL_ESCAPE)
+    if not raw.isascii():
+        raw = raw.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw
+
+
+def _clean(value: Any) -> Any:
+    """A parsed JSON value with every string (keys too) cleaned and non-finite numbers as strings."""
+    kind = type(value)
+    if kind is str:
+        return clean_text(value)
+    if kind is dict:
+        return {clean_text(k): _clean(v) for k, v in value.items()}
+    if kind is list:
+        return [_clean(v) for v in value]
+    if kind is float and (value != value or value in (float("inf"), float("-inf"))):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def load_json(text: str) -> tuple[Any, str]:
+    """Parse ``text``; return the value and the text to store for it (``text`` itself
+    unless cleaning changed something). Raises ValueError (RecursionError included)."""
+    if not SANITIZE:
+        return json.loads(text), text
+    if not _needs_cleaning(text):
+        try:
+            return _STRICT_DECODER.decode(text), text
+        except _NonFiniteSeen:
+            pass
+    value = _clean(_CLEANING_DECODER.decode(text))
+    return value, json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
 def parse_notification(raw: str, cluster: str, received_at: dt.datetime
                        ) -> FaultEvent | RejectedNotification | SubscriptionErrorNotice | None:
     """Classify one message of the MCP stream of ``cluster``.
@@ -1251,19 +1346,29 @@ def parse_notification(raw: str, cluster: str, received_at: dt.datetime
     :class:`SubscriptionErrorNotice` for ``kubernetes/subscription_error``, a
     :class:`RejectedNotification` with the reason for anything malformed, and
     None for well-formed messages that are not for nightcrier (other methods and
-    loggers). Never raises.
+    loggers). Never raises. Everything returned is clean (see :func:`load_json`):
+    the event's ``mcp_payload`` is JSON that PostgreSQL's jsonb accepts and every
+    string is storable on both engines; a rejection keeps the body as
+    :func:`storable_raw` writes it.
     """
     def rejected(reason: str) -> RejectedNotification:
-        return RejectedNotification(cluster=cluster, reason=reason, raw_body=raw, received_at=received_at)
+        return RejectedNotification(cluster=cluster, reason=clean_text(reason)[:2000],
+                                    raw_body=storable_raw(raw), received_at=received_at)
 
     try:
-        message = json.loads(raw)
+        message, payload = load_json(raw)
+    except RecursionError:
+        return rejected("not storable JSON: nested too deeply")
     except ValueError as exc:
         return rejected(f"not JSON ({exc})")
     try:
-        return _classify(message, raw, cluster, received_at)
+        return _classify(message, payload, cluster, received_at)
     except _Reject as exc:
         return rejected(str(exc))
+    except RecursionError:
+        return rejected("not storable JSON: nested too deeply")
+    except Exception as exc:  # a shape nobody foresaw is still kept, never lost
+        return rejected(f"cannot classify: {_short_error(exc)}")
 
 
 def _classify(message: Any, raw: str, cluster: str, received_at: dt.datetime
@@ -1280,6 +1385,8 @@ def _classify(message: Any, raw: str, cluster: str, received_at: dt.datetime
     if not isinstance(params, dict):
         raise _Reject(f"params: expected an object, got {_json_type(params)}")
     logger = params.get("logger")
+    if logger is not None and not isinstance(logger, str):
+        raise _Reject(f"params.logger: expected a string, got {_json_type(logger)}")
     if logger == SUBSCRIPTION_ERROR_LOGGER:
         data = params.get("data") if isinstance(params.get("data"), dict) else {}
         return SubscriptionErrorNotice(str(data.get("subscriptionId") or ""), str(data.get("error") or ""))
@@ -1288,8 +1395,8 @@ def _classify(message: Any, raw: str, cluster: str, received_at: dt.datetime
     data = params.get("data")
     if isinstance(data, str):
         try:
-            data = json.loads(data)
-        except ValueError:
+            data = load_json(data)[0]
+        except ValueError:  # RecursionError too: then it is rejected as a string below
             pass
     if not isinstance(data, dict):
         raise _Reject(f"params.data: expected an object, got {_json_type(data)}")
@@ -1315,8 +1422,17 @@ def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: d
     context = data.get("context")
     if context is not None and not isinstance(context, str):
         context = json.dumps(context)
+    event_id, incident_id = _two_ids()
     return FaultEvent(cluster=cluster, fault_type=fault_type, received_at=received_at, mcp_payload=raw,
-                      context=_truncate(context or "", MAX_CONTEXT_CHARS), **values)
+                      context=_truncate(context or "", MAX_CONTEXT_CHARS), event_id=event_id,
+                      incident_id=incident_id, **values)
+
+
+def _two_ids() -> tuple[str, str]:
+    """Two random UUIDs from one call for randomness: the ids every fault needs, on the hot path."""
+    h = os.urandom(32).hex()
+    return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}",
+            f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{'89ab'[int(h[48], 16) & 3]}{h[49:52]}-{h[52:]}")
 
 
 def _optional_string(value: Any, where: str) -> str:
@@ -1418,6 +1534,11 @@ PG_REFUSALS = ("does not exist", "password authentication failed", "authenticati
                "server does not support ssl")
 
 
+class RecordRefused(StoreError):
+    """The database refused what was written for its content (text it cannot hold, a value out
+    of range); retrying will not help, and other records may well be fine."""
+
+
 class SchemaTooNew(StoreError):
     """The database was migrated by a newer nightcrier; this one refuses to touch it."""
 
@@ -1446,9 +1567,11 @@ class StateStore:
     Every method is safe to call from any thread. Methods that write run in one
     transaction: either all of their effect is visible or none of it. Methods
     raise :class:`StoreUnavailable` when the database cannot be reached (the
-    caller retries with backoff) and :class:`StoreError` for anything else.
-    Timestamps go in and come out as timezone-aware UTC datetimes; the times of
-    claims, heartbeats, completions and sweeps are the database's own clock.
+    caller retries with backoff), :class:`RecordRefused` when it (or its driver)
+    refuses a value written, and :class:`StoreError` for anything else: no
+    driver exception leaves a store unmapped. Timestamps go in and come out as
+    timezone-aware UTC datetimes; the times of claims, heartbeats, completions
+    and sweeps are the database's own clock.
     """
 
     engine = "abstract"
@@ -1709,14 +1832,17 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
 
 def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
                 rejected: Sequence[RejectedNotification], gaps: Sequence[SubscriptionGap],
-                ts: Callable[[dt.datetime], Any], text: Callable[[str], Any] = str
+                ts: Callable[[dt.datetime], Any], text: Callable[[str], Any] = str,
+                payload: Callable[[str], Any] | None = None
                 ) -> list[tuple[str, tuple[str, ...], str, list[tuple[Any, ...]]]]:
     """(table, columns, key, rows) for one ingest batch, as both engines insert it.
 
-    ``ts`` turns a datetime into the engine's timestamp value and ``text`` makes
-    a string storable; rows are tuples in the column order, built directly
-    because this is the hot path of ingestion.
+    ``ts`` turns a datetime into the engine's timestamp value, ``text`` makes
+    a string storable and ``payload`` (default ``text``) the raw JSON; rows are
+    tuples in the column order, built directly because this is the hot path of
+    ingestion.
     """
+    payload = payload or text
     skipped = frozenset(skipped_clusters)
     now = ts(utcnow())
     event_rows = []
@@ -1728,7 +1854,7 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
                     text(e.resource_namespace), text(e.resource_uid))
         event_rows.append((e.event_id, fault_id, subscription, text(e.cluster), text(e.upstream_cluster),
                            received, *resource, text(e.fault_type), text(e.severity), context,
-                           text(e.timestamp), text(e.mcp_payload),
+                           text(e.timestamp), payload(e.mcp_payload),
                            *(key and text(key) for key in emission_keys(e))))
         incident_rows.append((e.incident_id, e.event_id, SKIPPED if e.cluster in skipped else PENDING,
                               text(e.cluster), received, now, fault_id, subscription, text(e.fault_type),
@@ -2324,7 +2450,13 @@ class SqliteStore(SqlStore):
             if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
                 self._drop_connection()
                 raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+            if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError)):
+                raise RecordRefused(f"SQLite: {exc}") from exc
             raise StoreError(f"SQLite: {exc}") from exc
+        except (ValueError, OverflowError, TypeError) as exc:
+            # The driver refusing a value before SQLite sees it: UnicodeEncodeError for a
+            # lone surrogate, OverflowError for an integer beyond 64 bits.
+            raise RecordRefused(f"SQLite: value refused: {_short_error(exc)}") from exc
 
     def _drop_connection(self) -> None:
         """Forget this thread's connection after a failure: SQLite keeps a file it opened
@@ -2762,13 +2894,27 @@ class PostgresStore(SqlStore):
                 broken = bool(conn.closed)
                 self._rollback_quietly(conn)
                 self._pool.release(conn, broken=broken)
+                if str(getattr(exc, "pgcode", "") or "").startswith("54"):
+                    # "program limit exceeded" (an index row too large, say) is an
+                    # OperationalError to the driver, but about the record, not the server.
+                    raise RecordRefused(f"PostgreSQL: {str(exc).strip()}") from exc
                 if broken and attempt == 1:
                     continue
                 raise StoreUnavailable(f"PostgreSQL: {str(exc).strip()}") from exc
+            except psycopg2.DataError as exc:
+                self._rollback_quietly(conn)
+                self._pool.release(conn)
+                raise RecordRefused(f"PostgreSQL: {str(exc).strip()}") from exc
             except psycopg2.Error as exc:
                 self._rollback_quietly(conn)
                 self._pool.release(conn)
                 raise StoreError(f"PostgreSQL: {str(exc).strip()}") from exc
+            except (ValueError, TypeError) as exc:
+                # psycopg2 refusing a value while quoting it: NUL in a string, a lone
+                # surrogate (UnicodeEncodeError), a type it cannot adapt.
+                self._rollback_quietly(conn)
+                self._pool.release(conn)
+                raise RecordRefused(f"PostgreSQL: value refused: {_short_error(exc)}") from exc
             except BaseException:
                 self._rollback_quietly(conn)
                 self._pool.release(conn)
@@ -2808,7 +2954,7 @@ class PostgresStore(SqlStore):
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
         import psycopg2.extras
-        tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_clean)
+        tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_text, _pg_json)
         heads = queue_heads(events, skipped_clusters)
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
@@ -2871,6 +3017,25 @@ class PostgresStore(SqlStore):
         if self._liveness_thread is not None:
             self._liveness_thread.join(self.LIVENESS_CHECK_SECONDS + 5)
         self._pool.close()
+
+
+# A \u0000 escape, not an escaped backslash followed by "u0000".
+_JSON_NUL_ESCAPE_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _pg_text(value: str) -> str:
+    """Text for a PostgreSQL text column: NUL, which it cannot hold, written as \\u0000.
+    Parsed notifications never hold one (see :func:`load_json`); this guards other callers."""
+    return value.replace("\x00", NUL_ESCAPE) if "\x00" in value else value
+
+
+def _pg_json(value: str) -> str:
+    """JSON for a jsonb column, which refuses the \\u0000 escape: written as U+FFFD."""
+    if "\x00" in value:
+        value = value.replace("\x00", NUL_ESCAPE)
+    if "\\u0000" in value:
+        value = _JSON_NUL_ESCAPE_RE.sub(lambda m: m.group(1) + "\\ufffd", value)
+    return value
 
 
 def _pg_clean(value: Any) -> Any:
@@ -3181,18 +3346,49 @@ def _keepalive_http_adapter() -> Any:
 
 def _sse_messages(response: Any) -> Iterator[str]:
     """The ``data`` of each event of an SSE response, refusing absurdly large events."""
+    return sse_events(response.iter_content(chunk_size=None))
+
+
+def sse_events(chunks: Iterable[bytes], limit: int = MAX_SSE_MESSAGE_BYTES) -> Iterator[str]:
+    """The ``data`` of each event in a stream of byte chunks cut anywhere, parsed by sseclient-py.
+
+    Text is UTF-8 and invalid bytes read as U+FFFD, so no byte a server sends
+    can end the stream. Raises :class:`McpError` as soon as one event, however
+    it is cut into chunks, exceeds ``limit`` bytes: what is held in memory is
+    bounded.
+    """
     import sseclient
-    for event in sseclient.SSEClient(_bounded_chunks(response)).events():
+    for event in sseclient.SSEClient(_bounded_chunks(chunks, limit)).events():
         if event.data:
             yield event.data
 
 
-def _bounded_chunks(response: Any) -> Iterator[bytes]:
-    pending = 0
-    for chunk in response.iter_content(chunk_size=None):
-        pending = 0 if (b"\n\n" in chunk or b"\r\n\r\n" in chunk) else pending + len(chunk)
-        if pending > MAX_SSE_MESSAGE_BYTES:
-            raise McpError(f"an event on the stream exceeds {MAX_SSE_MESSAGE_BYTES} bytes")
+_SSE_EVENT_END_RE = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def _bounded_chunks(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    """``chunks`` as valid UTF-8, raising McpError as soon as one event passes ``limit`` bytes,
+    whether it arrives in one chunk or in many. The previous chunk's last bytes are kept, so an
+    event end cut between two chunks still counts as one."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending, tail = 0, b""
+    for raw in chunks:
+        chunk = decoder.decode(raw).encode("utf-8")
+        if not chunk:
+            continue
+        window = tail + chunk
+        start = len(tail) - pending  # where the current event began, in window offsets
+        for end in _SSE_EVENT_END_RE.finditer(window):
+            if end.end() <= start:
+                continue
+            if end.start() - start > limit:
+                raise McpError(f"an event on the stream exceeds {limit} bytes")
+            start = end.end()
+        pending = len(window) - start
+        if pending > limit:
+            raise McpError(f"an event on the stream exceeds {limit} bytes")
+        tail = window[-3:]
         yield chunk
 
 
@@ -3233,65 +3429,166 @@ UNHEALTHY_STATES = (FAILED_STATE, DISCONNECTED, UNSUPPORTED)
 
 
 class Spool:
-    """Append-only, fsync'd files holding ingest items the database could not take yet.
+    """Append-only files holding ingest items the database could not take yet.
 
     Items are appended as JSON lines to ``current.jsonl`` under ``directory``;
     :meth:`take_segments` seals that file and returns every sealed segment,
     oldest first, for replay. A segment is removed only after all of it has been
     stored, so a crash during replay replays it again, which the store tolerates
-    (items keep their ids). A torn last line, from a crash mid-write, is skipped.
+    (items keep their ids).
+
+    :meth:`append` writes without waiting for the disk: it is called from the
+    listeners' reader threads, which must never wait. :meth:`sync` makes what
+    was appended durable (fsync of the file, and of the directory after a file
+    was created) and is called by the ingest writer, which owns the spool's disk
+    work; :meth:`take_segments` fsyncs the directory after its rename. A process
+    killed between an append and the next sync loses nothing (the data is in the
+    kernel); only a machine crash in that window (about 0.1 s) can.
+
+    A line that cannot be read back (torn by a crash mid-write, corrupted on
+    disk, or a record nothing can store) is moved by :meth:`quarantine` to
+    ``quarantine.log`` in the same directory, one JSON object per line with the
+    segment, line number, reason and the line's text; replay carries on.
     Thread-safe; :meth:`append` raises OSError when the disk refuses the write.
     """
+
+    QUARANTINE = "quarantine.log"
 
     def __init__(self, directory: str):
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for appends and renames only, never across an fsync
+        self._quarantine_lock = threading.Lock()
         self._current = os.path.join(directory, "current.jsonl")
+        self._unsynced = False
+        self._directory_unsynced = False
 
     def append(self, items: Sequence[IngestItem]) -> None:
         lines = "".join(json.dumps(_spool_record(item), default=str) + "\n" for item in items)
+        data = lines.encode("utf-8", "backslashreplace")
         with self._lock:
+            created = not os.path.exists(self._current)
             fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, lines.encode("utf-8"))
-                os.fsync(fd)
+                os.write(fd, data)
             finally:
                 os.close(fd)
+            self._unsynced = True
+            self._directory_unsynced = self._directory_unsynced or created
+
+    def sync(self) -> None:
+        """Make every append so far durable. Cheap when there is nothing to do. Called by
+        one thread (the writer); the fsyncs run outside the lock, so appends never wait."""
+        if not (self._unsynced or self._directory_unsynced):
+            return
+        with self._lock:
+            file, directory = self._unsynced, self._directory_unsynced
+            self._unsynced = self._directory_unsynced = False
+        if file:
+            try:
+                fd = os.open(self._current, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = -1  # sealed meanwhile: take_segments syncs before sealing
+            if fd >= 0:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if directory:
+            self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def has_items(self) -> bool:
         with self._lock:
             return any(name.endswith((".jsonl", ".sealed")) for name in os.listdir(self.directory))
 
     def take_segments(self) -> list[str]:
+        self.sync()
         with self._lock:
+            sealed, tail_unsynced = "", False
             if os.path.exists(self._current) and os.path.getsize(self._current) > 0:
                 sealed = os.path.join(self.directory, f"{time.time_ns():020d}.sealed")
                 os.rename(self._current, sealed)
-            return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
-                          if n.endswith(".sealed"))
+                tail_unsynced, self._unsynced = self._unsynced, False  # appended since sync()
+            segments = sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
+                              if n.endswith(".sealed"))
+        if tail_unsynced:
+            fd = os.open(sealed, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if sealed:
+            self._fsync_directory()
+        return segments
+
+    @staticmethod
+    def records(segment: str) -> Iterator[tuple[int, bytes, IngestItem | None, str]]:
+        """(line number, line, item or None, why not) for each line of ``segment``, read lazily."""
+        with open(segment, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = _spool_item(json.loads(line.decode("utf-8")))
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                    yield number, line, None, f"unreadable spool record: {type(exc).__name__}: {exc}"[:500]
+                    continue
+                yield number, line, item, ""
 
     @staticmethod
     def read(segment: str) -> list[IngestItem]:
+        """The readable items of ``segment``; unreadable lines are logged and left out."""
         items: list[IngestItem] = []
-        with open(segment, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                try:
-                    items.append(_spool_item(json.loads(line)))
-                except (ValueError, KeyError, TypeError):
-                    log_event(logging.WARNING, "spool line unreadable, skipped", segment=segment,
-                              line=number)
+        for number, _line, item, error in Spool.records(segment):
+            if item is None:
+                log_event(logging.WARNING, "spool line unreadable, skipped", segment=segment,
+                          line=number, error=error)
+            else:
+                items.append(item)
         return items
 
-    @staticmethod
-    def remove(segment: str) -> None:
+    def quarantine(self, segment: str, number: int, line: bytes, reason: str) -> None:
+        """Keep one line replay cannot store, durably, with why; raises OSError."""
+        entry = json.dumps({"quarantined_at": _iso(utcnow()), "segment": os.path.basename(segment),
+                            "line": number, "reason": reason,
+                            "text": line.rstrip(b"\n").decode("utf-8", "backslashreplace")},
+                           ensure_ascii=True)
+        path = os.path.join(self.directory, self.QUARANTINE)
+        with self._quarantine_lock:
+            created = not os.path.exists(path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (entry + "\n").encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                self._fsync_directory()
+
+    def remove(self, segment: str) -> None:
         os.remove(segment)
+        self._fsync_directory()
+
+
+_SPOOL_KINDS: dict[type, tuple[str, tuple[str, ...]]] = {
+    cls: (kind, tuple(f.name for f in dataclasses.fields(cls)))  # type: ignore[arg-type]
+    for cls, kind in ((FaultEvent, "event"), (RejectedNotification, "rejected"), (SubscriptionGap, "gap"))}
 
 
 def _spool_record(item: IngestItem) -> dict[str, Any]:
-    kind = {FaultEvent: "event", RejectedNotification: "rejected", SubscriptionGap: "gap"}[type(item)]
-    record = {k: (_iso(v) if isinstance(v, dt.datetime) else v)
-              for k, v in dataclasses.asdict(item).items()}
+    # Every field is a string or a datetime: a shallow copy, not dataclasses.asdict's deep one.
+    kind, names = _SPOOL_KINDS[type(item)]
+    record = {}
+    for name in names:
+        value = getattr(item, name)
+        record[name] = _iso(value) if isinstance(value, dt.datetime) else value
     record["kind"] = kind
     return record
 
@@ -3301,6 +3598,9 @@ def _spool_item(record: dict[str, Any]) -> IngestItem:
     for name in ("received_at", "started_at", "ended_at"):
         if name in record:
             record[name] = _ts(record[name])
+    for value in record.values():
+        if not isinstance(value, (str, dt.datetime, type(None))):
+            raise TypeError(f"a field of the record is {type(value).__name__}, not text")
     return cls(**record)
 
 
@@ -3308,8 +3608,9 @@ class IngestSink:
     """Where listeners put what they receive. :meth:`put` never waits.
 
     Items go to the bounded in-memory queue; when it is full they go straight to
-    the spool; only when the spool cannot be written either is an item dropped,
-    and then it is counted and logged with its fault id. Thread-safe.
+    the spool (written, not fsync'd: the writer makes it durable); only when the
+    spool cannot be written either is an item dropped, and then it is counted and
+    logged with its fault id. Thread-safe.
     """
 
     def __init__(self, queue_size: int, spool: Spool, metrics: Metrics):
@@ -3328,13 +3629,25 @@ class IngestSink:
             pass
         try:
             self.spool.append([item])
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self.metrics.inc("dropped", item.cluster)
             log_event(logging.ERROR, "event dropped: queue full and spool not writable",
                       cluster=item.cluster, fault_id=getattr(item, "fault_id", ""), error=str(exc))
             return "dropped"
         self.metrics.inc("spooled", item.cluster)
         return "spooled"
+
+
+INGEST_STOP_SECONDS = 5.0  # how long shutdown waits for the writer before spooling what it holds
+_REFUSED_NAMESPACE = uuid.UUID("6e696768-7463-7269-6572-726566757365")
+
+
+class _BatchInterrupted(StoreUnavailable):
+    """The database went away part-way through a batch; ``unwritten`` is what was not stored."""
+
+    def __init__(self, cause: StoreUnavailable, unwritten: Sequence[IngestItem]):
+        super().__init__(str(cause))
+        self.unwritten = list(unwritten)
 
 
 class IngestWriter(threading.Thread):
@@ -3347,7 +3660,25 @@ class IngestWriter(threading.Thread):
     past ``spool_after`` seconds it moves the batch, and everything arriving
     after it, to the spool, and replays the spool in order once the database
     answers again. Spool left by a previous process is replayed at start.
-    :meth:`stop` makes it store (or spool) everything still queued and exit.
+
+    A batch the database refuses for any other reason (its content, or a bug)
+    is stored again one item at a time: the items at fault become
+    ``rejected_events`` rows (reason and escaped body, counted as ``refused``),
+    the others are stored. Nothing leaves the writer without becoming an
+    incident, a rejected row, a spooled record, or a counted and logged drop.
+    Spool replay streams each segment through the same path; a line that
+    cannot be read or stored is quarantined (see :class:`Spool`) and recorded
+    as rejected, and replay carries on. Rejections made here have ids derived
+    from the item, so replaying a segment twice records them once. Between two
+    batches of replay the writer also stores what is queued, so that a burst
+    larger than the queue spills as little as it can.
+
+    The writer also does the spool's disk work (:meth:`Spool.sync`), so that
+    the listeners' :meth:`IngestSink.put` never waits on the disk. Every loop
+    observes stop: :meth:`stop` makes it store (or spool) everything still
+    queued and exit; past its deadline -- the writer stuck in a database call --
+    :meth:`stop` spools, from the calling thread, the batch in flight and
+    everything queued (storing an item twice is harmless) and returns.
     """
 
     def __init__(self, store: StateStore, sink: IngestSink, skipped_clusters: Iterable[str],
@@ -3366,31 +3697,49 @@ class IngestWriter(threading.Thread):
         self.max_backoff = max_backoff
         self._stopping = threading.Event()
         self._degraded = False
+        self._inflight: list[IngestItem] = []
 
     def stop(self, timeout: float | None = None) -> None:
+        """Ask the writer to finish; wait at most ``timeout`` seconds (None: until it has)."""
         self._stopping.set()
         self.join(timeout)
+        if not self.is_alive():
+            return
+        import queue
+        held = list(self._inflight)
+        while True:
+            try:
+                held.append(self.sink.queue.get_nowait())
+            except queue.Empty:
+                break
+        log_event(logging.WARNING, "ingest writer did not stop in time, spooling what it holds",
+                  items=len(held), waited_seconds=timeout)
+        self._to_spool(held)
 
     def run(self) -> None:
         backoff = Backoff(0.05, self.max_backoff)
         while True:
             try:
-                if self._degraded or self.spool.has_items():
+                self.spool.sync()
+                if (self._degraded or self.spool.has_items()) and not self._stopping.is_set():
                     if not self._replay_spool():
                         self._spool_queue()
-                        if self._stopping.is_set():
-                            return
                         self._stopping.wait(backoff.next())
                         continue
                     backoff.reset()
                 batch = self._next_batch()
                 if not batch:
                     if self._stopping.is_set() and self.sink.queue.empty():
+                        self.spool.sync()
                         return
                     continue
+                self._inflight = batch
                 self._store_with_retry(batch)
+                self._inflight = []
             except Exception:  # this thread must outlive any bug in one batch
                 log.exception("ingest writer error")
+                held, self._inflight = self._inflight, []
+                self._to_spool(held)  # kept for the next replay rather than lost
                 self._stopping.wait(backoff.next())
 
     def _next_batch(self) -> list[IngestItem]:
@@ -3402,13 +3751,26 @@ class IngestWriter(threading.Thread):
         batch = [first]
         deadline = time.monotonic() + self.batch_window
         while len(batch) < self.batch_size:
+            self._take_queued(batch)
             remaining = deadline - time.monotonic()
+            if len(batch) >= self.batch_size or remaining <= 0:
+                break
             try:
-                batch.append(self.sink.queue.get(timeout=remaining) if remaining > 0
-                             else self.sink.queue.get_nowait())
+                batch.append(self.sink.queue.get(timeout=remaining))
             except queue.Empty:
                 break
         return batch
+
+    def _take_queued(self, batch: list[IngestItem]) -> None:
+        """Move what is queued, up to a full batch, in one go: one lock round instead of
+        one per item, under the queue's own lock and with its own bookkeeping."""
+        q = self.sink.queue
+        with q.mutex:
+            taken = min(len(q.queue), self.batch_size - len(batch))
+            for _ in range(taken):
+                batch.append(q.queue.popleft())
+            if taken:
+                q.not_full.notify(taken)
 
     def _write(self, batch: Sequence[IngestItem]) -> None:
         events = [i for i in batch if isinstance(i, FaultEvent)]
@@ -3434,54 +3796,88 @@ class IngestWriter(threading.Thread):
             self.work_available.set()
 
     def _store_with_retry(self, batch: list[IngestItem]) -> None:
+        """Store a batch from the queue; spool what the database cannot take in time."""
         backoff = Backoff(0.05, 1.0)
         give_up = time.monotonic() + self.spool_after
         while True:
             try:
-                self._write(batch)
+                self._write_isolating(batch, self._reject)
                 return
             except StoreUnavailable as exc:
                 self.metrics.inc("db_errors")
+                if isinstance(exc, _BatchInterrupted):
+                    batch = exc.unwritten
                 if time.monotonic() >= give_up or self._stopping.is_set():
                     log_event(logging.WARNING, "database unavailable, spooling events",
                               items=len(batch), error=str(exc))
                     self._to_spool(batch)
                     self._degraded = True
                     return
-                time.sleep(backoff.next())
-            except StoreError as exc:
-                self._write_one_by_one(batch, exc)
-                return
+                self._stopping.wait(backoff.next())
 
-    def _write_one_by_one(self, batch: list[IngestItem], error: StoreError) -> None:
-        """A batch the database refuses for its content: find the items at fault, keep the rest."""
+    def _write_isolating(self, batch: Sequence[IngestItem],
+                         refused: Callable[[int, IngestItem, str], None]) -> None:
+        """Store ``batch``; if the database refuses it for anything but being unavailable,
+        store it item by item and hand each item it still refuses to ``refused(position,
+        item, reason)``. Raises StoreUnavailable (a :class:`_BatchInterrupted` once
+        part of the batch is stored)."""
+        try:
+            self._write(batch)
+            return
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # refused for its content, or a bug: find the items at fault
+            error = exc
         log_event(logging.ERROR, "batch refused by the database, storing items one by one",
-                  error=str(error))
-        for item in batch:
+                  items=len(batch), error=_short_error(error))
+        for position, item in enumerate(batch):
             try:
                 self._write([item])
-            except StoreUnavailable:
-                self._to_spool([item])
-                self._degraded = True
-            except StoreError as exc:
-                raw = getattr(item, "mcp_payload", "") or json.dumps(_spool_record(item), default=str)
-                self._store_rejection(RejectedNotification(
-                    item.cluster or "?", f"refused by the database: {exc}", raw))
+            except StoreUnavailable as exc:
+                raise _BatchInterrupted(exc, batch[position:]) from exc
+            except Exception as exc:  # the item at fault, whatever the driver raised
+                try:
+                    refused(position, item, _short_error(exc))
+                except StoreUnavailable as unavailable:
+                    raise _BatchInterrupted(unavailable, batch[position:]) from unavailable
 
-    def _store_rejection(self, rejected: RejectedNotification) -> None:
-        """Keep an item the database refused as a rejection; if even that fails, log it as lost."""
+    def _reject(self, _position: int, item: IngestItem, reason: str) -> None:
+        """Keep an item the database refused as a rejected row; if even that is refused,
+        count and log it as dropped. Raises StoreUnavailable."""
+        cluster = item.cluster if isinstance(item.cluster, str) and item.cluster else "?"
+        own_id = getattr(item, "event_id", None) or getattr(item, "rejected_id", None) or \
+            getattr(item, "gap_id", None)
+        rejected = RejectedNotification(
+            clean_text(cluster), clean_text(f"refused by the database: {reason}")[:2000],
+            storable_raw(_raw_of(item)), received_at=utcnow(),
+            rejected_id=str(uuid.uuid5(_REFUSED_NAMESPACE, own_id)) if isinstance(own_id, str)
+            else new_id())
+        self._store_rejection(rejected, item)
+
+    def _store_rejection(self, rejected: RejectedNotification, item: Any) -> None:
         try:
             self._write([rejected])
-        except StoreError:
-            log_event(logging.ERROR, "notification lost: refused by the database",
-                      cluster=rejected.cluster, reason=rejected.reason)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # nothing else can be done with it: count it and say so
+            self.metrics.inc("dropped", rejected.cluster)
+            log_event(logging.ERROR, "notification lost: refused by the database", cluster=rejected.cluster,
+                      fault_id=str(getattr(item, "fault_id", ""))[:200], reason=rejected.reason[:300],
+                      error=_short_error(exc))
+            return
+        self.metrics.inc("refused", rejected.cluster)
+        log_event(logging.ERROR, "item kept as rejected", cluster=rejected.cluster,
+                  rejected_id=rejected.rejected_id, reason=rejected.reason[:300])
 
     def _to_spool(self, items: Sequence[IngestItem]) -> None:
+        if not items:
+            return
         try:
             self.spool.append(items)
+            self.spool.sync()
             for item in items:
                 self.metrics.inc("spooled", item.cluster)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             for item in items:
                 self.metrics.inc("dropped", item.cluster)
                 log_event(logging.ERROR, "event dropped: database and spool both unavailable",
@@ -3489,25 +3885,108 @@ class IngestWriter(threading.Thread):
 
     def _spool_queue(self) -> None:
         """While the database is down, keep memory free: move everything queued to the spool."""
-        while batch := self._next_batch():
+        for _ in range(self.sink.queue.maxsize // self.batch_size + 1):
+            batch = self._next_batch()
             self._to_spool(batch)
             if len(batch) < self.batch_size:
                 break
 
     def _replay_spool(self) -> bool:
-        """Store every spooled item in order; True when the spool is empty afterwards."""
+        """Store spooled items in order; True when done (or stopped), False when the database
+        is unavailable (the segment being replayed is replayed again later)."""
         try:
             for segment in self.spool.take_segments():
-                items = self.spool.read(segment)
-                for start in range(0, len(items), self.batch_size):
-                    self._write(items[start:start + self.batch_size])
-                self.spool.remove(segment)
-                log_event(logging.INFO, "spool replayed", items=len(items))
+                if self._stopping.is_set():
+                    return True
+                try:
+                    if not self._replay_segment(segment):
+                        return True
+                except OSError as exc:
+                    self._set_aside(segment, exc)
         except StoreUnavailable:
             self.metrics.inc("db_errors")
             return False
+        except OSError as exc:
+            log_event(logging.ERROR, "spool unreadable", directory=self.spool.directory, error=str(exc))
+            return False
         self._degraded = False
         return True
+
+    def _set_aside(self, segment: str, error: OSError) -> None:
+        """A segment that cannot be read at all is renamed ``*.unreadable``, so that it
+        neither blocks the ones after it nor is retried forever. Raises OSError."""
+        log_event(logging.ERROR, "spool segment unreadable, set aside", segment=segment, error=str(error))
+        if os.path.exists(segment):
+            os.rename(segment, segment + ".unreadable")
+
+    def _replay_segment(self, segment: str) -> bool:
+        """Replay one segment; False if stop interrupted it. Raises StoreUnavailable, OSError."""
+        pending: list[tuple[int, bytes, IngestItem]] = []
+        stored = 0
+
+        def quarantine(position: int, item: IngestItem | None, reason: str) -> None:
+            number, line, _ = pending[position]
+            self._quarantine(segment, number, line, reason, item)
+
+        def flush() -> None:
+            nonlocal stored
+            self._write_isolating([item for _, _, item in pending], quarantine)
+            stored += len(pending)
+            pending.clear()
+            # Keep the queue moving too: while it is full, everything arriving is spooled,
+            # and a spooled item costs several times what a queued one does. Order between
+            # the two does not matter: each incident carries its own receive time.
+            queued: list[IngestItem] = []
+            self._take_queued(queued)
+            if queued:
+                self._inflight = queued
+                self._store_with_retry(queued)
+                self._inflight = []
+
+        try:
+            for number, line, item, error in self.spool.records(segment):
+                if item is None:
+                    self._quarantine(segment, number, line, error, None)
+                    continue
+                pending.append((number, line, item))
+                if len(pending) >= self.batch_size:
+                    flush()
+                    if self._stopping.is_set():
+                        return False
+            if pending:
+                flush()
+        except UnicodeDecodeError as exc:  # not a line-level problem: the file itself is odd
+            raise OSError(f"{segment}: {exc}") from exc
+        self.spool.remove(segment)
+        log_event(logging.INFO, "spool replayed", segment=os.path.basename(segment), items=stored)
+        return True
+
+    def _quarantine(self, segment: str, number: int, line: bytes, reason: str, item: Any) -> None:
+        """Move one spool line aside and record it as rejected. Raises StoreUnavailable."""
+        try:
+            self.spool.quarantine(segment, number, line, reason)
+        except OSError as exc:
+            log_event(logging.ERROR, "cannot write the spool quarantine", error=str(exc))
+        cluster = getattr(item, "cluster", None)
+        cluster = cluster if isinstance(cluster, str) and cluster else "?"
+        log_event(logging.ERROR, "spool record quarantined", segment=os.path.basename(segment),
+                  line=number, reason=reason[:300])
+        rejected = RejectedNotification(
+            clean_text(cluster), clean_text(f"spool record quarantined: {reason}")[:2000],
+            storable_raw(line.decode("utf-8", "backslashreplace").rstrip("\n")), received_at=utcnow(),
+            rejected_id=str(uuid.uuid5(_REFUSED_NAMESPACE, f"{os.path.basename(segment)}:{number}")))
+        self._store_rejection(rejected, item)
+
+
+def _raw_of(item: Any) -> str:
+    """What to keep of an item in ``rejected_events.raw_body``."""
+    raw = getattr(item, "mcp_payload", None) or getattr(item, "raw_body", None)
+    if isinstance(raw, str) and raw:
+        return raw
+    try:
+        return json.dumps(_spool_record(item), default=str)
+    except Exception:  # an item odd enough to fail this is described rather than lost
+        return repr(item)
 
 
 class Backoff:
@@ -6581,6 +7060,8 @@ class Metrics:
         "spooled": ("nightcrier_events_spooled_total", "Items written to the on-disk spool", ("cluster",)),
         "dropped": ("nightcrier_events_dropped_total", "Items lost: queue full and spool unwritable",
                     ("cluster",)),
+        "refused": ("nightcrier_events_refused_total",
+                    "Items the database refused, kept in rejected_events instead", ("cluster",)),
         "reconnects": ("nightcrier_reconnects_total", "Subscriptions regained after a gap", ("cluster",)),
         "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
                             ("cluster",)),
@@ -7463,7 +7944,7 @@ class Service:
         for listener in self.listeners:
             listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
         self.ownership.stop()  # only now: the sessions it guarded are deleted
-        self.writer.stop()
+        self.writer.stop(INGEST_STOP_SECONDS)
         self.dispatcher.stop()
         if self.uploader is not None:
             self.uploader.stop()  # after the dispatcher, before Slack: it hands incidents on to Slack

@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """Ingest benchmark: simulated MCP servers push faults; how fast do incidents get committed?
 
-Runs ``nightcrier simulate`` in a separate process (N simulated clusters on
-127.0.0.1) and nightcrier's Service in this process, then measures, per engine:
+The load comes from generator processes (``--generators``, multiprocessing),
+each serving some of the simulated clusters with frames rendered before the
+clock starts, so that what is measured is nightcrier -- the Service, in this
+process -- and not its load generator. Per engine:
 
-* throughput: M faults emitted as fast as the servers can, from the first send
-  to the last commit;
+* throughput: M faults queued by the generators at once, from the first send
+  to the last commit; the generators' own send rate is reported beside it and
+  must be well above it for the figure to mean anything;
 * latency: receive -> commit per event, p50/p99, at a fixed offered rate;
 * the raw ceiling: the same rows inserted straight into an empty database with
-  executemany, in batches of the same size as the ingest writer's.
+  executemany, in batches of the same size as the ingest writer's, in the same
+  run;
+* the cost of cleaning notifications at the parse boundary: parse of the same
+  notifications with cleaning on and off, as a share of the per-event time
+  the measured throughput leaves.
 
-Usage:  python bench/ingest.py [--clusters 10] [--faults 20000] [--rate 1000]
+Usage:  python bench/ingest.py [--clusters 10] [--generators 2] [--faults 20000] [--rate 1000]
                                [--engines sqlite,postgres] [--postgres-url URL]
 """
 
@@ -19,14 +26,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,21 +67,61 @@ class Recorder:
         return samples
 
 
-def start_simulators(count: int) -> tuple[subprocess.Popen[str], list[dict[str, str]]]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "simulate", "--servers",
-                             str(count), "--cluster", "bench"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    servers = [json.loads(proc.stdout.readline()) for _ in range(count)]
-    return proc, servers
-
-
-def emit(servers: list[dict[str, str]], total: int, rate: float) -> None:
-    per_server = total // len(servers)
+def _generator(clusters: list[str], conn: multiprocessing.connection.Connection) -> None:
+    """One generator process: serves ``clusters``, emits on command, reports how long sending took."""
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- connections reset at the end are expected
+    servers = [nc.SimulatedServer(name).start() for name in clusters]
+    conn.send([{"cluster": s.cluster, "endpoint": s.url} for s in servers])
+    while (command := conn.recv()) is not None:
+        per_server, rate = command
+        for server in servers:  # render every distinct frame before the clock starts
+            for sub in list(server._owners):
+                for n in range(512):
+                    server._frame(sub, n)
+        conn.send("ready")
+        conn.recv()
+        start = time.monotonic()
+        threads = [server.emit_many(per_server, rate) for server in servers]
+        for thread in threads:
+            thread.join()
+        conn.send(time.monotonic() - start)
     for server in servers:
-        url = server["endpoint"].replace("/mcp", "/_simulate/emit")
-        body = json.dumps({"count": per_server, "rate": rate / len(servers)}).encode()
-        urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=10).read()
+        server.stop()
+
+
+class Generators:
+    """Simulated clusters spread over ``processes`` generator processes."""
+
+    def __init__(self, clusters: int, processes: int):
+        names = [f"bench-{n}" for n in range(clusters)]
+        self.pipes = []
+        self.procs = []
+        for i in range(processes):
+            parent, child = multiprocessing.Pipe()
+            proc = multiprocessing.Process(target=_generator, args=(names[i::processes], child), daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        self.servers = [server for pipe in self.pipes for server in pipe.recv()]
+
+    def emit(self, total: int, rate: float) -> float:
+        """Emit ``total`` faults over every cluster (``rate`` per second overall, 0 = unpaced);
+        returns the generators' own send rate (faults per second)."""
+        per_server = total // len(self.servers)
+        for pipe in self.pipes:
+            pipe.send((per_server, rate / len(self.servers)))
+        for pipe in self.pipes:
+            pipe.recv()
+        for pipe in self.pipes:
+            pipe.send("go")
+        slowest = max(pipe.recv() for pipe in self.pipes)
+        return per_server * len(self.servers) / slowest
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(None)
+        for proc in self.procs:
+            proc.join(10)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -111,40 +158,67 @@ def make_config(workdir: str, servers: list[dict[str, str]], storage: dict[str, 
 
 
 def run_pipeline(engine: str, storage: dict[str, object], args: argparse.Namespace) -> dict[str, float]:
-    proc, servers = start_simulators(args.clusters)
+    generators = Generators(args.clusters, args.generators)
     workdir = tempfile.mkdtemp(prefix=f"nightcrier-bench-{engine}-")
-    service = nc.Service(make_config(workdir, servers, storage))
+    service = nc.Service(make_config(workdir, generators.servers, storage))
     recorder = Recorder()
     service.metrics.observe_ingest = recorder  # type: ignore[method-assign]
     service.start()
     try:
         wait_until(lambda: all(h.status == nc.ACTIVE for h in service.health()), 30, "subscriptions")
         start = time.monotonic()
-        emit(servers, args.faults, 0)
+        send_rate = generators.emit(args.faults, 0)
         wait_until(lambda: recorder.count() >= args.faults, 300, "throughput run to commit")
         samples = recorder.take()
         last_commit = max(t for t, _ in samples)
         throughput = len(samples) / (last_commit - start)
+        spooled = sum(service.metrics.value("spooled", s["cluster"]) for s in generators.servers)
 
         latency_faults = int(args.rate * args.latency_seconds)
-        emit(servers, latency_faults, args.rate)
+        generators.emit(latency_faults, args.rate)
         wait_until(lambda: recorder.count() >= latency_faults, 120, "latency run to commit")
         latencies = [lat * 1000 for _, lat in recorder.take()]
     finally:
         service.stop()
-        proc.terminate()
-        proc.wait()
-    return {"events_per_s": throughput, "p50_ms": statistics.median(latencies),
-            "p99_ms": percentile(latencies, 99), "latency_samples": len(latencies)}
+        generators.stop()
+    return {"events_per_s": throughput, "generator_send_per_s": send_rate, "spooled": spooled,
+            "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 99),
+            "latency_samples": len(latencies)}
 
 
-def raw_rows(count: int, clusters: int) -> list[nc.FaultEvent]:
-    events = []
+def notification_bodies(count: int, clusters: int) -> list[tuple[str, str]]:
+    """(cluster, raw notification) as the simulated servers send them."""
+    bodies = []
     for n in range(count):
         cluster = f"bench-{n % clusters}"
-        data = nc.simulated_fault(cluster, n)
-        raw = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
-                          "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}})
+        data = dict(nc.simulated_fault(cluster, n), subscriptionId="sub-1")
+        bodies.append((cluster, json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                                            "params": {"level": "warning", "logger": "kubernetes/faults",
+                                                       "data": data}})))
+    return bodies
+
+
+def parse_cost(bodies: list[tuple[str, str]], rounds: int = 15) -> dict[str, float]:
+    """Microseconds per parse_notification with cleaning on and off: the best of ``rounds``
+    of each, interleaved so that a busy neighbour slows both alike."""
+    now = nc.utcnow()
+    timings = {"on": float("inf"), "off": float("inf")}
+    for _ in range(rounds):
+        for sanitize in (False, True):
+            nc.SANITIZE = sanitize
+            start = time.perf_counter()
+            for cluster, raw in bodies:
+                nc.parse_notification(raw, cluster, now)
+            key = "on" if sanitize else "off"
+            timings[key] = min(timings[key], (time.perf_counter() - start) / len(bodies) * 1e6)
+    nc.SANITIZE = True
+    return {"parse_us": timings["on"], "parse_unsanitized_us": timings["off"],
+            "sanitize_us": timings["on"] - timings["off"]}
+
+
+def raw_rows(bodies: list[tuple[str, str]]) -> list[nc.FaultEvent]:
+    events = []
+    for cluster, raw in bodies:
         event = nc.parse_notification(raw, cluster, nc.utcnow())
         assert isinstance(event, nc.FaultEvent)
         events.append(event)
@@ -176,7 +250,7 @@ def raw_ceiling_postgres(events: list[nc.FaultEvent], url: str) -> float:
     store = nc.PostgresStore(url)
     store.close()
     conn = psycopg2.connect(url)
-    tables = nc.ingest_rows(events, (), (), (), lambda t: t, nc._pg_clean)[:2]
+    tables = nc.ingest_rows(events, (), (), (), lambda t: t, nc._pg_text, nc._pg_json)[:2]
     start = time.monotonic()
     with conn.cursor() as cur:
         for i in range(0, len(events), BATCH):
@@ -249,6 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clusters", type=int, default=10)
+    parser.add_argument("--generators", type=int, default=2, help="load generator processes")
     parser.add_argument("--faults", type=int, default=20000)
     parser.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency run")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
@@ -257,7 +332,9 @@ def main() -> None:
     quiet_logging()
 
     results = {}
-    events = raw_rows(args.faults, args.clusters)
+    bodies = notification_bodies(args.faults, args.clusters)
+    events = raw_rows(bodies)
+    cost = parse_cost(bodies[:5000])
     for engine in args.engines.split(","):
         if engine == "sqlite":
             storage: dict[str, object] = {"type": "sqlite"}
@@ -273,15 +350,21 @@ def main() -> None:
                 drop_schema(args.postgres_url, schema)
                 drop_schema(args.postgres_url, raw_schema)
         result["share_of_ceiling"] = result["events_per_s"] / result["raw_ceiling_per_s"]
+        # The share of each event's time, at the measured throughput, spent cleaning.
+        result["sanitize_share"] = cost["sanitize_us"] * 1e-6 * result["events_per_s"]
         results[engine] = result
 
-    print(f"ingest benchmark: {args.clusters} clusters, {args.faults} faults unpaced, "
-          f"latency at {args.rate:g}/s for {args.latency_seconds:g} s")
-    print(f"{'engine':<10}{'events/s':>10}{'raw ceiling/s':>15}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"ingest benchmark: {args.clusters} clusters in {args.generators} generator processes, "
+          f"{args.faults} faults unpaced, latency at {args.rate:g}/s for {args.latency_seconds:g} s")
+    print(f"parse_notification: {cost['parse_us']:.2f} us per event, {cost['parse_unsanitized_us']:.2f} us "
+          f"with cleaning switched off")
+    print(f"{'engine':<10}{'events/s':>10}{'sent/s':>10}{'spooled':>9}{'raw ceiling/s':>15}{'share':>8}"
+          f"{'cleaning':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for engine, r in results.items():
-        print(f"{engine:<10}{r['events_per_s']:>10.0f}{r['raw_ceiling_per_s']:>15.0f}"
-              f"{r['share_of_ceiling']:>8.0%}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
-    print(json.dumps(results))
+        print(f"{engine:<10}{r['events_per_s']:>10.0f}{r['generator_send_per_s']:>10.0f}{r['spooled']:>9.0f}"
+              f"{r['raw_ceiling_per_s']:>15.0f}{r['share_of_ceiling']:>8.0%}{r['sanitize_share']:>10.1%}"
+              f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+    print(json.dumps({"parse": cost, **results}))
 
 
 if __name__ == "__main__":
