@@ -6417,7 +6417,36 @@ class CircuitBreaker:
 _STOP = object()
 
 
-class SlackNotifier(threading.Thread):
+class _DrainingThread(threading.Thread):
+    """A thread that works through its queue and drains it when stopped.
+
+    Subclasses create ``_queue`` and ``_abort`` and pass over the work of an
+    item once ``_abort`` is set. :meth:`stop` (main thread) lets the queue drain
+    for ``timeout`` seconds (default ``drain_seconds``); past that it logs
+    ``out_of_time``, sets ``_abort`` so that what is left is passed over, and
+    waits at most ``_item_timeout() + 5`` seconds for the item in hand.
+    """
+
+    drain_seconds = 30.0
+    out_of_time = "out of time, passing over what is queued"
+    _queue: Any
+    _abort: threading.Event
+
+    def _item_timeout(self) -> float:
+        raise NotImplementedError
+
+    def stop(self, timeout: float | None = None) -> None:
+        if not self.is_alive():
+            return
+        self._queue.put(_STOP)
+        self.join(self.drain_seconds if timeout is None else timeout)
+        if self.is_alive():
+            log_event(logging.WARNING, self.out_of_time, pending=self._queue.qsize())
+            self._abort.set()
+            self.join(self._item_timeout() + 5)
+
+
+class SlackNotifier(_DrainingThread):
     """Tells Slack about finished incidents and about the health of the agents.
 
     :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
@@ -6475,17 +6504,11 @@ class SlackNotifier(threading.Thread):
                           incident_id=oldest[0].incident_id, queue_limit=self.queue_limit)
             self._queue.put((incident, summary, uploaded_url))
 
-    def stop(self, timeout: float = SLACK_DRAIN_SECONDS) -> None:
-        """Deliver what is queued within ``timeout`` seconds, then drop the rest and end the thread."""
-        if not self.is_alive():
-            return
-        self._queue.put(_STOP)
-        self.join(timeout)
-        if self.is_alive():
-            log_event(logging.WARNING, "slack notifier out of time, dropping undelivered messages",
-                      pending=self._queue.qsize())
-            self._abort.set()
-            self.join(self.config.slack_timeout_seconds + 5)
+    drain_seconds = SLACK_DRAIN_SECONDS
+    out_of_time = "slack notifier out of time, dropping undelivered messages"
+
+    def _item_timeout(self) -> float:
+        return self.config.slack_timeout_seconds
 
     def run(self) -> None:
         import requests
@@ -6877,7 +6900,7 @@ class UploadFailed(Exception):
     """An incident's upload was given up on; the message says why (no signature in it)."""
 
 
-class ReportUploader(threading.Thread):
+class ReportUploader(_DrainingThread):
     """Uploads each finished incident's artifacts to the object store, then hands it to Slack.
 
     :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
@@ -6928,17 +6951,11 @@ class ReportUploader(threading.Thread):
                       incident_id=incident.incident_id, queued=self._queue.qsize())
             self._notify(incident, None)
 
-    def stop(self, timeout: float = UPLOAD_DRAIN_SECONDS) -> None:
-        """Upload what is queued within ``timeout`` seconds, then hand the rest to ``notify`` and end."""
-        if not self.is_alive():
-            return
-        self._queue.put(_STOP)
-        self.join(timeout)
-        if self.is_alive():
-            log_event(logging.WARNING, "uploader out of time, notifying without uploading",
-                      pending=self._queue.qsize())
-            self._abort.set()
-            self.join(self.config.storage_timeout_seconds + 5)
+    drain_seconds = UPLOAD_DRAIN_SECONDS
+    out_of_time = "uploader out of time, notifying without uploading"
+
+    def _item_timeout(self) -> float:
+        return self.config.storage_timeout_seconds
 
     def run(self) -> None:
         while True:
