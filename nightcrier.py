@@ -2444,19 +2444,30 @@ class SqliteStore(SqlStore):
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            mapped = self._store_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    def _store_error(self, exc: Exception) -> StoreError | None:
+        """The store's error for a driver's, or None for one that is not the driver's."""
+        if self._closed:  # closed under a thread still at work: no verdict on the record
+            return StoreUnavailable(f"SQLite {self.path}: the store is closed")
+        if isinstance(exc, sqlite3.Error):
             # Locked, read-only, missing or corrupt files may come right again;
             # constraint and programming errors will not.
             if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
                 self._drop_connection()
-                raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+                return StoreUnavailable(f"SQLite {self.path}: {exc}")
             if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError)):
-                raise RecordRefused(f"SQLite: {exc}") from exc
-            raise StoreError(f"SQLite: {exc}") from exc
-        except (ValueError, OverflowError, TypeError) as exc:
+                return RecordRefused(f"SQLite: {exc}")
+            return StoreError(f"SQLite: {exc}")
+        if isinstance(exc, (ValueError, OverflowError, TypeError)):
             # The driver refusing a value before SQLite sees it: UnicodeEncodeError for a
             # lone surrogate, OverflowError for an integer beyond 64 bits.
-            raise RecordRefused(f"SQLite: value refused: {_short_error(exc)}") from exc
+            return RecordRefused(f"SQLite: value refused: {_short_error(exc)}")
+        return None
 
     def _drop_connection(self) -> None:
         """Forget this thread's connection after a failure: SQLite keeps a file it opened
@@ -2552,12 +2563,23 @@ class SqliteStore(SqlStore):
         self._stop_checkpoints.set()
         checkpointer = getattr(self, "_checkpointer", None)
         if checkpointer is not None and threading.current_thread() is not checkpointer:
-            checkpointer.join()
+            # Bounded: a checkpoint waits out the busy timeout on a locked database, and closing
+            # must not; its connection, still busy, is closed by SQLite once the statement ends.
+            checkpointer.join(DISPATCHER_JOIN_SECONDS)
         conns = list(self._conns)
         self._conns.clear()
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
+        # A thread may still be waiting out the busy timeout on one of them, and closing that
+        # connection waits for it: close from a helper thread, for a bounded time. The stuck
+        # thread's statement then fails as unavailable (the store is closed), never as refused.
+        # Dropping the thread-local connections runs their finalizers, which close them too.
+        def close_all() -> None:
+            for conn in conns:
+                conn.close()
+            self._local = threading.local()
+
+        closer = threading.Thread(target=close_all, daemon=True, name="sqlite-close")
+        closer.start()
+        closer.join(DISPATCHER_JOIN_SECONDS)
         self._release_lock()
         keeper = getattr(self, "_keeper", None)
         if keeper is not None:
@@ -4472,6 +4494,7 @@ AGENT_HOME = "/home/agent"
 STOP_GRACE_SECONDS = 10.0
 RUNNER_CHECK_INTERVAL = 30.0   # seconds between checks that the runner could start an agent
 ORPHAN_CHECK_SECONDS = 2.0       # how often dead processes' claims are looked for
+DISPATCHER_JOIN_SECONDS = 2.0    # what shutdown waits for a dispatcher stuck on the database
 ABORT_SECONDS = 2.0              # what a second signal may spend killing agents and releasing claims
 CLAIM_LOST_REASON = "claim lost while the agent ran; result discarded"
 ABORTED_REASON = "stopped by a second signal"
@@ -5430,7 +5453,11 @@ class Dispatcher(threading.Thread):
         from concurrent.futures import wait
         self._stopping.set()
         self.wake.set()
-        self.join()
+        # Bounded: the thread may be waiting on a locked or unanswering database (up to the busy or
+        # statement timeout), and shutdown must not wait for that; it is a daemon and claims no more.
+        self.join(DISPATCHER_JOIN_SECONDS)
+        if self.is_alive():
+            log_event(logging.WARNING, "dispatcher busy with the database at shutdown, not waiting for it")
         with self._running_lock:
             runs = list(self._running.values())
         done, not_done = wait([r.future for r in runs], timeout=self.config.shutdown_timeout)
@@ -8725,6 +8752,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):
         pass
     service.stop()
+    stuck = [t.name for t in (service.writer, service.dispatcher) if t.is_alive()]
+    if stuck:
+        # Still waiting on the database past every deadline: ending the interpreter normally
+        # would wait for them too (closing their connections), so leave at once. Everything
+        # they held is spooled or back to pending already.
+        log_event(logging.WARNING, "leaving threads stuck on the database", threads=stuck)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

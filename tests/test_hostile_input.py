@@ -375,6 +375,60 @@ def test_writer_stop_has_a_deadline_and_loses_nothing(tmp_path: Path) -> None:
 
 
 
+def test_sigterm_exits_promptly_while_the_database_is_locked(tmp_path: Path, server: McpTestServer) -> None:
+    """Every thread that might be waiting on SQLite's busy timeout (30 s) -- the writer, the
+    dispatcher -- must not hold shutdown past shutdown_timeout and a few seconds."""
+    import sqlite3
+    db = tmp_path / "db" / "nightcrier.db"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "workspace_root": str(tmp_path / "ws"), "health_port": 0, "shutdown_timeout": 2,
+        "mcp_ping_interval": 1, "mcp_connect_timeout": 1, "mcp_request_timeout": 2,
+        "dispatch_poll_interval": 0.1, "agent_runner": "process", "agent_command": ["true"],
+        "state_storage": {"type": "sqlite", "sqlite_path": str(db)},
+        "clusters": [{"name": "prod", "mcp": {"endpoint": server.url},
+                      "triage": {"enabled": True, "kubeconfig": str(kubeconfig),
+                                 "check_permissions": False}}]}))
+    log = (tmp_path / "nightcrier.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    blocker = None
+    try:
+        server.wait_for_subscriptions(1, timeout=30)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # readers and writers of nightcrier now wait on the lock
+        for i in range(20):
+            server.emit(make_fault(name=f"locked-{i}"))
+        wait_for(lambda: "spool" in (tmp_path / "nightcrier.log").read_text()
+                 or (tmp_path / "ws" / "spool").exists() and any((tmp_path / "ws" / "spool").iterdir()),
+                 timeout=60, what="the writer to spool while the database is locked")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(2 + 15) == 0, "exits within shutdown_timeout and a few seconds"
+        assert time.monotonic() - started < 2 + 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if blocker is not None:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    # Nothing received is lost: what could not be stored is in the spool, replayed by the next start.
+    store = nc.SqliteStore(str(db))
+    try:
+        stored = len(store.list_incidents(nc.IncidentFilter(limit=100)))
+    finally:
+        store.close()
+    spooled = sum(len(f.read_bytes().splitlines()) for f in (tmp_path / "ws" / "spool").glob("*")
+                  if f.is_file() and f.name != "quarantine.log")
+    assert stored + spooled >= 20
+    quarantine = tmp_path / "ws" / "spool" / "quarantine.log"
+    assert not quarantine.exists() or not quarantine.read_text(), "a closed store is no verdict on a record"
+
+
 def test_a_value_too_large_for_an_index_is_refused_not_unavailable(store: nc.StateStore,
                                                                    tmp_path: Path) -> None:
     """PostgreSQL reports an oversized index row as an OperationalError; it must not read as an outage."""
