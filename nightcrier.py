@@ -1428,9 +1428,24 @@ def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: d
                       incident_id=incident_id, **values)
 
 
+_RANDOM_POOL: deque[str] = deque()
+os.register_at_fork(after_in_child=_RANDOM_POOL.clear)  # a child must never reuse the parent's draws
+
+
+def _random_hex32() -> str:
+    """64 random hex digits from a pool refilled 256 at a time: each os.urandom call releases the
+    interpreter lock, and under load winning it back costs a listener far more than the call."""
+    try:
+        return _RANDOM_POOL.popleft()  # atomic: listeners share the pool without a lock
+    except IndexError:
+        h = os.urandom(32 * 256).hex()
+        _RANDOM_POOL.extend(h[i:i + 64] for i in range(64, len(h), 64))
+        return h[:64]
+
+
 def _two_ids() -> tuple[str, str]:
-    """Two random UUIDs from one call for randomness: the ids every fault needs, on the hot path."""
-    h = os.urandom(32).hex()
+    """Two random UUIDs from one draw of randomness: the ids every fault needs, on the hot path."""
+    h = _random_hex32()
     return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}",
             f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{'89ab'[int(h[48], 16) & 3]}{h[49:52]}-{h[52:]}")
 
@@ -2526,13 +2541,13 @@ class SqliteStore(SqlStore):
                     continue
                 if table == "fault_events":
                     # No conflict target: a copy of a stored emission is skipped like a stored id.
-                    stored = conn.executemany(_insert_sql(table, columns, ""), rows).rowcount
+                    stored = _sqlite_insert_rows(conn, table, columns, "", rows)
                     if stored < len(rows):
                         present, incident_ids = settle_copies(
                             lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params]),
                             events)
                 else:
-                    conn.executemany(_insert_sql(table, columns, key), rows)
+                    _sqlite_insert_rows(conn, table, columns, key, rows)
             conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
             return incident_ids()
 
@@ -2572,11 +2587,38 @@ def _sqlite_param(value: Any) -> Any:
     return _iso(value) if isinstance(value, dt.datetime) else value
 
 
-def _insert_sql(table: str, columns: Sequence[str], key: str) -> str:
-    """An insert that leaves a row alone whose ``key`` is stored; with no ``key``, whose any unique
-    key is stored."""
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+def _insert_sql(table: str, columns: Sequence[str], key: str, rows: int = 1) -> str:
+    """An insert of ``rows`` rows that leaves a row alone whose ``key`` is stored; with no ``key``,
+    whose any unique key is stored."""
+    values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values} "
             f"ON CONFLICT {f'({key}) ' if key else ''}DO NOTHING")
+
+
+_SQLITE_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+# Few distinct statements (each is compiled once and cached), few steps per batch.
+_SQLITE_CHUNK_ROWS = (256, 64, 16, 4, 1)
+
+
+def _sqlite_insert_rows(conn: sqlite3.Connection, table: str, columns: Sequence[str], key: str,
+                        rows: Sequence[tuple[Any, ...]]) -> int:
+    """Insert ``rows`` as :func:`_insert_sql` does; returns how many were stored.
+
+    Rows go in multi-row statements rather than executemany's one step per row:
+    every step gives up the interpreter lock, which the writer must then win
+    back from busy listeners.
+    """
+    stored, start = 0, 0
+    for size in _SQLITE_CHUNK_ROWS:
+        size = min(size, max(1, _SQLITE_MAX_PARAMS // len(columns)))
+        if len(rows) - start < size:
+            continue
+        sql = _insert_sql(table, columns, key, size)
+        while len(rows) - start >= size:
+            chunk = rows[start:start + size]
+            stored += conn.execute(sql, [value for row in chunk for value in row]).rowcount
+            start += size
+    return stored
 
 
 # -- PostgreSQL ----------------------------------------------------------------
@@ -2953,40 +2995,42 @@ class PostgresStore(SqlStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        import psycopg2.extras
         tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_text, _pg_json)
         heads = queue_heads(events, skipped_clusters)
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
-
         def write(cur: Any) -> list[str]:
+            # Each statement is one round trip, during which the writer gives up the interpreter
+            # lock and must then win it back from the listeners: rows go as one multi-row VALUES
+            # per table, and everything after the fault_events insert goes in one execute.
             present: set[str] | None = None
             incident_ids = own_incident_ids
+            statements: list[bytes] = []
             for table, columns, key, rows in tables:
                 if present is not None and table == "incidents":
                     rows = [row for row in rows if row[1] in present]
                 if not rows:
                     continue
-                template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
-                                           for c in columns) + ")"
+                template = ("(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
+                                            for c in columns) + ")").encode()
+                insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ".encode()
+                          + b",".join([cur.mogrify(template, row) for row in rows]))
                 if table == "fault_events":
                     # No conflict target: a copy of a stored emission is skipped like a stored id.
-                    stored = psycopg2.extras.execute_values(
-                        cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
-                        "ON CONFLICT DO NOTHING RETURNING event_id", rows, template=template,
-                        page_size=1000, fetch=True)
-                    if len(stored) < len(rows):
+                    cur.execute(insert + b" ON CONFLICT DO NOTHING")
+                    if cur.rowcount < len(rows):
                         def run(sql: str, params: Sequence[Any] = ()) -> Any:
                             cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
                             return cur
                         present, incident_ids = settle_copies(run, events)
                     continue
-                psycopg2.extras.execute_values(
-                    cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
-                    f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
+                statements.append(insert + f" ON CONFLICT ({key}) DO NOTHING".encode())
             if heads:
-                psycopg2.extras.execute_values(cur, QUEUE_UPSERT.format(values="%s"), heads)
-                cur.execute(f"NOTIFY {self.WORK_CHANNEL}")
+                values = b",".join([cur.mogrify("(%s, %s)", head) for head in heads])
+                statements.append(QUEUE_UPSERT.encode().replace(b"{values}", values))
+                statements.append(f"NOTIFY {self.WORK_CHANNEL}".encode())
+            if statements:
+                cur.execute(b";\n".join(statements))
             return incident_ids()
 
         if any(rows for *_, rows in tables):
