@@ -3002,48 +3002,55 @@ class PostgresStore(SqlStore):
         heads = queue_heads(events, skipped_clusters)
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
+        def recordset_insert(cur: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
+                             where: str = "") -> bytes:
+            # Rows travel as one JSON document the server unpacks: quoting every value
+            # client-side costs the interpreter several times what one json.dumps does.
+            # A jsonb column of the record receives the payload as a JSON string: unwrapped.
+            document = json.dumps([dict(zip(columns, row, strict=True)) for row in rows], ensure_ascii=False)
+            selected = ", ".join("(r.mcp_payload #>> '{}')::jsonb" if c == "mcp_payload" else f"r.{c}"
+                                 for c in columns)
+            return cur.mogrify(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {selected} "
+                               f"FROM json_populate_recordset(NULL::{table}, %s) r {where}", (document,))
+
         def write(cur: Any) -> list[str]:
             # Each statement is one round trip, during which the writer gives up the interpreter
-            # lock and must then win it back from the listeners, so everything after the
-            # fault_events insert goes in one execute. Events and incidents travel as one JSON
-            # document per table that the server unpacks: quoting every value client-side
-            # costs the interpreter several times what one json.dumps does.
-            present: set[str] | None = None
-            incident_ids = own_incident_ids
+            # lock and must then win it back from the listeners: the whole batch goes in one
+            # execute. Incidents are inserted for the events stored by it; when a copy of a
+            # stored emission was among them, settle_copies finds what the rest are.
+            (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
             statements: list[bytes] = []
-            for table, columns, key, rows in tables:
-                if present is not None and table == "incidents":
-                    rows = [row for row in rows if row[1] in present]
-                if not rows:
-                    continue
-                if table in ("fault_events", "incidents"):
-                    document = json.dumps([dict(zip(columns, row, strict=True)) for row in rows],
-                                          ensure_ascii=False)
-                    # A jsonb column of the record receives the payload as a JSON string: unwrapped.
-                    selected = ", ".join("(mcp_payload #>> '{}')::jsonb" if c == "mcp_payload" else c
-                                         for c in columns)
-                    insert = cur.mogrify(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {selected} "
-                                         f"FROM json_populate_recordset(NULL::{table}, %s)", (document,))
-                else:
+            for table, columns, key, rows in others:
+                if rows:
                     template = ("(" + ", ".join(["%s"] * len(columns)) + ")").encode()
-                    insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ".encode()
-                              + b",".join([cur.mogrify(template, row) for row in rows]))
-                if table == "fault_events":
-                    # No conflict target: a copy of a stored emission is skipped like a stored id.
-                    cur.execute(insert + b" ON CONFLICT DO NOTHING")
-                    if cur.rowcount < len(rows):
-                        def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                            cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
-                            return cur
-                        present, incident_ids = settle_copies(run, events)
-                    continue
-                statements.append(insert + f" ON CONFLICT ({key}) DO NOTHING".encode())
+                    statements.append(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ".encode()
+                                      + b",".join([cur.mogrify(template, row) for row in rows])
+                                      + f" ON CONFLICT ({key}) DO NOTHING".encode())
             if heads:
                 values = b",".join([cur.mogrify("(%s, %s)", head) for head in heads])
                 statements.append(QUEUE_UPSERT.encode().replace(b"{values}", values))
                 statements.append(f"NOTIFY {self.WORK_CHANNEL}".encode())
+            if ev_rows:
+                # No conflict target: a copy of a stored emission is skipped like a stored id.
+                statements.append(
+                    b"WITH ev AS (" + recordset_insert(cur, "fault_events", ev_columns, ev_rows)
+                    + b" ON CONFLICT DO NOTHING RETURNING event_id), inc AS ("
+                    + recordset_insert(cur, "incidents", inc_columns, inc_rows,
+                                       "WHERE r.event_id IN (SELECT event_id FROM ev)")
+                    + b" ON CONFLICT (incident_id) DO NOTHING) SELECT count(*) AS stored FROM ev")
             if statements:
                 cur.execute(b";\n".join(statements))
+            if not ev_rows or cur.fetchone()["stored"] == len(ev_rows):
+                return own_incident_ids()
+
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                return cur
+            present, incident_ids = settle_copies(run, events)
+            rows = [row for row in inc_rows if row[1] in present]
+            if rows:
+                cur.execute(recordset_insert(cur, "incidents", inc_columns, rows)
+                            + b" ON CONFLICT (incident_id) DO NOTHING")
             return incident_ids()
 
         if any(rows for *_, rows in tables):
