@@ -44,6 +44,7 @@ import dataclasses
 import datetime as dt
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -1428,9 +1429,24 @@ def _fault_event(data: Mapping[str, Any], raw: str, cluster: str, received_at: d
                       incident_id=incident_id, **values)
 
 
+_RANDOM_POOL: deque[str] = deque()
+os.register_at_fork(after_in_child=_RANDOM_POOL.clear)  # a child must never reuse the parent's draws
+
+
+def _random_hex32() -> str:
+    """64 random hex digits from a pool refilled 256 at a time: each os.urandom call releases the
+    interpreter lock, and under load winning it back costs a listener far more than the call."""
+    try:
+        return _RANDOM_POOL.popleft()  # atomic: listeners share the pool without a lock
+    except IndexError:
+        h = os.urandom(32 * 256).hex()
+        _RANDOM_POOL.extend(h[i:i + 64] for i in range(64, len(h), 64))
+        return h[:64]
+
+
 def _two_ids() -> tuple[str, str]:
-    """Two random UUIDs from one call for randomness: the ids every fault needs, on the hot path."""
-    h = os.urandom(32).hex()
+    """Two random UUIDs from one draw of randomness: the ids every fault needs, on the hot path."""
+    h = _random_hex32()
     return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}",
             f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{'89ab'[int(h[48], 16) & 3]}{h[49:52]}-{h[52:]}")
 
@@ -1810,7 +1826,9 @@ def _ts(value: Any) -> dt.datetime | None:
 
 def _iso(value: dt.datetime) -> str:
     """Fixed-width UTC text, so that SQLite orders timestamps correctly as strings."""
-    return value.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+    if value.tzinfo is not dt.timezone.utc:  # what utcnow() gives needs no conversion
+        value = value.astimezone(dt.timezone.utc)
+    return value.isoformat(timespec="microseconds")
 
 
 def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
@@ -2537,13 +2555,13 @@ class SqliteStore(SqlStore):
                     continue
                 if table == "fault_events":
                     # No conflict target: a copy of a stored emission is skipped like a stored id.
-                    stored = conn.executemany(_insert_sql(table, columns, ""), rows).rowcount
+                    stored = _sqlite_insert_rows(conn, table, columns, "", rows)
                     if stored < len(rows):
                         present, incident_ids = settle_copies(
                             lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params]),
                             events)
                 else:
-                    conn.executemany(_insert_sql(table, columns, key), rows)
+                    _sqlite_insert_rows(conn, table, columns, key, rows)
             conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
             return incident_ids()
 
@@ -2594,11 +2612,38 @@ def _sqlite_param(value: Any) -> Any:
     return _iso(value) if isinstance(value, dt.datetime) else value
 
 
-def _insert_sql(table: str, columns: Sequence[str], key: str) -> str:
-    """An insert that leaves a row alone whose ``key`` is stored; with no ``key``, whose any unique
-    key is stored."""
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+def _insert_sql(table: str, columns: Sequence[str], key: str, rows: int = 1) -> str:
+    """An insert of ``rows`` rows that leaves a row alone whose ``key`` is stored; with no ``key``,
+    whose any unique key is stored."""
+    values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values} "
             f"ON CONFLICT {f'({key}) ' if key else ''}DO NOTHING")
+
+
+_SQLITE_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+# Few distinct statements (each is compiled once and cached), few steps per batch.
+_SQLITE_CHUNK_ROWS = (256, 64, 16, 4, 1)
+
+
+def _sqlite_insert_rows(conn: sqlite3.Connection, table: str, columns: Sequence[str], key: str,
+                        rows: Sequence[tuple[Any, ...]]) -> int:
+    """Insert ``rows`` as :func:`_insert_sql` does; returns how many were stored.
+
+    Rows go in multi-row statements rather than executemany's one step per row:
+    every step gives up the interpreter lock, which the writer must then win
+    back from busy listeners.
+    """
+    stored, start = 0, 0
+    for size in _SQLITE_CHUNK_ROWS:
+        size = min(size, max(1, _SQLITE_MAX_PARAMS // len(columns)))
+        if len(rows) - start < size:
+            continue
+        sql = _insert_sql(table, columns, key, size)
+        while len(rows) - start >= size:
+            chunk = rows[start:start + size]
+            stored += conn.execute(sql, list(itertools.chain.from_iterable(chunk))).rowcount
+            start += size
+    return stored
 
 
 # -- PostgreSQL ----------------------------------------------------------------
@@ -2975,40 +3020,59 @@ class PostgresStore(SqlStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        import psycopg2.extras
-        tables = ingest_rows(events, skipped_clusters, rejected, gaps, lambda t: t, _pg_text, _pg_json)
+        tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso, _pg_text, _pg_json)
         heads = queue_heads(events, skipped_clusters)
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
+        def recordset_insert(cur: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
+                             where: str = "") -> bytes:
+            # Rows travel as one JSON document the server unpacks: quoting every value
+            # client-side costs the interpreter several times what one json.dumps does.
+            # A jsonb column of the record receives the payload as a JSON string: unwrapped.
+            document = json.dumps([dict(zip(columns, row, strict=True)) for row in rows], ensure_ascii=False)
+            selected = ", ".join("(r.mcp_payload #>> '{}')::jsonb" if c == "mcp_payload" else f"r.{c}"
+                                 for c in columns)
+            return cur.mogrify(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {selected} "
+                               f"FROM json_populate_recordset(NULL::{table}, %s) r {where}", (document,))
 
         def write(cur: Any) -> list[str]:
-            present: set[str] | None = None
-            incident_ids = own_incident_ids
-            for table, columns, key, rows in tables:
-                if present is not None and table == "incidents":
-                    rows = [row for row in rows if row[1] in present]
-                if not rows:
-                    continue
-                template = "(" + ", ".join("%s::jsonb" if c == "mcp_payload" else "%s"
-                                           for c in columns) + ")"
-                if table == "fault_events":
-                    # No conflict target: a copy of a stored emission is skipped like a stored id.
-                    stored = psycopg2.extras.execute_values(
-                        cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
-                        "ON CONFLICT DO NOTHING RETURNING event_id", rows, template=template,
-                        page_size=1000, fetch=True)
-                    if len(stored) < len(rows):
-                        def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                            cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
-                            return cur
-                        present, incident_ids = settle_copies(run, events)
-                    continue
-                psycopg2.extras.execute_values(
-                    cur, f"INSERT INTO {table} ({', '.join(columns)}) VALUES %s "
-                    f"ON CONFLICT ({key}) DO NOTHING", rows, template=template, page_size=1000)
+            # Each statement is one round trip, during which the writer gives up the interpreter
+            # lock and must then win it back from the listeners: the whole batch goes in one
+            # execute. Incidents are inserted for the events stored by it; when a copy of a
+            # stored emission was among them, settle_copies finds what the rest are.
+            (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
+            statements: list[bytes] = []
+            for table, columns, key, rows in others:
+                if rows:
+                    template = ("(" + ", ".join(["%s"] * len(columns)) + ")").encode()
+                    statements.append(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ".encode()
+                                      + b",".join([cur.mogrify(template, row) for row in rows])
+                                      + f" ON CONFLICT ({key}) DO NOTHING".encode())
             if heads:
-                psycopg2.extras.execute_values(cur, QUEUE_UPSERT.format(values="%s"), heads)
-                cur.execute(f"NOTIFY {self.WORK_CHANNEL}")
+                values = b",".join([cur.mogrify("(%s, %s)", head) for head in heads])
+                statements.append(QUEUE_UPSERT.encode().replace(b"{values}", values))
+                statements.append(f"NOTIFY {self.WORK_CHANNEL}".encode())
+            if ev_rows:
+                # No conflict target: a copy of a stored emission is skipped like a stored id.
+                statements.append(
+                    b"WITH ev AS (" + recordset_insert(cur, "fault_events", ev_columns, ev_rows)
+                    + b" ON CONFLICT DO NOTHING RETURNING event_id), inc AS ("
+                    + recordset_insert(cur, "incidents", inc_columns, inc_rows,
+                                       "WHERE r.event_id IN (SELECT event_id FROM ev)")
+                    + b" ON CONFLICT (incident_id) DO NOTHING) SELECT count(*) AS stored FROM ev")
+            if statements:
+                cur.execute(b";\n".join(statements))
+            if not ev_rows or cur.fetchone()["stored"] == len(ev_rows):
+                return own_incident_ids()
+
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                return cur
+            present, incident_ids = settle_copies(run, events)
+            rows = [row for row in inc_rows if row[1] in present]
+            if rows:
+                cur.execute(recordset_insert(cur, "incidents", inc_columns, rows)
+                            + b" ON CONFLICT (incident_id) DO NOTHING")
             return incident_ids()
 
         if any(rows for *_, rows in tables):
@@ -7133,6 +7197,7 @@ class Metrics:
         self.registry = prom.CollectorRegistry()
         self._counters = {key: prom.Counter(name, doc, labels, registry=self.registry)
                           for key, (name, doc, labels) in self.COUNTERS.items()}
+        self._children: dict[tuple[str, str], Any] = {}
         self.ingest_latency = prom.Histogram(
             "nightcrier_ingest_latency_seconds", "From receiving a fault to committing its incident",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30), registry=self.registry)
@@ -7161,8 +7226,14 @@ class Metrics:
                     counter.labels(cluster)
 
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
-        counter = self._counters[key]
-        (counter.labels(cluster) if counter._labelnames else counter).inc(amount)
+        # Listeners count every event: the labelled child is looked up once, not per event
+        # under the metric's lock. A race fills the cache twice with the same child.
+        child = self._children.get((key, cluster))
+        if child is None:
+            counter = self._counters[key]
+            child = counter.labels(cluster) if counter._labelnames else counter
+            self._children[(key, cluster)] = child
+        child.inc(amount)
 
     def value(self, key: str, cluster: str = "") -> float:
         """Current value of a counter, for health output and tests."""
