@@ -3736,6 +3736,9 @@ class _BatchInterrupted(StoreUnavailable):
         self.unwritten = list(unwritten)
 
 
+DEGRADED_SPOOL_SECONDS = 0.2   # how soon an event received while the database is down is on disk
+
+
 class IngestWriter(threading.Thread):
     """The one thread that stores what listeners receive.
 
@@ -3810,7 +3813,7 @@ class IngestWriter(threading.Thread):
                 if (self._degraded or self.spool.has_items()) and not self._stopping.is_set():
                     if not self._replay_spool():
                         self._spool_queue()
-                        self._stopping.wait(backoff.next())
+                        self._spool_while_waiting(backoff.next())
                         continue
                     backoff.reset()
                 batch = self._next_batch()
@@ -3827,6 +3830,21 @@ class IngestWriter(threading.Thread):
                 held, self._inflight = self._inflight, []
                 self._to_spool(held)  # kept for the next replay rather than lost
                 self._stopping.wait(backoff.next())
+
+    def _spool_while_waiting(self, seconds: float) -> None:
+        """Wait ``seconds`` for the database, moving what arrives meanwhile to the spool.
+
+        The queue is only memory: spooled, an event survives a crash of this
+        process while the database is down (the file is written at once; the
+        fsync follows at the writer's next sync).
+        """
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._stopping.wait(min(DEGRADED_SPOOL_SECONDS, remaining))
+            self._spool_queue()
 
     def _next_batch(self) -> list[IngestItem]:
         import queue
@@ -8137,7 +8155,7 @@ SIMULATED_FAULTS = {
 }
 
 
-def simulated_fault(cluster: str, number: int) -> dict[str, Any]:
+def simulated_fault(cluster: str, number: int, run: str = "") -> dict[str, Any]:
     """A fault payload of one of the five real types, shaped like the server's.
 
     Each number names a resource of its own, so every generated fault is a
@@ -8145,7 +8163,7 @@ def simulated_fault(cluster: str, number: int) -> dict[str, Any]:
     """
     fault_type = list(SIMULATED_FAULTS)[number % len(SIMULATED_FAULTS)]
     api_version, kind, severity, context = SIMULATED_FAULTS[fault_type]
-    name, uid, fault_id = _simulated_identity(cluster, fault_type, number)
+    name, uid, fault_id = _simulated_identity(cluster, fault_type, number, run)
     resource = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
     if kind != "Node":
         resource["namespace"] = "default"
@@ -8153,12 +8171,16 @@ def simulated_fault(cluster: str, number: int) -> dict[str, Any]:
             "resource": resource, "context": context, "timestamp": _simulated_now()}
 
 
-def _simulated_identity(cluster: str, fault_type: str, number: int) -> tuple[str, str, str]:
-    """(resource name, uid, faultId) of generated fault ``number``, the id made like the server's."""
+def _simulated_identity(cluster: str, fault_type: str, number: int, run: str = "") -> tuple[str, str, str]:
+    """(resource name, uid, faultId) of generated fault ``number``, the id made like the server's.
+
+    ``run`` tells simulators apart: a restarted one numbers its faults from 0 again, and its
+    resources must not take the ids of the previous run's (they would read as copies of them).
+    """
     import hashlib
     kind = SIMULATED_FAULTS[fault_type][1]
     name = f"{kind.lower()}-{number}"
-    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{kind}/{name}"))
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{run}/{kind}/{name}"))
     return name, uid, hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()[:16]
 
 
@@ -8192,6 +8214,7 @@ class SimulatedServer:
         self._sessions: dict[str, _SimSession] = {}
         self._owners: dict[str, str] = {}     # subscription id -> session id
         self._frames: dict[tuple[str, int], tuple[bytes, str]] = {}
+        self._run = new_id()[:8]  # see _simulated_identity
         self._emitted = 0
         self._httpd = _make_sim_httpd(self, host, port)
         self.port = self._httpd.server_address[1]
@@ -8245,12 +8268,12 @@ class SimulatedServer:
         resource's identity and the time are filled in per fault."""
         key = (subscription_id, number % 512)
         if key not in self._frames:
-            data = dict(simulated_fault(self.cluster, number), subscriptionId=subscription_id)
+            data = dict(simulated_fault(self.cluster, number, self._run), subscriptionId=subscription_id)
             data.update(faultId="@@FAULT_ID@@", timestamp="@@TIMESTAMP@@")
             data["resource"].update(name="@@NAME@@", uid="@@UID@@")
             self._frames[key] = (_sse_event(_fault_message(data)), data["faultType"])
         template, fault_type = self._frames[key]
-        name, uid, fault_id = _simulated_identity(self.cluster, fault_type, number)
+        name, uid, fault_id = _simulated_identity(self.cluster, fault_type, number, self._run)
         return (template.replace(b"@@FAULT_ID@@", fault_id.encode()).replace(b"@@NAME@@", name.encode())
                 .replace(b"@@UID@@", uid.encode()).replace(b"@@TIMESTAMP@@", _simulated_now().encode()))
 
