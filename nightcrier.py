@@ -6940,69 +6940,30 @@ def open_object_store(config: Config) -> ObjectStore | None:
     return None
 
 
-_INDEX_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<title>Incident Report: {incident_id}</title>
-<style>
-body {{ font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, sans-serif; max-width: 900px;
-       margin: 0 auto; padding: 20px; background: #f5f5f5; color: #333; }}
-.card {{ background: #fff; border-radius: 8px; padding: 30px; box-shadow: 0 2px 4px rgba(0,0,0,.1); }}
-h1 {{ border-bottom: 2px solid #0066cc; padding-bottom: 10px; }}
-li {{ margin: 8px 0; }} .name {{ color: #666; font-family: monospace; }}
-.expiry {{ background: #fff3cd; border-left: 4px solid #ffc107; padding: 10px; }}
-</style>
-</head>
-<body>
-<div class="card">
-<h1>&#128269; Kubernetes Incident Report</h1>
-<p>Incident ID: <code>{incident_id}</code> &middot; Cluster: {cluster} &middot; Status: {status}</p>
-<ul>
-{items}
-</ul>
-<p class="expiry">These links will expire on {expires} (UTC)</p>
-</div>
-</body>
-</html>
-"""
-
-
 def storage_index_page(incident: Incident, links: Sequence[tuple[str, str, str]], expires_at: dt.datetime
                        ) -> str:
     """index.html of an incident's uploaded artifacts: (name, title, signed URL) each, and the expiry."""
-    import html
-    items = "\n".join(f'<li><a href="{html.escape(url, quote=True)}">{html.escape(title)}</a> '
-                      f'<span class="name">{html.escape(name)}</span></li>' for name, title, url in links)
-    return _INDEX_PAGE.format(incident_id=html.escape(incident.incident_id),
-                              cluster=html.escape(incident.cluster), status=html.escape(incident.status),
-                              items=items,
-                              expires=expires_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+    return page_templates().get_template("storage_index.html").render(
+        incident=incident, links=links,
+        expires=expires_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def open_artifact(workspace: str, relative: str) -> tuple[Any, int] | None:
     """``relative`` opened for reading if it is a non-empty regular file inside ``workspace``, else None.
 
-    The agent wrote the workspace, so a symlink or FIFO planted there must not
-    make nightcrier upload a file of its host or hang on a read.
+    The agent wrote the workspace, so it is opened by :func:`open_workspace_file`'s
+    rules: a symlink or FIFO planted there cannot make nightcrier upload a file
+    of its host or hang on a read.
     """
-    root = os.path.realpath(workspace)
-    path = os.path.join(root, relative)
-    if not os.path.realpath(path).startswith(root + os.sep):
-        return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        fd = open_workspace_file(workspace, relative)
+    except (OSError, ValueError):
         return None
-    import stat
-    info = os.fstat(fd)
-    if not (stat.S_ISREG(info.st_mode) and info.st_size > 0):
+    size = os.fstat(fd).st_size
+    if not size:
         os.close(fd)
         return None
-    return os.fdopen(fd, "rb"), info.st_size
+    return os.fdopen(fd, "rb"), size
 
 
 class UploadFailed(Exception):
