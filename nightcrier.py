@@ -1813,6 +1813,17 @@ def _check_schema_version(current: int, latest: int, dirty: bool) -> None:
                            "a matching database")
 
 
+def _require_current_schema(rows: Sequence[Mapping[str, Any]], engine: str) -> None:
+    """For a store opened read-only, from the newest ``schema_migrations`` row (or none): raises
+    StoreError unless the schema is exactly this nightcrier's, since it may not migrate it."""
+    latest = latest_schema_version(engine)
+    current = rows[0]["version"] if rows else 0
+    _check_schema_version(current, latest, bool(rows and rows[0]["dirty"]))
+    if current < latest:
+        raise StoreError(f"database schema is version {current}, older than this nightcrier's "
+                         f"({latest}); start `nightcrier run` once to migrate it")
+
+
 def _ts(value: Any) -> dt.datetime | None:
     """A stored timestamp (ISO text from SQLite, datetime from PostgreSQL) as aware UTC."""
     if value is None or value == "":
@@ -2354,12 +2365,7 @@ class SqliteStore(SqlStore):
             row = self._read("SELECT version, dirty FROM schema_migrations ORDER BY version DESC LIMIT 1")
         except StoreError as exc:
             raise StoreError(f"{self.path} is not a nightcrier database ({exc})") from exc
-        latest = latest_schema_version("sqlite")
-        current = row[0]["version"] if row else 0
-        _check_schema_version(current, latest, bool(row and row[0]["dirty"]))
-        if current < latest:
-            raise StoreError(f"database schema is version {current}, older than this nightcrier's "
-                             f"({latest}); start `nightcrier run` once to migrate it")
+        _require_current_schema(row, "sqlite")
 
     # liveness: one owner per file
 
@@ -2852,12 +2858,7 @@ class PostgresStore(SqlStore):
             raise
         except StoreError as exc:
             raise StoreError(f"not a nightcrier database ({exc})") from exc
-        latest = latest_schema_version("postgres")
-        current = rows[0]["version"] if rows else 0
-        _check_schema_version(current, latest, bool(rows and rows[0]["dirty"]))
-        if current < latest:
-            raise StoreError(f"database schema is version {current}, older than this nightcrier's "
-                             f"({latest}); start `nightcrier run` once to migrate it")
+        _require_current_schema(rows, "postgres")
 
     # liveness
 
