@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import uuid
@@ -89,6 +90,16 @@ def store_factory(engine: str, store_locator: str) -> Iterator[Callable[[], nigh
 @pytest.fixture
 def store(store_factory: Callable[[], nightcrier.StateStore]) -> nightcrier.StateStore:
     return store_factory()
+
+
+def stored_payload(store: nightcrier.StateStore, event_id: str) -> Any:
+    """The ``mcp_payload`` stored for an event, as JSON, on either engine."""
+    if isinstance(store, nightcrier.SqliteStore):
+        (row,) = store._read("SELECT mcp_payload FROM fault_events WHERE event_id = ?", (event_id,))
+        return json.loads(row[0])
+    (row,) = store._select("SELECT mcp_payload FROM fault_events WHERE event_id = %s",  # type: ignore[attr-defined]
+                           (event_id,))
+    return row["mcp_payload"]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition",

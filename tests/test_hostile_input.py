@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, wait_for
+from conftest import ROOT, stored_payload, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp_testserver import McpTestServer, make_fault
@@ -124,15 +124,6 @@ def _rejected_ids(store: nc.StateStore) -> set[str]:
     return {str(r["rejected_id"]) for r in store._query("SELECT rejected_id FROM rejected_events")}
 
 
-def _payload(store: nc.StateStore, event_id: str) -> Any:
-    if isinstance(store, nc.SqliteStore):
-        (row,) = store._read("SELECT mcp_payload FROM fault_events WHERE event_id = ?", (event_id,))
-        return json.loads(row[0])
-    (row,) = store._select("SELECT mcp_payload FROM fault_events WHERE event_id = %s",  # type: ignore[attr-defined]
-                           (event_id,))
-    return row["mcp_payload"]
-
-
 def _refused_id(item_id: str) -> str:
     return str(uuid.uuid5(nc._REFUSED_NAMESPACE, item_id))
 
@@ -167,7 +158,7 @@ def test_each_notification_becomes_one_incident_or_one_rejected_row(store: nc.St
                         incident.context, incident.fault_id, incident.timestamp) == (
                     fault["faultType"], fault["resource"]["name"], fault["resource"].get("namespace", ""),
                     fault["context"], fault["faultId"], fault["timestamp"])
-                assert _payload(store, item.event_id) == json.loads(raw)
+                assert stored_payload(store, item.event_id) == json.loads(raw)
         assert writer.metrics.value("dropped", "prod") == 0
 
     check()
@@ -205,7 +196,7 @@ def test_the_notorious_five_are_stored_clean(store: nc.StateStore, tmp_path: Pat
     assert json.loads(stored["minus-infinity"].context) == {"restarts": "-Infinity"}  # type: ignore[union-attr]
     assert stored["nul"].context == "before\\u0000after"  # type: ignore[union-attr]
     for event in events.values():
-        json.dumps(_payload(store, event.event_id), allow_nan=False)  # valid, finite JSON
+        json.dumps(stored_payload(store, event.event_id), allow_nan=False)  # valid, finite JSON
 
 
 def test_a_refused_item_costs_only_itself(store: nc.StateStore, tmp_path: Path) -> None:

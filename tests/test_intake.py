@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, wait_for
+from conftest import ROOT, stored_payload, wait_for
 from mcp_testserver import ErrorServer, HangingServer, McpTestServer, make_fault
 from tcp_proxy import TcpProxy
 
@@ -147,7 +147,7 @@ def test_three_servers_300_faults_become_300_incidents(tmp_path: Path,
                                                  fault["resource"]["uid"],
                                                  fault["resource"].get("namespace", ""))
     (sample,) = [i for i in found if i.resource_name == "res-7"]
-    payload = _stored_payload(service.store, sample.event_id)
+    payload = stored_payload(service.store, sample.event_id)
     assert payload["method"] == "notifications/message"
     assert payload["params"]["logger"] == "kubernetes/faults"
     assert payload["params"]["data"]["resource"]["name"] == "res-7"
@@ -326,7 +326,7 @@ def test_malformed_notifications_are_rejected_or_ignored_and_the_listener_lives(
     assert by_name["no-fault-id"].fault_id == ""
     assert len(by_name["huge"].context) < 100_000 and "more characters in the raw payload" in \
         by_name["huge"].context
-    assert len(json.dumps(_stored_payload(service.store, by_name["huge"].event_id))) > 5 * 1024 * 1024
+    assert len(json.dumps(stored_payload(service.store, by_name["huge"].event_id))) > 5 * 1024 * 1024
     rejected = wait_for(lambda: len(found := service.store.list_rejected()) >= len(bad) and found,
                         what="rejections to be stored")
     reasons = [r.reason for r in rejected]
@@ -515,15 +515,3 @@ def test_sigkill_with_events_in_the_spool_loses_nothing(tmp_path: Path,
         assert second.wait(30) == 0
         store.close()
     assert sorted(i.resource_name for i in found) == sorted(f"r-{i}" for i in range(100))
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def _stored_payload(store: nc.StateStore, event_id: str) -> dict[str, Any]:
-    if isinstance(store, nc.SqliteStore):
-        (row,) = store._read("SELECT mcp_payload FROM fault_events WHERE event_id = ?", (event_id,))
-        return json.loads(row[0])
-    (row,) = store._select("SELECT mcp_payload FROM fault_events WHERE event_id = %s",  # type: ignore[attr-defined]
-                           (event_id,))
-    return row["mcp_payload"]
