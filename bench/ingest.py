@@ -35,8 +35,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import nightcrier as nc  # noqa: E402
 
 BATCH = 500
+T = TypeVar("T")
 
 
 class Recorder:
@@ -311,6 +313,16 @@ def engine_store(engine: str, postgres_url: str) -> Iterator[tuple[dict[str, obj
     finally:
         store.close()
         drop_schema(postgres_url, schema)
+
+
+def per_engine(args: argparse.Namespace,
+               measure: Callable[[dict[str, object], nc.StateStore, argparse.Namespace], T]) -> dict[str, T]:
+    """``measure(storage, store, args)`` on a fresh database of each engine in ``--engines``."""
+    results = {}
+    for engine in args.engines.split(","):
+        with engine_store(engine, args.postgres_url) as (storage, store):
+            results[engine] = measure(storage, store, args)
+    return results
 
 
 def quiet_logging() -> None:
