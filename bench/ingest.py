@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -299,12 +300,14 @@ def engine_store(engine: str, postgres_url: str) -> Iterator[tuple[dict[str, obj
     SQLite gets a new file; PostgreSQL a schema of its own, dropped afterwards.
     """
     if engine == "sqlite":
-        path = os.path.join(tempfile.mkdtemp(prefix="nightcrier-bench-"), "bench.db")
+        directory = tempfile.mkdtemp(prefix="nightcrier-bench-")
+        path = os.path.join(directory, "bench.db")
         store: nc.StateStore = nc.SqliteStore(path)
         try:
             yield {"type": "sqlite", "sqlite_path": path}, store
         finally:
             store.close()
+            shutil.rmtree(directory)
         return
     schema, url = postgres_schema(postgres_url)
     store = nc.PostgresStore(url)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def slope_per_minute(samples: list[tuple[float, float]]) -> float:
 
 def soak(storage: dict[str, object], store: nc.StateStore, args: argparse.Namespace) -> dict[str, float]:
     simulators, servers = start_simulators(args.clusters)
-    service, health, _ = start_nightcrier(
+    service, health, config = start_nightcrier(
         servers, storage, triage=args.triage, agent_runner="process",
         agent_command=[sys.executable, str(ROOT / "nightcrier.py"), "stub-agent"])
     database = os.path.realpath(str(storage.get("sqlite_path", "")))
@@ -100,6 +101,7 @@ def soak(storage: dict[str, object], store: nc.StateStore, args: argparse.Namesp
     finally:
         stop(service)
         stop(simulators)
+        shutil.rmtree(os.path.dirname(config))  # a soak's workspaces add up
 
 
 def main() -> None:
