@@ -48,16 +48,23 @@ def start_simulators(count: int, port: int = 0) -> tuple[subprocess.Popen[str], 
     return proc, [json.loads(proc.stdout.readline()) for _ in range(count)]
 
 
-def start_nightcrier(servers: list[dict[str, str]], storage: dict[str, Any], **settings: Any
-                     ) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_nightcrier(servers: list[dict[str, str]], storage: dict[str, Any], triage: int = 0,
+                     **settings: Any) -> tuple[subprocess.Popen[bytes], int, str]:
+    """nightcrier watching ``servers``; the first ``triage`` of them have triage on (give
+    ``agent_runner``/``agent_command`` in ``settings`` then)."""
     workdir = tempfile.mkdtemp(prefix="nightcrier-fleet-")
     health = free_port()
     path = os.path.join(workdir, "config.yaml")
+    kubeconfig = os.path.join(workdir, "kubeconfig")
+    with open(kubeconfig, "w") as fh:
+        fh.write("apiVersion: v1\nkind: Config\n# simulated clusters have no API server\n")
+    clusters = [{"name": s["cluster"], "mcp": {"endpoint": s["endpoint"]}} for s in servers]
+    for cluster in clusters[:triage]:
+        cluster["triage"] = {"enabled": True, "kubeconfig": kubeconfig, "check_permissions": False}
     with open(path, "w") as fh:
         yaml.safe_dump({"workspace_root": os.path.join(workdir, "ws"), "health_port": health,
                         "log_level": "warning", "state_storage": storage, **settings,
-                        "clusters": [{"name": s["cluster"], "mcp": {"endpoint": s["endpoint"]}}
-                                     for s in servers]}, fh)
+                        "clusters": clusters}, fh)
     proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, health, path
@@ -95,9 +102,27 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
+def emit(servers: list[dict[str, str]], count: int, rate: float) -> None:
+    """Tell every simulated server to send ``count`` faults at ``rate`` per second."""
+    body = json.dumps({"count": count, "rate": rate}).encode()
+    for server in servers:
+        urllib.request.urlopen(urllib.request.Request(
+            server["endpoint"].replace("/mcp", "/_simulate/emit"), data=body, method="POST"), timeout=10)
+
+
+def _proc_mib(path: str, field: str) -> float:
+    """A ``field:  N kB`` line of a /proc file, in MiB."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mib(pid: int) -> float:
+    return _proc_mib(f"/proc/{pid}/status", "VmRSS")
+
+
+def anonymous_mib(pid: int) -> float:
+    """Memory of ``pid`` backed by no file: its heaps, malloc arenas and stacks."""
+    return _proc_mib(f"/proc/{pid}/smaps_rollup", "Anonymous")

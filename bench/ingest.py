@@ -29,14 +29,16 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import nightcrier as nc  # noqa: E402
 
 BATCH = 500
+T = TypeVar("T")
 
 
 class Recorder:
@@ -297,12 +300,14 @@ def engine_store(engine: str, postgres_url: str) -> Iterator[tuple[dict[str, obj
     SQLite gets a new file; PostgreSQL a schema of its own, dropped afterwards.
     """
     if engine == "sqlite":
-        path = os.path.join(tempfile.mkdtemp(prefix="nightcrier-bench-"), "bench.db")
+        directory = tempfile.mkdtemp(prefix="nightcrier-bench-")
+        path = os.path.join(directory, "bench.db")
         store: nc.StateStore = nc.SqliteStore(path)
         try:
             yield {"type": "sqlite", "sqlite_path": path}, store
         finally:
             store.close()
+            shutil.rmtree(directory)
         return
     schema, url = postgres_schema(postgres_url)
     store = nc.PostgresStore(url)
@@ -311,6 +316,16 @@ def engine_store(engine: str, postgres_url: str) -> Iterator[tuple[dict[str, obj
     finally:
         store.close()
         drop_schema(postgres_url, schema)
+
+
+def per_engine(args: argparse.Namespace,
+               measure: Callable[[dict[str, object], nc.StateStore, argparse.Namespace], T]) -> dict[str, T]:
+    """``measure(storage, store, args)`` on a fresh database of each engine in ``--engines``."""
+    results = {}
+    for engine in args.engines.split(","):
+        with engine_store(engine, args.postgres_url) as (storage, store):
+            results[engine] = measure(storage, store, args)
+    return results
 
 
 def quiet_logging() -> None:

@@ -13,7 +13,6 @@ Usage:  python bench/storm.py [--clusters 100] [--faults 10000] [--seconds 5] [-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import urllib.request
@@ -22,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet import active_clusters, start_nightcrier, start_simulators, stop, wait
-from ingest import engine_arguments, engine_store
+from fleet import active_clusters, emit, start_nightcrier, start_simulators, stop, wait
+from ingest import engine_arguments, per_engine
 
 import nightcrier as nc
 
@@ -35,10 +34,7 @@ def storm(storage: dict[str, object], store: nc.StateStore, args: argparse.Names
         wait(lambda: active_clusters(health) == args.clusters, 120, "every cluster subscribed")
         per_cluster = args.faults // args.clusters
         start = time.monotonic()
-        for server in servers:
-            body = json.dumps({"count": per_cluster, "rate": per_cluster / args.seconds}).encode()
-            urllib.request.urlopen(urllib.request.Request(
-                server["endpoint"].replace("/mcp", "/_simulate/emit"), data=body, method="POST"), timeout=10)
+        emit(servers, per_cluster, per_cluster / args.seconds)
         total = per_cluster * args.clusters
         wait(lambda: store.count_by_status()[nc.SKIPPED] >= total, 300, "every fault committed", 0.05)
         elapsed = time.monotonic() - start
@@ -63,10 +59,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     engine_arguments(parser)
     args = parser.parse_args()
-    results = {}
-    for engine in args.engines.split(","):
-        with engine_store(engine, args.postgres_url) as (storage, store):
-            results[engine] = storm(storage, store, args)
+    results = per_engine(args, storm)
     print(f"storm benchmark: {args.faults} faults in {args.seconds:g} s across {args.clusters} clusters")
     print(f"{'engine':<10}{'sent':>7}{'committed':>11}{'dropped':>9}{'spooled':>9}"
           f"{'all committed after':>21}")

@@ -90,6 +90,39 @@ def test_sqlite_writers_wait_instead_of_failing(tmp_path: Path) -> None:
     blocker.close()
 
 
+def test_sqlite_log_is_cut_short_while_writes_never_pause(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under steady writes a passive checkpoint never lets SQLite start the log over, and the log's
+    index, mapped by the process, grew its memory without end: the checkpointer truncates a log
+    longer than its limit, with a writer and a reader busy all the while."""
+    monkeypatch.setattr(nc, "SQLITE_WAL_LIMIT_FRAMES", 16)
+    path = tmp_path / "nc.db"
+    log = tmp_path / "nc.db-wal"
+    store = nc.SqliteStore(str(path))
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.wait(0.005):
+            store.insert_events([make_event()])
+
+    def read() -> None:
+        while not stop.wait(0.005):
+            store.list_incidents(nc.IncidentFilter(limit=10))
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    try:
+        peak = wait_for(lambda: log.stat().st_size > 1 << 20 and log.stat().st_size, timeout=30,
+                        what="the log to grow past 1 MiB")
+        wait_for(lambda: log.stat().st_size < peak, timeout=10, what="the log to be truncated")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        store.close()
+
+
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
