@@ -183,6 +183,32 @@ def test_a_run_whose_claim_is_stolen_is_cancelled_and_its_verdict_not_written(
     assert metrics.value("claims_lost") == 1
 
 
+def test_a_heartbeat_right_after_its_own_run_finished_is_no_lost_claim(
+        tmp_path: Path, store: nc.StateStore, dispatchers: Callable[..., nc.Dispatcher],
+        caplog: pytest.LogCaptureFixture) -> None:
+    metrics = nc.Metrics()
+    dispatcher = dispatchers(engine_config(tmp_path, GOOD_AGENT), metrics=metrics)
+    heartbeats: list[set[str]] = []
+    finish_run = store.finish_run
+
+    def finish_then_heartbeat(incident_id: str, worker_id: str, outcome: nc.RunOutcome) -> bool:
+        recorded = finish_run(incident_id, worker_id, outcome)
+        # The heartbeat check, between the verdict's commit and the worker letting go of the run.
+        heartbeats.append(set(dispatcher.running()))
+        dispatcher._maintain()
+        return recorded
+
+    store.finish_run = finish_then_heartbeat  # type: ignore[method-assign]
+    (incident_id,) = store.insert_events([make_event("c1")])
+    with caplog.at_level("WARNING", logger="nightcrier"):
+        dispatcher.wake.set()
+        assert terminal(store, incident_id).status == nc.RESOLVED
+        wait_for(lambda: not dispatcher.running(), what="the worker to let go of the run")
+    assert heartbeats == [{incident_id}], "the check ran while the run was still this process's"
+    assert metrics.value("claims_lost") == 0
+    assert not [r for r in caplog.records if "claim lost" in r.getMessage()]
+
+
 def test_a_runner_failure_after_the_agent_started_counts_as_an_attempt(store: nc.StateStore) -> None:
     (incident_id,) = store.insert_events([make_event("c1")])
     for attempt in (1, 2):
