@@ -1660,9 +1660,14 @@ class StateStore:
         """Record where the incident's workspace is."""
         raise NotImplementedError
 
-    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
-                        ) -> AgentExecution:
-        """Record that an agent run is starting; returns the new execution."""
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str],
+                        moved_logs: Mapping[str, str] | None = None) -> AgentExecution:
+        """Record that an agent run is starting; returns the new execution.
+
+        ``moved_logs`` maps log paths of the incident's earlier runs to where their
+        files were moved (see :func:`rotate_attempt`); those runs' ``log_paths`` are
+        changed to match in the same transaction.
+        """
         raise NotImplementedError
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
@@ -1875,6 +1880,11 @@ def _iso(value: dt.datetime) -> str:
     return value.isoformat(timespec="microseconds")
 
 
+def _log_paths(value: Any) -> dict[str, str]:
+    """A stored ``log_paths``: JSON text on SQLite, already decoded from JSONB on PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) and value else (value or {})
+
+
 def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
     values = {}
     present = set(row.keys())
@@ -1885,7 +1895,7 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
         if f.name in TIME_COLUMNS:
             value = _ts(value)
         elif f.name == "log_paths":
-            value = json.loads(value) if isinstance(value, str) and value else (value or {})
+            value = _log_paths(value)
         elif f.name in ("incident_id", "event_id", "execution_id", "report_id") and value is not None:
             value = str(value)
         values[f.name] = value
@@ -2254,13 +2264,25 @@ class SqlStore(StateStore):
         self._execute("UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
                       (workspace_path, incident_id))
 
-    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
-                        ) -> AgentExecution:
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str],
+                        moved_logs: Mapping[str, str] | None = None) -> AgentExecution:
         execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(), log_paths=dict(log_paths))
-        self._execute("INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
-                      "log_paths) VALUES (?, ?, ?, ?, ?)",
-                      (execution.execution_id, incident_id, agent_image, execution.started_at,
-                       json.dumps(execution.log_paths)))
+
+        def start(run: Callable[..., Any]) -> None:
+            if moved_logs:
+                for row in run("SELECT execution_id, log_paths FROM agent_executions WHERE incident_id = ?",
+                               (incident_id,)).fetchall():
+                    paths = _log_paths(row["log_paths"])
+                    repointed = {name: moved_logs.get(path, path) for name, path in paths.items()}
+                    if repointed != paths:
+                        run("UPDATE agent_executions SET log_paths = ? WHERE execution_id = ?",
+                            (json.dumps(repointed), str(row["execution_id"])))
+            run("INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
+                "log_paths) VALUES (?, ?, ?, ?, ?)",
+                (execution.execution_id, incident_id, agent_image, execution.started_at,
+                 json.dumps(execution.log_paths)))
+
+        self._transaction(start)
         return execution
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
@@ -5339,6 +5361,11 @@ def write_private(path: str, text: str, mode: int = 0o600) -> None:
 
 
 def prepare_workspace(root: str, incident: Incident) -> str:
+    """The workspace of :func:`prepare_attempt`, for callers that keep no record of earlier runs."""
+    return prepare_attempt(root, incident)[0]
+
+
+def prepare_attempt(root: str, incident: Incident) -> tuple[str, str | None]:
     """``<root>/<incident_id>/`` (0700) with output/ and logs/ (2770) and incident.json (0640).
 
     output/ and logs/ belong to nightcrier's group, setgid, so that an agent
@@ -5349,6 +5376,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
 
     What an earlier attempt left in output/ and logs/ is first moved to
     ``attempts/<n>/`` (see :func:`rotate_attempt`), so each attempt starts empty.
+    Returns the workspace and that ``attempts/<n>/`` (None when nothing moved).
     """
     if not is_uuid(incident.incident_id):
         raise ValueError(f"refusing workspace for a non-UUID incident id {incident.incident_id!r}")
@@ -5358,7 +5386,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
         os.mkdir(workspace, 0o700)
     except FileExistsError:
         pass
-    rotate_attempt(workspace)
+    kept = rotate_attempt(workspace)
     ws_fd = os.open(workspace, _OPEN_DIR)
     try:
         os.fchmod(ws_fd, 0o700)
@@ -5368,7 +5396,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
         os.close(ws_fd)
     write_private(os.path.join(workspace, "incident.json"), json.dumps(incident_document(incident), indent=2),
                   INPUT_FILE_MODE)
-    return workspace
+    return workspace, kept
 
 
 def _ensure_workspace_subdir(ws_fd: int, name: str) -> None:
@@ -5845,12 +5873,14 @@ class Dispatcher(threading.Thread):
 
     def _run_incident(self, incident: Incident, run: _Run) -> None:
         config = self.config
-        workspace = prepare_workspace(config.workspace_root, incident)
+        workspace, kept = prepare_attempt(config.workspace_root, incident)
         self.store.set_workspace(incident.incident_id, workspace)
         permissions = self.permissions().get(incident.cluster)
         job = stage_agent_job(config, incident, workspace, self.instance, permissions)
         logs = agent_log_paths(workspace)
-        execution = self.store.start_execution(incident.incident_id, self._image(), logs)
+        # The earlier run's logs now lie in attempts/<n>/logs/: its record follows them.
+        moved = dict(zip(logs.values(), agent_log_paths(kept).values(), strict=True)) if kept else {}
+        execution = self.store.start_execution(incident.incident_id, self._image(), logs, moved)
         run.execution_id, run.logs = execution.execution_id, logs
         log_event(logging.INFO, "worker started incident", incident_id=incident.incident_id,
                   cluster=incident.cluster, runner=self.runner.name, attempt=incident.attempts)
@@ -7616,6 +7646,12 @@ def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tu
         return fh.read(limit), size
 
 
+def _in_workspace(path: str, workspace: str) -> str:
+    """``path`` relative to ``workspace`` with "/" separators, or "" when it lies elsewhere."""
+    relative = os.path.relpath(path, workspace) if os.path.isabs(path) else ""
+    return "" if not relative or relative.startswith("..") else relative.replace(os.sep, "/")
+
+
 def _took(start: dt.datetime | None, end: dt.datetime | None) -> str:
     return go_duration((end - start).total_seconds()) if start and end else ""
 
@@ -7811,7 +7847,8 @@ class WebPages:
             return self.message(404, "Not found", "There is no such incident.", root)
         workspace = self._workspace(incident.incident_id)
         executions = self.store.list_executions(incident.incident_id)
-        runs = [{"attempt": n, "execution": e, "took": _took(e.started_at, e.completed_at)}
+        runs = [{"attempt": n, "execution": e, "took": _took(e.started_at, e.completed_at),
+                 "logs": [name for path in e.log_paths.values() if (name := _in_workspace(path, workspace))]}
                 for n, e in enumerate(executions, 1)]
         report = self.store.get_report(incident.incident_id)
         rendered = None
@@ -7820,11 +7857,8 @@ class WebPages:
             # The renderer escapes raw HTML and refuses unsafe links (see render_report_html).
             rendered = Markup(_markdown_renderer().render(report.report_markdown))
         names = list(WORKSPACE_FILES)
-        for execution in executions:
-            for log_path in execution.log_paths.values():
-                relative = os.path.relpath(log_path, workspace) if os.path.isabs(log_path) else ""
-                if relative and not relative.startswith("..") and relative not in names:
-                    names.append(relative.replace(os.sep, "/"))
+        for run in runs:
+            names += [name for name in run["logs"] if name not in names]
         files = []
         for name in names:
             found = _read_workspace_tail(workspace, name.split("/"), 0)
@@ -9142,6 +9176,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         ended = _short_time(e.completed_at) if e.completed_at else "running"
         print(f"  {_short_time(e.started_at)} -> {ended}  exit={e.exit_code}  image={e.agent_image}"
               + (f"  error={e.error_message}" if e.error_message else ""))
+        if "agent-stdout.log" in e.log_paths:
+            print(f"    logs {os.path.dirname(e.log_paths['agent-stdout.log'])}")
     if report is not None:
         print(f"\nreport: {report.raw_report_path}")
         print(f"summary: {report.summary_text or 'See investigation report'}")

@@ -119,13 +119,14 @@ def test_a_retry_is_judged_on_its_own_output_not_an_earlier_attempts(
         tmp_path: Path, store: nc.StateStore, dispatchers: Callable[..., nc.Dispatcher]) -> None:
     started = tmp_path / "started"
     (incident_id,) = store.insert_events([make_event("c1")])
-    first = dispatchers(engine_config(tmp_path, f"{GOOD_AGENT}; echo first > logs/mark; touch {started}; "
-                                      "sleep 300", shutdown_timeout=0))
+    first = dispatchers(engine_config(tmp_path, f"{GOOD_AGENT}; echo first > logs/mark; echo attempt-one; "
+                                      f"touch {started}; sleep 300", shutdown_timeout=0))
     wait_for(started.exists, what="attempt 1 to write its report")
     first.stop()  # a shutdown cancels attempt 1 after its report was written
     assert store.get_incident(incident_id).status == nc.PENDING  # type: ignore[union-attr]
 
-    dispatchers(engine_config(tmp_path, "true"))
+    config = engine_config(tmp_path, "echo attempt-two")
+    dispatchers(config)
     incident = terminal(store, incident_id)
     assert (incident.status, incident.failure_reason) == (nc.AGENT_FAILED, "investigation.md file not found")
     assert store.get_report(incident_id) is None, "no report of attempt 1 was stored for attempt 2"
@@ -135,7 +136,17 @@ def test_a_retry_is_judged_on_its_own_output_not_an_earlier_attempts(
     assert (kept / "logs" / "mark").read_text() == "first\n"
     assert sorted(p.name for p in (ws / "output").iterdir()) == [], "attempt 2 started with an empty output/"
     assert not (ws / "logs" / "mark").exists()
-    assert len(store.list_executions(incident_id)) == 2
+    # Each run's record points at its own attempt's logs, and the incident's page shows both.
+    first_run, second_run = store.list_executions(incident_id)
+    assert first_run.log_paths == nc.agent_log_paths(str(kept))
+    assert second_run.log_paths == nc.agent_log_paths(str(ws))
+    assert Path(first_run.log_paths["agent-stdout.log"]).read_text() == "attempt-one\n"
+    assert Path(second_run.log_paths["agent-stdout.log"]).read_text() == "attempt-two\n"
+    page = nc.WebPages(config, store, dict, "127.0.0.1").incident(incident_id, "/").body.decode()
+    for name, text in (("attempts/1/logs/agent-stdout.log", "attempt-one"), ("logs/agent-stdout.log",
+                                                                             "attempt-two")):
+        assert f'files/{name}">{name}</a>' in page, f"a run links {name}"
+        assert f"<h2>{name}</h2>\n<pre>{text}\n</pre>" in page
 
 
 def test_rotation_moves_symlinks_without_following_them(tmp_path: Path) -> None:
