@@ -16,7 +16,8 @@ class TcpProxy:
     :meth:`restore` listens on the same port again. After :meth:`lose_next_commit_reply`, the
     next simple-query ``COMMIT`` a client sends is forwarded and that connection is closed before
     the server can answer: the server commits, the client sees its connection break (for
-    unencrypted PostgreSQL connections, ``sslmode=disable``). Thread-safe.
+    unencrypted PostgreSQL connections, ``sslmode=disable``). After :meth:`lose_next_commit` the
+    COMMIT itself is dropped with the connection: nothing commits. Thread-safe.
     """
 
     COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"   # a Query message: type, length 4 + 7, text
@@ -28,6 +29,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lose_commit = threading.Event()
+        self._deliver_commit = True
         self.commits_lost = 0
 
     def url_for(self, url: str) -> str:
@@ -40,6 +42,11 @@ class TcpProxy:
                                                       query=query))
 
     def lose_next_commit_reply(self) -> None:
+        self._deliver_commit = True
+        self._lose_commit.set()
+
+    def lose_next_commit(self) -> None:
+        self._deliver_commit = False
         self._lose_commit.set()
 
     def start(self) -> TcpProxy:
@@ -101,7 +108,8 @@ class TcpProxy:
                     # The client's side first, so that no reply can reach it; then the COMMIT
                     # reaches the server followed by the end of the connection.
                     client.shutdown(socket.SHUT_RDWR)
-                    dst.sendall(data)
+                    if self._deliver_commit:
+                        dst.sendall(data)
                     break
                 dst.sendall(data)
         except OSError:

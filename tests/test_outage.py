@@ -724,9 +724,9 @@ def test_a_commit_whose_reply_is_lost_is_neither_replayed_nor_misreported(postgr
     try:
         first, second = store.insert_events([make_event("c1"), make_event("c2")])
 
-        def lost_reply(operation: Callable[[], Any]) -> Any:
+        def lost_reply(operation: Callable[[], Any], *, delivered: bool = True) -> Any:
             lost = proxy.commits_lost
-            proxy.lose_next_commit_reply()
+            (proxy.lose_next_commit_reply if delivered else proxy.lose_next_commit)()
             result = operation()
             assert proxy.commits_lost == lost + 1, "the reply to the COMMIT was lost"
             return result
@@ -748,7 +748,9 @@ def test_a_commit_whose_reply_is_lost_is_neither_replayed_nor_misreported(postgr
         assert (finished.exit_code, finished.error_message) == (0, None), "not closed as a lost claim"
         assert store.get_report(first).report_id == report.report_id  # type: ignore[union-attr]
 
-        assert store.claim_next("w").incident_id == second  # type: ignore[union-attr]
+        # A COMMIT that never reached the server: nothing was written, so the write is made again.
+        assert lost_reply(lambda: store.claim_next("w"), delivered=False).incident_id == second
+        assert store.get_incident(second).attempts == 1  # type: ignore[union-attr]
         assert lost_reply(lambda: store.complete(second, "w", nc.AGENT_FAILED, 1, "bad")) is True
         assert store.get_incident(second).status == nc.AGENT_FAILED  # type: ignore[union-attr]
     finally:
