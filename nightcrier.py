@@ -1209,6 +1209,25 @@ class TriageReport:
     storage_type: str = "database"
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one agent run ended, as :meth:`StateStore.finish_run` records it in one transaction.
+
+    The execution's end (``exit_code``, ``error_message``, ``log_paths``), the
+    incident's verdict (``status``, ``reason``) and the run's ``report``, if it left
+    one. A further result of a run belongs here, so that it is written in the same
+    transaction as the rest.
+    """
+
+    execution_id: str
+    exit_code: int | None
+    error_message: str | None
+    log_paths: Mapping[str, str]
+    status: str
+    reason: str | None
+    report: TriageReport | None = None
+
+
 @dataclass
 class SubscriptionGap:
     """A window in which a cluster was not watched: from losing a subscription to having a new one."""
@@ -1641,9 +1660,14 @@ class StateStore:
         """Record where the incident's workspace is."""
         raise NotImplementedError
 
-    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
-                        ) -> AgentExecution:
-        """Record that an agent run is starting; returns the new execution."""
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str],
+                        moved_logs: Mapping[str, str] | None = None) -> AgentExecution:
+        """Record that an agent run is starting; returns the new execution.
+
+        ``moved_logs`` maps log paths of the incident's earlier runs to where their
+        files were moved (see :func:`rotate_attempt`); those runs' ``log_paths`` are
+        changed to match in the same transaction.
+        """
         raise NotImplementedError
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
@@ -1667,6 +1691,20 @@ class StateStore:
         Only applies while the incident is ``investigating`` under ``worker_id``.
         Returns False, changing nothing, if it is not (a recovery sweep took it).
         Raises ValueError for a status that is not terminal.
+        """
+        raise NotImplementedError
+
+    def finish_run(self, incident_id: str, worker_id: str, outcome: RunOutcome) -> bool:
+        """Record a finished agent run and the incident's verdict, all in one transaction.
+
+        While the incident is ``investigating`` under ``worker_id``, the execution
+        gets its end (as :meth:`finish_execution`), the report is stored (as
+        :meth:`record_report`) and the incident its final status (as
+        :meth:`complete`); returns True. Otherwise (a sweep or another process took
+        the claim) only the execution is closed, with :data:`CLAIM_LOST_REASON`, and
+        False is returned. Either all of it is written or none, so after
+        :class:`StoreUnavailable` the call may simply be made again. Raises
+        ValueError for a status that is not terminal.
         """
         raise NotImplementedError
 
@@ -1842,6 +1880,11 @@ def _iso(value: dt.datetime) -> str:
     return value.isoformat(timespec="microseconds")
 
 
+def _log_paths(value: Any) -> dict[str, str]:
+    """A stored ``log_paths``: JSON text on SQLite, already decoded from JSONB on PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) and value else (value or {})
+
+
 def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
     values = {}
     present = set(row.keys())
@@ -1852,7 +1895,7 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
         if f.name in TIME_COLUMNS:
             value = _ts(value)
         elif f.name == "log_paths":
-            value = json.loads(value) if isinstance(value, str) and value else (value or {})
+            value = _log_paths(value)
         elif f.name in ("incident_id", "event_id", "execution_id", "report_id") and value is not None:
             value = str(value)
         values[f.name] = value
@@ -1970,6 +2013,7 @@ def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
 
 
 ORPHANED_REASON = "orphaned"
+CLAIM_LOST_REASON = "claim lost while the agent ran; result discarded"
 LIST_ORDER = " ORDER BY created_at DESC, incident_id DESC LIMIT ? OFFSET ?"
 
 
@@ -2070,14 +2114,36 @@ class SqlStore(StateStore):
 
     def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
                  reason: str | None) -> bool:
+        verdict = self._verdict(incident_id, worker_id, status, exit_code, reason)
+        return self._finish_claim(*verdict) is not None
+
+    def _verdict(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
+                 reason: str | None) -> tuple[str, tuple[Any, ...]]:
+        """The statement (and its parameters) that gives a claimed incident its final status."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"not a final status: {status!r}")
         now = self.NOW
-        return self._finish_claim(
-            f"UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
-            f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (status, exit_code, reason, incident_id, worker_id)) is not None
+        return (f"UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
+                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
+                "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
+                (status, exit_code, reason, incident_id, worker_id))
+
+    def finish_run(self, incident_id: str, worker_id: str, outcome: RunOutcome) -> bool:
+        verdict = self._verdict(incident_id, worker_id, outcome.status, outcome.exit_code, outcome.reason)
+
+        def finish(run: Callable[..., Any]) -> bool:
+            row = run(*verdict).fetchone()
+            held = row is not None
+            self._close_execution(run, outcome.execution_id, outcome.exit_code,
+                                  outcome.error_message if held else CLAIM_LOST_REASON, outcome.log_paths)
+            if held:
+                if outcome.report is not None:
+                    self._insert_report(run, outcome.report)
+                self._refresh_queue(run, row["cluster"])
+                self._announce_work(run)
+            return held
+
+        return self._transaction(finish)
 
     def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
         return self._finish_claim(
@@ -2198,24 +2264,46 @@ class SqlStore(StateStore):
         self._execute("UPDATE incidents SET workspace_path = ? WHERE incident_id = ?",
                       (workspace_path, incident_id))
 
-    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str]
-                        ) -> AgentExecution:
+    def start_execution(self, incident_id: str, agent_image: str, log_paths: Mapping[str, str],
+                        moved_logs: Mapping[str, str] | None = None) -> AgentExecution:
         execution = AgentExecution(new_id(), incident_id, agent_image, utcnow(), log_paths=dict(log_paths))
-        self._execute("INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
-                      "log_paths) VALUES (?, ?, ?, ?, ?)",
-                      (execution.execution_id, incident_id, agent_image, execution.started_at,
-                       json.dumps(execution.log_paths)))
+
+        def start(run: Callable[..., Any]) -> None:
+            if moved_logs:
+                for row in run("SELECT execution_id, log_paths FROM agent_executions WHERE incident_id = ?",
+                               (incident_id,)).fetchall():
+                    paths = _log_paths(row["log_paths"])
+                    repointed = {name: moved_logs.get(path, path) for name, path in paths.items()}
+                    if repointed != paths:
+                        run("UPDATE agent_executions SET log_paths = ? WHERE execution_id = ?",
+                            (json.dumps(repointed), str(row["execution_id"])))
+            run("INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
+                "log_paths) VALUES (?, ?, ?, ?, ?)",
+                (execution.execution_id, incident_id, agent_image, execution.started_at,
+                 json.dumps(execution.log_paths)))
+
+        self._transaction(start)
         return execution
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
                          log_paths: Mapping[str, str]) -> None:
-        self._execute("UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
-                      "log_paths = ? WHERE execution_id = ?",
-                      (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), execution_id))
+        self._transaction(lambda run: self._close_execution(run, execution_id, exit_code, error_message,
+                                                            log_paths))
+
+    @staticmethod
+    def _close_execution(run: Callable[..., Any], execution_id: str, exit_code: int | None,
+                         error_message: str | None, log_paths: Mapping[str, str]) -> None:
+        run("UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
+            "log_paths = ? WHERE execution_id = ?",
+            (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), execution_id))
 
     def record_report(self, report: TriageReport) -> None:
+        self._transaction(lambda run: self._insert_report(run, report))
+
+    @staticmethod
+    def _insert_report(run: Callable[..., Any], report: TriageReport) -> None:
         values = dataclasses.asdict(report)
-        self._execute(_insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values()))
+        run(_insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values()))
 
     def set_report_storage(self, incident_id: str, storage_type: str, raw_report_path: str) -> bool:
         if not is_uuid(incident_id):
@@ -2975,14 +3063,24 @@ class PostgresStore(SqlStore):
             (self.LIVENESS_CLASS, self.liveness_key(instance)))
         return bool(rows)
 
-    def _tx(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(cursor)`` in one transaction, retrying once on a broken connection."""
+    def _tx(self, fn: Callable[[Any], T], *, writes: bool = True) -> T:
+        """Run ``fn(cursor)`` in one transaction, retrying once on a broken connection.
+
+        A transaction that ``writes`` and lost its connection during COMMIT is
+        replayed only if the server says it did not commit; if it did, what ``fn``
+        returned is returned. So no write is made twice and no result is lost to
+        a reply that never arrived.
+        """
         import psycopg2
         for attempt in (1, 2):
             conn = self._pool.acquire()
+            backend_pid, xid = conn.get_backend_pid(), None
             try:
                 with conn.cursor(cursor_factory=self._dict_cursor) as cur:
                     result = fn(cur)
+                    if writes:
+                        cur.execute("SELECT txid_current_if_assigned() AS xid")
+                        xid = cur.fetchone()["xid"]
                 conn.commit()
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 broken = bool(conn.closed)
@@ -2992,6 +3090,8 @@ class PostgresStore(SqlStore):
                     # "program limit exceeded" (an index row too large, say) is an
                     # OperationalError to the driver, but about the record, not the server.
                     raise RecordRefused(f"PostgreSQL: {str(exc).strip()}") from exc
+                if broken and xid is not None and self._committed(xid, backend_pid):
+                    return result
                 if broken and attempt == 1:
                     continue
                 raise StoreUnavailable(f"PostgreSQL: {str(exc).strip()}") from exc
@@ -3016,6 +3116,25 @@ class PostgresStore(SqlStore):
             self._pool.release(conn)
             return result
         raise AssertionError("unreachable")
+
+    def _committed(self, xid: int, backend_pid: int) -> bool:
+        """Whether transaction ``xid``, whose connection broke during its COMMIT, committed.
+
+        Its server process may not yet know that its client is gone: it is ended,
+        if it still holds that transaction, so that the answer is final (a
+        transaction ends committed or aborted, never half). Raises
+        :class:`StoreUnavailable` when the server cannot say.
+        """
+        deadline = time.monotonic() + self._pool.statement_timeout_ms / 1000
+        while True:
+            status = self._select("SELECT txid_status(%s) AS status", (xid,))[0]["status"]
+            if status != "in progress":
+                return status == "committed"
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"PostgreSQL: whether transaction {xid} committed is not known yet")
+            self._select("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE pid = %s AND backend_xid::text = %s", (backend_pid, str(xid % 2 ** 32)))
+            time.sleep(0.05)
 
     @staticmethod
     def _rollback_quietly(conn: Any) -> None:
@@ -3123,7 +3242,7 @@ class PostgresStore(SqlStore):
         def run(cur: Any) -> list[dict[str, Any]]:
             cur.execute(sql, params)
             return cur.fetchall()
-        return self._tx(run)
+        return self._tx(run, writes=False)
 
     def close(self) -> None:
         self._stop_liveness.set()
@@ -4604,8 +4723,9 @@ STOP_GRACE_SECONDS = 10.0
 RUNNER_CHECK_INTERVAL = 30.0   # seconds between checks that the runner could start an agent
 ORPHAN_CHECK_SECONDS = 2.0       # how often dead processes' claims are looked for
 DISPATCHER_JOIN_SECONDS = 2.0    # what shutdown waits for a dispatcher stuck on the database
+RECORD_RETRY_INITIAL = 0.2       # backoff of a worker recording its run while the database is down
+RECORD_RETRY_MAX = 5.0
 ABORT_SECONDS = 2.0              # what a second signal may spend killing agents and releasing claims
-CLAIM_LOST_REASON = "claim lost while the agent ran; result discarded"
 ABORTED_REASON = "stopped by a second signal"
 
 
@@ -5267,6 +5387,11 @@ def write_private(path: str, text: str, mode: int = 0o600) -> None:
 
 
 def prepare_workspace(root: str, incident: Incident) -> str:
+    """The workspace of :func:`prepare_attempt`, for callers that keep no record of earlier runs."""
+    return prepare_attempt(root, incident)[0]
+
+
+def prepare_attempt(root: str, incident: Incident) -> tuple[str, str | None]:
     """``<root>/<incident_id>/`` (0700) with output/ and logs/ (2770) and incident.json (0640).
 
     output/ and logs/ belong to nightcrier's group, setgid, so that an agent
@@ -5277,6 +5402,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
 
     What an earlier attempt left in output/ and logs/ is first moved to
     ``attempts/<n>/`` (see :func:`rotate_attempt`), so each attempt starts empty.
+    Returns the workspace and that ``attempts/<n>/`` (None when nothing moved).
     """
     if not is_uuid(incident.incident_id):
         raise ValueError(f"refusing workspace for a non-UUID incident id {incident.incident_id!r}")
@@ -5286,7 +5412,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
         os.mkdir(workspace, 0o700)
     except FileExistsError:
         pass
-    rotate_attempt(workspace)
+    kept = rotate_attempt(workspace)
     ws_fd = os.open(workspace, _OPEN_DIR)
     try:
         os.fchmod(ws_fd, 0o700)
@@ -5296,7 +5422,7 @@ def prepare_workspace(root: str, incident: Incident) -> str:
         os.close(ws_fd)
     write_private(os.path.join(workspace, "incident.json"), json.dumps(incident_document(incident), indent=2),
                   INPUT_FILE_MODE)
-    return workspace
+    return workspace, kept
 
 
 def _ensure_workspace_subdir(ws_fd: int, name: str) -> None:
@@ -5493,11 +5619,17 @@ def read_report(workspace: str, max_bytes: int) -> tuple[str, bool]:
 
 @dataclass
 class _Run:
-    """One agent run of this process: how to cancel it, and whether its claim was lost."""
+    """One agent run of this process: how to cancel it, and whether its claim was lost.
+
+    ``finishing`` is set by the worker once its agent has ended, before its own writes
+    end the claim: from then on a claim the heartbeat misses was ended by the worker
+    itself, or its write finds the claim gone and reports that.
+    """
 
     cancel: threading.Event
     future: Any = None
     lost: bool = False
+    finishing: bool = False
     execution_id: str = ""
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -5719,7 +5851,7 @@ class Dispatcher(threading.Thread):
 
     def _claim_lost(self, incident_id: str) -> None:
         run = self._running.get(incident_id)
-        if run is None or run.lost or self._aborting.is_set():
+        if run is None or run.lost or run.finishing or self._aborting.is_set():
             return
         run.lost = True
         run.cancel.set()
@@ -5748,9 +5880,17 @@ class Dispatcher(threading.Thread):
                 self._requeue(incident, str(exc))
             else:
                 self._runner_down(incident, str(exc))
+        except StoreUnavailable as exc:  # before the agent started: the attempt does not count
+            why = f"database unavailable: {exc}"
+            log_event(logging.WARNING, "database unavailable before the agent started",
+                      incident_id=incident.incident_id, error=str(exc))
+            self._record(run, incident, lambda: self._release(incident, why))
         except Exception as exc:  # nothing may stay investigating
             log.exception("worker error")
-            self._finish(incident, FAILED, None, f"nightcrier error: {_short_error(exc)}")
+            reason = f"nightcrier error: {_short_error(exc)}"
+            if self._record(run, incident, lambda: self.store.complete(
+                    incident.incident_id, self.instance, FAILED, None, reason)):
+                self._finished(run, incident, FAILED, None, reason)
         finally:
             lock.release()
             with self._running_lock:
@@ -5759,12 +5899,14 @@ class Dispatcher(threading.Thread):
 
     def _run_incident(self, incident: Incident, run: _Run) -> None:
         config = self.config
-        workspace = prepare_workspace(config.workspace_root, incident)
+        workspace, kept = prepare_attempt(config.workspace_root, incident)
         self.store.set_workspace(incident.incident_id, workspace)
         permissions = self.permissions().get(incident.cluster)
         job = stage_agent_job(config, incident, workspace, self.instance, permissions)
         logs = agent_log_paths(workspace)
-        execution = self.store.start_execution(incident.incident_id, self._image(), logs)
+        # The earlier run's logs now lie in attempts/<n>/logs/: its record follows them.
+        moved = dict(zip(logs.values(), agent_log_paths(kept).values(), strict=True)) if kept else {}
+        execution = self.store.start_execution(incident.incident_id, self._image(), logs, moved)
         run.execution_id, run.logs = execution.execution_id, logs
         log_event(logging.INFO, "worker started incident", incident_id=incident.incident_id,
                   cluster=incident.cluster, runner=self.runner.name, attempt=incident.attempts)
@@ -5773,60 +5915,92 @@ class Dispatcher(threading.Thread):
         try:
             outcome = self.runner.run(job, run.cancel)
         except RunnerUnavailable as exc:
-            self.store.finish_execution(execution.execution_id, None, str(exc), logs)
+            run.finishing = True
+            broken = str(exc)
+            self._record(run, incident, lambda: self.store.finish_execution(
+                execution.execution_id, None, broken, logs))
             raise
         finally:
             self.metrics.agents_running.dec()
+        run.finishing = True
         self.runner_error = ""
         self._runner_backoff.reset()
         self.metrics.agent_duration.observe(time.monotonic() - started)
         if self._aborting.is_set():  # abort() gave the incident back already
             self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs)
             return
-        if run.lost or (not outcome.cancelled
-                        and not self.store.refresh_claims(self.instance, [incident.incident_id])):
+        if run.lost:
             # Another process owns the incident now: nothing of this run may become its verdict.
-            run.lost = True
-            self.store.finish_execution(execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs)
+            self._record(run, incident, lambda: self.store.finish_execution(
+                execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs))
             log_event(logging.WARNING, "run discarded: its claim was lost", incident_id=incident.incident_id)
             return
-        self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs)
         if outcome.cancelled:
-            self._release(incident, "nightcrier shut down while the agent ran")
+            self._record(run, incident, lambda: self.store.finish_execution(
+                execution.execution_id, outcome.exit_code, outcome.error or None, logs))
+            self._record(run, incident, lambda: self._release(
+                incident, "nightcrier shut down while the agent ran"))
             return
         status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
                                        config.investigation_min_size_bytes)
-        self._store_report(incident, execution.execution_id, workspace)
-        self._finish(incident, status, outcome.exit_code, reason, workspace, logs)
+        result = RunOutcome(execution.execution_id, outcome.exit_code, outcome.error or None, logs, status,
+                            reason, self._report(incident, execution.execution_id, workspace))
+        recorded = self._record(run, incident, lambda: self.store.finish_run(
+            incident.incident_id, self.instance, result))
+        if recorded:
+            self._finished(run, incident, status, outcome.exit_code, reason, workspace, logs)
+        elif recorded is not None:
+            self.metrics.inc("claims_lost")
+            log_event(logging.WARNING, "run discarded: its claim was lost", incident_id=incident.incident_id)
+
+    def _record(self, run: _Run, incident: Incident, write: Callable[[], T]) -> T | None:
+        """``write()``'s result, waiting out a database outage with backoff.
+
+        Writes that end a run are conditional on the claim (a claim lost meanwhile
+        makes them change nothing and say so), so waiting is safe for as long as
+        the database stays away. A shutdown past its timeout or an abort cancels
+        the run and ends the wait: then None, and the incident stays claimed until
+        the next start or another process returns it to pending.
+        """
+        backoff = Backoff(RECORD_RETRY_INITIAL, RECORD_RETRY_MAX)
+        while True:
+            try:
+                return write()
+            except StoreUnavailable as exc:
+                self.metrics.inc("db_errors")
+                delay = backoff.next()
+                log_event(logging.WARNING, "database unavailable while recording a run, retrying",
+                          incident_id=incident.incident_id, error=str(exc), retry_in=round(delay, 2))
+            if run.cancel.wait(delay):
+                log_event(logging.WARNING, "run not recorded: stopped while the database was unavailable",
+                          incident_id=incident.incident_id)
+                return None
 
     def _image(self) -> str:
         return self.config.agent_image if isinstance(self.runner, DockerRunner) else "process"
 
-    def _store_report(self, incident: Incident, execution_id: str, workspace: str) -> None:
+    def _report(self, incident: Incident, execution_id: str, workspace: str) -> TriageReport | None:
+        """The run's report as it will be stored, or None when it left none to read."""
         path = os.path.join(workspace, "output", "investigation.md")
         try:
             markdown, truncated = read_report(workspace, self.config.report_max_bytes)
         except OSError:
-            return
+            return None
         if truncated:
             log_event(logging.WARNING, "report larger than report_max_bytes, stored truncated",
                       incident_id=incident.incident_id, report_max_bytes=self.config.report_max_bytes)
         page = publish_report(markdown, incident.incident_id, workspace)
-        self.store.record_report(TriageReport(new_id(), incident.incident_id, execution_id, utcnow(),
-                                              markdown, report_html=page,
-                                              summary_text=summarize_report(markdown).text,
-                                              raw_report_path=path, storage_type="filesystem"))
+        return TriageReport(new_id(), incident.incident_id, execution_id, utcnow(), markdown,
+                            report_html=page, summary_text=summarize_report(markdown).text,
+                            raw_report_path=path, storage_type="filesystem")
 
-    def _finish(self, incident: Incident, status: str, exit_code: int | None, reason: str | None,
-                workspace: str | None = None, logs: Mapping[str, str] | None = None) -> None:
-        if not self.store.complete(incident.incident_id, self.instance, status, exit_code, reason):
-            log_event(logging.WARNING, "incident was taken over before it finished",
-                      incident_id=incident.incident_id)
-            return
+    def _finished(self, run: _Run, incident: Incident, status: str, exit_code: int | None, reason: str | None,
+                  workspace: str | None = None, logs: Mapping[str, str] | None = None) -> None:
+        """Announce a verdict that was recorded: metrics, log, incident.json, notification."""
         self.metrics.outcomes.labels(status).inc()
         log_event(logging.INFO, "incident finished", incident_id=incident.incident_id,
                   cluster=incident.cluster, status=status, exit_code=exit_code, reason=reason or "")
-        final = self.store.get_incident(incident.incident_id)
+        final = self._record(run, incident, lambda: self.store.get_incident(incident.incident_id))
         if final is not None and workspace:
             write_private(os.path.join(workspace, "incident.json"),
                           json.dumps(incident_document(final, logs), indent=2), INPUT_FILE_MODE)
@@ -7498,6 +7672,12 @@ def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tu
         return fh.read(limit), size
 
 
+def _in_workspace(path: str, workspace: str) -> str:
+    """``path`` relative to ``workspace`` with "/" separators, or "" when it lies elsewhere."""
+    relative = os.path.relpath(path, workspace) if os.path.isabs(path) else ""
+    return "" if not relative or relative.startswith("..") else relative.replace(os.sep, "/")
+
+
 def _took(start: dt.datetime | None, end: dt.datetime | None) -> str:
     return go_duration((end - start).total_seconds()) if start and end else ""
 
@@ -7693,7 +7873,8 @@ class WebPages:
             return self.message(404, "Not found", "There is no such incident.", root)
         workspace = self._workspace(incident.incident_id)
         executions = self.store.list_executions(incident.incident_id)
-        runs = [{"attempt": n, "execution": e, "took": _took(e.started_at, e.completed_at)}
+        runs = [{"attempt": n, "execution": e, "took": _took(e.started_at, e.completed_at),
+                 "logs": [name for path in e.log_paths.values() if (name := _in_workspace(path, workspace))]}
                 for n, e in enumerate(executions, 1)]
         report = self.store.get_report(incident.incident_id)
         rendered = None
@@ -7702,11 +7883,8 @@ class WebPages:
             # The renderer escapes raw HTML and refuses unsafe links (see render_report_html).
             rendered = Markup(_markdown_renderer().render(report.report_markdown))
         names = list(WORKSPACE_FILES)
-        for execution in executions:
-            for log_path in execution.log_paths.values():
-                relative = os.path.relpath(log_path, workspace) if os.path.isabs(log_path) else ""
-                if relative and not relative.startswith("..") and relative not in names:
-                    names.append(relative.replace(os.sep, "/"))
+        for run in runs:
+            names += [name for name in run["logs"] if name not in names]
         files = []
         for name in names:
             found = _read_workspace_tail(workspace, name.split("/"), 0)
@@ -9024,6 +9202,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         ended = _short_time(e.completed_at) if e.completed_at else "running"
         print(f"  {_short_time(e.started_at)} -> {ended}  exit={e.exit_code}  image={e.agent_image}"
               + (f"  error={e.error_message}" if e.error_message else ""))
+        if "agent-stdout.log" in e.log_paths:
+            print(f"    logs {os.path.dirname(e.log_paths['agent-stdout.log'])}")
     if report is not None:
         print(f"\nreport: {report.raw_report_path}")
         print(f"summary: {report.summary_text or 'See investigation report'}")

@@ -1,9 +1,11 @@
-"""A TCP proxy on 127.0.0.1 that can be cut and restored, to make a real server unreachable on demand."""
+"""A TCP proxy on 127.0.0.1 that can be cut and restored, to make a real server unreachable on demand,
+or lose the reply to one PostgreSQL COMMIT."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import urllib.parse
 
 
 class TcpProxy:
@@ -11,8 +13,14 @@ class TcpProxy:
 
     :meth:`cut` closes the listening socket and every forwarded connection, so
     that clients see connection resets and then "connection refused";
-    :meth:`restore` listens on the same port again. Thread-safe.
+    :meth:`restore` listens on the same port again. After :meth:`lose_next_commit_reply`, the
+    next simple-query ``COMMIT`` a client sends is forwarded and that connection is closed before
+    the server can answer: the server commits, the client sees its connection break (for
+    unencrypted PostgreSQL connections, ``sslmode=disable``). After :meth:`lose_next_commit` the
+    COMMIT itself is dropped with the connection: nothing commits. Thread-safe.
     """
+
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"   # a Query message: type, length 4 + 7, text
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
@@ -20,6 +28,26 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
+        self._lose_commit = threading.Event()
+        self._deliver_commit = True
+        self.commits_lost = 0
+
+    def url_for(self, url: str) -> str:
+        """``url`` (a PostgreSQL URL) through this proxy, unencrypted so that COMMIT can be seen."""
+        parts = urllib.parse.urlsplit(url)
+        user = urllib.parse.quote(parts.username or "postgres")
+        password = f":{urllib.parse.quote(parts.password)}" if parts.password else ""
+        query = urllib.parse.urlencode([*urllib.parse.parse_qsl(parts.query), ("sslmode", "disable")])
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}{password}@127.0.0.1:{self.port}",
+                                                      query=query))
+
+    def lose_next_commit_reply(self) -> None:
+        self._deliver_commit = True
+        self._lose_commit.set()
+
+    def lose_next_commit(self) -> None:
+        self._deliver_commit = False
+        self._lose_commit.set()
 
     def start(self) -> TcpProxy:
         self.restore()
@@ -68,13 +96,21 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, client: socket.socket | None = None) -> None:
         try:
             while data := src.recv(65536):
+                if client is not None and self.COMMIT in data and self._lose_commit.is_set():
+                    self._lose_commit.clear()
+                    self.commits_lost += 1
+                    # The client's side first, so that no reply can reach it; then the COMMIT
+                    # reaches the server followed by the end of the connection.
+                    client.shutdown(socket.SHUT_RDWR)
+                    if self._deliver_commit:
+                        dst.sendall(data)
+                    break
                 dst.sendall(data)
         except OSError:
             pass

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +28,9 @@ import pytest
 import yaml
 from conftest import ROOT, wait_for
 from mcp_testserver import McpTestServer, make_fault
+from tcp_proxy import TcpProxy
+from test_engine import GOOD_AGENT, engine_config
+from test_store_contract import make_event
 
 import nightcrier as nc
 
@@ -624,3 +628,131 @@ def test_a_replica_that_alone_lost_the_database_overlaps_without_doubles(
     assert sum(1 for n in sent.values() if n == 2) >= RATE, "faults delivered to both were stored once"
     assert all(sent.values()), "every fault reached a subscription"
     assert "spool replayed" in fleet.log("a")
+
+
+# -- the finish of a run: an outage as the agent ends, a COMMIT whose reply is lost ------------------
+
+class _WriteLock:
+    """An outage of a SQLite database: another connection holding its write lock."""
+
+    def __init__(self, path: str):
+        import sqlite3
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def end(self) -> None:
+        self.conn.execute("ROLLBACK")
+
+
+@pytest.fixture
+def fragile_store(engine: str, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> Iterator[tuple[nc.StateStore, Any]]:
+    """A store that gives up on a busy or unreachable database within a second, and an object whose
+    begin()/end() start and end an outage of it."""
+    if engine == "sqlite":
+        path = str(tmp_path / "nightcrier.db")
+        store: nc.StateStore = nc.SqliteStore(path, busy_timeout=0.2)
+        outage: Any = _WriteLock(path)
+    else:
+        proxy = TcpProxy(*_host_port(request.getfixturevalue("postgres_schema_url"))).start()
+        store = nc.PostgresStore(proxy.url_for(request.getfixturevalue("postgres_schema_url")),
+                                 wait=1, statement_timeout=2, connect_timeout=1)
+        outage = proxy
+        outage.begin, outage.end = proxy.cut, proxy.restore
+    yield store, outage
+    store.close()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+def test_an_outage_as_each_run_ends_still_records_its_verdict_report_and_execution(
+        tmp_path: Path, fragile_store: tuple[nc.StateStore, Any]) -> None:
+    store, outage = fragile_store
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    agent = (f"{GOOD_AGENT}; touch {flags}/done-$INCIDENT_ID; "
+             f"while [ ! -e {flags}/go-$INCIDENT_ID ]; do sleep 0.05; done")
+    refused: list[str] = []
+    finish_run = store.finish_run
+
+    def watched_finish_run(incident_id: str, worker_id: str, outcome: nc.RunOutcome) -> bool:
+        try:
+            return finish_run(incident_id, worker_id, outcome)
+        except nc.StoreUnavailable:
+            refused.append(incident_id)
+            raise
+
+    store.finish_run = watched_finish_run  # type: ignore[method-assign]
+    metrics = nc.Metrics()
+    dispatcher = nc.Dispatcher(engine_config(tmp_path, agent, max_concurrent_agents=1), store,
+                               nc.ProcessRunner(grace=1), threading.Event(), metrics, "test-instance")
+    dispatcher.start()
+    try:
+        incident_ids = store.insert_events([make_event("c1"), make_event("c2")])
+        dispatcher.wake.set()
+        for incident_id in incident_ids:
+            wait_for((flags / f"done-{incident_id}").exists, timeout=30, what="the agent to reach its end")
+            outage.begin()
+            try:
+                (flags / f"go-{incident_id}").touch()
+                wait_for(lambda i=incident_id: i in refused, timeout=30, what="recording to meet the outage")
+            finally:
+                outage.end()
+            incident = wait_for(lambda i=incident_id: (found := store.get_incident(i))
+                                and found.status != nc.INVESTIGATING and found, timeout=30,
+                                what="the verdict")
+            assert (incident.status, incident.attempts) == (nc.RESOLVED, 1)
+            report = store.get_report(incident_id)
+            assert report is not None and incident_id in report.report_markdown
+            (execution,) = store.list_executions(incident_id)
+            assert (execution.exit_code, execution.error_message) == (0, None)
+            assert execution.completed_at is not None and report.execution_id == execution.execution_id
+    finally:
+        dispatcher.stop()
+    assert metrics.value("worker_errors") == 0 and metrics.value("claims_lost") == 0
+
+
+@pytest.mark.postgres
+def test_a_commit_whose_reply_is_lost_is_neither_replayed_nor_misreported(postgres_schema_url: str) -> None:
+    proxy = TcpProxy(*_host_port(postgres_schema_url)).start()
+    store = nc.PostgresStore(proxy.url_for(postgres_schema_url))
+    try:
+        first, second = store.insert_events([make_event("c1"), make_event("c2")])
+
+        def lost_reply(operation: Callable[[], Any], *, delivered: bool = True) -> Any:
+            lost = proxy.commits_lost
+            (proxy.lose_next_commit_reply if delivered else proxy.lose_next_commit)()
+            result = operation()
+            assert proxy.commits_lost == lost + 1, "the reply to the COMMIT was lost"
+            return result
+
+        claimed = lost_reply(lambda: store.claim_next("w"))
+        assert claimed is not None and claimed.incident_id == first
+        assert store.get_incident(second).status == nc.PENDING, "no ghost claim"  # type: ignore[union-attr]
+        assert store.get_incident(first).attempts == 1  # type: ignore[union-attr]
+
+        execution = lost_reply(lambda: store.start_execution(first, "image", {}))
+        assert [e.execution_id for e in store.list_executions(first)] == [execution.execution_id]
+
+        report = nc.TriageReport(nc.new_id(), first, execution.execution_id, nc.utcnow(), "# found it")
+        outcome = nc.RunOutcome(execution.execution_id, 0, None, {}, nc.RESOLVED, None, report)
+        assert lost_reply(lambda: store.finish_run(first, "w", outcome)) is True
+        incident = store.get_incident(first)
+        assert incident is not None and incident.status == nc.RESOLVED
+        (finished,) = store.list_executions(first)
+        assert (finished.exit_code, finished.error_message) == (0, None), "not closed as a lost claim"
+        assert store.get_report(first).report_id == report.report_id  # type: ignore[union-attr]
+
+        # A COMMIT that never reached the server: nothing was written, so the write is made again.
+        assert lost_reply(lambda: store.claim_next("w"), delivered=False).incident_id == second
+        assert store.get_incident(second).attempts == 1  # type: ignore[union-attr]
+        assert lost_reply(lambda: store.complete(second, "w", nc.AGENT_FAILED, 1, "bad")) is True
+        assert store.get_incident(second).status == nc.AGENT_FAILED  # type: ignore[union-attr]
+    finally:
+        store.close()
+        proxy.cut()

@@ -119,13 +119,14 @@ def test_a_retry_is_judged_on_its_own_output_not_an_earlier_attempts(
         tmp_path: Path, store: nc.StateStore, dispatchers: Callable[..., nc.Dispatcher]) -> None:
     started = tmp_path / "started"
     (incident_id,) = store.insert_events([make_event("c1")])
-    first = dispatchers(engine_config(tmp_path, f"{GOOD_AGENT}; echo first > logs/mark; touch {started}; "
-                                      "sleep 300", shutdown_timeout=0))
+    first = dispatchers(engine_config(tmp_path, f"{GOOD_AGENT}; echo first > logs/mark; echo attempt-one; "
+                                      f"touch {started}; sleep 300", shutdown_timeout=0))
     wait_for(started.exists, what="attempt 1 to write its report")
     first.stop()  # a shutdown cancels attempt 1 after its report was written
     assert store.get_incident(incident_id).status == nc.PENDING  # type: ignore[union-attr]
 
-    dispatchers(engine_config(tmp_path, "true"))
+    config = engine_config(tmp_path, "echo attempt-two")
+    dispatchers(config)
     incident = terminal(store, incident_id)
     assert (incident.status, incident.failure_reason) == (nc.AGENT_FAILED, "investigation.md file not found")
     assert store.get_report(incident_id) is None, "no report of attempt 1 was stored for attempt 2"
@@ -135,7 +136,17 @@ def test_a_retry_is_judged_on_its_own_output_not_an_earlier_attempts(
     assert (kept / "logs" / "mark").read_text() == "first\n"
     assert sorted(p.name for p in (ws / "output").iterdir()) == [], "attempt 2 started with an empty output/"
     assert not (ws / "logs" / "mark").exists()
-    assert len(store.list_executions(incident_id)) == 2
+    # Each run's record points at its own attempt's logs, and the incident's page shows both.
+    first_run, second_run = store.list_executions(incident_id)
+    assert first_run.log_paths == nc.agent_log_paths(str(kept))
+    assert second_run.log_paths == nc.agent_log_paths(str(ws))
+    assert Path(first_run.log_paths["agent-stdout.log"]).read_text() == "attempt-one\n"
+    assert Path(second_run.log_paths["agent-stdout.log"]).read_text() == "attempt-two\n"
+    page = nc.WebPages(config, store, dict, "127.0.0.1").incident(incident_id, "/").body.decode()
+    for name, text in (("attempts/1/logs/agent-stdout.log", "attempt-one"), ("logs/agent-stdout.log",
+                                                                             "attempt-two")):
+        assert f'files/{name}">{name}</a>' in page, f"a run links {name}"
+        assert f"<h2>{name}</h2>\n<pre>{text}\n</pre>" in page
 
 
 def test_rotation_moves_symlinks_without_following_them(tmp_path: Path) -> None:
@@ -181,6 +192,32 @@ def test_a_run_whose_claim_is_stolen_is_cancelled_and_its_verdict_not_written(
     assert (incident.status, incident.claimed_by) == (nc.INVESTIGATING, "another-process"), "verdict written"
     assert store.get_report(incident_id) is None, "a report of a run that lost its claim was stored"
     assert metrics.value("claims_lost") == 1
+
+
+def test_a_heartbeat_right_after_its_own_run_finished_is_no_lost_claim(
+        tmp_path: Path, store: nc.StateStore, dispatchers: Callable[..., nc.Dispatcher],
+        caplog: pytest.LogCaptureFixture) -> None:
+    metrics = nc.Metrics()
+    dispatcher = dispatchers(engine_config(tmp_path, GOOD_AGENT), metrics=metrics)
+    heartbeats: list[set[str]] = []
+    finish_run = store.finish_run
+
+    def finish_then_heartbeat(incident_id: str, worker_id: str, outcome: nc.RunOutcome) -> bool:
+        recorded = finish_run(incident_id, worker_id, outcome)
+        # The heartbeat check, between the verdict's commit and the worker letting go of the run.
+        heartbeats.append(set(dispatcher.running()))
+        dispatcher._maintain()
+        return recorded
+
+    store.finish_run = finish_then_heartbeat  # type: ignore[method-assign]
+    (incident_id,) = store.insert_events([make_event("c1")])
+    with caplog.at_level("WARNING", logger="nightcrier"):
+        dispatcher.wake.set()
+        assert terminal(store, incident_id).status == nc.RESOLVED
+        wait_for(lambda: not dispatcher.running(), what="the worker to let go of the run")
+    assert heartbeats == [{incident_id}], "the check ran while the run was still this process's"
+    assert metrics.value("claims_lost") == 0
+    assert not [r for r in caplog.records if "claim lost" in r.getMessage()]
 
 
 def test_a_runner_failure_after_the_agent_started_counts_as_an_attempt(store: nc.StateStore) -> None:

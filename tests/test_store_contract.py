@@ -265,6 +265,34 @@ def test_complete_requires_ownership(store: StateStore) -> None:
     assert not store.complete(claimed.incident_id, "w", nc.FAILED, 1, "late"), "already final"
 
 
+def test_finish_run_writes_run_and_verdict_only_while_the_claim_holds(store: StateStore) -> None:
+    insert(store, make_event("a"), make_event("b"))
+    logs = {"agent-stdout.log": "/ws/logs/agent-stdout.log"}
+    mine, theirs = store.claim_next("w"), store.claim_next("w")
+    assert mine is not None and theirs is not None
+    runs = {i.incident_id: store.start_execution(i.incident_id, "img", {}) for i in (mine, theirs)}
+
+    def outcome(incident: nc.Incident, status: str = nc.RESOLVED) -> nc.RunOutcome:
+        execution_id = runs[incident.incident_id].execution_id
+        report = nc.TriageReport(nc.new_id(), incident.incident_id, execution_id, nc.utcnow(), "# r")
+        return nc.RunOutcome(execution_id, 0, None, logs, status, None, report)
+
+    with pytest.raises(ValueError):
+        store.finish_run(mine.incident_id, "w", outcome(mine, nc.INVESTIGATING))
+    assert store.finish_run(mine.incident_id, "w", outcome(mine))
+    (execution,) = store.list_executions(mine.incident_id)
+    assert (execution.exit_code, execution.error_message, execution.log_paths) == (0, None, logs)
+    assert store.get_incident(mine.incident_id).status == nc.RESOLVED  # type: ignore[union-attr]
+    assert store.get_report(mine.incident_id).execution_id == execution.execution_id  # type: ignore[union-attr]
+
+    assert not store.finish_run(theirs.incident_id, "someone-else", outcome(theirs))
+    (execution,) = store.list_executions(theirs.incident_id)
+    assert execution.completed_at is not None and execution.error_message == nc.CLAIM_LOST_REASON
+    assert store.get_incident(theirs.incident_id).status == nc.INVESTIGATING  # type: ignore[union-attr]
+    assert store.get_report(theirs.incident_id) is None
+    assert store.claim_next("w") is None, "the resolved incident's cluster is free, nothing else pending"
+
+
 def test_release_returns_to_pending_without_counting_the_attempt(store: StateStore) -> None:
     insert(store, make_event())
     claimed = store.claim_next("w")
