@@ -282,6 +282,23 @@ class Config:
                                            minimum=0.1)
     slack_max_attempts: int = setting(5, "SLACK_MAX_ATTEMPTS", "deliveries tried per message",
                                       minimum=1)
+    webhook_url: str = setting("", "WEBHOOK_URL", "generic signed JSON webhook; empty = none", secret=True)
+    webhook_secret: str = setting("", "WEBHOOK_SECRET",
+                                  "HMAC-SHA256 key of X-Nightcrier-Signature; required with webhook_url",
+                                  secret=True)
+    pagerduty_routing_key: str = setting("", "PAGERDUTY_ROUTING_KEY",
+                                         "Events API v2 integration key; empty = no PagerDuty", secret=True)
+    pagerduty_events_url: str = setting("https://events.pagerduty.com/v2/enqueue", "PAGERDUTY_EVENTS_URL",
+                                        "Events API v2 enqueue URL (EU accounts: events.eu.pagerduty.com)")
+    pagerduty_min_severity: str = setting("warning", "PAGERDUTY_MIN_SEVERITY",
+                                          "least severe fault that pages: critical, error, warning or info",
+                                          choices=("critical", "error", "warning", "info"))
+    teams_webhook_url: str = setting("", "TEAMS_WEBHOOK_URL",
+                                     "Microsoft Teams Workflows webhook; empty = no Teams", secret=True)
+    notify_timeout_seconds: float = setting(10.0, "NOTIFY_TIMEOUT_SECONDS",
+                                            "per request to the webhook, PagerDuty and Teams", minimum=0.1)
+    notify_max_attempts: int = setting(5, "NOTIFY_MAX_ATTEMPTS",
+                                       "deliveries tried per webhook, PagerDuty or Teams message", minimum=1)
     report_base_url: str = setting("", "REPORT_BASE_URL",
                                    "nightcrier's own public http(s) URL, for signed report links in Slack")
     web_token: str = setting("", "WEB_TOKEN",
@@ -816,9 +833,7 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     except ValueError as exc:
         problems.append(f"report_link_ttl (env REPORT_LINK_TTL): {exc}, e.g. 168h or 30m, "
                         f"got {config.report_link_ttl!r}")
-    if config.slack_webhook_url and not _is_http_url(config.slack_webhook_url):
-        problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
-                        f"got {SECRET_MASK}")
+    _check_channels(config, problems)
     _check_object_storage(config, problems)
     storage = config.state_storage
     if storage.type == "postgres":
@@ -834,6 +849,20 @@ def _cross_check(config: Config, problems: list[str]) -> None:
                 problems.append("state_storage.postgres_connection_string (env "
                                 f"STATE_STORAGE_POSTGRES_CONNECTION_STRING): {why}, "
                                 f"got {mask_dsn(dsn)!r}")
+
+
+NOTIFY_URL_KEYS = ("slack_webhook_url", "webhook_url", "pagerduty_events_url", "teams_webhook_url")
+
+
+def _check_channels(config: Config, problems: list[str]) -> None:
+    """Each notification channel's URL is http(s); the generic webhook is always signed."""
+    for path in NOTIFY_URL_KEYS:
+        key, url = KEYS_BY_PATH[path], getattr(config, path)
+        if url and not _is_http_url(url):
+            problems.append(f"{_describe(key)}: must be an http(s) URL, got {_shown(key, url)}")
+    if config.webhook_url and not config.webhook_secret:
+        problems.append("webhook_secret (env WEBHOOK_SECRET): is required when webhook_url is set "
+                        "(receivers verify X-Nightcrier-Signature with it)")
 
 
 def _is_http_url(url: str) -> bool:
@@ -1041,7 +1070,7 @@ def config_as_dict(config: Config, masked: bool = True) -> dict[str, Any]:
             value = holder[key.name]
             if key.path == "state_storage.postgres_connection_string":
                 holder[key.name] = mask_dsn(value)
-            elif key.path == "slack_webhook_url":
+            elif key.path in NOTIFY_URL_KEYS and key.secret:
                 holder[key.name] = mask_url(value)
             elif key.secret and value:
                 holder[key.name] = SECRET_MASK
@@ -5847,8 +5876,8 @@ SLACK_FIELD_LIMIT = 2000         # characters in one field of a section
 SLACK_HEADER_LIMIT = 150
 SLACK_MAX_BLOCKS = 50
 SLACK_MAX_RETRY_AFTER = 300.0    # a longer Retry-After would stall every message behind it
-SLACK_DRAIN_SECONDS = 30.0
-SLACK_QUEUE_LIMIT = 1000         # messages waiting at most; beyond it the oldest is dropped
+NOTIFY_DRAIN_SECONDS = 30.0
+NOTIFY_QUEUE_LIMIT = 1000        # messages waiting per channel at most; beyond it the oldest is dropped
 FAILURE_REASONS_TRACKED = 5
 FAILURE_REASONS_SHOWN = 3
 
@@ -6387,6 +6416,25 @@ def _slack_message(title: str, blocks: list[dict[str, Any]], color: str, footer:
             "attachments": [{"color": color, "footer": _clip(footer, SLACK_TEXT_LIMIT)}]}
 
 
+def _stamp(moment: dt.datetime | None) -> str | None:
+    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if moment else None
+
+
+def _kind_name(incident: Incident) -> str:
+    return f"{incident.resource_kind or 'Unknown'}/{incident.resource_name or 'Unknown'}"
+
+
+def _resource_text(incident: Incident) -> str:
+    """namespace/kind/name, or kind/name for cluster-scoped resources."""
+    return "/".join(p for p in (incident.resource_namespace, _kind_name(incident)) if p)
+
+
+def _run_seconds(incident: Incident) -> float:
+    started = incident.started_at or incident.created_at
+    ended = incident.completed_at or incident.updated_at
+    return (ended - started).total_seconds() if started and ended else 0.0
+
+
 def incident_message(incident: Incident, summary: ReportSummary, url: str | None) -> dict[str, Any]:
     """The notification of a resolved or failed incident, in the Go original's layout.
 
@@ -6395,16 +6443,13 @@ def incident_message(incident: Incident, summary: ReportSummary, url: str | None
     only for an http(s) ``url``; no local path is ever sent.
     """
     resolved = incident.status == RESOLVED
-    started = incident.started_at or incident.created_at
-    ended = incident.completed_at or incident.updated_at
-    duration = (ended - started).total_seconds() if started and ended else 0.0
     blocks = [
         _fields([("Cluster", incident.cluster), ("Namespace", incident.resource_namespace or "N/A"),
-                 ("Resource", f"{incident.resource_kind or 'Unknown'}/{incident.resource_name or 'Unknown'}"),
-                 ("Reason", incident.fault_type)]),
+                 ("Resource", _kind_name(incident)), ("Reason", incident.fault_type)]),
         {"type": "section", "text": _mrkdwn(f"*Root Cause ({summary.confidence} confidence):*\n"
                                             + _slack_escape(summary.root_cause))},
-        _context(f"Incident ID: `{_slack_escape(incident.incident_id)}` | Duration: {go_duration(duration)}"),
+        _context(f"Incident ID: `{_slack_escape(incident.incident_id)}` | "
+                 f"Duration: {go_duration(_run_seconds(incident))}"),
     ]
     if url:
         blocks.append({"type": "actions", "elements": [
@@ -6440,6 +6485,297 @@ def recovered_alert(stats: BreakerStats) -> dict[str, Any]:
 
 def _clock(moment: dt.datetime | None) -> str:
     return moment.astimezone().strftime("%H:%M:%S") if moment else "N/A"
+
+
+# -- notification channels ------------------------------------------------------------
+
+NOTICE_INCIDENT = "incident.finished"
+NOTICE_DEGRADED = "agents.degraded"
+NOTICE_RECOVERED = "agents.recovered"
+WEBHOOK_DOCUMENT_VERSION = 1
+WEBHOOK_SIGNATURE_HEADER = "X-Nightcrier-Signature"
+PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")   # most severe first
+PAGERDUTY_SUMMARY_LIMIT = 1024
+PAGERDUTY_AGENTS_DEDUP_KEY = "nightcrier:agents-degraded"
+# Fault severities as the events-enabled server and other emitters spell them.
+_PAGERDUTY_SEVERITY_OF = {"critical": "critical", "fatal": "critical", "high": "error", "error": "error",
+                          "major": "error", "warning": "warning", "medium": "warning", "minor": "warning",
+                          "low": "info", "info": "info"}
+TEAMS_TEXT_LIMIT = 4000
+ADAPTIVE_CARD_TYPE = "application/vnd.microsoft.card.adaptive"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a channel is asked to say: one finished incident, or the agents' health changing.
+
+    ``incident``, ``summary`` and ``report_url`` are set for ``NOTICE_INCIDENT``
+    (``triaged`` says whether the summary comes from a stored report); ``stats``
+    for ``NOTICE_DEGRADED`` and ``NOTICE_RECOVERED``.
+    """
+
+    kind: str
+    incident: Incident | None = None
+    summary: ReportSummary | None = None
+    triaged: bool = False
+    report_url: str | None = None
+    stats: BreakerStats | None = None
+
+
+class Channel:
+    """One destination: which incidents reach it and the request that tells it.
+
+    Subclasses only format; :class:`Notifier` delivers (queue, retries, circuit
+    breaker, scrubbing). :meth:`message` builds the document once per notice;
+    :meth:`request` turns it into body and headers once per attempt, so that what
+    depends on the moment of sending (a signature over the send time) is fresh
+    on every retry. Nothing here does I/O or raises for any incident.
+    """
+
+    name = ""
+
+    def __init__(self, url: str, timeout: float, max_attempts: int, secrets: Sequence[str] = ()):
+        self.url = url
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.secrets = [s for s in (url, *secrets) if s]
+
+    def wants(self, incident: Incident) -> bool:
+        """Whether a resolved or failed incident reaches this channel."""
+        return True
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        """The document telling ``notice``; None when this channel says nothing of it."""
+        raise NotImplementedError
+
+    def request(self, message: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        return json.dumps(message).encode(), {"Content-Type": "application/json"}
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the URL, its path (where webhook tokens are) or any other secret."""
+        for secret in self.secrets:
+            # Split by hand: urlsplit raises on malformed URLs, and those must be masked too.
+            after_scheme = secret.split("://", 1)[-1]
+            path = after_scheme[after_scheme.find("/"):] if "://" in secret and "/" in after_scheme else ""
+            for part in (secret, path, path.split("?", 1)[0]):
+                if len(part) > 1:
+                    text = text.replace(part, SECRET_MASK)
+        return text
+
+
+class SlackChannel(Channel):
+    """Slack's incoming webhook, in the Go original's layout (see :func:`incident_message`)."""
+
+    name = "slack"
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        if notice.kind == NOTICE_DEGRADED and notice.stats:
+            return degraded_alert(notice.stats)
+        if notice.kind == NOTICE_RECOVERED and notice.stats:
+            return recovered_alert(notice.stats)
+        if notice.incident is None or notice.summary is None:
+            return None
+        return incident_message(notice.incident, notice.summary, notice.report_url)
+
+
+class WebhookChannel(Channel):
+    """A signed JSON document for any receiver (see README, "Generic webhook").
+
+    The body is ``{"version": 1, "type": ..., "sent_at": ..., "incident": ...,
+    "report": ..., "agents": ...}``; header ``X-Nightcrier-Signature`` is
+    ``sha256=`` and the hex HMAC-SHA256 of the exact body bytes under
+    ``webhook_secret``. ``sent_at`` is set on every attempt, so a receiver may
+    refuse old or replayed documents.
+    """
+
+    name = "webhook"
+
+    def __init__(self, url: str, secret: str, timeout: float, max_attempts: int):
+        super().__init__(url, timeout, max_attempts, secrets=[secret])
+        self._key = secret.encode()
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        document: dict[str, Any] = {"version": WEBHOOK_DOCUMENT_VERSION, "type": notice.kind}
+        if notice.incident is not None:
+            document["incident"] = webhook_incident(notice.incident)
+            summary = notice.summary or ReportSummary()
+            document["report"] = {"triaged": notice.triaged, "summary": summary.text,
+                                  "root_cause": summary.root_cause, "confidence": summary.confidence,
+                                  "url": notice.report_url}
+        if notice.stats is not None:
+            stats = notice.stats
+            document["agents"] = {"failures": stats.count, "first_failure": _stamp(stats.first_failure),
+                                  "last_failure": _stamp(stats.last_failure),
+                                  "recovered_at": _stamp(stats.recovered_at), "reasons": list(stats.reasons)}
+        return document
+
+    def request(self, message: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps({**message, "sent_at": _stamp(utcnow())}, separators=(",", ":")).encode()
+        return body, {"Content-Type": "application/json",
+                      WEBHOOK_SIGNATURE_HEADER: webhook_signature(self._key, body)}
+
+
+def webhook_signature(key: bytes, body: bytes) -> str:
+    """The ``X-Nightcrier-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
+    import hashlib
+    import hmac
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def webhook_incident(incident: Incident) -> dict[str, Any]:
+    """An incident as the webhook document carries it."""
+    return {"id": incident.incident_id, "cluster": incident.cluster, "status": incident.status,
+            "fault_id": incident.fault_id, "fault_type": incident.fault_type, "severity": incident.severity,
+            "context": incident.context,
+            "resource": {"api_version": incident.resource_api_version, "kind": incident.resource_kind,
+                         "namespace": incident.resource_namespace, "name": incident.resource_name,
+                         "uid": incident.resource_uid},
+            "fault_time": incident.timestamp, "created_at": _stamp(incident.created_at),
+            "started_at": _stamp(incident.started_at), "completed_at": _stamp(incident.completed_at),
+            "failure_reason": incident.failure_reason}
+
+
+def pagerduty_severity(fault_severity: str) -> str:
+    """The PagerDuty severity of a fault: critical, error, warning or info (unknown: warning)."""
+    return _PAGERDUTY_SEVERITY_OF.get(fault_severity.strip().lower(), "warning")
+
+
+def pagerduty_dedup_key(incident: Incident) -> str:
+    """One key per fault condition: the server gives every emission of a condition the same
+    ``faultId``, so PagerDuty folds them into one alert. Without a faultId, one per incident."""
+    import hashlib
+    condition = incident.fault_id or f"incident:{incident.incident_id}"
+    return hashlib.sha256(f"{incident.cluster}\n{condition}".encode()).hexdigest()
+
+
+class PagerDutyChannel(Channel):
+    """PagerDuty Events API v2: a ``trigger`` per fault condition at or above ``min_severity``.
+
+    Agent failures past the threshold trigger one alert, resolved when agents recover.
+    """
+
+    name = "pagerduty"
+
+    def __init__(self, url: str, routing_key: str, min_severity: str, timeout: float, max_attempts: int,
+                 client_url: str = ""):
+        super().__init__(url, timeout, max_attempts, secrets=[routing_key])
+        self.routing_key = routing_key
+        self.min_rank = PAGERDUTY_SEVERITIES.index(min_severity)
+        self.client_url = client_url
+
+    def wants(self, incident: Incident) -> bool:
+        return PAGERDUTY_SEVERITIES.index(pagerduty_severity(incident.severity)) <= self.min_rank
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        base: dict[str, Any] = {"routing_key": self.routing_key, "client": "nightcrier"}
+        if self.client_url:
+            base["client_url"] = self.client_url
+        if notice.kind == NOTICE_RECOVERED:
+            return {**base, "event_action": "resolve", "dedup_key": PAGERDUTY_AGENTS_DEDUP_KEY}
+        if notice.kind == NOTICE_DEGRADED and notice.stats:
+            return {**base, "event_action": "trigger", "dedup_key": PAGERDUTY_AGENTS_DEDUP_KEY,
+                    "payload": {"summary": f"nightcrier: {notice.stats.count} agent runs failed in a row",
+                                "source": "nightcrier", "severity": "error", "component": "triage-agent",
+                                "class": "AgentFailure", "timestamp": _stamp(notice.stats.last_failure),
+                                "custom_details": {"reasons": list(notice.stats.reasons)}}}
+        incident, summary = notice.incident, notice.summary
+        if incident is None or summary is None:
+            return None
+        fault = f"{incident.fault_type or 'Fault'} on {incident.cluster}/{_resource_text(incident)}"
+        text = f"{fault}: {summary.root_cause}" if notice.triaged else fault
+        message = {**base, "event_action": "trigger", "dedup_key": pagerduty_dedup_key(incident),
+                   "payload": {
+                       "summary": _clip(text, PAGERDUTY_SUMMARY_LIMIT),
+                       "source": f"{incident.cluster}/{_resource_text(incident)}",
+                       "severity": pagerduty_severity(incident.severity),
+                       "timestamp": _stamp(incident.completed_at or incident.updated_at),
+                       "component": _kind_name(incident),
+                       "group": incident.resource_namespace or incident.cluster,
+                       "class": incident.fault_type or "Fault",
+                       "custom_details": {"incident_id": incident.incident_id, "status": incident.status,
+                                          "fault_id": incident.fault_id, "root_cause": summary.root_cause,
+                                          "confidence": summary.confidence,
+                                          "context": _clip(incident.context, 2000)}}}
+        if notice.report_url:
+            message["links"] = [{"href": notice.report_url, "text": "Triage report"}]
+        return message
+
+
+class TeamsChannel(Channel):
+    """A Microsoft Teams Workflows webhook: one Adaptive Card 1.4 per message, carrying what the
+    Slack message carries (status, cluster, resource, root cause, a button to the report)."""
+
+    name = "teams"
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        if notice.kind in (NOTICE_DEGRADED, NOTICE_RECOVERED) and notice.stats:
+            stats = notice.stats
+            degraded = notice.kind == NOTICE_DEGRADED
+            facts = ([("Failure Count", str(stats.count)), ("Time Window", go_duration(stats.window))]
+                     if degraded else [("Total Downtime", go_duration(stats.downtime)),
+                                       ("Total Failures", str(stats.count))])
+            text = ("\n\n".join(f"- {r}" for r in stats.reasons[-FAILURE_REASONS_SHOWN:])
+                    if degraded else "All agents operating normally.")
+            return adaptive_card("AI Agent System Degraded" if degraded else "AI Agent System Recovered",
+                                 "warning" if degraded else "good", facts, text, None)
+        incident, summary = notice.incident, notice.summary
+        if incident is None or summary is None:
+            return None
+        resolved = incident.status == RESOLVED
+        facts = [("Status", incident.status), ("Cluster", incident.cluster),
+                 ("Namespace", incident.resource_namespace or "N/A"),
+                 ("Resource", _kind_name(incident)),
+                 ("Reason", incident.fault_type), ("Incident ID", incident.incident_id),
+                 ("Duration", go_duration(_run_seconds(incident)))]
+        return adaptive_card("Kubernetes Incident Triage: " + ("resolved" if resolved else "failed"),
+                             "good" if resolved else "attention", facts,
+                             f"Root Cause ({summary.confidence} confidence): {summary.root_cause}",
+                             notice.report_url)
+
+
+def _teams_text(text: str) -> str:
+    """Text from the cluster or the agent, cut to size and unable to form a Markdown link (Teams
+    renders ``[text](url)`` in TextBlocks and facts; a disguised link must not appear)."""
+    return _clip(text.replace("](", "] ("), TEAMS_TEXT_LIMIT)
+
+
+def adaptive_card(title: str, color: str, facts: Sequence[tuple[str, str]], text: str,
+                  url: str | None) -> dict[str, Any]:
+    """A Workflows webhook message holding one Adaptive Card (schema version 1.4)."""
+    card: dict[str, Any] = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [{"type": "TextBlock", "text": _teams_text(title), "weight": "Bolder", "size": "Medium",
+                  "color": color, "wrap": True},
+                 {"type": "FactSet", "facts": [{"title": name, "value": _teams_text(value)}
+                                               for name, value in facts]},
+                 {"type": "TextBlock", "text": _teams_text(text), "wrap": True}]}
+    if url:
+        card["actions"] = [{"type": "Action.OpenUrl", "title": "View Report", "url": url}]
+    return {"type": "message", "attachments": [{"contentType": ADAPTIVE_CARD_TYPE, "contentUrl": None,
+                                                "content": card}]}
+
+
+def notification_channels(config: Config) -> list[Channel]:
+    """Every channel the configuration turns on, Slack first."""
+    timeout, attempts = config.notify_timeout_seconds, config.notify_max_attempts
+    channels: list[Channel] = []
+    if config.slack_webhook_url:
+        channels.append(SlackChannel(config.slack_webhook_url, config.slack_timeout_seconds,
+                                     config.slack_max_attempts))
+    if config.webhook_url:
+        channels.append(WebhookChannel(config.webhook_url, config.webhook_secret, timeout, attempts))
+    if config.pagerduty_routing_key:
+        channels.append(PagerDutyChannel(config.pagerduty_events_url, config.pagerduty_routing_key,
+                                         config.pagerduty_min_severity, timeout, attempts,
+                                         client_url=config.report_base_url))
+    if config.teams_webhook_url:
+        channels.append(TeamsChannel(config.teams_webhook_url, timeout, attempts))
+    # A shared proxy or an echoing server may quote another channel's secret in an error text.
+    every_secret = [s for channel in channels for s in channel.secrets]
+    for channel in channels:
+        channel.secrets = every_secret
+    return channels
 
 
 # -- circuit breaker ----------------------------------------------------------------
@@ -6556,30 +6892,34 @@ class _DrainingThread(threading.Thread):
             self.join(self._item_timeout() + 5)
 
 
-class SlackNotifier(_DrainingThread):
-    """Tells Slack about finished incidents and about the health of the agents.
+class Notifier(_DrainingThread):
+    """Delivers finished incidents and the agents' health to one :class:`Channel`.
 
-    :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
-    worker threads, it only queues the incident and never blocks or raises.
-    This thread does the rest, one message at a time: ``resolved`` and
-    ``failed`` incidents get a notification with the report's summary (read
-    from the store); ``agent_failed`` ones feed the :class:`CircuitBreaker`
-    instead, which raises the degraded and recovered alerts when
-    ``notify_on_agent_failure`` is on; ``skipped`` ones are ignored.
+    :meth:`enqueue` is the dispatcher's ``on_finished`` callback (through
+    :class:`Notifiers`): called from worker threads, it only queues the incident
+    and never blocks or raises. This thread does the rest, one message at a
+    time: ``resolved`` and ``failed`` incidents the channel ``wants`` get a
+    notification with the report's summary (read from the store);
+    ``agent_failed`` ones feed this channel's :class:`CircuitBreaker` instead,
+    which raises the degraded and recovered alerts when
+    ``notify_on_agent_failure`` is on; others are ignored.
 
     A delivery is retried with exponential backoff on timeouts, connection
-    errors and 5xx answers, after ``Retry-After`` on 429, and not at all on
-    other 4xx answers; after ``slack_max_attempts`` it is given up with an
-    error log. The webhook URL is a secret and never appears in a log line.
-    Any error is logged and the thread carries on. :meth:`stop` delivers what
-    is queued, waiting a bounded time. At most ``queue_limit`` messages wait:
-    beyond that the oldest is dropped with a warning and counted
-    (``nightcrier_slack_messages_dropped_total``), so a dead Slack costs bounded memory.
+    errors and 5xx answers, after ``Retry-After`` (else the backoff) on 429, and
+    not at all on other 4xx answers (a 400 means the channel refuses the
+    message, which no retry changes); after the channel's ``max_attempts`` it is
+    given up with an error log. The channel's secrets (URL, key) never appear in
+    a log line. Any error is logged and the thread carries on. :meth:`stop`
+    delivers what is queued, waiting a bounded time. At most ``queue_limit``
+    messages wait: beyond that the oldest is dropped with a warning and counted
+    (``nightcrier_notifications_dropped_total{channel=...}``), so a dead channel
+    costs bounded memory.
     """
 
-    def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None, *,
-                 retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = SLACK_QUEUE_LIMIT):
-        super().__init__(name="slack-notifier", daemon=True)
+    def __init__(self, channel: Channel, config: Config, store: StateStore, metrics: Metrics | None = None, *,
+                 retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = NOTIFY_QUEUE_LIMIT):
+        super().__init__(name=f"{channel.name}-notifier", daemon=True)
+        self.channel = channel
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -6609,16 +6949,17 @@ class SlackNotifier(_DrainingThread):
                 if oldest is _STOP:  # never lose the stop request
                     self._queue.put(oldest)
                     break
-                self._count("slack_dropped")
-                log_event(logging.WARNING, "slack queue full, oldest message dropped",
-                          incident_id=oldest[0].incident_id, queue_limit=self.queue_limit)
+                self._count("notifications_dropped")
+                log_event(logging.WARNING, "notification queue full, oldest message dropped",
+                          channel=self.channel.name, incident_id=oldest[0].incident_id,
+                          queue_limit=self.queue_limit)
             self._queue.put((incident, summary, uploaded_url))
 
-    drain_seconds = SLACK_DRAIN_SECONDS
-    out_of_time = "slack notifier out of time, dropping undelivered messages"
+    drain_seconds = NOTIFY_DRAIN_SECONDS
+    out_of_time = "notifier out of time, dropping undelivered messages"
 
     def _item_timeout(self) -> float:
-        return self.config.slack_timeout_seconds
+        return self.channel.timeout
 
     def run(self) -> None:
         import requests
@@ -6634,9 +6975,10 @@ class SlackNotifier(_DrainingThread):
                     self._handle(*item)
                 except Exception as exc:  # one bad message must not end the notifier
                     import traceback
-                    # Exception texts may quote the webhook URL, so even the traceback is scrubbed.
-                    log_event(logging.ERROR, "slack notifier error", error=self._scrub(_short_error(exc)),
-                              traceback=self._scrub(traceback.format_exc()))
+                    # Exception texts may quote the channel's URL, so even the traceback is scrubbed.
+                    log_event(logging.ERROR, "notifier error", channel=self.channel.name,
+                              error=self.channel.scrub(_short_error(exc)),
+                              traceback=self.channel.scrub(traceback.format_exc()))
         finally:
             self._session.close()
 
@@ -6644,32 +6986,34 @@ class SlackNotifier(_DrainingThread):
                 uploaded_url: str | None = None) -> None:
         at = incident.completed_at or utcnow()
         if incident.status == AGENT_FAILED:
-            log_event(logging.INFO, "skipping slack notification due to agent failure",
+            log_event(logging.INFO, "no notification for an agent failure", channel=self.channel.name,
                       incident_id=incident.incident_id, note="the circuit breaker aggregates agent failures")
             stats = self.breaker.record_failure(incident.failure_reason or "unknown failure", at)
             if stats:
-                log_event(logging.WARNING, "agent failures reached the alert threshold", failures=stats.count)
+                log_event(logging.WARNING, "agent failures reached the alert threshold",
+                          channel=self.channel.name, failures=stats.count)
                 if self.config.notify_on_agent_failure:
-                    self.send(degraded_alert(stats), "degraded alert")
+                    self.send(Notice(NOTICE_DEGRADED, stats=stats), "degraded alert")
             return
         if incident.status not in (RESOLVED, FAILED):
             return
-        has_report = summary is not None
-        if summary is None:
-            summary, has_report = self._stored_summary(incident)
-        url = self._button_url(incident, has_report, uploaded_url)
-        self.send(incident_message(incident, summary, url), "incident notification",
-                  incident_id=incident.incident_id)
+        if self.channel.wants(incident):
+            triaged = summary is not None
+            if summary is None:
+                summary, triaged = self._stored_summary(incident)
+            url = self._button_url(incident, triaged, uploaded_url)
+            self.send(Notice(NOTICE_INCIDENT, incident, summary, triaged, url), "incident notification",
+                      incident_id=incident.incident_id)
         if incident.status == RESOLVED:
             stats = self.breaker.record_success(at)
             if stats:
-                log_event(logging.INFO, "agents recovered", failures=stats.count,
+                log_event(logging.INFO, "agents recovered", channel=self.channel.name, failures=stats.count,
                           downtime=go_duration(stats.downtime))
                 if self.config.notify_on_agent_failure:
-                    self.send(recovered_alert(stats), "recovery alert")
+                    self.send(Notice(NOTICE_RECOVERED, stats=stats), "recovery alert")
 
     def report_link(self, incident: Incident) -> str | None:
-        """Where the "View Report" button points: the signed nightcrier link, or None without one.
+        """Where the report button points: the signed nightcrier link, or None without one.
 
         The key is read once; when the database cannot give it, the message goes out without a button.
         """
@@ -6686,7 +7030,7 @@ class SlackNotifier(_DrainingThread):
                                  parse_go_duration(self.config.report_link_ttl))
 
     def _button_url(self, incident: Incident, has_report: bool, uploaded_url: str | None) -> str | None:
-        """The "View Report" link: the object store's signed index when the upload succeeded, else
+        """The report link: the object store's signed index when the upload succeeded, else
         nightcrier's own link to the report (None without one)."""
         if uploaded_url and len(uploaded_url) <= SLACK_TEXT_LIMIT:
             return uploaded_url
@@ -6696,71 +7040,97 @@ class SlackNotifier(_DrainingThread):
         try:
             report = self.store.get_report(incident.incident_id)
         except StoreError as exc:
-            log_event(logging.WARNING, "cannot read the report for slack", incident_id=incident.incident_id,
-                      error=str(exc))
+            log_event(logging.WARNING, "cannot read the report for a notification",
+                      incident_id=incident.incident_id, error=str(exc))
             return ReportSummary(), False
         if report is None:
             return ReportSummary("Triage ended without a report" if incident.status == FAILED
                                  else SUMMARY_FALLBACK), False
         return summarize_report(report.report_markdown), report.report_html is not None
 
-    def send(self, message: dict[str, Any], what: str, **fields: Any) -> bool:
-        """Post one message, retrying as the class describes; True once Slack accepted it."""
+    def send(self, notice: Notice, what: str, **fields: Any) -> bool:
+        """Deliver one notice, retrying as the class describes; True once the channel accepted it."""
+        message = self.channel.message(notice)
+        if message is None:
+            return False
         backoff = Backoff(self.retry_initial, self.retry_max)
-        attempts = max(1, self.config.slack_max_attempts)
-        log_event(logging.INFO, "sending slack notification", what=what, **fields)
+        attempts = self.channel.max_attempts
+        fields = {"channel": self.channel.name, "what": what, **fields}
+        log_event(logging.INFO, "sending notification", **fields)
         error = ""
         for attempt in range(1, attempts + 1):
             error, retry_in = self._post(message, backoff)
             if not error:
-                self._count("slack_sent")
-                log_event(logging.INFO, "slack notification sent", what=what, attempt=attempt, **fields)
+                self._count("notifications_sent")
+                log_event(logging.INFO, "notification sent", attempt=attempt, **fields)
                 return True
             if retry_in is None or attempt == attempts:
                 break
-            log_event(logging.WARNING, "slack notification failed, retrying", what=what, attempt=attempt,
+            log_event(logging.WARNING, "notification failed, retrying", attempt=attempt,
                       error=error, retry_in=round(retry_in, 2), **fields)
             if self._abort.wait(retry_in):
                 break
-        self._count("slack_failed")
-        log_event(logging.ERROR, "failed to send slack notification", what=what, attempts=attempt,
-                  error=error, **fields)
+        self._count("notifications_failed")
+        log_event(logging.ERROR, "failed to send notification", attempts=attempt, error=error,
+                  permanent=retry_in is None, **fields)
         return False
 
     def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None]:
         """One POST: ('', None) when accepted, else (error, seconds to wait before retrying or None)."""
         import requests
+        body, headers = self.channel.request(message)
+        timeout = self.channel.timeout
         try:
-            response = self._session.post(self.config.slack_webhook_url, json=message,
-                                          timeout=self.config.slack_timeout_seconds, allow_redirects=False)
+            response = self._session.post(self.channel.url, data=body, headers=headers, timeout=timeout,
+                                          allow_redirects=False)
         except requests.Timeout:
-            return f"timed out after {self.config.slack_timeout_seconds:g} s", backoff.next()
+            return f"timed out after {timeout:g} s", backoff.next()
         except requests.ConnectionError as exc:
-            return self._scrub(_short_error(exc)), backoff.next()
+            return self.channel.scrub(_short_error(exc)), backoff.next()
         except requests.RequestException as exc:
-            return self._scrub(_short_error(exc)), None
+            return self.channel.scrub(_short_error(exc)), None
         if 200 <= response.status_code < 300:
             return "", None
-        error = self._scrub(f"slack webhook returned status {response.status_code}: "
-                            + " ".join(response.text.split())[:200])
+        error = self.channel.scrub(f"{self.channel.name} returned status {response.status_code}: "
+                                   + " ".join(response.text.split())[:200])
         if response.status_code == 429:
             return error, _retry_after(response.headers.get("Retry-After")) or backoff.next()
         return error, backoff.next() if response.status_code >= 500 else None
 
-    def _scrub(self, text: str) -> str:
-        """``text`` without the webhook URL or its path, which are the secret."""
-        url = self.config.slack_webhook_url
-        # Split by hand: urlsplit raises on malformed URLs, and those must be masked too.
-        after_scheme = url.split("://", 1)[-1]
-        path = after_scheme[after_scheme.find("/"):] if "/" in after_scheme else ""
-        for secret in (url, path, path.split("?", 1)[0]):
-            if len(secret) > 1:
-                text = text.replace(secret, SECRET_MASK)
-        return text
-
     def _count(self, key: str) -> None:
         if self.metrics is not None:
-            self.metrics.inc(key)
+            self.metrics.inc(key, self.channel.name)
+
+
+class Notifiers:
+    """Every configured channel's :class:`Notifier`, told of each finished incident at once.
+
+    :meth:`enqueue` never blocks or raises (it only queues, per channel). Built
+    and driven by the :class:`Service` on the main thread.
+    """
+
+    def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None):
+        self.each = [Notifier(channel, config, store, metrics) for channel in notification_channels(config)]
+
+    def __bool__(self) -> bool:
+        return bool(self.each)
+
+    def enqueue(self, incident: Incident, summary: ReportSummary | None = None,
+                uploaded_url: str | None = None) -> None:
+        for notifier in self.each:
+            notifier.enqueue(incident, summary, uploaded_url)
+
+    def start(self) -> None:
+        for notifier in self.each:
+            notifier.start()
+
+    def stop(self) -> None:
+        """Drain every channel at once: a dead one does not use up the others' time."""
+        stoppers = [threading.Thread(target=n.stop, name=f"stop-{n.name}") for n in self.each]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -7154,16 +7524,19 @@ class Metrics:
         "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
                             ("cluster",)),
         "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
-        "slack_sent": ("nightcrier_slack_messages_sent_total", "Slack messages delivered", ()),
-        "slack_failed": ("nightcrier_slack_messages_failed_total", "Slack messages given up on", ()),
+        "notifications_sent": ("nightcrier_notifications_sent_total", "Notifications delivered, by channel",
+                               ("channel",)),
+        "notifications_failed": ("nightcrier_notifications_failed_total",
+                                 "Notifications given up on, by channel", ("channel",)),
+        "notifications_dropped": ("nightcrier_notifications_dropped_total",
+                                  "Notifications dropped, oldest first, because the channel's queue was full",
+                                  ("channel",)),
         "uploads": ("nightcrier_storage_uploads_total", "Incidents whose artifacts reached the object store",
                     ()),
         "upload_retries": ("nightcrier_storage_upload_retries_total",
                            "Object storage requests that failed and were tried again", ()),
         "upload_failed": ("nightcrier_storage_uploads_failed_total",
                           "Incidents whose upload was given up on", ()),
-        "slack_dropped": ("nightcrier_slack_messages_dropped_total",
-                          "Slack messages dropped, oldest first, because the queue was full", ()),
         "worker_errors": ("nightcrier_worker_errors_total",
                           "Exceptions that escaped a worker while finishing or releasing an incident", ()),
         "claims_lost": ("nightcrier_claims_lost_total",
@@ -7199,13 +7572,21 @@ class Metrics:
 
     def declare_clusters(self, clusters: Iterable[str]) -> None:
         """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
-        clusters = list(clusters)
+        self._declare("cluster", clusters)
+
+    def declare_channels(self, channels: Iterable[str]) -> None:
+        """Create every per-channel series at 0, as :meth:`declare_clusters` does for clusters."""
+        self._declare("channel", channels)
+
+    def _declare(self, label: str, values: Iterable[str]) -> None:
+        values = list(values)
         for counter in self._counters.values():
-            if counter._labelnames == ("cluster",):
-                for cluster in clusters:
-                    counter.labels(cluster)
+            if counter._labelnames == (label,):
+                for value in values:
+                    counter.labels(value)
 
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
+        """Add to a counter; ``cluster`` is the value of its one label (a cluster or a channel)."""
         # Listeners count every event: the labelled child is looked up once, not per event
         # under the metric's lock. A race fills the cache twice with the same child.
         child = self._children.get((key, cluster))
@@ -7218,7 +7599,7 @@ class Metrics:
     def value(self, key: str, cluster: str = "") -> float:
         """Current value of a counter, for health output and tests."""
         name = self.COUNTERS[key][0].removesuffix("_total")
-        labels = {"cluster": cluster} if self.COUNTERS[key][2] else {}
+        labels = {label: cluster for label in self.COUNTERS[key][2]}
         return self.registry.get_sample_value(name + "_total", labels) or 0.0
 
     def observe_ingest(self, cluster: str, seconds: float) -> None:
@@ -7924,11 +8305,11 @@ class Service:
         runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
                   else ProcessRunner())
         self.permissions = PermissionChecker(config, metrics=self.metrics)
-        self.notifier = (SlackNotifier(config, self.store, self.metrics) if config.slack_webhook_url
-                         else None)
+        self.notifiers = Notifiers(config, self.store, self.metrics)
+        self.metrics.declare_channels(n.channel.name for n in self.notifiers.each)
         self.uploader = self._uploader()
         on_finished = (self.uploader.enqueue if self.uploader
-                       else self.notifier.enqueue if self.notifier else None)
+                       else self.notifiers.enqueue if self.notifiers else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=on_finished)
@@ -7949,7 +8330,7 @@ class Service:
         self._stopped = False
 
     def _uploader(self) -> ReportUploader | None:
-        """The object storage uploader, which hands incidents on to Slack; None when not configured.
+        """The object storage uploader, which hands incidents on to the notifiers; None when not configured.
 
         Raises ConfigError when the store's client refuses the settings.
         """
@@ -7960,18 +8341,17 @@ class Service:
                               ) from None
         if object_store is None:
             return None
-        notifier = self.notifier
+        notifiers = self.notifiers
         return ReportUploader(self.config, self.store, object_store, self.metrics,
-                              notify=(lambda incident, link: notifier.enqueue(incident, uploaded_url=link))
-                              if notifier else None)
+                              notify=(lambda incident, link: notifiers.enqueue(incident, uploaded_url=link))
+                              if notifiers else None)
 
     def start(self) -> Service:
         """Start every thread. Raises :class:`DatabaseOwned` (nothing started) when another
         process owns the SQLite database."""
         self.store.hold_liveness(self.instance)  # before any claim: the proof of life comes first
         self.writer.start()
-        if self.notifier is not None:
-            self.notifier.start()
+        self.notifiers.start()
         if self.uploader is not None:
             self.uploader.start()
         self.dispatcher.start()
@@ -8042,9 +8422,8 @@ class Service:
         self.writer.stop(INGEST_STOP_SECONDS)
         self.dispatcher.stop()
         if self.uploader is not None:
-            self.uploader.stop()  # after the dispatcher, before Slack: it hands incidents on to Slack
-        if self.notifier is not None:
-            self.notifier.stop()  # after the dispatcher: the last incidents' messages are queued by then
+            self.uploader.stop()  # after the dispatcher, before the notifiers: it hands incidents on to them
+        self.notifiers.stop()  # after the dispatcher: the last incidents' messages are queued by then
         if self.health_server is not None:
             self.health_server.stop()
         self.store.close()
