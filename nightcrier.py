@@ -725,6 +725,10 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
                                    problems),
         check_permissions=_bool(triage_raw, "check_permissions", True, f"{where}.triage", problems))
     _check_endpoint(mcp.endpoint, f"{where}.mcp.endpoint", problems)
+    if mcp.api_key and not mcp.endpoint.lower().startswith("https://"):
+        # The Go original's rule: a bearer key is never sent in clear text.
+        problems.append(f"{where}.mcp.api_key: is only sent over https; mcp.endpoint must start with "
+                        f"https:// when api_key is set, got {mask_url_path(mcp.endpoint)!r}")
     if mcp.ca_bundle and not _readable_file(mcp.ca_bundle):
         problems.append(f"{where}.mcp.ca_bundle: {mcp.ca_bundle!r} is not a readable file")
     if triage.enabled and not triage.kubeconfig:
@@ -3214,6 +3218,25 @@ class SessionLost(McpError):
     """The server answered 404: it no longer knows the session (it restarted)."""
 
 
+class McpTlsError(McpError):
+    """The TLS handshake failed: the server's certificate is not trusted (wrong or missing
+    ``mcp.ca_bundle``), names another host, or the server does not speak TLS. Retrying helps only
+    once someone changes the certificate or the configuration."""
+
+
+_TLS_REASON_RE = re.compile(r"\[SSL: [A-Z_]+\] ([^(']+)")
+
+
+def _tls_problem(what: str, exc: BaseException, endpoint: str, ca_bundle: str) -> str:
+    """One line saying which TLS check failed, for whom, and against which CAs."""
+    text = str(exc)
+    found = _TLS_REASON_RE.search(text)
+    reason = found.group(1).strip() if found else _short_error(exc)
+    host = urllib.parse.urlsplit(endpoint).netloc
+    trusted = f"mcp.ca_bundle {ca_bundle}" if ca_bundle else "the system CA store (no mcp.ca_bundle)"
+    return f"{what}: TLS with {host} failed: {reason}; trusted: {trusted}"
+
+
 class McpSession:
     """One MCP Streamable-HTTP session with one kubernetes-mcp-server.
 
@@ -3244,6 +3267,7 @@ class McpSession:
         self.protocol_version = ""
         self.stream_ended = threading.Event()
         self.stream_error = ""
+        self.ca_bundle = ca_bundle
         self._lost = False
         self._next_id = 0
         self._stream: Any = None
@@ -3272,6 +3296,8 @@ class McpSession:
         try:
             response = self._http.post(self.endpoint, data=json.dumps(message).encode(), headers=headers,
                                        stream=True, timeout=(self.connect_timeout, self.request_timeout))
+        except requests.exceptions.SSLError as exc:
+            raise McpTlsError(_tls_problem(what, exc, self.endpoint, self.ca_bundle)) from None
         except requests.RequestException as exc:
             raise McpError(f"{what}: {_short_error(exc)}") from exc
         self._check_status(response, what)
@@ -3359,6 +3385,8 @@ class McpSession:
         try:
             response = self._http.get(self.endpoint, headers=self._headers("text/event-stream"),
                                       stream=True, timeout=(self.connect_timeout, None))
+        except requests.exceptions.SSLError as exc:
+            raise McpTlsError(_tls_problem("GET stream", exc, self.endpoint, self.ca_bundle)) from None
         except requests.RequestException as exc:
             raise McpError(f"GET stream: {_short_error(exc)}") from exc
         self._check_status(response, "GET stream")
@@ -4381,7 +4409,7 @@ class ClusterListener(threading.Thread):
         self._health = ClusterHealth(cluster.name, triage_enabled=cluster.triage.enabled,
                                      labels=dict(cluster.labels), gap_started=utcnow())
         self._gap_reason = "starting"
-        self._told_unsupported = False  # logged that the server has no events_subscribe
+        self._told = ""  # the lasting problem (no events_subscribe, TLS) already logged
 
     # -- public ---------------------------------------------------------------
 
@@ -4455,7 +4483,7 @@ class ClusterListener(threading.Thread):
         if previous:
             session.unsubscribe(previous)
         self._set(status=ACTIVE, subscription_id=subscription_id, last_error="")
-        self._told_unsupported = False
+        self._told = ""
         self._end_gap()
         log_event(logging.INFO, "subscribed to faults", cluster=self.cluster.name,
                   subscription_id=subscription_id)
@@ -4521,7 +4549,13 @@ class ClusterListener(threading.Thread):
     def _failed(self, exc: BaseException) -> None:
         error = str(exc) if isinstance(exc, McpError) else _short_error(exc)
         self.metrics.inc("listener_errors", self.cluster.name)
-        if not self._stopping.is_set():
+        if isinstance(exc, McpTlsError):
+            # Said once per change: every retry fails the same way until someone acts.
+            if self._told != error and not self._stopping.is_set():
+                self._told = error
+                log_event(logging.ERROR, "cannot reach the cluster's MCP server over TLS, retrying with "
+                          "backoff", cluster=self.cluster.name, error=error)
+        elif not self._stopping.is_set():
             log_event(logging.WARNING, "cluster connection failed", cluster=self.cluster.name,
                       error=error)
         self._start_gap(error)
@@ -4537,8 +4571,8 @@ class ClusterListener(threading.Thread):
     def _unsupported(self, exc: NoEventSubscriptions) -> None:
         """Said once per change of state: the log says what to do, not how often it was retried."""
         self.metrics.inc("listener_errors", self.cluster.name)
-        if not self._told_unsupported and not self._stopping.is_set():
-            self._told_unsupported = True
+        if self._told != NoEventSubscriptions.HINT and not self._stopping.is_set():
+            self._told = NoEventSubscriptions.HINT
             log_event(logging.ERROR, NoEventSubscriptions.HINT, cluster=self.cluster.name,
                       endpoint=mask_url_path(self.cluster.mcp.endpoint), error=str(exc.__cause__ or exc),
                       retry_every=self.config.sse_reconnect_max_backoff)
