@@ -5579,6 +5579,9 @@ class Dispatcher(threading.Thread):
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
+        # Clusters removed from the configuration by a reload: their incidents wait, unclaimed, until
+        # the cluster is configured again. Replaced whole (never mutated) by the main thread.
+        self.withheld: frozenset[str] = frozenset()
         self._cluster_locks: dict[str, threading.Lock] = {}
         self._running: dict[str, _Run] = {}
         self._running_lock = threading.Lock()
@@ -5711,7 +5714,7 @@ class Dispatcher(threading.Thread):
         if time.monotonic() < self._paused_until:
             return
         while not self._stopping.is_set() and len(self.running()) < self.config.max_concurrent_agents:
-            busy = [c for c, lock in self._cluster_locks.items() if lock.locked()]
+            busy = [c for c, lock in self._cluster_locks.items() if lock.locked()] + list(self.withheld)
             started = time.monotonic()
             incident = self.store.claim_next(self.instance, exclude_clusters=busy)
             self.metrics.claim_latency.observe(time.monotonic() - started)
@@ -8212,11 +8215,16 @@ class PermissionChecker(threading.Thread):
         self.metrics = metrics
         self.timeout = timeout
         self.kubectl = shutil.which("kubectl")
-        self.clusters = [c for c in config.clusters if c.triage.enabled and c.triage.check_permissions]
+        self.clusters: list[ClusterConfig] = []
+        self.watch(config.clusters)
         self._results: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.rounds = 0
+
+    def watch(self, clusters: Sequence[ClusterConfig]) -> None:
+        """Check these clusters from the next round on (those with triage and checks enabled)."""
+        self.clusters = [c for c in clusters if c.triage.enabled and c.triage.check_permissions]
 
     def results(self) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -8399,6 +8407,62 @@ class Service:
         log_event(logging.INFO, "nightcrier started", version=__version__, clusters=len(self.listeners),
                   store=self.store.engine, health_port=self.health_server.port if self.health_server else 0)
         return self
+
+    def reload(self, new: Config) -> None:
+        """Apply a re-read, valid configuration: its clusters now, every other setting at the next start.
+
+        Listeners of added clusters start; those of removed clusters stop (their
+        sessions are deleted, which ends their subscriptions); a cluster whose
+        settings changed gets a new listener, hence a new subscription; the
+        listeners of untouched clusters are not touched at all. Incidents of a
+        removed cluster stay in the queue, unclaimed, until it is configured
+        again. Settings that only a restart applies are named in the log when
+        they differ. Main thread only.
+        """
+        old = {c.name: c for c in self.config.clusters}
+        fresh = {c.name: c for c in new.clusters}
+        restart_only = restart_only_changes(self.config, new)
+        if restart_only:
+            log_event(logging.WARNING, "configuration reload: these settings take effect only after a "
+                      "restart", keys=", ".join(restart_only))
+        stopped = [n for n in old if n not in fresh or fresh[n] != old[n]]
+        started = [n for n in fresh if n not in old or fresh[n] != old[n]]
+        keep = [listener for listener in self.listeners if listener.cluster.name not in stopped]
+        for listener in self.listeners:
+            if listener.cluster.name in stopped:
+                listener.stop()
+        for listener in self.listeners:
+            if listener.cluster.name in stopped:
+                listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
+        self.config.clusters = new.clusters
+        self.writer.skipped = frozenset(c.name for c in new.clusters if not c.triage.enabled)
+        self.ownership.clusters = list(fresh)
+        self.permissions.watch(new.clusters)
+        self.dispatcher.withheld = frozenset((self.dispatcher.withheld | set(old)) - set(fresh))
+        self.metrics.declare_clusters(started)
+        added = [ClusterListener(fresh[n], self.config, self.sink, self.metrics, owns=self.ownership.owns)
+                 for n in started]
+        for listener in added:
+            listener.start()
+        self.listeners = keep + added
+        for name in (n for n in old if n not in fresh):
+            self._say_removed(name)
+        log_event(logging.INFO, "configuration reloaded", clusters=len(fresh),
+                  added=", ".join(n for n in fresh if n not in old),
+                  removed=", ".join(n for n in old if n not in fresh),
+                  resubscribed=", ".join(n for n in fresh if n in old and fresh[n] != old[n]))
+
+    def _say_removed(self, cluster: str) -> None:
+        try:
+            waiting = len(self.store.list_incidents(IncidentFilter(statuses=(PENDING,), cluster=cluster,
+                                                                   limit=100000)))
+        except StoreError as exc:
+            log_event(logging.WARNING, "cluster removed from the configuration; its pending incidents "
+                      "could not be counted", cluster=cluster, error=str(exc))
+            return
+        if waiting:
+            log_event(logging.WARNING, "cluster removed from the configuration has pending incidents; "
+                      "they stay pending until it is configured again", cluster=cluster, pending=waiting)
 
     def health(self) -> list[ClusterHealth]:
         return [listener.health() for listener in self.listeners]
@@ -8970,6 +9034,34 @@ def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
     return config, warnings
 
 
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys (never their values) besides ``clusters`` whose value differs: a restart applies them."""
+    return [key.path for key in SCALAR_KEYS
+            if getattr(_resolve(old, key.owner), key.name) != getattr(_resolve(new, key.owner), key.name)]
+
+
+def reread_config(args: argparse.Namespace) -> Config | None:
+    """The configuration file and environment read again, or None -- with every problem logged as
+    ``check-config`` prints it -- when the result is not valid (the running one then stays)."""
+    path = find_config_file(args.config)
+    try:
+        config, warnings = load_config(path, flags=_flags(args))
+    except ConfigError as exc:
+        for warning in exc.warnings:
+            log_event(logging.WARNING, "configuration reload: warning", detail=warning)
+        for problem in exc.problems:
+            log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
+                      problem=problem)
+        return None
+    except Exception as exc:  # a value no check foresaw must not end the service
+        log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
+                  problem=f"invalid configuration in {path}: {type(exc).__name__}: {exc}")
+        return None
+    for warning in warnings:
+        log_event(logging.WARNING, "configuration reload: warning", detail=warning)
+    return config
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config, _ = _load_or_exit(args)
     print(f"# effective configuration of nightcrier {__version__} "
@@ -9185,8 +9277,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in warnings:
         log_event(logging.WARNING, "config warning", detail=warning)
     stop = threading.Event()
+    reload_requested = threading.Event()
     running: list[Service] = []
-    _install_signal_handlers(stop, on_second=lambda: running and running[0].abort())
+    _install_signal_handlers(stop, on_second=lambda: running and running[0].abort(),
+                             on_reload=reload_requested.set)
     instance = new_instance_id()
     health: HealthServer | None = None
     try:
@@ -9219,7 +9313,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A timed wait: a signal delivered to another thread does not wake a blocked
     # main thread, and Python runs signal handlers only in the main thread.
     while not stop.wait(0.5):
-        pass
+        if reload_requested.is_set():
+            reload_requested.clear()
+            log_event(logging.INFO, "reloading the configuration", file=find_config_file(args.config))
+            new = reread_config(args)
+            if new is not None:
+                service.reload(new)
     service.stop()
     stuck = [t.name for t in (service.writer, service.dispatcher) if t.is_alive()]
     if stuck:
@@ -9262,10 +9361,12 @@ def _early_health_server(config: Config) -> tuple[HealthServer | None, Callable[
     return server.start(), lambda error: waiting.update(error=error)
 
 
-def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any] | None = None) -> None:
+def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any] | None = None,
+                             on_reload: Callable[[], Any] | None = None) -> None:
     """First SIGTERM/SIGINT: shut down in order. Second: ``on_second`` (kill the agents and
     give their incidents back, bounded), then leave at once. SIGUSR1: dump every thread's
-    stack to stderr, for a process that seems stuck."""
+    stack to stderr, for a process that seems stuck. SIGHUP: ``on_reload`` (which only flags
+    the request: the main loop reloads, outside the handler)."""
     import faulthandler
     import signal
 
@@ -9286,6 +9387,8 @@ def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any]
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    if on_reload is not None:
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: on_reload())
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
