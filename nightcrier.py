@@ -6,7 +6,8 @@ nightcrier holds one MCP session to each configured cluster's events-enabled
 server pushes becomes an incident row in SQL (SQLite by default, PostgreSQL for
 teams that run several replicas). A dispatcher claims pending incidents and runs
 an AI triage agent for each one -- at most ``max_concurrent_agents`` at once and
-never two at once on the same cluster -- then stores the report and tells Slack.
+never two at once on the same cluster -- then stores the report and tells the
+on-call channels (Slack, a signed webhook, PagerDuty, Microsoft Teams).
 
 The database is both the record and the job queue: ingestion never waits for an
 agent, a crash loses nothing that was stored or spooled, and a restart picks up
@@ -6845,7 +6846,7 @@ class BreakerStats:
 
 
 class CircuitBreaker:
-    """Counts consecutive agent failures and decides when Slack hears about them.
+    """Counts consecutive agent failures and decides when a channel hears about them.
 
     It never blocks an agent; it only throttles alerts. :meth:`record_failure`
     returns the episode's stats exactly once per episode, when the count
@@ -7182,7 +7183,7 @@ def _retry_after(value: str | None) -> float | None:
 # -- object storage -----------------------------------------------------------------
 
 STORAGE_INDEX_NAME = "index.html"
-UPLOAD_QUEUE_SIZE = 1000         # incidents waiting for upload; beyond that they go to Slack un-uploaded
+UPLOAD_QUEUE_SIZE = 1000         # incidents waiting for upload; beyond that they are announced un-uploaded
 UPLOAD_DRAIN_SECONDS = 20.0
 SAS_CLOCK_SKEW = dt.timedelta(minutes=5)  # links start a little early: the store's clock may be behind
 
@@ -7379,7 +7380,7 @@ class UploadFailed(Exception):
 
 
 class ReportUploader(_DrainingThread):
-    """Uploads each finished incident's artifacts to the object store, then hands it to Slack.
+    """Uploads each finished incident's artifacts to the object store, then hands it to the notifiers.
 
     :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
     worker threads, it never blocks or raises. Its queue is bounded
@@ -7394,7 +7395,7 @@ class ReportUploader(_DrainingThread):
     ``storage_max_attempts`` failed requests the incident is given up on,
     logged and counted. On success the report's row records the store and
     the object URL of ``investigation.md``. Either way ``notify(incident,
-    link)`` follows, with the index's signed URL or None, so Slack speaks
+    link)`` follows, with the index's signed URL or None, so the channels speak
     only once the upload has ended. Signed URLs, keys and connection strings
     never appear in a log line. :meth:`stop` uploads what is queued within a
     bounded time, then hands what is left to ``notify`` without uploading.

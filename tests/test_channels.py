@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_reporting import (  # noqa: F401 -- shared fixtures
     SECRET_PATH,
     SECRET_TOKEN,
@@ -292,3 +294,40 @@ def test_channel_settings_are_validated(tmp_path: Path, settings: dict[str, str]
         nc.load_config(str(config_path), env={})
     assert [p for p in caught.value.problems if p.startswith(problem)], caught.value.problems
     assert SECRET_TOKEN not in str(caught.value)
+
+
+# -- hostile text from the cluster and the agent ---------------------------------------------------
+
+texts_from_outside = st.text(alphabet=st.characters(codec="utf-8"), max_size=3000)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fields=st.fixed_dictionaries({
+    "cluster": texts_from_outside, "fault_type": texts_from_outside, "severity": texts_from_outside,
+    "resource_kind": texts_from_outside, "resource_name": texts_from_outside,
+    "resource_namespace": texts_from_outside, "context": texts_from_outside, "fault_id": texts_from_outside}),
+       root_cause=texts_from_outside, url=st.one_of(st.none(), texts_from_outside))
+def test_every_channel_formats_any_incident_within_its_limits(fields: dict[str, str], root_cause: str,
+                                                             url: str | None) -> None:
+    config = nc.Config(slack_webhook_url="https://hooks.example.com/s", webhook_url="https://hooks.example.com/w",
+                       webhook_secret=WEBHOOK_SECRET, pagerduty_routing_key=ROUTING_KEY,
+                       teams_webhook_url="https://hooks.example.com/t")
+    notice = nc.Notice(nc.NOTICE_INCIDENT, finished(nc.FAILED, **fields), nc.ReportSummary(root_cause, "LOW"),
+                       True, url)
+    for channel in nc.notification_channels(config):
+        message = channel.message(notice)
+        assert message is not None
+        body, headers = channel.request(message)
+        decoded = {key: value for key, value in json.loads(body).items() if key != "sent_at"}
+        assert decoded == json.loads(json.dumps(message)), "the body is the message"
+        if channel.name == "webhook":
+            assert receiver_accepts(body, headers["X-Nightcrier-Signature"], WEBHOOK_SECRET)
+        if channel.name == "pagerduty":
+            assert len(message["payload"]["summary"]) <= 1024
+            assert message["payload"]["severity"] in nc.PAGERDUTY_SEVERITIES
+            assert len(message["dedup_key"]) == 64
+        if channel.name == "teams":
+            card = assert_valid_workflows_message(message)
+            shown = [card["body"][0]["text"], card["body"][2]["text"],
+                     *(f["value"] for f in card["body"][1]["facts"])]
+            assert not [t for t in shown if "](" in t], "no Markdown link can be formed"
