@@ -6589,6 +6589,10 @@ class Channel:
     def request(self, message: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         return json.dumps(message).encode(), {"Content-Type": "application/json"}
 
+    def receipt(self, body: str) -> dict[str, str]:
+        """What an accepting answer's body says that is worth logging (nothing, unless overridden)."""
+        return {}
+
     def scrub(self, text: str) -> str:
         """``text`` without the URL, its path (where webhook tokens are) or any other secret."""
         for secret in self.secrets:
@@ -6703,6 +6707,12 @@ class PagerDutyChannel(Channel):
 
     def wants(self, incident: Incident) -> bool:
         return PAGERDUTY_SEVERITIES.index(pagerduty_severity(incident.severity)) <= self.min_rank
+
+    def receipt(self, body: str) -> dict[str, str]:
+        """PagerDuty answers 202 with the alert's ``dedup_key``: logged, to find the alert by."""
+        answer = _json_or_none(body)
+        key = answer.get("dedup_key") if isinstance(answer, dict) else None
+        return {"dedup_key": str(key)[:255]} if key else {}
 
     def message(self, notice: Notice) -> dict[str, Any] | None:
         base: dict[str, Any] = {"routing_key": self.routing_key, "client": "nightcrier"}
@@ -7097,10 +7107,10 @@ class Notifier(_DrainingThread):
         log_event(logging.INFO, "sending notification", **fields)
         error = ""
         for attempt in range(1, attempts + 1):
-            error, retry_in = self._post(message, backoff)
+            error, retry_in, receipt = self._post(message, backoff)
             if not error:
                 self._count("notifications_sent")
-                log_event(logging.INFO, "notification sent", attempt=attempt, **fields)
+                log_event(logging.INFO, "notification sent", attempt=attempt, **fields, **receipt)
                 return True
             if retry_in is None or attempt == attempts:
                 break
@@ -7113,8 +7123,9 @@ class Notifier(_DrainingThread):
                   permanent=retry_in is None, **fields)
         return False
 
-    def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None]:
-        """One POST: ('', None) when accepted, else (error, seconds to wait before retrying or None)."""
+    def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None, dict[str, str]]:
+        """One POST: ('', None, the channel's receipt) when accepted, else (error, seconds to wait
+        before retrying or None, {})."""
         import requests
         body, headers = self.channel.request(message)
         timeout = self.channel.timeout
@@ -7122,18 +7133,18 @@ class Notifier(_DrainingThread):
             response = self._session.post(self.channel.url, data=body, headers=headers, timeout=timeout,
                                           allow_redirects=False)
         except requests.Timeout:
-            return f"timed out after {timeout:g} s", backoff.next()
+            return f"timed out after {timeout:g} s", backoff.next(), {}
         except requests.ConnectionError as exc:
-            return self.channel.scrub(_short_error(exc)), backoff.next()
+            return self.channel.scrub(_short_error(exc)), backoff.next(), {}
         except requests.RequestException as exc:
-            return self.channel.scrub(_short_error(exc)), None
+            return self.channel.scrub(_short_error(exc)), None, {}
         if 200 <= response.status_code < 300:
-            return "", None
+            return "", None, self.channel.receipt(response.text[:4096])
         error = self.channel.scrub(f"{self.channel.name} returned status {response.status_code}: "
                                    + " ".join(response.text.split())[:200])
         if response.status_code == 429:
-            return error, _retry_after(response.headers.get("Retry-After")) or backoff.next()
-        return error, backoff.next() if response.status_code >= 500 else None
+            return error, _retry_after(response.headers.get("Retry-After")) or backoff.next(), {}
+        return error, backoff.next() if response.status_code >= 500 else None, {}
 
     def _count(self, key: str) -> None:
         if self.metrics is not None:

@@ -176,6 +176,8 @@ def test_pagerduty_400_is_permanent_and_429_is_retried(
     assert error.getMessage() == "failed to send notification"
     assert error.fields["permanent"] is True and "status 400" in error.fields["error"]  # type: ignore[attr-defined]
     assert "Event object is invalid" in error.fields["error"]  # type: ignore[attr-defined]
+    (accepted,) = [r for r in caplog.records if r.getMessage() == "notification sent"]
+    assert accepted.fields["dedup_key"] == "from-pagerduty"  # type: ignore[attr-defined]
 
 
 # -- Microsoft Teams (Workflows) -----------------------------------------------------------------
