@@ -6579,8 +6579,9 @@ class Channel:
         self.secrets = [s for s in (url, *secrets) if s]
 
     def wants(self, incident: Incident) -> bool:
-        """Whether a resolved or failed incident reaches this channel."""
-        return True
+        """Whether a finished incident other than ``agent_failed`` (which only the circuit breaker
+        sees) reaches this channel: resolved and failed ones do."""
+        return incident.status in (RESOLVED, FAILED)
 
     def message(self, notice: Notice) -> dict[str, Any] | None:
         """The document telling ``notice``; None when this channel says nothing of it."""
@@ -6706,7 +6707,8 @@ class PagerDutyChannel(Channel):
         self.client_url = client_url
 
     def wants(self, incident: Incident) -> bool:
-        return PAGERDUTY_SEVERITIES.index(pagerduty_severity(incident.severity)) <= self.min_rank
+        severe_enough = PAGERDUTY_SEVERITIES.index(pagerduty_severity(incident.severity)) <= self.min_rank
+        return severe_enough and super().wants(incident)
 
     def receipt(self, body: str) -> dict[str, str]:
         """PagerDuty answers 202 with the alert's ``dedup_key``: logged, to find the alert by."""
@@ -6946,11 +6948,11 @@ class Notifier(_DrainingThread):
     :meth:`enqueue` is the dispatcher's ``on_finished`` callback (through
     :class:`Notifiers`): called from worker threads, it only queues the incident
     and never blocks or raises. This thread does the rest, one message at a
-    time: ``resolved`` and ``failed`` incidents the channel ``wants`` get a
-    notification with the report's summary (read from the store);
-    ``agent_failed`` ones feed this channel's :class:`CircuitBreaker` instead,
+    time: ``agent_failed`` incidents feed this channel's :class:`CircuitBreaker`,
     which raises the degraded and recovered alerts when
-    ``notify_on_agent_failure`` is on; others are ignored.
+    ``notify_on_agent_failure`` is on (a ``resolved`` one ends the episode);
+    any other incident the channel ``wants`` gets a notification with the
+    report's summary (read from the store); the rest are ignored.
 
     A delivery is retried with exponential backoff on timeouts, connection
     errors and 5xx answers, after ``Retry-After`` (else the backoff) on 429, and
@@ -7042,8 +7044,6 @@ class Notifier(_DrainingThread):
                           channel=self.channel.name, failures=stats.count)
                 if self.config.notify_on_agent_failure:
                     self.send(Notice(NOTICE_DEGRADED, stats=stats), "degraded alert")
-            return
-        if incident.status not in (RESOLVED, FAILED):
             return
         if self.channel.wants(incident):
             triaged = summary is not None
