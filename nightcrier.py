@@ -9329,8 +9329,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             reload_requested.clear()
             log_event(logging.INFO, "reloading the configuration", file=find_config_file(args.config))
             new = reread_config(args)
-            if new is not None:
-                service.reload(new)
+            try:
+                if new is not None:
+                    service.reload(new)
+            except Exception as exc:  # the running service matters more than the reload
+                log_event(logging.ERROR, "configuration reload failed", error=_short_error(exc))
     service.stop()
     stuck = [t.name for t in (service.writer, service.dispatcher) if t.is_alive()]
     if stuck:
