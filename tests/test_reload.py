@@ -57,9 +57,11 @@ def mcp_servers() -> Iterator[dict[str, McpTestServer]]:
 
 
 def write_config(path: Path, kubeconfig: Path, clusters: dict[str, dict[str, Any]], **top: Any) -> None:
-    """``clusters``: name -> {"endpoint", "triage" (bool)}."""
+    """``clusters``: name -> {"endpoint", "triage" (bool)}. Agents run until ``release`` exists."""
+    release = path.parent / "release"
     data = {**FAST, "workspace_root": str(path.parent / "ws"), "agent_runner": "process",
-            "agent_command": ["sleep", "60"], "max_concurrent_agents": 1, "shutdown_timeout": 0, **top,
+            "agent_command": ["sh", "-c", f"while [ ! -e '{release}' ]; do sleep 0.1; done"],
+            "max_concurrent_agents": 1, "shutdown_timeout": 0, **top,
             "clusters": [{"name": name, "mcp": {"endpoint": spec["endpoint"]},
                           "triage": {"enabled": spec.get("triage", False), "kubeconfig": str(kubeconfig),
                                      "check_permissions": False}}
@@ -87,14 +89,16 @@ def test_sighup_reloads_clusters_without_touching_the_others(
         b.emit(make_fault(cluster="b", name="api-1"))
         b.emit(make_fault(cluster="b", name="api-2"))
         store = nc.SqliteStore(str(tmp_path / "ws" / "nightcrier.db"), read_only=True)
-        try:
-            wait_for(lambda: {i.status for i in store.list_incidents(nc.IncidentFilter(cluster="b"))}
-                     == {nc.INVESTIGATING, nc.PENDING}, timeout=20, what="one incident running, one pending")
-        finally:
-            store.close()
+
+        def statuses(cluster: str) -> list[str]:
+            return [i.status for i in sorted(store.list_incidents(nc.IncidentFilter(cluster=cluster)),
+                                             key=lambda i: i.created_at)]
+
+        wait_for(lambda: statuses("b") == [nc.INVESTIGATING, nc.PENDING], timeout=20,
+                 what="one incident running, one pending")
 
         # a untouched, b removed, c added; a restart-only setting changed.
-        write_config(config, kubeconfig, {"a": {"endpoint": a.url}, "c": {"endpoint": c.url}},
+        write_config(config, kubeconfig, {"a": {"endpoint": a.url}, "c": {"endpoint": c.url, "triage": True}},
                      max_concurrent_agents=2)
         running.reload()
         c.wait_for_subscriptions(1, timeout=20)
@@ -108,6 +112,15 @@ def test_sighup_reloads_clusters_without_touching_the_others(
         (reloaded,) = running.lines("configuration reloaded")
         assert (reloaded["added"], reloaded["removed"], reloaded["resubscribed"]) == ("c", "b", "")
 
+        # The slot b's agent held goes to c's newer incident: b's waiting one stays pending.
+        (tmp_path / "release").touch()
+        wait_for(lambda: statuses("b")[0] in nc.TERMINAL_STATUSES, timeout=20, what="b's agent to end")
+        c.emit(make_fault(cluster="c"))
+        wait_for(lambda: statuses("c") and statuses("c")[0] != nc.PENDING, timeout=20,
+                 what="c's incident claimed")
+        assert statuses("b")[1] == nc.PENDING
+        store.close()
+
         # An invalid file is refused whole: nothing changes, the problems are logged as check-config says.
         write_config(config, kubeconfig, {"a": {"endpoint": "ftp://nowhere/mcp"}, "d": {"endpoint": c.url}})
         running.reload()
@@ -119,8 +132,8 @@ def test_sighup_reloads_clusters_without_touching_the_others(
 
         # A cluster whose settings changed is subscribed anew.
         c_subscriptions = subscription_ids(c)
-        write_config(config, kubeconfig, {"a": {"endpoint": a.url, "triage": True}, "c": {"endpoint": c.url}},
-                     max_concurrent_agents=2)
+        write_config(config, kubeconfig, {"a": {"endpoint": a.url, "triage": True},
+                                          "c": {"endpoint": c.url, "triage": True}}, max_concurrent_agents=2)
         running.reload()
         wait_for(lambda: (ids := subscription_ids(a)) and ids != [a_subscription], timeout=20,
                  what="a subscribed anew")
