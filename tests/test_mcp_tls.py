@@ -81,11 +81,13 @@ def tls(tmp_path: Path) -> dict[str, Path]:
     return {"ca": ca_path, "wrong_ca": wrong_path, "cert": cert, "key": key}
 
 
-def tls_config(tmp_path: Path, server: McpTestServer, ca_bundle: Path, **mcp: Any) -> nc.Config:
-    config = config_for(tmp_path, {"secure": server.url})
-    config.clusters[0].mcp.ca_bundle = str(ca_bundle)
-    for key, value in mcp.items():
-        setattr(config.clusters[0].mcp, key, value)
+def tls_config(tmp_path: Path, server: McpTestServer, ca_bundle: Path, names: tuple[str, ...] = ("secure",),
+               **mcp: Any) -> nc.Config:
+    config = config_for(tmp_path, {name: server.url for name in names})
+    for cluster in config.clusters:
+        cluster.mcp.ca_bundle = str(ca_bundle)
+        for key, value in mcp.items():
+            setattr(cluster.mcp, key, value)
     return config
 
 
@@ -106,13 +108,15 @@ def test_a_wrong_ca_is_one_clear_line_per_cluster_and_backoff(
         tmp_path: Path, tls: dict[str, Path], servers: Callable[..., McpTestServer],
         run_service: Callable[..., nc.Service], caplog: pytest.LogCaptureFixture) -> None:
     server = servers(ssl_certfile=str(tls["cert"]), ssl_keyfile=str(tls["key"]))
-    service = run_service(tls_config(tmp_path, server, tls["wrong_ca"]))
-    wait_for(lambda: service.metrics.value("listener_errors", "secure") >= 4, timeout=15,
-             what="several failed attempts")
-    (health,) = service.health()
-    assert health.status == nc.FAILED_STATE and health.reconnects >= 3, "retried, with backoff"
+    service = run_service(tls_config(tmp_path, server, tls["wrong_ca"], names=("secure", "other")))
+    for name in ("secure", "other"):
+        wait_for(lambda name=name: service.metrics.value("listener_errors", name) >= 4, timeout=15,
+                 what="several failed attempts")
+    for health in service.health():
+        assert health.status == nc.FAILED_STATE and health.reconnects >= 3, "retried, with backoff"
     told = [r for r in caplog.records if r.getMessage() == TLS_LOG]
-    assert len(told) == 1 and told[0].levelno == logging.ERROR
+    assert sorted(r.fields["cluster"] for r in told) == ["other", "secure"], "one line per cluster"  # type: ignore[attr-defined]
+    assert all(r.levelno == logging.ERROR for r in told)
     error = told[0].fields["error"]  # type: ignore[attr-defined]
     assert error.startswith("initialize: TLS with 127.0.0.1:")
     assert "certificate verify failed" in error and f"trusted: mcp.ca_bundle {tls['wrong_ca']}" in error
