@@ -6,7 +6,8 @@ nightcrier holds one MCP session to each configured cluster's events-enabled
 server pushes becomes an incident row in SQL (SQLite by default, PostgreSQL for
 teams that run several replicas). A dispatcher claims pending incidents and runs
 an AI triage agent for each one -- at most ``max_concurrent_agents`` at once and
-never two at once on the same cluster -- then stores the report and tells Slack.
+never two at once on the same cluster -- then stores the report and tells the
+on-call channels (Slack, a signed webhook, PagerDuty, Microsoft Teams).
 
 The database is both the record and the job queue: ingestion never waits for an
 agent, a crash loses nothing that was stored or spooled, and a restart picks up
@@ -282,6 +283,23 @@ class Config:
                                            minimum=0.1)
     slack_max_attempts: int = setting(5, "SLACK_MAX_ATTEMPTS", "deliveries tried per message",
                                       minimum=1)
+    webhook_url: str = setting("", "WEBHOOK_URL", "generic signed JSON webhook; empty = none", secret=True)
+    webhook_secret: str = setting("", "WEBHOOK_SECRET",
+                                  "HMAC-SHA256 key of X-Nightcrier-Signature; required with webhook_url",
+                                  secret=True)
+    pagerduty_routing_key: str = setting("", "PAGERDUTY_ROUTING_KEY",
+                                         "Events API v2 integration key; empty = no PagerDuty", secret=True)
+    pagerduty_events_url: str = setting("https://events.pagerduty.com/v2/enqueue", "PAGERDUTY_EVENTS_URL",
+                                        "Events API v2 enqueue URL (EU accounts: events.eu.pagerduty.com)")
+    pagerduty_min_severity: str = setting("warning", "PAGERDUTY_MIN_SEVERITY",
+                                          "least severe fault that pages: critical, error, warning or info",
+                                          choices=("critical", "error", "warning", "info"))
+    teams_webhook_url: str = setting("", "TEAMS_WEBHOOK_URL",
+                                     "Microsoft Teams Workflows webhook; empty = no Teams", secret=True)
+    notify_timeout_seconds: float = setting(10.0, "NOTIFY_TIMEOUT_SECONDS",
+                                            "per request to the webhook, PagerDuty and Teams", minimum=0.1)
+    notify_max_attempts: int = setting(5, "NOTIFY_MAX_ATTEMPTS",
+                                       "deliveries tried per webhook, PagerDuty or Teams message", minimum=1)
     report_base_url: str = setting("", "REPORT_BASE_URL",
                                    "nightcrier's own public http(s) URL, for signed report links in Slack")
     web_token: str = setting("", "WEB_TOKEN",
@@ -708,6 +726,10 @@ def _load_cluster(index: int, item: Any, problems: list[str]) -> ClusterConfig |
                                    problems),
         check_permissions=_bool(triage_raw, "check_permissions", True, f"{where}.triage", problems))
     _check_endpoint(mcp.endpoint, f"{where}.mcp.endpoint", problems)
+    if mcp.api_key and not mcp.endpoint.lower().startswith("https://"):
+        # The Go original's rule: a bearer key is never sent in clear text.
+        problems.append(f"{where}.mcp.api_key: is only sent over https; mcp.endpoint must start with "
+                        f"https:// when api_key is set, got {mask_url_path(mcp.endpoint)!r}")
     if mcp.ca_bundle and not _readable_file(mcp.ca_bundle):
         problems.append(f"{where}.mcp.ca_bundle: {mcp.ca_bundle!r} is not a readable file")
     if triage.enabled and not triage.kubeconfig:
@@ -816,9 +838,7 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     except ValueError as exc:
         problems.append(f"report_link_ttl (env REPORT_LINK_TTL): {exc}, e.g. 168h or 30m, "
                         f"got {config.report_link_ttl!r}")
-    if config.slack_webhook_url and not _is_http_url(config.slack_webhook_url):
-        problems.append(f"slack_webhook_url (env SLACK_WEBHOOK_URL): must be an http(s) URL, "
-                        f"got {SECRET_MASK}")
+    _check_channels(config, problems)
     _check_object_storage(config, problems)
     storage = config.state_storage
     if storage.type == "postgres":
@@ -834,6 +854,20 @@ def _cross_check(config: Config, problems: list[str]) -> None:
                 problems.append("state_storage.postgres_connection_string (env "
                                 f"STATE_STORAGE_POSTGRES_CONNECTION_STRING): {why}, "
                                 f"got {mask_dsn(dsn)!r}")
+
+
+NOTIFY_URL_KEYS = ("slack_webhook_url", "webhook_url", "pagerduty_events_url", "teams_webhook_url")
+
+
+def _check_channels(config: Config, problems: list[str]) -> None:
+    """Each notification channel's URL is http(s); the generic webhook is always signed."""
+    for path in NOTIFY_URL_KEYS:
+        key, url = KEYS_BY_PATH[path], getattr(config, path)
+        if url and not _is_http_url(url):
+            problems.append(f"{_describe(key)}: must be an http(s) URL, got {_shown(key, url)}")
+    if config.webhook_url and not config.webhook_secret:
+        problems.append("webhook_secret (env WEBHOOK_SECRET): is required when webhook_url is set "
+                        "(receivers verify X-Nightcrier-Signature with it)")
 
 
 def _is_http_url(url: str) -> bool:
@@ -1041,7 +1075,7 @@ def config_as_dict(config: Config, masked: bool = True) -> dict[str, Any]:
             value = holder[key.name]
             if key.path == "state_storage.postgres_connection_string":
                 holder[key.name] = mask_dsn(value)
-            elif key.path == "slack_webhook_url":
+            elif key.path in NOTIFY_URL_KEYS and key.secret:
                 holder[key.name] = mask_url(value)
             elif key.secret and value:
                 holder[key.name] = SECRET_MASK
@@ -3330,6 +3364,25 @@ class SessionLost(McpError):
     """The server answered 404: it no longer knows the session (it restarted)."""
 
 
+class McpTlsError(McpError):
+    """The TLS handshake failed: the server's certificate is not trusted (wrong or missing
+    ``mcp.ca_bundle``), names another host, or the server does not speak TLS. Retrying helps only
+    once someone changes the certificate or the configuration."""
+
+
+_TLS_REASON_RE = re.compile(r"\[SSL: [A-Z_]+\] ([^(']+)")
+
+
+def _tls_problem(what: str, exc: BaseException, endpoint: str, ca_bundle: str) -> str:
+    """One line saying which TLS check failed, for whom, and against which CAs."""
+    text = str(exc)
+    found = _TLS_REASON_RE.search(text)
+    reason = found.group(1).strip() if found else _short_error(exc)
+    host = urllib.parse.urlsplit(endpoint).netloc
+    trusted = f"mcp.ca_bundle {ca_bundle}" if ca_bundle else "the system CA store (no mcp.ca_bundle)"
+    return f"{what}: TLS with {host} failed: {reason}; trusted: {trusted}"
+
+
 class McpSession:
     """One MCP Streamable-HTTP session with one kubernetes-mcp-server.
 
@@ -3360,6 +3413,7 @@ class McpSession:
         self.protocol_version = ""
         self.stream_ended = threading.Event()
         self.stream_error = ""
+        self.ca_bundle = ca_bundle
         self._lost = False
         self._next_id = 0
         self._stream: Any = None
@@ -3388,6 +3442,8 @@ class McpSession:
         try:
             response = self._http.post(self.endpoint, data=json.dumps(message).encode(), headers=headers,
                                        stream=True, timeout=(self.connect_timeout, self.request_timeout))
+        except requests.exceptions.SSLError as exc:
+            raise McpTlsError(_tls_problem(what, exc, self.endpoint, self.ca_bundle)) from None
         except requests.RequestException as exc:
             raise McpError(f"{what}: {_short_error(exc)}") from exc
         self._check_status(response, what)
@@ -3475,6 +3531,8 @@ class McpSession:
         try:
             response = self._http.get(self.endpoint, headers=self._headers("text/event-stream"),
                                       stream=True, timeout=(self.connect_timeout, None))
+        except requests.exceptions.SSLError as exc:
+            raise McpTlsError(_tls_problem("GET stream", exc, self.endpoint, self.ca_bundle)) from None
         except requests.RequestException as exc:
             raise McpError(f"GET stream: {_short_error(exc)}") from exc
         self._check_status(response, "GET stream")
@@ -4497,7 +4555,7 @@ class ClusterListener(threading.Thread):
         self._health = ClusterHealth(cluster.name, triage_enabled=cluster.triage.enabled,
                                      labels=dict(cluster.labels), gap_started=utcnow())
         self._gap_reason = "starting"
-        self._told_unsupported = False  # logged that the server has no events_subscribe
+        self._told = ""  # the lasting problem (no events_subscribe, TLS) already logged
 
     # -- public ---------------------------------------------------------------
 
@@ -4571,7 +4629,7 @@ class ClusterListener(threading.Thread):
         if previous:
             session.unsubscribe(previous)
         self._set(status=ACTIVE, subscription_id=subscription_id, last_error="")
-        self._told_unsupported = False
+        self._told = ""
         self._end_gap()
         log_event(logging.INFO, "subscribed to faults", cluster=self.cluster.name,
                   subscription_id=subscription_id)
@@ -4637,7 +4695,13 @@ class ClusterListener(threading.Thread):
     def _failed(self, exc: BaseException) -> None:
         error = str(exc) if isinstance(exc, McpError) else _short_error(exc)
         self.metrics.inc("listener_errors", self.cluster.name)
-        if not self._stopping.is_set():
+        if isinstance(exc, McpTlsError):
+            # Said once per change: every retry fails the same way until someone acts.
+            if self._told != error and not self._stopping.is_set():
+                self._told = error
+                log_event(logging.ERROR, "cannot reach the cluster's MCP server over TLS, retrying with "
+                          "backoff", cluster=self.cluster.name, error=error)
+        elif not self._stopping.is_set():
             log_event(logging.WARNING, "cluster connection failed", cluster=self.cluster.name,
                       error=error)
         self._start_gap(error)
@@ -4653,8 +4717,8 @@ class ClusterListener(threading.Thread):
     def _unsupported(self, exc: NoEventSubscriptions) -> None:
         """Said once per change of state: the log says what to do, not how often it was retried."""
         self.metrics.inc("listener_errors", self.cluster.name)
-        if not self._told_unsupported and not self._stopping.is_set():
-            self._told_unsupported = True
+        if self._told != NoEventSubscriptions.HINT and not self._stopping.is_set():
+            self._told = NoEventSubscriptions.HINT
             log_event(logging.ERROR, NoEventSubscriptions.HINT, cluster=self.cluster.name,
                       endpoint=mask_url_path(self.cluster.mcp.endpoint), error=str(exc.__cause__ or exc),
                       retry_every=self.config.sse_reconnect_max_backoff)
@@ -5674,6 +5738,9 @@ class Dispatcher(threading.Thread):
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
+        # Clusters removed from the configuration by a reload: their incidents wait, unclaimed, until
+        # the cluster is configured again. Replaced whole (never mutated) by the main thread.
+        self.withheld: frozenset[str] = frozenset()
         self._cluster_locks: dict[str, threading.Lock] = {}
         self._running: dict[str, _Run] = {}
         self._running_lock = threading.Lock()
@@ -5806,7 +5873,7 @@ class Dispatcher(threading.Thread):
         if time.monotonic() < self._paused_until:
             return
         while not self._stopping.is_set() and len(self.running()) < self.config.max_concurrent_agents:
-            busy = [c for c, lock in self._cluster_locks.items() if lock.locked()]
+            busy = [c for c, lock in self._cluster_locks.items() if lock.locked()] + list(self.withheld)
             started = time.monotonic()
             incident = self.store.claim_next(self.instance, exclude_clusters=busy)
             self.metrics.claim_latency.observe(time.monotonic() - started)
@@ -6047,8 +6114,8 @@ SLACK_FIELD_LIMIT = 2000         # characters in one field of a section
 SLACK_HEADER_LIMIT = 150
 SLACK_MAX_BLOCKS = 50
 SLACK_MAX_RETRY_AFTER = 300.0    # a longer Retry-After would stall every message behind it
-SLACK_DRAIN_SECONDS = 30.0
-SLACK_QUEUE_LIMIT = 1000         # messages waiting at most; beyond it the oldest is dropped
+NOTIFY_DRAIN_SECONDS = 30.0
+NOTIFY_QUEUE_LIMIT = 1000        # messages waiting per channel at most; beyond it the oldest is dropped
 FAILURE_REASONS_TRACKED = 5
 FAILURE_REASONS_SHOWN = 3
 
@@ -6587,6 +6654,25 @@ def _slack_message(title: str, blocks: list[dict[str, Any]], color: str, footer:
             "attachments": [{"color": color, "footer": _clip(footer, SLACK_TEXT_LIMIT)}]}
 
 
+def _stamp(moment: dt.datetime | None) -> str | None:
+    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if moment else None
+
+
+def _kind_name(incident: Incident) -> str:
+    return f"{incident.resource_kind or 'Unknown'}/{incident.resource_name or 'Unknown'}"
+
+
+def _resource_text(incident: Incident) -> str:
+    """namespace/kind/name, or kind/name for cluster-scoped resources."""
+    return "/".join(p for p in (incident.resource_namespace, _kind_name(incident)) if p)
+
+
+def _run_seconds(incident: Incident) -> float:
+    started = incident.started_at or incident.created_at
+    ended = incident.completed_at or incident.updated_at
+    return (ended - started).total_seconds() if started and ended else 0.0
+
+
 def incident_message(incident: Incident, summary: ReportSummary, url: str | None) -> dict[str, Any]:
     """The notification of a resolved or failed incident, in the Go original's layout.
 
@@ -6595,16 +6681,13 @@ def incident_message(incident: Incident, summary: ReportSummary, url: str | None
     only for an http(s) ``url``; no local path is ever sent.
     """
     resolved = incident.status == RESOLVED
-    started = incident.started_at or incident.created_at
-    ended = incident.completed_at or incident.updated_at
-    duration = (ended - started).total_seconds() if started and ended else 0.0
     blocks = [
         _fields([("Cluster", incident.cluster), ("Namespace", incident.resource_namespace or "N/A"),
-                 ("Resource", f"{incident.resource_kind or 'Unknown'}/{incident.resource_name or 'Unknown'}"),
-                 ("Reason", incident.fault_type)]),
+                 ("Resource", _kind_name(incident)), ("Reason", incident.fault_type)]),
         {"type": "section", "text": _mrkdwn(f"*Root Cause ({summary.confidence} confidence):*\n"
                                             + _slack_escape(summary.root_cause))},
-        _context(f"Incident ID: `{_slack_escape(incident.incident_id)}` | Duration: {go_duration(duration)}"),
+        _context(f"Incident ID: `{_slack_escape(incident.incident_id)}` | "
+                 f"Duration: {go_duration(_run_seconds(incident))}"),
     ]
     if url:
         blocks.append({"type": "actions", "elements": [
@@ -6642,6 +6725,309 @@ def _clock(moment: dt.datetime | None) -> str:
     return moment.astimezone().strftime("%H:%M:%S") if moment else "N/A"
 
 
+# -- notification channels ------------------------------------------------------------
+
+NOTICE_INCIDENT = "incident.finished"
+NOTICE_DEGRADED = "agents.degraded"
+NOTICE_RECOVERED = "agents.recovered"
+WEBHOOK_DOCUMENT_VERSION = 1
+WEBHOOK_SIGNATURE_HEADER = "X-Nightcrier-Signature"
+PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")   # most severe first
+PAGERDUTY_SUMMARY_LIMIT = 1024
+PAGERDUTY_AGENTS_DEDUP_KEY = "nightcrier:agents-degraded"
+# Fault severities as the events-enabled server and other emitters spell them.
+_PAGERDUTY_SEVERITY_OF = {"critical": "critical", "fatal": "critical", "high": "error", "error": "error",
+                          "major": "error", "warning": "warning", "medium": "warning", "minor": "warning",
+                          "low": "info", "info": "info"}
+TEAMS_TEXT_LIMIT = 4000
+ADAPTIVE_CARD_TYPE = "application/vnd.microsoft.card.adaptive"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a channel is asked to say: one finished incident, or the agents' health changing.
+
+    ``incident``, ``summary`` and ``report_url`` are set for ``NOTICE_INCIDENT``
+    (``triaged`` says whether the summary comes from a stored report); ``stats``
+    for ``NOTICE_DEGRADED`` and ``NOTICE_RECOVERED``.
+    """
+
+    kind: str
+    incident: Incident | None = None
+    summary: ReportSummary | None = None
+    triaged: bool = False
+    report_url: str | None = None
+    stats: BreakerStats | None = None
+
+
+class Channel:
+    """One destination: which incidents reach it and the request that tells it.
+
+    Subclasses only format; :class:`Notifier` delivers (queue, retries, circuit
+    breaker, scrubbing). :meth:`message` builds the document once per notice;
+    :meth:`request` turns it into body and headers once per attempt, so that what
+    depends on the moment of sending (a signature over the send time) is fresh
+    on every retry. Nothing here does I/O or raises for any incident.
+    """
+
+    name = ""
+
+    def __init__(self, url: str, timeout: float, max_attempts: int, secrets: Sequence[str] = ()):
+        self.url = url
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.secrets = [s for s in (url, *secrets) if s]
+
+    def wants(self, incident: Incident) -> bool:
+        """Whether a finished incident other than ``agent_failed`` (which only the circuit breaker
+        sees) reaches this channel: resolved and failed ones do."""
+        return incident.status in (RESOLVED, FAILED)
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        """The document telling ``notice``; None when this channel says nothing of it."""
+        raise NotImplementedError
+
+    def request(self, message: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        return json.dumps(message).encode(), {"Content-Type": "application/json"}
+
+    def receipt(self, body: str) -> dict[str, str]:
+        """What an accepting answer's body says that is worth logging (nothing, unless overridden)."""
+        return {}
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the URL, its path (where webhook tokens are) or any other secret."""
+        for secret in self.secrets:
+            # Split by hand: urlsplit raises on malformed URLs, and those must be masked too.
+            after_scheme = secret.split("://", 1)[-1]
+            path = after_scheme[after_scheme.find("/"):] if "://" in secret and "/" in after_scheme else ""
+            for part in (secret, path, path.split("?", 1)[0]):
+                if len(part) > 1:
+                    text = text.replace(part, SECRET_MASK)
+        return text
+
+
+class SlackChannel(Channel):
+    """Slack's incoming webhook, in the Go original's layout (see :func:`incident_message`)."""
+
+    name = "slack"
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        if notice.kind == NOTICE_DEGRADED and notice.stats:
+            return degraded_alert(notice.stats)
+        if notice.kind == NOTICE_RECOVERED and notice.stats:
+            return recovered_alert(notice.stats)
+        if notice.incident is None or notice.summary is None:
+            return None
+        return incident_message(notice.incident, notice.summary, notice.report_url)
+
+
+class WebhookChannel(Channel):
+    """A signed JSON document for any receiver (see README, "Generic webhook").
+
+    The body is ``{"version": 1, "type": ..., "sent_at": ..., "incident": ...,
+    "report": ..., "agents": ...}``; header ``X-Nightcrier-Signature`` is
+    ``sha256=`` and the hex HMAC-SHA256 of the exact body bytes under
+    ``webhook_secret``. ``sent_at`` is set on every attempt, so a receiver may
+    refuse old or replayed documents.
+    """
+
+    name = "webhook"
+
+    def __init__(self, url: str, secret: str, timeout: float, max_attempts: int):
+        super().__init__(url, timeout, max_attempts, secrets=[secret])
+        self._key = secret.encode()
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        document: dict[str, Any] = {"version": WEBHOOK_DOCUMENT_VERSION, "type": notice.kind}
+        if notice.incident is not None:
+            document["incident"] = webhook_incident(notice.incident)
+            summary = notice.summary or ReportSummary()
+            document["report"] = {"triaged": notice.triaged, "summary": summary.text,
+                                  "root_cause": summary.root_cause, "confidence": summary.confidence,
+                                  "url": notice.report_url}
+        if notice.stats is not None:
+            stats = notice.stats
+            document["agents"] = {"failures": stats.count, "first_failure": _stamp(stats.first_failure),
+                                  "last_failure": _stamp(stats.last_failure),
+                                  "recovered_at": _stamp(stats.recovered_at), "reasons": list(stats.reasons)}
+        return document
+
+    def request(self, message: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps({**message, "sent_at": _stamp(utcnow())}, separators=(",", ":")).encode()
+        return body, {"Content-Type": "application/json",
+                      WEBHOOK_SIGNATURE_HEADER: webhook_signature(self._key, body)}
+
+
+def webhook_signature(key: bytes, body: bytes) -> str:
+    """The ``X-Nightcrier-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
+    import hashlib
+    import hmac
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def webhook_incident(incident: Incident) -> dict[str, Any]:
+    """An incident as the webhook document carries it."""
+    return {"id": incident.incident_id, "cluster": incident.cluster, "status": incident.status,
+            "fault_id": incident.fault_id, "fault_type": incident.fault_type, "severity": incident.severity,
+            "context": incident.context,
+            "resource": {"api_version": incident.resource_api_version, "kind": incident.resource_kind,
+                         "namespace": incident.resource_namespace, "name": incident.resource_name,
+                         "uid": incident.resource_uid},
+            "fault_time": incident.timestamp, "created_at": _stamp(incident.created_at),
+            "started_at": _stamp(incident.started_at), "completed_at": _stamp(incident.completed_at),
+            "failure_reason": incident.failure_reason}
+
+
+def pagerduty_severity(fault_severity: str) -> str:
+    """The PagerDuty severity of a fault: critical, error, warning or info (unknown: warning)."""
+    return _PAGERDUTY_SEVERITY_OF.get(fault_severity.strip().lower(), "warning")
+
+
+def pagerduty_dedup_key(incident: Incident) -> str:
+    """One key per fault condition: the server gives every emission of a condition the same
+    ``faultId``, so PagerDuty folds them into one alert. Without a faultId, one per incident."""
+    import hashlib
+    condition = incident.fault_id or f"incident:{incident.incident_id}"
+    return hashlib.sha256(f"{incident.cluster}\n{condition}".encode()).hexdigest()
+
+
+class PagerDutyChannel(Channel):
+    """PagerDuty Events API v2: a ``trigger`` per fault condition at or above ``min_severity``.
+
+    Agent failures past the threshold trigger one alert, resolved when agents recover.
+    """
+
+    name = "pagerduty"
+
+    def __init__(self, url: str, routing_key: str, min_severity: str, timeout: float, max_attempts: int,
+                 client_url: str = ""):
+        super().__init__(url, timeout, max_attempts, secrets=[routing_key])
+        self.routing_key = routing_key
+        self.min_rank = PAGERDUTY_SEVERITIES.index(min_severity)
+        self.client_url = client_url
+
+    def wants(self, incident: Incident) -> bool:
+        severe_enough = PAGERDUTY_SEVERITIES.index(pagerduty_severity(incident.severity)) <= self.min_rank
+        return severe_enough and super().wants(incident)
+
+    def receipt(self, body: str) -> dict[str, str]:
+        """PagerDuty answers 202 with the alert's ``dedup_key``: logged, to find the alert by."""
+        answer = _json_or_none(body)
+        key = answer.get("dedup_key") if isinstance(answer, dict) else None
+        return {"dedup_key": str(key)[:255]} if key else {}
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        base: dict[str, Any] = {"routing_key": self.routing_key, "client": "nightcrier"}
+        if self.client_url:
+            base["client_url"] = self.client_url
+        if notice.kind == NOTICE_RECOVERED:
+            return {**base, "event_action": "resolve", "dedup_key": PAGERDUTY_AGENTS_DEDUP_KEY}
+        if notice.kind == NOTICE_DEGRADED and notice.stats:
+            return {**base, "event_action": "trigger", "dedup_key": PAGERDUTY_AGENTS_DEDUP_KEY,
+                    "payload": {"summary": f"nightcrier: {notice.stats.count} agent runs failed in a row",
+                                "source": "nightcrier", "severity": "error", "component": "triage-agent",
+                                "class": "AgentFailure", "timestamp": _stamp(notice.stats.last_failure),
+                                "custom_details": {"reasons": list(notice.stats.reasons)}}}
+        incident, summary = notice.incident, notice.summary
+        if incident is None or summary is None:
+            return None
+        fault = f"{incident.fault_type or 'Fault'} on {incident.cluster}/{_resource_text(incident)}"
+        text = f"{fault}: {summary.root_cause}" if notice.triaged else fault
+        message = {**base, "event_action": "trigger", "dedup_key": pagerduty_dedup_key(incident),
+                   "payload": {
+                       "summary": _clip(text, PAGERDUTY_SUMMARY_LIMIT),
+                       "source": f"{incident.cluster}/{_resource_text(incident)}",
+                       "severity": pagerduty_severity(incident.severity),
+                       "timestamp": _stamp(incident.completed_at or incident.updated_at),
+                       "component": _kind_name(incident),
+                       "group": incident.resource_namespace or incident.cluster,
+                       "class": incident.fault_type or "Fault",
+                       "custom_details": {"incident_id": incident.incident_id, "status": incident.status,
+                                          "fault_id": incident.fault_id, "root_cause": summary.root_cause,
+                                          "confidence": summary.confidence,
+                                          "context": _clip(incident.context, 2000)}}}
+        if notice.report_url:
+            message["links"] = [{"href": notice.report_url, "text": "Triage report"}]
+        return message
+
+
+class TeamsChannel(Channel):
+    """A Microsoft Teams Workflows webhook: one Adaptive Card 1.4 per message, carrying what the
+    Slack message carries (status, cluster, resource, root cause, a button to the report)."""
+
+    name = "teams"
+
+    def message(self, notice: Notice) -> dict[str, Any] | None:
+        if notice.kind in (NOTICE_DEGRADED, NOTICE_RECOVERED) and notice.stats:
+            stats = notice.stats
+            degraded = notice.kind == NOTICE_DEGRADED
+            facts = ([("Failure Count", str(stats.count)), ("Time Window", go_duration(stats.window))]
+                     if degraded else [("Total Downtime", go_duration(stats.downtime)),
+                                       ("Total Failures", str(stats.count))])
+            text = ("\n\n".join(f"- {r}" for r in stats.reasons[-FAILURE_REASONS_SHOWN:])
+                    if degraded else "All agents operating normally.")
+            return adaptive_card("AI Agent System Degraded" if degraded else "AI Agent System Recovered",
+                                 "warning" if degraded else "good", facts, text, None)
+        incident, summary = notice.incident, notice.summary
+        if incident is None or summary is None:
+            return None
+        resolved = incident.status == RESOLVED
+        facts = [("Status", incident.status), ("Cluster", incident.cluster),
+                 ("Namespace", incident.resource_namespace or "N/A"),
+                 ("Resource", _kind_name(incident)),
+                 ("Reason", incident.fault_type), ("Incident ID", incident.incident_id),
+                 ("Duration", go_duration(_run_seconds(incident)))]
+        return adaptive_card("Kubernetes Incident Triage: " + ("resolved" if resolved else "failed"),
+                             "good" if resolved else "attention", facts,
+                             f"Root Cause ({summary.confidence} confidence): {summary.root_cause}",
+                             notice.report_url)
+
+
+def _teams_text(text: str) -> str:
+    """Text from the cluster or the agent, cut to size and unable to form a Markdown link (Teams
+    renders ``[text](url)`` in TextBlocks and facts; a disguised link must not appear)."""
+    return _clip(text.replace("](", "] ("), TEAMS_TEXT_LIMIT)
+
+
+def adaptive_card(title: str, color: str, facts: Sequence[tuple[str, str]], text: str,
+                  url: str | None) -> dict[str, Any]:
+    """A Workflows webhook message holding one Adaptive Card (schema version 1.4)."""
+    card: dict[str, Any] = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [{"type": "TextBlock", "text": _teams_text(title), "weight": "Bolder", "size": "Medium",
+                  "color": color, "wrap": True},
+                 {"type": "FactSet", "facts": [{"title": name, "value": _teams_text(value)}
+                                               for name, value in facts]},
+                 {"type": "TextBlock", "text": _teams_text(text), "wrap": True}]}
+    if url:
+        card["actions"] = [{"type": "Action.OpenUrl", "title": "View Report", "url": url}]
+    return {"type": "message", "attachments": [{"contentType": ADAPTIVE_CARD_TYPE, "contentUrl": None,
+                                                "content": card}]}
+
+
+def notification_channels(config: Config) -> list[Channel]:
+    """Every channel the configuration turns on, Slack first."""
+    timeout, attempts = config.notify_timeout_seconds, config.notify_max_attempts
+    channels: list[Channel] = []
+    if config.slack_webhook_url:
+        channels.append(SlackChannel(config.slack_webhook_url, config.slack_timeout_seconds,
+                                     config.slack_max_attempts))
+    if config.webhook_url:
+        channels.append(WebhookChannel(config.webhook_url, config.webhook_secret, timeout, attempts))
+    if config.pagerduty_routing_key:
+        channels.append(PagerDutyChannel(config.pagerduty_events_url, config.pagerduty_routing_key,
+                                         config.pagerduty_min_severity, timeout, attempts,
+                                         client_url=config.report_base_url))
+    if config.teams_webhook_url:
+        channels.append(TeamsChannel(config.teams_webhook_url, timeout, attempts))
+    # A shared proxy or an echoing server may quote another channel's secret in an error text.
+    every_secret = [s for channel in channels for s in channel.secrets]
+    for channel in channels:
+        channel.secrets = every_secret
+    return channels
+
+
 # -- circuit breaker ----------------------------------------------------------------
 
 
@@ -6672,7 +7058,7 @@ class BreakerStats:
 
 
 class CircuitBreaker:
-    """Counts consecutive agent failures and decides when Slack hears about them.
+    """Counts consecutive agent failures and decides when a channel hears about them.
 
     It never blocks an agent; it only throttles alerts. :meth:`record_failure`
     returns the episode's stats exactly once per episode, when the count
@@ -6756,30 +7142,34 @@ class _DrainingThread(threading.Thread):
             self.join(self._item_timeout() + 5)
 
 
-class SlackNotifier(_DrainingThread):
-    """Tells Slack about finished incidents and about the health of the agents.
+class Notifier(_DrainingThread):
+    """Delivers finished incidents and the agents' health to one :class:`Channel`.
 
-    :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
-    worker threads, it only queues the incident and never blocks or raises.
-    This thread does the rest, one message at a time: ``resolved`` and
-    ``failed`` incidents get a notification with the report's summary (read
-    from the store); ``agent_failed`` ones feed the :class:`CircuitBreaker`
-    instead, which raises the degraded and recovered alerts when
-    ``notify_on_agent_failure`` is on; ``skipped`` ones are ignored.
+    :meth:`enqueue` is the dispatcher's ``on_finished`` callback (through
+    :class:`Notifiers`): called from worker threads, it only queues the incident
+    and never blocks or raises. This thread does the rest, one message at a
+    time: ``agent_failed`` incidents feed this channel's :class:`CircuitBreaker`,
+    which raises the degraded and recovered alerts when
+    ``notify_on_agent_failure`` is on (a ``resolved`` one ends the episode);
+    any other incident the channel ``wants`` gets a notification with the
+    report's summary (read from the store); the rest are ignored.
 
     A delivery is retried with exponential backoff on timeouts, connection
-    errors and 5xx answers, after ``Retry-After`` on 429, and not at all on
-    other 4xx answers; after ``slack_max_attempts`` it is given up with an
-    error log. The webhook URL is a secret and never appears in a log line.
-    Any error is logged and the thread carries on. :meth:`stop` delivers what
-    is queued, waiting a bounded time. At most ``queue_limit`` messages wait:
-    beyond that the oldest is dropped with a warning and counted
-    (``nightcrier_slack_messages_dropped_total``), so a dead Slack costs bounded memory.
+    errors and 5xx answers, after ``Retry-After`` (else the backoff) on 429, and
+    not at all on other 4xx answers (a 400 means the channel refuses the
+    message, which no retry changes); after the channel's ``max_attempts`` it is
+    given up with an error log. The channel's secrets (URL, key) never appear in
+    a log line. Any error is logged and the thread carries on. :meth:`stop`
+    delivers what is queued, waiting a bounded time. At most ``queue_limit``
+    messages wait: beyond that the oldest is dropped with a warning and counted
+    (``nightcrier_notifications_dropped_total{channel=...}``), so a dead channel
+    costs bounded memory.
     """
 
-    def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None, *,
-                 retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = SLACK_QUEUE_LIMIT):
-        super().__init__(name="slack-notifier", daemon=True)
+    def __init__(self, channel: Channel, config: Config, store: StateStore, metrics: Metrics | None = None, *,
+                 retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = NOTIFY_QUEUE_LIMIT):
+        super().__init__(name=f"{channel.name}-notifier", daemon=True)
+        self.channel = channel
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -6809,16 +7199,17 @@ class SlackNotifier(_DrainingThread):
                 if oldest is _STOP:  # never lose the stop request
                     self._queue.put(oldest)
                     break
-                self._count("slack_dropped")
-                log_event(logging.WARNING, "slack queue full, oldest message dropped",
-                          incident_id=oldest[0].incident_id, queue_limit=self.queue_limit)
+                self._count("notifications_dropped")
+                log_event(logging.WARNING, "notification queue full, oldest message dropped",
+                          channel=self.channel.name, incident_id=oldest[0].incident_id,
+                          queue_limit=self.queue_limit)
             self._queue.put((incident, summary, uploaded_url))
 
-    drain_seconds = SLACK_DRAIN_SECONDS
-    out_of_time = "slack notifier out of time, dropping undelivered messages"
+    drain_seconds = NOTIFY_DRAIN_SECONDS
+    out_of_time = "notifier out of time, dropping undelivered messages"
 
     def _item_timeout(self) -> float:
-        return self.config.slack_timeout_seconds
+        return self.channel.timeout
 
     def run(self) -> None:
         import requests
@@ -6834,9 +7225,10 @@ class SlackNotifier(_DrainingThread):
                     self._handle(*item)
                 except Exception as exc:  # one bad message must not end the notifier
                     import traceback
-                    # Exception texts may quote the webhook URL, so even the traceback is scrubbed.
-                    log_event(logging.ERROR, "slack notifier error", error=self._scrub(_short_error(exc)),
-                              traceback=self._scrub(traceback.format_exc()))
+                    # Exception texts may quote the channel's URL, so even the traceback is scrubbed.
+                    log_event(logging.ERROR, "notifier error", channel=self.channel.name,
+                              error=self.channel.scrub(_short_error(exc)),
+                              traceback=self.channel.scrub(traceback.format_exc()))
         finally:
             self._session.close()
 
@@ -6844,32 +7236,32 @@ class SlackNotifier(_DrainingThread):
                 uploaded_url: str | None = None) -> None:
         at = incident.completed_at or utcnow()
         if incident.status == AGENT_FAILED:
-            log_event(logging.INFO, "skipping slack notification due to agent failure",
+            log_event(logging.INFO, "no notification for an agent failure", channel=self.channel.name,
                       incident_id=incident.incident_id, note="the circuit breaker aggregates agent failures")
             stats = self.breaker.record_failure(incident.failure_reason or "unknown failure", at)
             if stats:
-                log_event(logging.WARNING, "agent failures reached the alert threshold", failures=stats.count)
+                log_event(logging.WARNING, "agent failures reached the alert threshold",
+                          channel=self.channel.name, failures=stats.count)
                 if self.config.notify_on_agent_failure:
-                    self.send(degraded_alert(stats), "degraded alert")
+                    self.send(Notice(NOTICE_DEGRADED, stats=stats), "degraded alert")
             return
-        if incident.status not in (RESOLVED, FAILED):
-            return
-        has_report = summary is not None
-        if summary is None:
-            summary, has_report = self._stored_summary(incident)
-        url = self._button_url(incident, has_report, uploaded_url)
-        self.send(incident_message(incident, summary, url), "incident notification",
-                  incident_id=incident.incident_id)
+        if self.channel.wants(incident):
+            triaged = summary is not None
+            if summary is None:
+                summary, triaged = self._stored_summary(incident)
+            url = self._button_url(incident, triaged, uploaded_url)
+            self.send(Notice(NOTICE_INCIDENT, incident, summary, triaged, url), "incident notification",
+                      incident_id=incident.incident_id)
         if incident.status == RESOLVED:
             stats = self.breaker.record_success(at)
             if stats:
-                log_event(logging.INFO, "agents recovered", failures=stats.count,
+                log_event(logging.INFO, "agents recovered", channel=self.channel.name, failures=stats.count,
                           downtime=go_duration(stats.downtime))
                 if self.config.notify_on_agent_failure:
-                    self.send(recovered_alert(stats), "recovery alert")
+                    self.send(Notice(NOTICE_RECOVERED, stats=stats), "recovery alert")
 
     def report_link(self, incident: Incident) -> str | None:
-        """Where the "View Report" button points: the signed nightcrier link, or None without one.
+        """Where the report button points: the signed nightcrier link, or None without one.
 
         The key is read once; when the database cannot give it, the message goes out without a button.
         """
@@ -6886,7 +7278,7 @@ class SlackNotifier(_DrainingThread):
                                  parse_go_duration(self.config.report_link_ttl))
 
     def _button_url(self, incident: Incident, has_report: bool, uploaded_url: str | None) -> str | None:
-        """The "View Report" link: the object store's signed index when the upload succeeded, else
+        """The report link: the object store's signed index when the upload succeeded, else
         nightcrier's own link to the report (None without one)."""
         if uploaded_url and len(uploaded_url) <= SLACK_TEXT_LIMIT:
             return uploaded_url
@@ -6896,71 +7288,98 @@ class SlackNotifier(_DrainingThread):
         try:
             report = self.store.get_report(incident.incident_id)
         except StoreError as exc:
-            log_event(logging.WARNING, "cannot read the report for slack", incident_id=incident.incident_id,
-                      error=str(exc))
+            log_event(logging.WARNING, "cannot read the report for a notification",
+                      incident_id=incident.incident_id, error=str(exc))
             return ReportSummary(), False
         if report is None:
             return ReportSummary("Triage ended without a report" if incident.status == FAILED
                                  else SUMMARY_FALLBACK), False
         return summarize_report(report.report_markdown), report.report_html is not None
 
-    def send(self, message: dict[str, Any], what: str, **fields: Any) -> bool:
-        """Post one message, retrying as the class describes; True once Slack accepted it."""
+    def send(self, notice: Notice, what: str, **fields: Any) -> bool:
+        """Deliver one notice, retrying as the class describes; True once the channel accepted it."""
+        message = self.channel.message(notice)
+        if message is None:
+            return False
         backoff = Backoff(self.retry_initial, self.retry_max)
-        attempts = max(1, self.config.slack_max_attempts)
-        log_event(logging.INFO, "sending slack notification", what=what, **fields)
+        attempts = self.channel.max_attempts
+        fields = {"channel": self.channel.name, "what": what, **fields}
+        log_event(logging.INFO, "sending notification", **fields)
         error = ""
         for attempt in range(1, attempts + 1):
-            error, retry_in = self._post(message, backoff)
+            error, retry_in, receipt = self._post(message, backoff)
             if not error:
-                self._count("slack_sent")
-                log_event(logging.INFO, "slack notification sent", what=what, attempt=attempt, **fields)
+                self._count("notifications_sent")
+                log_event(logging.INFO, "notification sent", attempt=attempt, **fields, **receipt)
                 return True
             if retry_in is None or attempt == attempts:
                 break
-            log_event(logging.WARNING, "slack notification failed, retrying", what=what, attempt=attempt,
+            log_event(logging.WARNING, "notification failed, retrying", attempt=attempt,
                       error=error, retry_in=round(retry_in, 2), **fields)
             if self._abort.wait(retry_in):
                 break
-        self._count("slack_failed")
-        log_event(logging.ERROR, "failed to send slack notification", what=what, attempts=attempt,
-                  error=error, **fields)
+        self._count("notifications_failed")
+        log_event(logging.ERROR, "failed to send notification", attempts=attempt, error=error,
+                  permanent=retry_in is None, **fields)
         return False
 
-    def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None]:
-        """One POST: ('', None) when accepted, else (error, seconds to wait before retrying or None)."""
+    def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None, dict[str, str]]:
+        """One POST: ('', None, the channel's receipt) when accepted, else (error, seconds to wait
+        before retrying or None, {})."""
         import requests
+        body, headers = self.channel.request(message)
+        timeout = self.channel.timeout
         try:
-            response = self._session.post(self.config.slack_webhook_url, json=message,
-                                          timeout=self.config.slack_timeout_seconds, allow_redirects=False)
+            response = self._session.post(self.channel.url, data=body, headers=headers, timeout=timeout,
+                                          allow_redirects=False)
         except requests.Timeout:
-            return f"timed out after {self.config.slack_timeout_seconds:g} s", backoff.next()
+            return f"timed out after {timeout:g} s", backoff.next(), {}
         except requests.ConnectionError as exc:
-            return self._scrub(_short_error(exc)), backoff.next()
+            return self.channel.scrub(_short_error(exc)), backoff.next(), {}
         except requests.RequestException as exc:
-            return self._scrub(_short_error(exc)), None
+            return self.channel.scrub(_short_error(exc)), None, {}
         if 200 <= response.status_code < 300:
-            return "", None
-        error = self._scrub(f"slack webhook returned status {response.status_code}: "
-                            + " ".join(response.text.split())[:200])
+            return "", None, self.channel.receipt(response.text[:4096])
+        error = self.channel.scrub(f"{self.channel.name} returned status {response.status_code}: "
+                                   + " ".join(response.text.split())[:200])
         if response.status_code == 429:
-            return error, _retry_after(response.headers.get("Retry-After")) or backoff.next()
-        return error, backoff.next() if response.status_code >= 500 else None
-
-    def _scrub(self, text: str) -> str:
-        """``text`` without the webhook URL or its path, which are the secret."""
-        url = self.config.slack_webhook_url
-        # Split by hand: urlsplit raises on malformed URLs, and those must be masked too.
-        after_scheme = url.split("://", 1)[-1]
-        path = after_scheme[after_scheme.find("/"):] if "/" in after_scheme else ""
-        for secret in (url, path, path.split("?", 1)[0]):
-            if len(secret) > 1:
-                text = text.replace(secret, SECRET_MASK)
-        return text
+            return error, _retry_after(response.headers.get("Retry-After")) or backoff.next(), {}
+        return error, backoff.next() if response.status_code >= 500 else None, {}
 
     def _count(self, key: str) -> None:
         if self.metrics is not None:
-            self.metrics.inc(key)
+            self.metrics.inc(key, self.channel.name)
+
+
+class Notifiers:
+    """Every configured channel's :class:`Notifier`, told of each finished incident at once.
+
+    :meth:`enqueue` never blocks or raises (it only queues, per channel). Built
+    and driven by the :class:`Service` on the main thread.
+    """
+
+    def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None):
+        self.each = [Notifier(channel, config, store, metrics) for channel in notification_channels(config)]
+
+    def __bool__(self) -> bool:
+        return bool(self.each)
+
+    def enqueue(self, incident: Incident, summary: ReportSummary | None = None,
+                uploaded_url: str | None = None) -> None:
+        for notifier in self.each:
+            notifier.enqueue(incident, summary, uploaded_url)
+
+    def start(self) -> None:
+        for notifier in self.each:
+            notifier.start()
+
+    def stop(self) -> None:
+        """Drain every channel at once: a dead one does not use up the others' time."""
+        stoppers = [threading.Thread(target=n.stop, name=f"stop-{n.name}") for n in self.each]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -6975,7 +7394,7 @@ def _retry_after(value: str | None) -> float | None:
 # -- object storage -----------------------------------------------------------------
 
 STORAGE_INDEX_NAME = "index.html"
-UPLOAD_QUEUE_SIZE = 1000         # incidents waiting for upload; beyond that they go to Slack un-uploaded
+UPLOAD_QUEUE_SIZE = 1000         # incidents waiting for upload; beyond that they are announced un-uploaded
 UPLOAD_DRAIN_SECONDS = 20.0
 SAS_CLOCK_SKEW = dt.timedelta(minutes=5)  # links start a little early: the store's clock may be behind
 
@@ -7172,7 +7591,7 @@ class UploadFailed(Exception):
 
 
 class ReportUploader(_DrainingThread):
-    """Uploads each finished incident's artifacts to the object store, then hands it to Slack.
+    """Uploads each finished incident's artifacts to the object store, then hands it to the notifiers.
 
     :meth:`enqueue` is the dispatcher's ``on_finished`` callback: called from
     worker threads, it never blocks or raises. Its queue is bounded
@@ -7187,7 +7606,7 @@ class ReportUploader(_DrainingThread):
     ``storage_max_attempts`` failed requests the incident is given up on,
     logged and counted. On success the report's row records the store and
     the object URL of ``investigation.md``. Either way ``notify(incident,
-    link)`` follows, with the index's signed URL or None, so Slack speaks
+    link)`` follows, with the index's signed URL or None, so the channels speak
     only once the upload has ended. Signed URLs, keys and connection strings
     never appear in a log line. :meth:`stop` uploads what is queued within a
     bounded time, then hands what is left to ``notify`` without uploading.
@@ -7354,16 +7773,19 @@ class Metrics:
         "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
                             ("cluster",)),
         "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
-        "slack_sent": ("nightcrier_slack_messages_sent_total", "Slack messages delivered", ()),
-        "slack_failed": ("nightcrier_slack_messages_failed_total", "Slack messages given up on", ()),
+        "notifications_sent": ("nightcrier_notifications_sent_total", "Notifications delivered, by channel",
+                               ("channel",)),
+        "notifications_failed": ("nightcrier_notifications_failed_total",
+                                 "Notifications given up on, by channel", ("channel",)),
+        "notifications_dropped": ("nightcrier_notifications_dropped_total",
+                                  "Notifications dropped, oldest first, because the channel's queue was full",
+                                  ("channel",)),
         "uploads": ("nightcrier_storage_uploads_total", "Incidents whose artifacts reached the object store",
                     ()),
         "upload_retries": ("nightcrier_storage_upload_retries_total",
                            "Object storage requests that failed and were tried again", ()),
         "upload_failed": ("nightcrier_storage_uploads_failed_total",
                           "Incidents whose upload was given up on", ()),
-        "slack_dropped": ("nightcrier_slack_messages_dropped_total",
-                          "Slack messages dropped, oldest first, because the queue was full", ()),
         "worker_errors": ("nightcrier_worker_errors_total",
                           "Exceptions that escaped a worker while finishing or releasing an incident", ()),
         "claims_lost": ("nightcrier_claims_lost_total",
@@ -7399,13 +7821,21 @@ class Metrics:
 
     def declare_clusters(self, clusters: Iterable[str]) -> None:
         """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
-        clusters = list(clusters)
+        self._declare("cluster", clusters)
+
+    def declare_channels(self, channels: Iterable[str]) -> None:
+        """Create every per-channel series at 0, as :meth:`declare_clusters` does for clusters."""
+        self._declare("channel", channels)
+
+    def _declare(self, label: str, values: Iterable[str]) -> None:
+        values = list(values)
         for counter in self._counters.values():
-            if counter._labelnames == ("cluster",):
-                for cluster in clusters:
-                    counter.labels(cluster)
+            if counter._labelnames == (label,):
+                for value in values:
+                    counter.labels(value)
 
     def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
+        """Add to a counter; ``cluster`` is the value of its one label (a cluster or a channel)."""
         # Listeners count every event: the labelled child is looked up once, not per event
         # under the metric's lock. A race fills the cache twice with the same child.
         child = self._children.get((key, cluster))
@@ -7418,7 +7848,7 @@ class Metrics:
     def value(self, key: str, cluster: str = "") -> float:
         """Current value of a counter, for health output and tests."""
         name = self.COUNTERS[key][0].removesuffix("_total")
-        labels = {"cluster": cluster} if self.COUNTERS[key][2] else {}
+        labels = {label: cluster for label in self.COUNTERS[key][2]}
         return self.registry.get_sample_value(name + "_total", labels) or 0.0
 
     def observe_ingest(self, cluster: str, seconds: float) -> None:
@@ -8001,11 +8431,16 @@ class PermissionChecker(threading.Thread):
         self.metrics = metrics
         self.timeout = timeout
         self.kubectl = shutil.which("kubectl")
-        self.clusters = [c for c in config.clusters if c.triage.enabled and c.triage.check_permissions]
+        self.clusters: list[ClusterConfig] = []
+        self.watch(config.clusters)
         self._results: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.rounds = 0
+
+    def watch(self, clusters: Sequence[ClusterConfig]) -> None:
+        """Check these clusters from the next round on (those with triage and checks enabled)."""
+        self.clusters = [c for c in clusters if c.triage.enabled and c.triage.check_permissions]
 
     def results(self) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -8128,11 +8563,11 @@ class Service:
         runner = (DockerRunner(config, self.instance) if config.agent_runner == "docker"
                   else ProcessRunner())
         self.permissions = PermissionChecker(config, metrics=self.metrics)
-        self.notifier = (SlackNotifier(config, self.store, self.metrics) if config.slack_webhook_url
-                         else None)
+        self.notifiers = Notifiers(config, self.store, self.metrics)
+        self.metrics.declare_channels(n.channel.name for n in self.notifiers.each)
         self.uploader = self._uploader()
         on_finished = (self.uploader.enqueue if self.uploader
-                       else self.notifier.enqueue if self.notifier else None)
+                       else self.notifiers.enqueue if self.notifiers else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=on_finished)
@@ -8153,7 +8588,7 @@ class Service:
         self._stopped = False
 
     def _uploader(self) -> ReportUploader | None:
-        """The object storage uploader, which hands incidents on to Slack; None when not configured.
+        """The object storage uploader, which hands incidents on to the notifiers; None when not configured.
 
         Raises ConfigError when the store's client refuses the settings.
         """
@@ -8164,18 +8599,17 @@ class Service:
                               ) from None
         if object_store is None:
             return None
-        notifier = self.notifier
+        notifiers = self.notifiers
         return ReportUploader(self.config, self.store, object_store, self.metrics,
-                              notify=(lambda incident, link: notifier.enqueue(incident, uploaded_url=link))
-                              if notifier else None)
+                              notify=(lambda incident, link: notifiers.enqueue(incident, uploaded_url=link))
+                              if notifiers else None)
 
     def start(self) -> Service:
         """Start every thread. Raises :class:`DatabaseOwned` (nothing started) when another
         process owns the SQLite database."""
         self.store.hold_liveness(self.instance)  # before any claim: the proof of life comes first
         self.writer.start()
-        if self.notifier is not None:
-            self.notifier.start()
+        self.notifiers.start()
         if self.uploader is not None:
             self.uploader.start()
         self.dispatcher.start()
@@ -8189,6 +8623,62 @@ class Service:
         log_event(logging.INFO, "nightcrier started", version=__version__, clusters=len(self.listeners),
                   store=self.store.engine, health_port=self.health_server.port if self.health_server else 0)
         return self
+
+    def reload(self, new: Config) -> None:
+        """Apply a re-read, valid configuration: its clusters now, every other setting at the next start.
+
+        Listeners of added clusters start; those of removed clusters stop (their
+        sessions are deleted, which ends their subscriptions); a cluster whose
+        settings changed gets a new listener, hence a new subscription; the
+        listeners of untouched clusters are not touched at all. Incidents of a
+        removed cluster stay in the queue, unclaimed, until it is configured
+        again. Settings that only a restart applies are named in the log when
+        they differ. Main thread only.
+        """
+        old = {c.name: c for c in self.config.clusters}
+        fresh = {c.name: c for c in new.clusters}
+        restart_only = restart_only_changes(self.config, new)
+        if restart_only:
+            log_event(logging.WARNING, "configuration reload: these settings take effect only after a "
+                      "restart", keys=", ".join(restart_only))
+        stopped = [n for n in old if n not in fresh or fresh[n] != old[n]]
+        started = [n for n in fresh if n not in old or fresh[n] != old[n]]
+        keep = [listener for listener in self.listeners if listener.cluster.name not in stopped]
+        for listener in self.listeners:
+            if listener.cluster.name in stopped:
+                listener.stop()
+        for listener in self.listeners:
+            if listener.cluster.name in stopped:
+                listener.join(self.config.mcp_request_timeout + self.config.mcp_connect_timeout + 5)
+        self.config.clusters = new.clusters
+        self.writer.skipped = frozenset(c.name for c in new.clusters if not c.triage.enabled)
+        self.ownership.clusters = list(fresh)
+        self.permissions.watch(new.clusters)
+        self.dispatcher.withheld = frozenset((self.dispatcher.withheld | set(old)) - set(fresh))
+        self.metrics.declare_clusters(started)
+        added = [ClusterListener(fresh[n], self.config, self.sink, self.metrics, owns=self.ownership.owns)
+                 for n in started]
+        for listener in added:
+            listener.start()
+        self.listeners = keep + added
+        for name in (n for n in old if n not in fresh):
+            self._say_removed(name)
+        log_event(logging.INFO, "configuration reloaded", clusters=len(fresh),
+                  added=", ".join(n for n in fresh if n not in old),
+                  removed=", ".join(n for n in old if n not in fresh),
+                  resubscribed=", ".join(n for n in fresh if n in old and fresh[n] != old[n]))
+
+    def _say_removed(self, cluster: str) -> None:
+        try:
+            waiting = len(self.store.list_incidents(IncidentFilter(statuses=(PENDING,), cluster=cluster,
+                                                                   limit=100000)))
+        except StoreError as exc:
+            log_event(logging.WARNING, "cluster removed from the configuration; its pending incidents "
+                      "could not be counted", cluster=cluster, error=str(exc))
+            return
+        if waiting:
+            log_event(logging.WARNING, "cluster removed from the configuration has pending incidents; "
+                      "they stay pending until it is configured again", cluster=cluster, pending=waiting)
 
     def health(self) -> list[ClusterHealth]:
         return [listener.health() for listener in self.listeners]
@@ -8246,9 +8736,8 @@ class Service:
         self.writer.stop(INGEST_STOP_SECONDS)
         self.dispatcher.stop()
         if self.uploader is not None:
-            self.uploader.stop()  # after the dispatcher, before Slack: it hands incidents on to Slack
-        if self.notifier is not None:
-            self.notifier.stop()  # after the dispatcher: the last incidents' messages are queued by then
+            self.uploader.stop()  # after the dispatcher, before the notifiers: it hands incidents on to them
+        self.notifiers.stop()  # after the dispatcher: the last incidents' messages are queued by then
         if self.health_server is not None:
             self.health_server.stop()
         self.store.close()
@@ -8761,6 +9250,34 @@ def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
     return config, warnings
 
 
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys (never their values) besides ``clusters`` whose value differs: a restart applies them."""
+    return [key.path for key in SCALAR_KEYS
+            if getattr(_resolve(old, key.owner), key.name) != getattr(_resolve(new, key.owner), key.name)]
+
+
+def reread_config(args: argparse.Namespace) -> Config | None:
+    """The configuration file and environment read again, or None -- with every problem logged as
+    ``check-config`` prints it -- when the result is not valid (the running one then stays)."""
+    path = find_config_file(args.config)
+    try:
+        config, warnings = load_config(path, flags=_flags(args))
+    except ConfigError as exc:
+        for warning in exc.warnings:
+            log_event(logging.WARNING, "configuration reload: warning", detail=warning)
+        for problem in exc.problems:
+            log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
+                      problem=problem)
+        return None
+    except Exception as exc:  # a value no check foresaw must not end the service
+        log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
+                  problem=f"invalid configuration in {path}: {type(exc).__name__}: {exc}")
+        return None
+    for warning in warnings:
+        log_event(logging.WARNING, "configuration reload: warning", detail=warning)
+    return config
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config, _ = _load_or_exit(args)
     print(f"# effective configuration of nightcrier {__version__} "
@@ -8976,8 +9493,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in warnings:
         log_event(logging.WARNING, "config warning", detail=warning)
     stop = threading.Event()
+    reload_requested = threading.Event()
     running: list[Service] = []
-    _install_signal_handlers(stop, on_second=lambda: running and running[0].abort())
+    _install_signal_handlers(stop, on_second=lambda: running and running[0].abort(),
+                             on_reload=reload_requested.set)
     instance = new_instance_id()
     health: HealthServer | None = None
     try:
@@ -9010,7 +9529,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A timed wait: a signal delivered to another thread does not wake a blocked
     # main thread, and Python runs signal handlers only in the main thread.
     while not stop.wait(0.5):
-        pass
+        if reload_requested.is_set():
+            reload_requested.clear()
+            log_event(logging.INFO, "reloading the configuration", file=find_config_file(args.config))
+            new = reread_config(args)
+            try:
+                if new is not None:
+                    service.reload(new)
+            except Exception as exc:  # the running service matters more than the reload
+                log_event(logging.ERROR, "configuration reload failed", error=_short_error(exc))
     service.stop()
     stuck = [t.name for t in (service.writer, service.dispatcher) if t.is_alive()]
     if stuck:
@@ -9053,10 +9580,12 @@ def _early_health_server(config: Config) -> tuple[HealthServer | None, Callable[
     return server.start(), lambda error: waiting.update(error=error)
 
 
-def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any] | None = None) -> None:
+def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any] | None = None,
+                             on_reload: Callable[[], Any] | None = None) -> None:
     """First SIGTERM/SIGINT: shut down in order. Second: ``on_second`` (kill the agents and
     give their incidents back, bounded), then leave at once. SIGUSR1: dump every thread's
-    stack to stderr, for a process that seems stuck."""
+    stack to stderr, for a process that seems stuck. SIGHUP: ``on_reload`` (which only flags
+    the request: the main loop reloads, outside the handler)."""
     import faulthandler
     import signal
 
@@ -9077,6 +9606,8 @@ def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any]
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    if on_reload is not None:
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: on_reload())
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

@@ -466,7 +466,8 @@ class McpTestServer:
     All public methods are thread-safe and meant to be called from test threads, never from the server's own
     event loop. `require_api_key` makes requests without `Authorization: Bearer <key>` fail with 401.
     `keepalive_interval` > 0 makes every GET stream carry `: keepalive` comments at that period, to emulate a
-    proxy that sends them (the Go server does not).
+    proxy that sends them (the Go server does not). With `ssl_certfile` and `ssl_keyfile` it serves HTTPS
+    (uvicorn's own TLS) and `url` starts with `https://`.
     """
 
     def __init__(
@@ -477,12 +478,16 @@ class McpTestServer:
         *,
         keepalive_interval: float = 0.0,
         path: str = MCP_PATH,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.port = port
         self.require_api_key = require_api_key
         self.keepalive_interval = keepalive_interval
         self.path = path
+        self.ssl_certfile = ssl_certfile
+        self.ssl_keyfile = ssl_keyfile
         self._cond = threading.Condition(threading.RLock())
         self._requests: list[RecordedRequest] = []
         self._run: _Run | None = None
@@ -491,7 +496,8 @@ class McpTestServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.path}"
 
     @property
     def running(self) -> bool:
@@ -531,6 +537,8 @@ class McpTestServer:
             ws="none",
             # Backstop only: stop() ends SSE streams itself; unbounded, uvicorn would wait for them forever.
             timeout_graceful_shutdown=1,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
         )
         run.server = uvicorn.Server(config)
         run.thread = threading.Thread(

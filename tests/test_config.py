@@ -87,7 +87,15 @@ def test_config_file_is_found_on_the_search_path(tmp_path: Path) -> None:
 # -- the Go original's files ---------------------------------------------------------
 
 def test_go_original_config_loads_with_warnings(tmp_path: Path) -> None:
-    config, warnings = nc.load_config(str(FIXTURES / "go-config.yaml"), env={})
+    with pytest.raises(nc.ConfigError) as caught:  # the Go original ignored the key; here it is sent
+        nc.load_config(str(FIXTURES / "go-config.yaml"), env={})
+    assert caught.value.problems == [
+        "clusters[0] (prod-us-east-1).mcp.api_key: is only sent over https; mcp.endpoint must start with "
+        "https:// when api_key is set, got 'http://kubernetes-mcp-server.prod-us-east-1:8080/mcp'"]
+    without_key = tmp_path / "go-config.yaml"
+    without_key.write_text((FIXTURES / "go-config.yaml").read_text().replace(
+        'api_key: "go-placeholder-key"', ""))
+    config, warnings = nc.load_config(str(without_key), env={})
     assert [c.name for c in config.clusters] == ["prod-us-east-1", "staging_eu"]
     assert config.clusters[0].labels == {"region": "us-east-1", "tier": "critical"}
     assert config.state_storage.type == "sqlite"

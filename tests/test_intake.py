@@ -23,8 +23,8 @@ FAST = {"sse_reconnect_initial_backoff": 0.05, "sse_reconnect_max_backoff": 0.5,
         "mcp_connect_timeout": 1, "mcp_request_timeout": 2, "health_port": 0}
 
 
-@pytest.fixture
-def servers() -> Iterator[Callable[..., McpTestServer]]:
+@pytest.fixture(name="servers")
+def servers_fixture() -> Iterator[Callable[..., McpTestServer]]:
     started: list[Any] = []
 
     def start(kind: type = McpTestServer, **kwargs: Any) -> Any:
@@ -51,8 +51,8 @@ def config_for(tmp_path: Path, endpoints: dict[str, str], *, triage: bool = True
     return config
 
 
-@pytest.fixture
-def run_service() -> Iterator[Callable[..., nc.Service]]:
+@pytest.fixture(name="run_service")
+def run_service_fixture() -> Iterator[Callable[..., nc.Service]]:
     running: list[nc.Service] = []
 
     def start(config: nc.Config, store: nc.StateStore | None = None) -> nc.Service:

@@ -496,16 +496,18 @@ def test_the_slack_queue_drops_the_oldest_beyond_its_bound(tmp_path: Path, store
                                                            caplog: pytest.LogCaptureFixture) -> None:
     config = engine_config(tmp_path, GOOD_AGENT, slack_webhook_url="http://127.0.0.1:9/hook")
     metrics = nc.Metrics()
-    notifier = nc.SlackNotifier(config, store, metrics, queue_limit=3)  # not started: nothing drains
+    (slack,) = nc.notification_channels(config)
+    notifier = nc.Notifier(slack, config, store, metrics, queue_limit=3)  # not started: nothing drains
     incidents = [nc.Incident(nc.new_id(), nc.new_id(), nc.RESOLVED, "c1", nc.utcnow(), nc.utcnow())
                  for _ in range(5)]
     with caplog.at_level("WARNING", logger="nightcrier"):
         for incident in incidents:
             notifier.enqueue(incident)
-    assert metrics.value("slack_dropped") == 2
+    assert metrics.value("notifications_dropped", "slack") == 2
     queued = [notifier._queue.get_nowait()[0].incident_id for _ in range(notifier._queue.qsize())]
     assert queued == [i.incident_id for i in incidents[2:]], "the newest are kept"
-    assert sum(r.getMessage() == "slack queue full, oldest message dropped" for r in caplog.records) == 2
+    dropped = "notification queue full, oldest message dropped"
+    assert sum(r.getMessage() == dropped for r in caplog.records) == 2
 
 
 def test_a_report_beyond_report_max_bytes_is_stored_truncated_and_the_file_kept(

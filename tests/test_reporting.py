@@ -46,6 +46,8 @@ class Received:
     at: float                 # time.monotonic() on arrival
     path: str
     message: dict[str, Any]
+    body: bytes = b""         # exactly as it arrived, for signature checks
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):
@@ -90,7 +92,8 @@ class Webhook:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with webhook._lock:
-                    webhook.received.append(Received(time.monotonic(), self.path, json.loads(body)))
+                    webhook.received.append(Received(time.monotonic(), self.path, json.loads(body), body,
+                                                     dict(self.headers.items())))
                     reply = webhook.replies.popleft() if webhook.replies else Reply()
                 if reply.delay:
                     webhook.released.wait(reply.delay)
@@ -108,8 +111,8 @@ class Webhook:
         return Handler
 
 
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
+@pytest.fixture(name="webhook")
+def webhook_fixture() -> Iterator[Webhook]:
     server = Webhook()
     yield server
     server.close()
@@ -128,24 +131,45 @@ def log_output(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(formatter.format(record) for record in caplog.records)
 
 
-@pytest.fixture
-def notifier_for(webhook: Webhook, tmp_path: Path) -> Iterator[Callable[..., nc.SlackNotifier]]:
-    """Starts SlackNotifiers posting to the local webhook; each is stopped (drained) afterwards."""
-    started: list[nc.SlackNotifier] = []
+@pytest.fixture(name="notifiers_for")
+def notifiers_for_fixture(tmp_path: Path) -> Iterator[Callable[..., list[nc.Notifier]]]:
+    """Starts a Notifier (fast retries) for every channel a configuration turns on; each is stopped
+    (drained) afterwards."""
+    started: list[nc.Notifier] = []
     store = nc.SqliteStore(str(tmp_path / "notifier.db"))
 
-    def start(url: str | None = None, **settings: Any) -> nc.SlackNotifier:
-        config = nc.Config(**{"slack_webhook_url": url or webhook.url, "slack_timeout_seconds": 2.0,
-                              "slack_max_attempts": 3, **settings})
-        notifier = nc.SlackNotifier(config, store, nc.Metrics(), retry_initial=0.05, retry_max=0.2)
-        notifier.start()
-        started.append(notifier)
-        return notifier
+    def start(**settings: Any) -> list[nc.Notifier]:
+        config = nc.Config(**{"notify_timeout_seconds": 2.0, "notify_max_attempts": 3, **settings})
+        metrics = nc.Metrics()
+        notifiers = [nc.Notifier(channel, config, store, metrics, retry_initial=0.05, retry_max=0.2)
+                     for channel in nc.notification_channels(config)]
+        for notifier in notifiers:
+            notifier.start()
+        started.extend(notifiers)
+        return notifiers
 
     yield start
     for notifier in started:
         notifier.stop()
     store.close()
+
+
+@pytest.fixture
+def notifier_for(webhook: Webhook, notifiers_for: Callable[..., list[nc.Notifier]]
+                 ) -> Callable[..., nc.Notifier]:
+    """Starts Slack notifiers posting to the local webhook."""
+    def start(url: str | None = None, **settings: Any) -> nc.Notifier:
+        (notifier,) = notifiers_for(**{"slack_webhook_url": url or webhook.url, "slack_timeout_seconds": 2.0,
+                                       "slack_max_attempts": 3, **settings})
+        return notifier
+
+    return start
+
+
+def slack_channel(config: nc.Config) -> nc.Channel:
+    (channel,) = nc.notification_channels(config)
+    assert isinstance(channel, nc.SlackChannel)
+    return channel
 
 
 def finished(status: str, at: dt.datetime = T0, reason: str | None = None, **fields: Any) -> nc.Incident:
@@ -160,7 +184,7 @@ def finished(status: str, at: dt.datetime = T0, reason: str | None = None, **fie
     return nc.Incident(**values)
 
 
-def deliver(notifier: nc.SlackNotifier, *items: nc.Incident | tuple[nc.Incident, nc.ReportSummary]) -> None:
+def deliver(notifier: nc.Notifier, *items: nc.Incident | tuple[nc.Incident, nc.ReportSummary]) -> None:
     """Queue the incidents and wait until the notifier has handled all of them (stop drains the queue)."""
     for item in items:
         if isinstance(item, tuple):
@@ -169,6 +193,14 @@ def deliver(notifier: nc.SlackNotifier, *items: nc.Incident | tuple[nc.Incident,
             notifier.enqueue(item)
     notifier.stop()
     assert not notifier.is_alive()
+
+
+def counts(notifier: nc.Notifier) -> tuple[float, float]:
+    """Messages sent and given up on by the notifier's channel."""
+    channel = notifier.channel.name
+    assert notifier.metrics is not None
+    return (notifier.metrics.value("notifications_sent", channel),
+            notifier.metrics.value("notifications_failed", channel))
 
 
 def texts(message: dict[str, Any]) -> list[str]:
@@ -185,7 +217,7 @@ def texts(message: dict[str, Any]) -> list[str]:
 
 
 def test_incident_notification_has_the_originals_layout(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier]) -> None:
     resolved = finished(nc.RESOLVED)
     failed = finished(nc.FAILED, resource_namespace="")
     summary = nc.ReportSummary("The container <!channel> ran out of memory & died", "HIGH")
@@ -217,7 +249,7 @@ def test_incident_notification_has_the_originals_layout(
 
 
 def test_a_huge_root_cause_is_cut_to_slacks_limits(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier]) -> None:
     incident = finished(nc.RESOLVED, resource_name="n" * 5000, fault_type="F" * 5000)
     deliver(notifier_for(), (incident, nc.ReportSummary("x" * 10_000, "LOW")))
     (message,) = webhook.messages()
@@ -246,7 +278,7 @@ def test_the_block_count_is_capped_whatever_a_message_holds() -> None:
     ("http://10.0.0.5:8000", "http://10.0.0.5:8000/incidents/{id}/report"),
 ])
 def test_the_view_report_button_needs_an_http_report_base_url(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier], base: str, expected: str | None
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier], base: str, expected: str | None
 ) -> None:
     incident = finished(nc.RESOLVED)
     notifier = notifier_for(report_base_url=base)
@@ -275,62 +307,62 @@ def test_go_duration_notation() -> None:
 # -- Slack: delivery -------------------------------------------------------------------------
 
 
-def test_a_server_error_is_retried(webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+def test_a_server_error_is_retried(webhook: Webhook, notifier_for: Callable[..., nc.Notifier]) -> None:
     webhook.script(Reply(500, "internal_error"), Reply(200))
     notifier = notifier_for()
     deliver(notifier, (finished(nc.RESOLVED), nc.ReportSummary()))
     first, second = webhook.messages()
     assert first == second
-    assert notifier.metrics.value("slack_sent") == 1 and notifier.metrics.value("slack_failed") == 0
+    assert counts(notifier) == (1, 0)
 
 
-def test_429_waits_for_retry_after(webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier],
+def test_429_waits_for_retry_after(webhook: Webhook, notifier_for: Callable[..., nc.Notifier],
                                    caplog: pytest.LogCaptureFixture) -> None:
     webhook.script(Reply(429, "rate_limited", {"Retry-After": "1"}), Reply(200))
     notifier = notifier_for()  # its own backoff would retry after at most 0.05 s
     deliver(notifier, (finished(nc.RESOLVED), nc.ReportSummary()))
     first, second = webhook.received
     assert second.at - first.at >= 0.95, "the retry did not wait for Retry-After"
-    assert notifier.metrics.value("slack_sent") == 1
+    assert notifier.metrics.value("notifications_sent", "slack") == 1
     assert "retry_in=1" in log_output(caplog)
 
 
-def test_a_timeout_is_retried(webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier],
+def test_a_timeout_is_retried(webhook: Webhook, notifier_for: Callable[..., nc.Notifier],
                               caplog: pytest.LogCaptureFixture) -> None:
     webhook.script(Reply(200, delay=5.0), Reply(200))
     notifier = notifier_for(slack_timeout_seconds=0.3)
     deliver(notifier, (finished(nc.RESOLVED), nc.ReportSummary()))
     assert len(webhook.received) == 2
-    assert notifier.metrics.value("slack_sent") == 1
+    assert notifier.metrics.value("notifications_sent", "slack") == 1
     assert "timed out after 0.3 s" in log_output(caplog)
 
 
 def test_delivery_gives_up_after_the_attempt_limit(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier], caplog: pytest.LogCaptureFixture
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier], caplog: pytest.LogCaptureFixture
 ) -> None:
     webhook.script(*[Reply(503, "unavailable")] * 10)
     notifier = notifier_for(slack_max_attempts=4)
     deliver(notifier, (finished(nc.RESOLVED), nc.ReportSummary()))
     assert len(webhook.received) == 4
-    assert notifier.metrics.value("slack_failed") == 1 and notifier.metrics.value("slack_sent") == 0
+    assert counts(notifier) == (0, 1)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert [r.getMessage() for r in errors] == ["failed to send slack notification"]
+    assert [r.getMessage() for r in errors] == ["failed to send notification"]
     assert errors[0].fields["attempts"] == 4  # type: ignore[attr-defined]
     assert "status 503: unavailable" in errors[0].fields["error"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("status", [400, 403, 404])
-def test_client_errors_are_not_retried(webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier],
+def test_client_errors_are_not_retried(webhook: Webhook, notifier_for: Callable[..., nc.Notifier],
                                        status: int) -> None:
     webhook.script(Reply(status, "invalid_blocks"))
     notifier = notifier_for()
     deliver(notifier, (finished(nc.RESOLVED), nc.ReportSummary()))
     assert len(webhook.received) == 1
-    assert notifier.metrics.value("slack_failed") == 1
+    assert notifier.metrics.value("notifications_failed", "slack") == 1
 
 
 def test_the_webhook_url_never_reaches_the_log(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier], caplog: pytest.LogCaptureFixture
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier], caplog: pytest.LogCaptureFixture
 ) -> None:
     with socket.socket() as probe:  # a port nobody listens on: connection refused
         probe.bind(("127.0.0.1", 0))
@@ -341,36 +373,36 @@ def test_the_webhook_url_never_reaches_the_log(
             (finished(nc.RESOLVED), nc.ReportSummary()))
     deliver(notifier_for(f"http://[::1{SECRET_PATH}"), (finished(nc.RESOLVED), nc.ReportSummary()))
     output = log_output(caplog)
-    assert output.count("failed to send slack notification") == 3, output
+    assert output.count("failed to send notification") == 3, output
     assert "timed out" in output and "status 500" in output
     assert SECRET_TOKEN not in output
 
 
 def test_a_bad_message_does_not_stop_the_notifier(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier], caplog: pytest.LogCaptureFixture
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier], caplog: pytest.LogCaptureFixture
 ) -> None:
     notifier = notifier_for()
     notifier.enqueue(finished(nc.RESOLVED, started_at="not a time"))  # type: ignore[arg-type]
     deliver(notifier, (finished(nc.RESOLVED), nc.ReportSummary("after the bad one")))
     (message,) = webhook.messages()
     assert "after the bad one" in message["blocks"][2]["text"]["text"]
-    assert "slack notifier error" in caplog.text
+    assert "notifier error" in caplog.text
 
 
 # -- Slack: agent failures and the circuit breaker -----------------------------------------------
 
 
 def test_agent_failed_and_skipped_incidents_send_no_notification(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier], caplog: pytest.LogCaptureFixture
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier], caplog: pytest.LogCaptureFixture
 ) -> None:
     deliver(notifier_for(), finished(nc.AGENT_FAILED, reason="agent exited with non-zero code: 1"),
             finished(nc.SKIPPED))
     assert webhook.received == []
-    assert "skipping slack notification due to agent failure" in caplog.text
+    assert "no notification for an agent failure" in caplog.text
 
 
 def test_degraded_alert_at_the_threshold_and_recovered_alert_after_a_success(
-        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+        webhook: Webhook, notifier_for: Callable[..., nc.Notifier]) -> None:
     minute = dt.timedelta(minutes=1)
     deliver(notifier_for(failure_threshold_for_alert=2),
             finished(nc.AGENT_FAILED, T0, "reason <1>"),
@@ -404,14 +436,14 @@ def test_degraded_alert_at_the_threshold_and_recovered_alert_after_a_success(
         "System recovery detected. AI agent system is now healthy.")}]
 
 
-def test_alerts_can_be_turned_off(webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+def test_alerts_can_be_turned_off(webhook: Webhook, notifier_for: Callable[..., nc.Notifier]) -> None:
     deliver(notifier_for(failure_threshold_for_alert=1, notify_on_agent_failure=False),
             finished(nc.AGENT_FAILED, reason="boom"), (finished(nc.RESOLVED), nc.ReportSummary()))
     (only,) = webhook.messages()
     assert only["blocks"][0]["text"]["text"] == "Kubernetes Incident Triage :white_check_mark:"
 
 
-def test_only_agent_runs_move_the_breaker(webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]
+def test_only_agent_runs_move_the_breaker(webhook: Webhook, notifier_for: Callable[..., nc.Notifier]
                                          ) -> None:
     summary = nc.ReportSummary()
     deliver(notifier_for(failure_threshold_for_alert=2),
@@ -675,7 +707,7 @@ def test_a_finished_incident_gets_a_page_a_stored_summary_and_a_slack_message(
         tmp_path: Path, store: nc.StateStore, webhook: Webhook) -> None:
     config = reporting_config(tmp_path, webhook)
     metrics = nc.Metrics()
-    notifier = nc.SlackNotifier(config, store, metrics)
+    notifier = nc.Notifier(slack_channel(config), config, store, metrics)
     dispatcher = nc.Dispatcher(config, store, nc.ProcessRunner(grace=1), threading.Event(), metrics,
                                "test-instance", on_finished=notifier.enqueue)
     notifier.start()
@@ -708,7 +740,7 @@ def test_a_finished_incident_gets_a_page_a_stored_summary_and_a_slack_message(
     link, _, query = message["blocks"][-1]["elements"][0]["url"].partition("?")
     assert link == f"https://reports.example.com/ws/incidents/{incident_id}/report"
     assert nc.verify_report_link(incident_id, urllib.parse.parse_qs(query), nc.report_link_key(config, store))
-    assert metrics.value("slack_sent") == 1
+    assert metrics.value("notifications_sent", "slack") == 1
 
 
 @pytest.mark.parametrize("with_slack", [True, False])
@@ -719,14 +751,15 @@ def test_the_service_wires_the_notifier_only_with_a_webhook(
     service = nc.Service(config, nc.SqliteStore(str(tmp_path / "service.db"))).start()
     try:
         if not with_slack:
-            assert service.notifier is None and service.dispatcher.on_finished is None
+            assert not service.notifiers and service.dispatcher.on_finished is None
             return
-        assert service.notifier is not None and service.notifier.is_alive()
-        assert service.dispatcher.on_finished == service.notifier.enqueue
+        (notifier,) = service.notifiers.each
+        assert notifier.channel.name == "slack" and notifier.is_alive()
+        assert service.dispatcher.on_finished == service.notifiers.enqueue
         service.dispatcher.on_finished(finished(nc.RESOLVED))
     finally:
         service.stop()
     # stop() drained the queue: the message went out before it returned.
     (message,) = webhook.messages()
     assert message["blocks"][0]["text"]["text"] == "Kubernetes Incident Triage :white_check_mark:"
-    assert not service.notifier.is_alive()
+    assert not notifier.is_alive()
