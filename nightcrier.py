@@ -66,8 +66,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import yaml
-
 __version__ = "0.1.0"
 BUILD_ID = ""  # set by the nightcrier.pyz bootstrap: a hash of the archive's contents
 
@@ -598,6 +596,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
 def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
     if not path:
         return {}
+    import yaml
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -8549,6 +8548,8 @@ def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
             print(f"nightcrier: warning: {warning}", file=sys.stderr)
         print(f"nightcrier: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+    except ModuleNotFoundError:
+        raise  # not the file's fault: main says which library to install
     except Exception as exc:  # a value no check foresaw must still not end in a traceback
         print(f"nightcrier: invalid configuration in {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -8558,6 +8559,7 @@ def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    import yaml
     config, _ = _load_or_exit(args)
     print(f"# effective configuration of nightcrier {__version__} "
           f"(file: {find_config_file(args.config) or 'none'})")
@@ -8608,13 +8610,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         service.stop()
         simulator.stop()
-    program = f"python3 {_self_command()[1]}"
+    program = shlex.join(_self_command())  # the interpreter this demo ran under, not a guess
     print(f"\nlook around:\n  {program} incidents --config {path}\n"
           f"  {program} show <incident-id> --config {path}\n  {program} tail <incident-id> --config {path}")
     return 0
 
 
 def _write_demo_config(directory: str, endpoint: str) -> str:
+    import yaml
     kubeconfig = os.path.join(directory, "kubeconfig")
     write_private(kubeconfig, "apiVersion: v1\nkind: Config\n# the demo cluster has no API server\n")
     path = os.path.join(directory, "config.yaml")
@@ -8986,7 +8989,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
                 "workspace"):
         if key == "attempts":
-            line = _attempts_line(incident.attempts, len(executions), config.max_attempts)
+            line = _attempts_line(incident.attempts, len(executions), config.max_attempts,
+                                  final=incident.status not in (PENDING, INVESTIGATING))
             print(f"{'attempts':<16}{line}")
         elif document.get(key) not in (None, ""):
             print(f"{key.replace('_', ' '):<16}{document[key]}")
@@ -9004,9 +9008,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attempts_line(attempts: int, runs: int, max_attempts: int) -> str:
-    """Attempts as max_attempts counts them, reconciled with the runs listed below them."""
-    line = f"{attempts} of {max_attempts}"
+def _attempts_line(attempts: int, runs: int, max_attempts: int, final: bool) -> str:
+    """Attempts as max_attempts counts them, reconciled with the runs listed below them. A
+    ``final`` incident says so: "1 of 2" would promise a second attempt that never comes."""
+    line = (f"{attempts} attempt{'' if attempts == 1 else 's'}, final" if final
+            else f"{attempts} of {max_attempts}")
     if runs > attempts:
         uncounted = runs - attempts
         line += (f" ({runs} runs below; {uncounted} {'was' if uncounted == 1 else 'were'} returned to "
@@ -9093,7 +9099,15 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
                "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate,
                "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in sys.stdlib_module_names:
+            raise  # a Python built without one of its own modules: no pip install helps
+        print(f"nightcrier: the Python library {exc.name!r} is not installed: install nightcrier's "
+              "libraries with `pip install -r requirements.txt`, or run nightcrier.pyz, which "
+              "includes them", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
