@@ -2368,36 +2368,52 @@ class SqliteStore(SqlStore):
 
     # liveness: one owner per file
 
-    @property
-    def lock_path(self) -> str:
-        return self.path + ".lock"
-
     def hold_liveness(self, instance: str) -> None:
-        import fcntl
         if self._liveness_instance:
             if self._liveness_instance != instance:
                 raise StoreError(f"this store already proves {self._liveness_instance} alive")
             return
         if self.read_only:
             raise StoreError("a read-only store cannot own the database")
+        fd = self._take_lock(self.path)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, instance {instance}, "
+                       f"since {_iso(utcnow())}\n").encode(), 0)
+        self._lock_fd = fd
+        self._liveness_instance = instance
+
+    @staticmethod
+    def _take_lock(path: str) -> int:
+        """A descriptor of ``<path>.lock`` holding its lock. Raises DatabaseOwned naming the
+        process that holds it, StoreUnavailable when the file cannot be opened."""
+        import fcntl
+        lock_path = path + ".lock"
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot open lock file {self.lock_path}: {exc}") from exc
+            raise StoreUnavailable(f"cannot open lock file {lock_path}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
             raise DatabaseOwned(
-                f"SQLite database {self.path} is owned by another nightcrier run process ({holder}); "
+                f"SQLite database {path} is owned by another nightcrier run process ({holder}); "
                 "only one may run on a SQLite database: stop that one first, or use PostgreSQL "
                 "to run several replicas") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, instance {instance}, "
-                       f"since {_iso(utcnow())}\n").encode(), 0)
-        self._lock_fd = fd
-        self._liveness_instance = instance
+        return fd
+
+    @classmethod
+    def check_unowned(cls, path: str) -> None:
+        """Raise DatabaseOwned when another process owns the database at ``path``; takes nothing.
+
+        For a ``run`` to say so before anything else it starts fails for the same reason (the
+        owner's health port, say). A lock file that cannot be opened is left to opening the store.
+        """
+        try:
+            os.close(cls._take_lock(path))
+        except StoreUnavailable:
+            pass
 
     def _is_alive(self, instance: str | None) -> bool:
         # Only the owner judges (see recover_orphans), and it is the only live process.
@@ -8780,6 +8796,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = new_instance_id()
     health: HealthServer | None = None
     try:
+        if config.state_storage.type == "sqlite":
+            SqliteStore.check_unowned(config.sqlite_path)  # the owner holds the health port too
         health, waiting = _early_health_server(config)
         store = open_store_with_retry(config, stop, on_error=waiting, owner=instance)
         service = Service(config, store, health_server=health, instance=instance)
@@ -8792,8 +8810,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             health.stop()
         return 0  # asked to stop while waiting for the database
     except DatabaseOwned as exc:
-        log_event(logging.ERROR, "refusing to start: the database has an owner", error=str(exc))
-        print(f"nightcrier: {exc}", file=sys.stderr)
+        if health is not None:
+            health.stop()
+        print(f"nightcrier: {exc}", file=sys.stderr)  # once: logging goes to stderr too
         return 1
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))

@@ -63,6 +63,26 @@ def test_a_busy_health_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
                              "health_port (env HEALTH_PORT) to a free port, or 0 to disable it\n")
 
 
+def test_a_second_run_on_one_sqlite_database_names_the_owner_once(tmp_path: Path) -> None:
+    """Not the health port the owner holds too: the database's owner is the cause, said once."""
+    path = write_config(tmp_path, health_port=free_port(),
+                        state_storage={"type": "sqlite", "sqlite_path": str(tmp_path / "nc.db")})
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        first = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(path)],
+                                 stdout=out, stderr=out, cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    try:
+        wait_for(lambda: "nightcrier started" in log.read_text(), timeout=30, what="the first run")
+        second = cli("--config", str(path), cwd=tmp_path)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(30)
+    assert second.returncode == 1
+    assert second.stderr.count("\n") == 1, second.stderr
+    assert f"is owned by another nightcrier run process (pid {first.pid} on host" in second.stderr
+    assert "health port" not in second.stderr
+
+
 def test_an_address_that_is_not_ours_is_named(tmp_path: Path) -> None:
     path = write_config(tmp_path, health_port=free_port(), health_bind="192.0.2.1",
                         state_storage={"type": "sqlite", "sqlite_path": str(tmp_path / "nc.db")})
