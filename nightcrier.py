@@ -2782,6 +2782,20 @@ class PostgresPool:
         return conn
 
 
+PG_NAME_BYTES = 63  # what PostgreSQL keeps of an application_name (NAMEDATALEN - 1)
+
+
+def pg_application_name(text: str) -> str:
+    """``text`` as an application_name, exactly as the server stores it.
+
+    Printable ASCII only (the server rewrites anything else) cut to 63 bytes. Instance ids put
+    their random part first (see :func:`new_instance_id`), so the names of two processes differ
+    however long their host's name: a process recognises its own earlier sessions by this name
+    and ends them, and must never take another's for its own.
+    """
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:PG_NAME_BYTES]
+
+
 class PostgresStore(SqlStore):
     """:class:`StateStore` on PostgreSQL, for one or many nightcrier processes.
 
@@ -2899,7 +2913,8 @@ class PostgresStore(SqlStore):
         """A connection holding this instance's lock; raises StoreUnavailable if none can be had."""
         import psycopg2
         try:
-            conn = psycopg2.connect(self._pool.dsn, application_name=f"nightcrier-live {instance}"[:63],
+            conn = psycopg2.connect(self._pool.dsn,
+                                    application_name=pg_application_name(f"nightcrier-live {instance}"),
                                     connect_timeout=5, keepalives=1, keepalives_idle=5,
                                     keepalives_interval=1, keepalives_count=3)
         except psycopg2.Error as exc:
@@ -4177,7 +4192,7 @@ class ClusterOwnership(threading.Thread):
         self.dsn = postgres_dsn(config.state_storage) if config.state_storage.type == "postgres" else ""
         self.clusters = [c.name for c in config.clusters]
         self.instance = instance
-        self.app_name = (self.APP_PREFIX + instance)[:63]  # PostgreSQL keeps 63 bytes of it
+        self.app_name = pg_application_name(self.APP_PREFIX + instance)
         self.interval = config.failover_seconds / 3
         self.grace = config.failover_seconds
         self.on_change = on_change
@@ -8067,8 +8082,12 @@ class Service:
 
 
 def new_instance_id() -> str:
-    """host:pid:random -- unique per process start, so a dead process's id never comes back."""
-    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+    """random:pid:host -- unique per process start, so a dead process's id never comes back.
+
+    The unique part comes first: where an id is cut to fit (a PostgreSQL application_name keeps
+    63 bytes), what is left still tells two processes on one host apart.
+    """
+    return f"{new_id()[:8]}:{os.getpid()}:{socket.gethostname()}"
 
 
 def open_store_with_retry(config: Config, stop: threading.Event | None = None,
