@@ -8274,7 +8274,8 @@ def _config_parser() -> argparse.ArgumentParser:
         if key.secret or key.type == dict[str, str]:
             continue  # secrets on the command line would show in ps
         group.add_argument(key.flag, dest="set:" + key.path, metavar=key.type.__name__.upper()
-                           if isinstance(key.type, type) else "ARGS", help=key.doc)
+                           if isinstance(key.type, type) else "ARGS",
+                           help=key.doc.replace("%", "%%"))  # argparse formats help with %
     return parser
 
 
