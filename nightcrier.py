@@ -67,8 +67,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import yaml
-
 __version__ = "0.1.0"
 BUILD_ID = ""  # set by the nightcrier.pyz bootstrap: a hash of the archive's contents
 
@@ -108,10 +106,15 @@ LLM_KEY_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY")
 
 
 def setting(default: Any, env: str, doc: str, *, minimum: float | None = None,
-            choices: tuple[str, ...] = (), secret: bool = False, maximum: float | None = None) -> Any:
-    """A configuration key: its default, environment variable and one-line doc."""
+            choices: tuple[str, ...] = (), secret: bool = False, maximum: float | None = None,
+            kind: str = "") -> Any:
+    """A configuration key: its default, environment variable and one-line doc.
+
+    ``kind`` names the check of the value's form in :data:`VALUE_CHECKS` (a duration, a size, a
+    Docker network...), so that what only an agent's start would reject is rejected at load.
+    """
     meta = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret,
-            "maximum": maximum}
+            "maximum": maximum, "kind": kind}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     if isinstance(default, dict):
@@ -220,7 +223,8 @@ class Config:
     agent_runner: str = setting("docker", "AGENT_RUNNER", "docker or process",
                                 choices=("docker", "process"))
     agent_command: list[str] = setting([], "AGENT_COMMAND",
-                                       "argv of the agent (process runner; overrides agent_cli)")
+                                       "argv of the agent (process runner; overrides agent_cli)",
+                                       kind="argv")
     agent_cli: str = setting("claude", "AGENT_CLI", "claude, codex, gemini or goose",
                              choices=("claude", "codex", "gemini", "goose"))
     agent_image: str = setting("nightcrier-agent:latest", "AGENT_IMAGE", "agent container image")
@@ -233,21 +237,29 @@ class Config:
                                             "replaces the built-in triage prompt")
     additional_agent_prompt: str = setting("", "ADDITIONAL_AGENT_PROMPT",
                                            "appended to the triage prompt")
-    agent_user: str = setting("", "AGENT_USER", "uid:gid in the container; default nightcrier's own")
+    agent_user: str = setting("", "AGENT_USER",
+                              "uid:gid (or user, user:group) in the container; default nightcrier's own",
+                              kind="docker_user")
     agent_network: str = setting("bridge", "AGENT_NETWORK",
-                                 "container network mode; host lets the agent reach the host's loopback")
-    agent_memory: str = setting("2g", "AGENT_MEMORY", "container memory limit; empty = none")
+                                 "bridge, host, none, container:<name> or a created network; host lets "
+                                 "the agent reach the host's loopback",
+                                 kind="docker_network")
+    agent_memory: str = setting("2g", "AGENT_MEMORY", "container memory limit (b, k, m or g; at least 6m); "
+                                "empty = none", kind="docker_memory")
     agent_cpus: float = setting(0.0, "AGENT_CPUS", "container CPU limit; 0 = none", minimum=0)
     agent_pids_limit: int = setting(512, "AGENT_PIDS_LIMIT", "container process limit; 0 = none",
                                     minimum=0)
     agent_drop_capabilities: bool = setting(True, "AGENT_DROP_CAPABILITIES",
                                             "drop every Linux capability in the container")
-    agent_cap_add: list[str] = setting([], "AGENT_CAP_ADD", "capabilities given back, e.g. NET_RAW")
+    agent_cap_add: list[str] = setting([], "AGENT_CAP_ADD", "capabilities given back, e.g. NET_RAW "
+                                       "(comma-separated in the environment)", kind="capabilities")
     agent_no_new_privileges: bool = setting(True, "AGENT_NO_NEW_PRIVILEGES",
                                             "setuid programs cannot raise the agent's privileges")
     agent_read_only_root: bool = setting(True, "AGENT_READ_ONLY_ROOT",
                                          "read-only root filesystem; /tmp and HOME stay writable")
-    agent_tmp_size: str = setting("512m", "AGENT_TMP_SIZE", "size of the container's /tmp (a tmpfs)")
+    agent_tmp_size: str = setting("512m", "AGENT_TMP_SIZE",
+                                  "size of the container's /tmp (a tmpfs): 512m, 1g or 50%",
+                                  kind="tmpfs_size")
     agent_init: bool = setting(True, "AGENT_INIT", "run an init process that reaps zombies")
     agent_env: dict[str, str] = setting(
         {}, "AGENT_ENV", "extra agent environment; a value ${VAR} is read from nightcrier's environment")
@@ -303,13 +315,14 @@ class Config:
     report_base_url: str = setting("", "REPORT_BASE_URL",
                                    "nightcrier's own public http(s) URL, for signed report links in Slack")
     web_token: str = setting("", "WEB_TOKEN",
-                             "guards the incident pages; empty = pages only on a loopback health_bind",
-                             secret=True)
+                             "guards the incident pages (16 characters or more); empty = pages only "
+                             "on a loopback health_bind", secret=True, kind="token")
     report_link_secret: str = setting("", "REPORT_LINK_SECRET",
                                       "HMAC key of signed report links; empty = a random one kept "
                                       "in the database", secret=True)
     report_link_ttl: str = setting("168h", "REPORT_LINK_TTL",
-                                   "how long a signed report link opens its report (Go duration)")
+                                   "how long a signed report link opens its report (Go duration)",
+                                   kind="duration")
     notify_on_agent_failure: bool = setting(True, "NOTIFY_ON_AGENT_FAILURE",
                                             "send degraded and recovered alerts")
     failure_threshold_for_alert: int = setting(3, "FAILURE_THRESHOLD_FOR_ALERT",
@@ -331,7 +344,8 @@ class Config:
     azure_storage_container: str = setting("", "AZURE_STORAGE_CONTAINER",
                                            "Azure Blob container for reports (must exist)")
     azure_sas_expiry: str = setting("168h", "AZURE_SAS_EXPIRY",
-                                    "lifetime of the read-only SAS and S3 presigned links (Go duration)")
+                                    "lifetime of the read-only SAS and S3 presigned links (Go duration)",
+                                    kind="duration")
     s3_bucket: str = setting("", "S3_BUCKET", "S3 bucket for reports (must exist); empty = no S3")
     s3_prefix: str = setting("", "S3_PREFIX", "key prefix put before <incident_id>/")
     s3_region: str = setting("", "S3_REGION", "S3 region; default from the AWS configuration")
@@ -376,6 +390,7 @@ class _Key:
     secret: bool
     doc: str
     maximum: float | None = None
+    kind: str = ""            # a key of VALUE_CHECKS, or ""
 
     @property
     def flag(self) -> str:
@@ -393,7 +408,7 @@ def _scalar_keys(cls: type = Config, prefix: str = "") -> list[_Key]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         keys.append(_Key(prefix + f.name, prefix.rstrip("."), f.name, hints[f.name], f.metadata["env"],
                          default, f.metadata["minimum"], f.metadata["choices"], f.metadata["secret"],
-                         f.metadata["doc"], f.metadata.get("maximum")))
+                         f.metadata["doc"], f.metadata.get("maximum"), f.metadata.get("kind", "")))
     return keys
 
 
@@ -475,14 +490,8 @@ def _coerce(key: _Key, value: Any, problems: list[str], source: str = "") -> Any
             return bad(f"must be <= {key.maximum:g}")
         return number
     if key.type == list[str]:
-        if isinstance(value, str):
-            try:
-                return shlex.split(value)
-            except ValueError as exc:
-                return bad(f"cannot be split into arguments ({exc})")
-        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-            return [str(v) for v in value]
-        return bad("must be a list of strings or one command string")
+        items = _coerce_list(key, value, bad)
+        return items if items is None else _checked(key, items, bad)
     if key.type == dict[str, str]:
         return _coerce_env_map(value, bad)
     if value is None:
@@ -492,7 +501,134 @@ def _coerce(key: _Key, value: Any, problems: list[str], source: str = "") -> Any
     text = str(value)
     if key.choices and text.lower() not in key.choices:
         return bad(f"must be one of {', '.join(key.choices)}")
-    return text.lower() if key.choices else text
+    return _checked(key, text.lower() if key.choices else text, bad)
+
+
+def _coerce_list(key: _Key, value: Any, bad: Callable[[str], None]) -> list[str] | None:
+    """A list from YAML, or from one string: split like a shell for an ``argv`` key, else at commas
+    (``AGENT_CAP_ADD=NET_RAW,SYS_PTRACE`` is two items)."""
+    if isinstance(value, str):
+        if key.kind != "argv":
+            return [item.strip() for item in value.split(",") if item.strip()]
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            return bad(f"cannot be split into arguments ({exc})")
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    return bad("must be a list of strings or one command string" if key.kind == "argv"
+               else "must be a list of strings or one comma-separated string")
+
+
+def _checked(key: _Key, value: Any, bad: Callable[[str], None]) -> Any:
+    """``value`` if its kind's check passes (see :data:`VALUE_CHECKS`), else None with the reason
+    recorded. An empty value means "unset" and is left to the key's own meaning."""
+    why = VALUE_CHECKS[key.kind](value) if key.kind and value else ""
+    return bad(why) if why else value
+
+
+# -- checks of a value's form, one per kind of value ----------------------------------------------
+# Each returns why the value cannot work, or "". They reject at load what would otherwise fail
+# only when an agent starts, in the words of the key's own documentation.
+
+GO_DURATION_EXAMPLE = "e.g. 168h, 30m or 1h30m"
+DOCKER_MIN_MEMORY = 6 * 1024 * 1024   # the engine refuses a smaller memory limit
+DOCKER_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)([kmg]b?|b)?", re.IGNORECASE)  # docker-py's parse_bytes
+TMPFS_SIZE_RE = re.compile(r"\d+[kmgtpe]?|\d+%", re.IGNORECASE)  # the kernel's tmpfs size= option
+DOCKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # moby's rule for the names of things
+DOCKER_NETWORK_MODES = ("bridge", "host", "none", "default")
+POSIX_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+MIN_TOKEN_LENGTH = 16
+LINUX_CAPABILITIES = frozenset((
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK",
+    "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN",
+    "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND",
+    "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))
+
+
+def _duration_problem(text: str) -> str:
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError as exc:
+        return f"{exc}; use a Go duration, {GO_DURATION_EXAMPLE}"
+    return "" if seconds > 0 else f"must be positive, {GO_DURATION_EXAMPLE}"
+
+
+def _docker_memory_problem(text: str) -> str:
+    match = DOCKER_MEMORY_RE.fullmatch(text)
+    if not match:
+        return "must be a size such as 512m or 2g (a number of bytes, or with unit b, k, m or g)"
+    unit = (match.group(2) or "b")[0].lower()
+    size = float(match.group(1)) * {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit]
+    return "" if size >= DOCKER_MIN_MEMORY else "must be at least 6m, the smallest limit Docker accepts"
+
+
+def _tmpfs_size_problem(text: str) -> str:
+    if TMPFS_SIZE_RE.fullmatch(text):
+        return ""
+    return ("must be a tmpfs size such as 512m, 1g or 50% (whole number, unit k, m or g), "
+            "and nothing else: the mount options are nightcrier's")
+
+
+def _capabilities_problem(names: list[str]) -> str:
+    unknown = [n for n in names if n.upper().removeprefix("CAP_") not in LINUX_CAPABILITIES | {"ALL"}]
+    if not unknown:
+        return ""
+    verb = "is not a Linux capability" if len(unknown) == 1 else "are not Linux capabilities"
+    return f"{', '.join(map(repr, unknown))} {verb} (such as NET_RAW or SYS_PTRACE; see capabilities(7))"
+
+
+def _docker_network_problem(text: str) -> str:
+    """Docker's own modes, ``container:<name>``, or a user-defined network's name. Whether that
+    network exists is the engine's to say: the runner checks before each agent (see
+    :meth:`DockerRunner.check`)."""
+    if text in DOCKER_NETWORK_MODES:
+        return ""
+    if text.startswith("container:"):
+        return "" if DOCKER_NAME_RE.fullmatch(text.removeprefix("container:")) else (
+            "container:<name> needs a container name or id")
+    if DOCKER_NAME_RE.fullmatch(text):
+        return ""
+    return ("must be bridge, host, none, container:<name> or the name of a Docker network "
+            "(letters, digits, '_', '.', '-')")
+
+
+def _network_near_miss(network: str) -> list[str]:
+    """A warning for a network name a typo away from one of Docker's modes (``bridg``): a valid
+    name, but one that only works if such a network was created."""
+    close = "" if network in DOCKER_NETWORK_MODES else _closest(network, DOCKER_NETWORK_MODES)
+    if not close:
+        return []
+    return [f"agent_network: {network!r} is not one of Docker's modes, so it must be a network created "
+            f"with docker network create; agents wait until it exists{close}"]
+
+
+def _docker_user_problem(text: str) -> str:
+    parts = text.split(":")
+    if len(parts) <= 2 and all(p.isdigit() or POSIX_USER_RE.fullmatch(p) for p in parts):
+        return ""
+    return "must be user, uid, user:group or uid:gid, e.g. 1000:1000"
+
+
+def _token_problem(text: str) -> str:
+    if len(text) >= MIN_TOKEN_LENGTH:
+        return ""
+    return (f"must be at least {MIN_TOKEN_LENGTH} characters (it guards reports and agent logs); "
+            "make one with: openssl rand -hex 32")
+
+
+VALUE_CHECKS: dict[str, Callable[[Any], str]] = {
+    "argv": lambda _argv: "",  # split like a shell (see _coerce_list); any words will do
+    "duration": _duration_problem,
+    "docker_memory": _docker_memory_problem,
+    "tmpfs_size": _tmpfs_size_problem,
+    "capabilities": _capabilities_problem,
+    "docker_network": _docker_network_problem,
+    "docker_user": _docker_user_problem,
+    "token": _token_problem,
+}
 
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -580,7 +716,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
             problems.append(f"{name}: must be a mapping of keys, got {type(raw[name]).__name__} "
                             f"[config file {path}]")
 
-    flat = _flatten(raw, warnings)
+    flat = _flatten(raw, warnings, problems)
     for key in SCALAR_KEYS:
         source_value: Any = dataclasses.MISSING
         source = ""
@@ -602,6 +738,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
             owner = _resolve(config, key.owner)
             setattr(owner, key.name, value)
 
+    warnings += _network_near_miss(config.agent_network)
     config.clusters = _load_clusters(raw.get("clusters"), problems)
     _cross_check(config, problems)
     for name, value in config.agent_env.items():
@@ -616,6 +753,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
 def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
     if not path:
         return {}
+    import yaml
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -643,10 +781,11 @@ def _read_yaml(path: str | None, problems: list[str]) -> dict[str, Any]:
     return data
 
 
-def _flatten(raw: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """Dotted key -> value for every scalar key in the file; warns on keys that mean nothing,
-    naming the closest known key. Known keys are the fields of :class:`Config`, so a key added
-    there is known here."""
+def _flatten(raw: Mapping[str, Any], warnings: list[str], problems: list[str]) -> dict[str, Any]:
+    """Dotted key -> value for every scalar key in the file. A key that means nothing is named
+    with the closest known key: a warning at the top level (a Go-era file carries such keys), an
+    error inside a section (``state_storage.tpye`` would silently keep SQLite). Known keys are
+    the fields of :class:`Config`, so a key added there is known here."""
     flat: dict[str, Any] = {}
     sections = _sections()
     for name, value in raw.items():
@@ -663,6 +802,8 @@ def _flatten(raw: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
             continue
         if path in OBSOLETE_KEYS:
             warnings.append(f"{path}: no longer used ({OBSOLETE_KEYS[path]}); ignored")
+        elif path.split(".", 1)[0] in sections:
+            problems.append(f"{path}: unknown key{_closest(path, known)}")
         else:
             warnings.append(f"{path}: unknown key; ignored{_closest(path, known)}")
         del flat[path]
@@ -832,12 +973,6 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     if config.report_base_url and not _is_http_url(config.report_base_url):
         problems.append(f"report_base_url (env REPORT_BASE_URL): must be an http(s) URL, "
                         f"got {config.report_base_url!r}")
-    try:
-        if parse_go_duration(config.report_link_ttl) <= 0:
-            raise ValueError("must be positive")
-    except ValueError as exc:
-        problems.append(f"report_link_ttl (env REPORT_LINK_TTL): {exc}, e.g. 168h or 30m, "
-                        f"got {config.report_link_ttl!r}")
     _check_channels(config, problems)
     _check_object_storage(config, problems)
     storage = config.state_storage
@@ -911,14 +1046,10 @@ def _check_object_storage(config: Config, problems: list[str]) -> None:
     elif config.s3_endpoint_url and not _is_http_url(config.s3_endpoint_url):
         problems.append(f"s3_endpoint_url (env S3_ENDPOINT_URL): must be an http(s) URL, "
                         f"got {config.s3_endpoint_url!r}")
-    try:
-        expiry = parse_go_duration(config.azure_sas_expiry)
-        if expiry <= 0:
-            raise ValueError("must be positive")
-        if kind == "s3" and expiry > S3_MAX_LINK_SECONDS:
-            raise ValueError("S3 presigned links last at most 168h")
-    except ValueError as exc:
-        problems.append(f"invalid AZURE_SAS_EXPIRY duration '{config.azure_sas_expiry}': {exc}")
+    # Its form was checked with the key (a valid duration, whatever the store); S3 caps it.
+    if kind == "s3" and parse_go_duration(config.azure_sas_expiry) > S3_MAX_LINK_SECONDS:
+        problems.append(f"azure_sas_expiry (env AZURE_SAS_EXPIRY): S3 presigned links last at most "
+                        f"168h, got {config.azure_sas_expiry!r}")
     module, package = {"azure_blob": ("azure.storage.blob", "azure-storage-blob"),
                        "s3": ("boto3", "boto3")}[kind]
     if not _importable(module):
@@ -963,7 +1094,7 @@ def parse_go_duration(text: str) -> float:
     Raises ValueError with Go's own wording for anything ``time.ParseDuration`` rejects.
     """
     quoted = '"' + text + '"'
-    rest = text.strip()
+    rest = text  # as Go: " 1h " is not a duration
     sign = -1.0 if rest.startswith("-") else 1.0
     rest = rest[1:] if rest[:1] in "+-" and rest else rest
     if rest == "0":
@@ -2496,36 +2627,52 @@ class SqliteStore(SqlStore):
 
     # liveness: one owner per file
 
-    @property
-    def lock_path(self) -> str:
-        return self.path + ".lock"
-
     def hold_liveness(self, instance: str) -> None:
-        import fcntl
         if self._liveness_instance:
             if self._liveness_instance != instance:
                 raise StoreError(f"this store already proves {self._liveness_instance} alive")
             return
         if self.read_only:
             raise StoreError("a read-only store cannot own the database")
+        fd = self._take_lock(self.path)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, instance {instance}, "
+                       f"since {_iso(utcnow())}\n").encode(), 0)
+        self._lock_fd = fd
+        self._liveness_instance = instance
+
+    @staticmethod
+    def _take_lock(path: str) -> int:
+        """A descriptor of ``<path>.lock`` holding its lock. Raises DatabaseOwned naming the
+        process that holds it, StoreUnavailable when the file cannot be opened."""
+        import fcntl
+        lock_path = path + ".lock"
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot open lock file {self.lock_path}: {exc}") from exc
+            raise StoreUnavailable(f"cannot open lock file {lock_path}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
             raise DatabaseOwned(
-                f"SQLite database {self.path} is owned by another nightcrier run process ({holder}); "
+                f"SQLite database {path} is owned by another nightcrier run process ({holder}); "
                 "only one may run on a SQLite database: stop that one first, or use PostgreSQL "
                 "to run several replicas") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, instance {instance}, "
-                       f"since {_iso(utcnow())}\n").encode(), 0)
-        self._lock_fd = fd
-        self._liveness_instance = instance
+        return fd
+
+    @classmethod
+    def check_unowned(cls, path: str) -> None:
+        """Raise DatabaseOwned when another process owns the database at ``path``; takes nothing.
+
+        For a ``run`` to say so before anything else it starts fails for the same reason (the
+        owner's health port, say). A lock file that cannot be opened is left to opening the store.
+        """
+        try:
+            os.close(cls._take_lock(path))
+        except StoreUnavailable:
+            pass
 
     def _is_alive(self, instance: str | None) -> bool:
         # Only the owner judges (see recover_orphans), and it is the only live process.
@@ -2915,6 +3062,20 @@ class PostgresPool:
         return conn
 
 
+PG_NAME_BYTES = 63  # what PostgreSQL keeps of an application_name (NAMEDATALEN - 1)
+
+
+def pg_application_name(text: str) -> str:
+    """``text`` as an application_name, exactly as the server stores it.
+
+    Printable ASCII only (the server rewrites anything else) cut to 63 bytes. Instance ids put
+    their random part first (see :func:`new_instance_id`), so the names of two processes differ
+    however long their host's name: a process recognises its own earlier sessions by this name
+    and ends them, and must never take another's for its own.
+    """
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:PG_NAME_BYTES]
+
+
 class PostgresStore(SqlStore):
     """:class:`StateStore` on PostgreSQL, for one or many nightcrier processes.
 
@@ -3032,7 +3193,8 @@ class PostgresStore(SqlStore):
         """A connection holding this instance's lock; raises StoreUnavailable if none can be had."""
         import psycopg2
         try:
-            conn = psycopg2.connect(self._pool.dsn, application_name=f"nightcrier-live {instance}"[:63],
+            conn = psycopg2.connect(self._pool.dsn,
+                                    application_name=pg_application_name(f"nightcrier-live {instance}"),
                                     connect_timeout=5, keepalives=1, keepalives_idle=5,
                                     keepalives_interval=1, keepalives_count=3)
         except psycopg2.Error as exc:
@@ -4365,7 +4527,7 @@ class ClusterOwnership(threading.Thread):
         self.dsn = postgres_dsn(config.state_storage) if config.state_storage.type == "postgres" else ""
         self.clusters = [c.name for c in config.clusters]
         self.instance = instance
-        self.app_name = (self.APP_PREFIX + instance)[:63]  # PostgreSQL keeps 63 bytes of it
+        self.app_name = pg_application_name(self.APP_PREFIX + instance)
         self.interval = config.failover_seconds / 3
         self.grace = config.failover_seconds
         self.on_change = on_change
@@ -5008,19 +5170,33 @@ class DockerRunner:
             return self._client
 
     def check(self) -> None:
-        """Raise RunnerUnavailable unless the engine answers and has the image."""
+        """Raise RunnerUnavailable unless the engine answers, has the image and has the network."""
         import docker
         import requests
         client = self._docker()
         try:
             client.ping()
             client.images.get(self.config.agent_image)
+            self._check_network(client)
         except docker.errors.ImageNotFound as exc:
             raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
         except (docker.errors.DockerException, requests.RequestException) as exc:
             with self._lock:
                 self._client = None
             raise RunnerUnavailable(f"docker engine unreachable: {_short_error(exc)}") from exc
+
+    def _check_network(self, client: Any) -> None:
+        """A user-defined ``agent_network`` must exist: the configuration can only check its name."""
+        import docker
+        network = self.config.agent_network
+        if network in DOCKER_NETWORK_MODES or network.startswith("container:"):
+            return
+        try:
+            client.networks.get(network)
+        except docker.errors.NotFound as exc:
+            raise RunnerUnavailable(
+                f"agent_network {network!r} is not a network of this Docker engine: create it (docker "
+                "network create) or set agent_network to bridge, host, none or container:<name>") from exc
 
     def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
         import docker
@@ -8745,8 +8921,12 @@ class Service:
 
 
 def new_instance_id() -> str:
-    """host:pid:random -- unique per process start, so a dead process's id never comes back."""
-    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+    """random:pid:host -- unique per process start, so a dead process's id never comes back.
+
+    The unique part comes first: where an id is cut to fit (a PostgreSQL application_name keeps
+    63 bytes), what is left still tells two processes on one host apart.
+    """
+    return f"{new_id()[:8]}:{os.getpid()}:{socket.gethostname()}"
 
 
 def open_store_with_retry(config: Config, stop: threading.Event | None = None,
@@ -8787,7 +8967,8 @@ def _config_parser() -> argparse.ArgumentParser:
         if key.secret or key.type == dict[str, str]:
             continue  # secrets on the command line would show in ps
         group.add_argument(key.flag, dest="set:" + key.path, metavar=key.type.__name__.upper()
-                           if isinstance(key.type, type) else "ARGS", help=key.doc)
+                           if isinstance(key.type, type) else "ARGS",
+                           help=key.doc.replace("%", "%%"))  # argparse formats help with %
     return parser
 
 
@@ -9242,6 +9423,8 @@ def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
             print(f"nightcrier: warning: {warning}", file=sys.stderr)
         print(f"nightcrier: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+    except ModuleNotFoundError:
+        raise  # not the file's fault: main says which library to install
     except Exception as exc:  # a value no check foresaw must still not end in a traceback
         print(f"nightcrier: invalid configuration in {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -9279,6 +9462,7 @@ def reread_config(args: argparse.Namespace) -> Config | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    import yaml
     config, _ = _load_or_exit(args)
     print(f"# effective configuration of nightcrier {__version__} "
           f"(file: {find_config_file(args.config) or 'none'})")
@@ -9329,13 +9513,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         service.stop()
         simulator.stop()
-    program = f"python3 {_self_command()[1]}"
+    program = shlex.join(_self_command())  # the interpreter this demo ran under, not a guess
     print(f"\nlook around:\n  {program} incidents --config {path}\n"
           f"  {program} show <incident-id> --config {path}\n  {program} tail <incident-id> --config {path}")
     return 0
 
 
 def _write_demo_config(directory: str, endpoint: str) -> str:
+    import yaml
     kubeconfig = os.path.join(directory, "kubeconfig")
     write_private(kubeconfig, "apiVersion: v1\nkind: Config\n# the demo cluster has no API server\n")
     path = os.path.join(directory, "config.yaml")
@@ -9500,6 +9685,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = new_instance_id()
     health: HealthServer | None = None
     try:
+        if config.state_storage.type == "sqlite":
+            SqliteStore.check_unowned(config.sqlite_path)  # the owner holds the health port too
         health, waiting = _early_health_server(config)
         store = open_store_with_retry(config, stop, on_error=waiting, owner=instance)
         service = Service(config, store, health_server=health, instance=instance)
@@ -9512,8 +9699,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             health.stop()
         return 0  # asked to stop while waiting for the database
     except DatabaseOwned as exc:
-        log_event(logging.ERROR, "refusing to start: the database has an owner", error=str(exc))
-        print(f"nightcrier: {exc}", file=sys.stderr)
+        if health is not None:
+            health.stop()
+        print(f"nightcrier: {exc}", file=sys.stderr)  # once: logging goes to stderr too
         return 1
     except StoreError as exc:
         log_event(logging.ERROR, "cannot open state store", error=str(exc))
@@ -9721,7 +9909,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
                 "workspace"):
         if key == "attempts":
-            line = _attempts_line(incident.attempts, len(executions), config.max_attempts)
+            line = _attempts_line(incident.attempts, len(executions), config.max_attempts,
+                                  final=incident.status not in (PENDING, INVESTIGATING))
             print(f"{'attempts':<16}{line}")
         elif document.get(key) not in (None, ""):
             print(f"{key.replace('_', ' '):<16}{document[key]}")
@@ -9741,9 +9930,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attempts_line(attempts: int, runs: int, max_attempts: int) -> str:
-    """Attempts as max_attempts counts them, reconciled with the runs listed below them."""
-    line = f"{attempts} of {max_attempts}"
+def _attempts_line(attempts: int, runs: int, max_attempts: int, final: bool) -> str:
+    """Attempts as max_attempts counts them, reconciled with the runs listed below them. A
+    ``final`` incident says so: "1 of 2" would promise a second attempt that never comes."""
+    line = (f"{attempts} attempt{'' if attempts == 1 else 's'}, final" if final
+            else f"{attempts} of {max_attempts}")
     if runs > attempts:
         uncounted = runs - attempts
         line += (f" ({runs} runs below; {uncounted} {'was' if uncounted == 1 else 'were'} returned to "
@@ -9830,7 +10021,15 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
                "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate,
                "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in sys.stdlib_module_names:
+            raise  # a Python built without one of its own modules: no pip install helps
+        print(f"nightcrier: the Python library {exc.name!r} is not installed: install nightcrier's "
+              "libraries with `pip install -r requirements.txt`, or run nightcrier.pyz, which "
+              "includes them", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

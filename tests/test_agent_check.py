@@ -190,3 +190,16 @@ def test_docker_fails_for_a_missing_image(tmp_path: Path, docker_ready: None) ->
     result = agent_check(config)
     assert result.returncode == 1
     assert "FAIL: runner unavailable: agent image nightcrier-no-such-image:3 not found" in result.stdout
+
+
+@pytest.mark.docker
+def test_docker_fails_for_a_network_the_engine_does_not_have(tmp_path: Path, docker_ready: None) -> None:
+    """A user-defined agent_network passes check-config by its name; its existence is checked here."""
+    network = f"nightcrier-no-such-net-{os.getpid()}"
+    config = write_config(tmp_path, agent_runner="docker", agent_image=infra.TEST_AGENT_IMAGE,
+                          agent_network=network, agent_command=["sh", "-c", "true"])
+    result = agent_check(config)
+    assert result.returncode == 1
+    assert (f"FAIL: runner unavailable: agent_network '{network}' is not a network of this Docker engine: "
+            "create it (docker network create) or set agent_network to bridge, host, none or "
+            "container:<name>") in result.stdout

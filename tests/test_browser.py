@@ -29,7 +29,7 @@ from test_reporting import Webhook
 
 import nightcrier as nc
 
-TOKEN = "br0wser-t0ken"
+TOKEN = "br0wser-t0ken-for-tests"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",

@@ -228,6 +228,104 @@ def test_example_config_is_valid_and_complete() -> None:
         assert f"{key.name}:" in text and key.env in text, f"{key.path} missing from config.example.yaml"
 
 
+# -- values whose form only an agent's start used to check --------------------------------
+
+# (id, config file keys, environment, the key the problem must name, what it must say)
+BAD_VALUES = [
+    ("memory not a size", {"agent_memory": "lots"}, {}, "agent_memory (env AGENT_MEMORY)",
+     "must be a size such as 512m or 2g"),
+    ("memory below Docker's minimum", {"agent_memory": "1m"}, {}, "agent_memory (env AGENT_MEMORY)",
+     "must be at least 6m"),
+    ("memory with spaces", {}, {"AGENT_MEMORY": "2 g"}, "agent_memory (env AGENT_MEMORY)", "must be a size"),
+    ("tmpfs options smuggled in", {"agent_tmp_size": "512m,suid,exec"}, {},
+     "agent_tmp_size (env AGENT_TMP_SIZE)", "must be a tmpfs size such as 512m"),
+    ("tmpfs fraction", {"agent_tmp_size": "1.5g"}, {}, "agent_tmp_size (env AGENT_TMP_SIZE)",
+     "must be a tmpfs size"),
+    ("unknown capability", {"agent_cap_add": ["NOT_A_CAP"]}, {}, "agent_cap_add (env AGENT_CAP_ADD)",
+     "'NOT_A_CAP' is not a Linux capability"),
+    ("unknown capability from env", {}, {"AGENT_CAP_ADD": "NET_RAW,FOO"},
+     "agent_cap_add (env AGENT_CAP_ADD)", "'FOO' is not a Linux capability"),
+    ("capabilities split by spaces", {"agent_cap_add": "NET_RAW SYS_PTRACE"}, {},
+     "agent_cap_add (env AGENT_CAP_ADD)", "'NET_RAW SYS_PTRACE' is not a Linux capability"),
+    ("network not a name", {"agent_network": "bridge mode"}, {}, "agent_network (env AGENT_NETWORK)",
+     "must be bridge, host, none, container:<name> or the name of a Docker network"),
+    ("container network without a name", {"agent_network": "container:"}, {},
+     "agent_network (env AGENT_NETWORK)", "container:<name> needs a container name"),
+    ("user with two colons", {"agent_user": "root:x:y"}, {}, "agent_user (env AGENT_USER)",
+     "must be user, uid, user:group or uid:gid"),
+    ("user with a space", {"agent_user": "1000: 1000"}, {}, "agent_user (env AGENT_USER)",
+     "must be user, uid, user:group or uid:gid"),
+    ("one-character web token", {"web_token": "x"}, {}, "web_token (env WEB_TOKEN)",
+     "must be at least 16 characters"),
+    ("short web token from env", {}, {"WEB_TOKEN": "hunter2"}, "web_token (env WEB_TOKEN)",
+     "must be at least 16 characters"),
+    ("duration with spaces", {"report_link_ttl": " 1h "}, {}, "report_link_ttl (env REPORT_LINK_TTL)",
+     'time: invalid duration " 1h "'),
+    ("duration without unit", {}, {"REPORT_LINK_TTL": "3600"}, "report_link_ttl (env REPORT_LINK_TTL)",
+     'time: missing unit in duration "3600"'),
+    ("SAS expiry without an object store", {"azure_sas_expiry": "5x"}, {},
+     "azure_sas_expiry (env AZURE_SAS_EXPIRY)", 'time: unknown unit "x" in duration "5x"'),
+    ("zero SAS expiry", {"azure_sas_expiry": "0s"}, {}, "azure_sas_expiry (env AZURE_SAS_EXPIRY)",
+     "must be positive"),
+]
+
+
+@pytest.mark.parametrize("keys, env, key, message", [c[1:] for c in BAD_VALUES],
+                         ids=[c[0] for c in BAD_VALUES])
+def test_check_config_rejects_what_an_agent_start_would(tmp_path: Path, keys: dict[str, Any],
+                                                       env: dict[str, str], key: str, message: str) -> None:
+    path = write(tmp_path, {**MINIMAL, **keys})
+    result = run_cli("check-config", "--config", path, env={**env, "PATH": ""})
+    assert result.returncode == 2, result.stdout
+    named = [line for line in result.stderr.splitlines() if key in line]
+    assert named and message in named[0], result.stderr
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.parametrize("keys, env, expected", [
+    ({"agent_memory": "512M", "agent_tmp_size": "50%", "agent_cap_add": ["net_raw", "CAP_SYS_PTRACE"],
+      "agent_network": "nightcrier-agents_1.0", "agent_user": "agent:1000", "web_token": "x" * 16,
+      "report_link_ttl": "1h30m", "azure_sas_expiry": "90m"}, {}, {}),
+    ({}, {"AGENT_CAP_ADD": "NET_RAW, SYS_PTRACE", "AGENT_MEMORY": "2gb", "AGENT_USER": "1000",
+          "AGENT_NETWORK": "container:sidecar"},
+     {"agent_cap_add": ["NET_RAW", "SYS_PTRACE"], "agent_memory": "2gb",
+      "agent_network": "container:sidecar"}),
+    ({"agent_network": "none", "agent_memory": "", "agent_cap_add": []}, {}, {"agent_memory": ""}),
+])
+def test_values_docker_accepts_load(tmp_path: Path, keys: dict[str, Any], env: dict[str, str],
+                                    expected: dict[str, Any]) -> None:
+    config, warnings = nc.load_config(write(tmp_path, {**MINIMAL, **keys}), env=env)
+    assert warnings == []
+    for name, value in expected.items():
+        assert getattr(config, name) == value
+
+
+def test_a_network_a_typo_away_from_a_mode_loads_with_a_warning(tmp_path: Path) -> None:
+    """A user-defined network may be called anything Docker allows, bridg included; whether it
+    exists is the engine's to say when agents start. A near miss of a mode is worth a word."""
+    config, warnings = nc.load_config(write(tmp_path, {**MINIMAL, "agent_network": "bridg"}), env={})
+    assert config.agent_network == "bridg"
+    assert warnings == ["agent_network: 'bridg' is not one of Docker's modes, so it must be a network "
+                        "created with docker network create; agents wait until it exists (did you mean "
+                        "`bridge`?)"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("0123456789.kmgKMGbB %,-x")), max_size=8))
+def test_a_memory_size_that_loads_is_one_docker_reads_the_same(text: str) -> None:
+    """The check agrees with docker-py, which turns agent_memory into the engine's byte count."""
+    from docker.utils import parse_bytes
+    if nc._docker_memory_problem(text) == "":
+        assert parse_bytes(text) >= nc.DOCKER_MIN_MEMORY
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("0123456789.hms \t+-µx")), max_size=8))
+def test_a_duration_that_loads_is_positive_and_bare(text: str) -> None:
+    if nc._duration_problem(text) == "":
+        assert nc.parse_go_duration(text) > 0 and text == text.strip()
+
+
 # -- secrets -----------------------------------------------------------------------------
 
 SECRETS = {
@@ -309,11 +407,22 @@ def test_unknown_keys_in_a_cluster_are_errors_with_the_closest_key(tmp_path: Pat
 
 
 def test_unknown_top_level_keys_name_the_closest_key(tmp_path: Path) -> None:
-    data = {**MINIMAL, "agent_timout": 5, "state_storage": {"typ": "sqlite"}, "postgres_host": "db"}
+    data = {**MINIMAL, "agent_timout": 5, "postgres_host": "db"}
     _, warnings = nc.load_config(write(tmp_path, data), env={})
     assert "agent_timout: unknown key; ignored (did you mean `agent_timeout`?)" in warnings
-    assert "state_storage.typ: unknown key; ignored (did you mean `state_storage.type`?)" in warnings
     assert "postgres_host: unknown key; ignored (did you mean `state_storage.postgres_host`?)" in warnings
+
+
+@pytest.mark.parametrize("section, key, closest", [
+    ("state_storage", "tpye", "state_storage.type"),
+    ("state_storage", "postgres_connection", "state_storage.postgres_connection_string"),
+    ("skills", "cache_directory", "skills.cache_dir"),
+])
+def test_unknown_keys_in_a_known_section_are_errors(tmp_path: Path, section: str, key: str,
+                                                    closest: str) -> None:
+    """A typo inside a section changes what runs (state_storage.tpye: postgres keeps SQLite)."""
+    problems = problems_of(tmp_path, {**MINIMAL, section: {key: "postgres"}})
+    assert problems == [f"{section}.{key}: unknown key (did you mean `{closest}`?)"]
 
 
 def test_known_keys_come_from_the_config_dataclasses(tmp_path: Path) -> None:

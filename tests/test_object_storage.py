@@ -565,13 +565,13 @@ CONN = f"DefaultEndpointsProtocol=https;AccountName={AZURITE_ACCOUNT};AccountKey
      "invalid AZURE_STORAGE_CONNECTION_STRING: AccountKey is missing (read-only links are signed with the "
      "account key)"),
     ({"azure_storage_connection_string": CONN, "azure_storage_container": "c", "azure_sas_expiry": "7d"},
-     "invalid AZURE_SAS_EXPIRY duration '7d': time: unknown unit \"d\" in duration \"7d\""),
+     "azure_sas_expiry (env AZURE_SAS_EXPIRY): time: unknown unit \"d\" in duration \"7d\""),
     ({"azure_storage_connection_string": CONN, "azure_storage_container": "c", "azure_sas_expiry": "10"},
-     "invalid AZURE_SAS_EXPIRY duration '10': time: missing unit in duration \"10\""),
+     "azure_sas_expiry (env AZURE_SAS_EXPIRY): time: missing unit in duration \"10\""),
     ({"s3_bucket": "b", "azure_sas_expiry": "169h"},
-     "invalid AZURE_SAS_EXPIRY duration '169h': S3 presigned links last at most 168h"),
+     "azure_sas_expiry (env AZURE_SAS_EXPIRY): S3 presigned links last at most 168h, got '169h'"),
     ({"s3_bucket": "b", "azure_sas_expiry": "0s"},
-     "invalid AZURE_SAS_EXPIRY duration '0s': must be positive"),
+     "azure_sas_expiry (env AZURE_SAS_EXPIRY): must be positive"),
     ({"s3_bucket": "b", "s3_endpoint_url": "minio:9000"},
      "s3_endpoint_url (env S3_ENDPOINT_URL): must be an http(s) URL, got 'minio:9000'"),
     ({"s3_bucket": "b", "azure_storage_connection_string": CONN, "azure_storage_container": "c"},
@@ -580,7 +580,7 @@ CONN = f"DefaultEndpointsProtocol=https;AccountName={AZURITE_ACCOUNT};AccountKey
 def test_object_storage_settings_are_checked_with_the_go_messages(tmp_path: Path, keys: dict[str, Any],
                                                                   message: str) -> None:
     found = problems(tmp_path, **keys)
-    assert message in found
+    assert any(problem.startswith(message) for problem in found), found
     assert not [p for p in found if AZURITE_KEY in p or "sig=zzz" in p], "a secret was quoted"
 
 

@@ -63,6 +63,26 @@ def test_a_busy_health_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
                              "health_port (env HEALTH_PORT) to a free port, or 0 to disable it\n")
 
 
+def test_a_second_run_on_one_sqlite_database_names_the_owner_once(tmp_path: Path) -> None:
+    """Not the health port the owner holds too: the database's owner is the cause, said once."""
+    path = write_config(tmp_path, health_port=free_port(),
+                        state_storage={"type": "sqlite", "sqlite_path": str(tmp_path / "nc.db")})
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        first = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(path)],
+                                 stdout=out, stderr=out, cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    try:
+        wait_for(lambda: "nightcrier started" in log.read_text(), timeout=30, what="the first run")
+        second = cli("--config", str(path), cwd=tmp_path)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(30)
+    assert second.returncode == 1
+    assert second.stderr.count("\n") == 1, second.stderr
+    assert f"is owned by another nightcrier run process (pid {first.pid} on host" in second.stderr
+    assert "health port" not in second.stderr
+
+
 def test_an_address_that_is_not_ours_is_named(tmp_path: Path) -> None:
     path = write_config(tmp_path, health_port=free_port(), health_bind="192.0.2.1",
                         state_storage={"type": "sqlite", "sqlite_path": str(tmp_path / "nc.db")})
@@ -300,11 +320,53 @@ def test_show_reconciles_attempts_with_the_runs_it_lists(engine: str, store_loca
 
     text = cli("show", second.incident_id, "--config", path)
     assert text.returncode == 0, text.stderr
-    assert ("attempts        1 of 2 (2 runs below; 1 was returned to pending by a shutdown or an "
+    assert ("attempts        1 attempt, final (2 runs below; 1 was returned to pending by a shutdown or an "
             "unavailable runner and not counted)") in text.stdout
     assert len(re.findall(r"^  \d{4}-\d\d-\d\d .* -> ", text.stdout, re.MULTILINE)) == 2
     document = json.loads(cli("show", second.incident_id, "--config", path, "--json").stdout)
     assert (document["attempts"], document["runs"], len(document["executions"])) == (1, 2, 2)
+
+
+def test_a_final_incident_shows_its_attempts_as_final(store: nc.StateStore, engine: str,
+                                                      store_locator: str, tmp_path: Path) -> None:
+    fill(store, 1)
+    claimed = store.claim_next("w")
+    assert claimed is not None
+    run = store.start_execution(claimed.incident_id, "process", {})
+    store.finish_execution(run.execution_id, 1, "agent exited with 1", {})
+    store.complete(claimed.incident_id, "w", nc.AGENT_FAILED, 1, "agent exited with 1")
+    path = str(write_config(tmp_path, state_storage=storage_of(engine, store_locator)))
+    text = cli("show", claimed.incident_id, "--config", path)
+    assert text.returncode == 0, text.stderr
+    assert "attempts        1 attempt, final\n" in text.stdout
+
+
+def test_the_demo_names_the_interpreter_it_ran_under(tmp_path: Path) -> None:
+    """Its look-around commands work when pasted: the same interpreter, quoted for the shell."""
+    interpreter = tmp_path / "my python" / "python"
+    interpreter.parent.mkdir()
+    interpreter.symlink_to(sys.executable)
+    demo = tmp_path / "demo"
+    result = subprocess.run([str(interpreter), str(ROOT / "nightcrier.py"), "demo", "--dir", str(demo),
+                             "--faults", "1", "--rate", "10"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    program = f"'{interpreter}' {ROOT / 'nightcrier.py'}"
+    assert f"  {program} incidents --config {demo / 'config.yaml'}\n" in result.stdout
+
+
+def test_a_missing_library_is_one_line_saying_how_to_install_it(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    # None in sys.modules makes `import yaml` fail as it does where PyYAML is not installed.
+    hide_yaml = ("import runpy, sys; sys.modules['yaml'] = None; "
+                 f"sys.argv = ['nightcrier.py', 'check-config', '--config', {str(path)!r}]; "
+                 f"runpy.run_path({str(ROOT / 'nightcrier.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide_yaml], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 1
+    assert result.stderr == ("nightcrier: the Python library 'yaml' is not installed: install nightcrier's "
+                             "libraries with `pip install -r requirements.txt`, or run nightcrier.pyz, "
+                             "which includes them\n")
 
 
 def test_demo_in_an_existing_directory_counts_only_new_faults(tmp_path: Path) -> None:

@@ -135,14 +135,14 @@ def test_an_overlong_fault_id_is_stored_not_refused(store_factory: Callable[[], 
 
 # -- ownership re-asserted after a lost connection ------------------------------------------------
 
-def ownership(tmp_path: Path, url: str, clusters: list[str]) -> nc.ClusterOwnership:
+def ownership(tmp_path: Path, url: str, clusters: list[str], instance: str = "") -> nc.ClusterOwnership:
     path = tmp_path / "ownership.yaml"
     path.write_text(yaml.safe_dump({
         "workspace_root": str(tmp_path / "ws"), "failover_seconds": 3,
         "state_storage": {"type": "postgres", "postgres_connection_string": url},
         "clusters": [{"name": c, "mcp": {"endpoint": "http://127.0.0.1:9/mcp"}} for c in clusters]}))
     config, _ = nc.load_config(str(path), env={})
-    return nc.ClusterOwnership(config, f"test:{uuid.uuid4().hex[:8]}", on_change=lambda: None)
+    return nc.ClusterOwnership(config, instance or f"test:{uuid.uuid4().hex[:8]}", on_change=lambda: None)
 
 
 def hold_lock(url: str, cluster: str, application_name: str) -> Any:
@@ -177,6 +177,36 @@ def test_a_lock_lost_with_the_connection_is_taken_again(tmp_path: Path, postgres
     finally:
         for c in (conn, stale, rival):
             c.close()
+
+
+@pytest.mark.postgres
+def test_two_processes_on_a_host_with_a_long_name_never_end_each_others_sessions(
+        tmp_path: Path, postgres_schema_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL keeps 63 bytes of an application_name: the part that tells processes apart
+    must survive the cut, or after an outage each would end the other's lock session as its own."""
+    monkeypatch.setattr(nc.socket, "gethostname", lambda: "nöde-" + "x" * 195)  # non-ASCII too
+    first_cluster, second_cluster = f"one-{uuid.uuid4().hex[:8]}", f"two-{uuid.uuid4().hex[:8]}"
+    both = [first_cluster, second_cluster]
+    first = ownership(tmp_path, postgres_schema_url, both, nc.new_instance_id())
+    second = ownership(tmp_path, postgres_schema_url, both, nc.new_instance_id())
+    assert first.app_name != second.app_name
+    assert len(first.app_name.encode()) == len(second.app_name.encode()) == nc.PG_NAME_BYTES
+    first_conn, second_conn = first._connect(), second._connect()
+    try:
+        for conn, cluster in ((first_conn, first_cluster), (second_conn, second_cluster)):
+            assert nc.ClusterOwnership._try_lock(conn.cursor(), cluster)
+        names = {app for _, app in (first._holder(first_conn.cursor(), c) or (0, "") for c in both)}
+        assert names == {first.app_name, second.app_name}, "the server keeps the names as built"
+        # After an outage each believes it still holds both clusters.
+        for owner in (first, second):
+            owner._owned, owner._unconfirmed = set(both), set(both)
+        assert first._reassert(first_conn) and second._reassert(second_conn)
+        assert _answers(first_conn) and _answers(second_conn), "a session of the other process was ended"
+        assert [c for c in both if first.owns(c)] == [first_cluster]
+        assert [c for c in both if second.owns(c)] == [second_cluster]
+    finally:
+        first_conn.close()
+        second_conn.close()
 
 
 def _answers(conn: Any) -> bool:

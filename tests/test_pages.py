@@ -318,8 +318,8 @@ def test_a_bad_ttl_is_a_config_error(tmp_path: Path) -> None:
         nc.load_config(str(path), env={"REPORT_LINK_TTL": "7d"})
     with pytest.raises(nc.ConfigError, match="must be positive"):
         nc.load_config(str(path), env={"REPORT_LINK_TTL": "-1h"})
-    config, _ = nc.load_config(str(path), env={"REPORT_LINK_TTL": "36h", "WEB_TOKEN": "t"})
-    assert config.report_link_ttl == "36h" and config.web_token == "t"
+    config, _ = nc.load_config(str(path), env={"REPORT_LINK_TTL": "36h", "WEB_TOKEN": TOKEN})
+    assert config.report_link_ttl == "36h" and config.web_token == TOKEN
     assert nc.config_as_dict(config)["web_token"] == nc.SECRET_MASK
 
 
