@@ -108,7 +108,8 @@ def test_cluster_roles_only_read_and_never_secrets_or_exec(manifest: str, name: 
 
 def test_triage_role_covers_what_nightcrier_checks_before_triage() -> None:
     import nightcrier
-    readable = {(group, resource) for rule in _cluster_role("triage-identity.yaml", "nightcrier-triage")["rules"]
+    rules = _cluster_role("triage-identity.yaml", "nightcrier-triage")["rules"]
+    readable = {(group, resource) for rule in rules
                 for group in rule["apiGroups"] for resource in rule["resources"] if "get" in rule["verbs"]}
     resources = {resource for _, resource in readable}
     for _, resource in nightcrier.PERMISSION_CHECKS:
