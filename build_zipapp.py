@@ -547,9 +547,11 @@ def install_dependencies(requirements: Path, target_dir: Path, version: str, pla
     Run by that interpreter when given, so environment markers are evaluated for it; raises on failure.
     """
     env = dict(os.environ, PIP_ROOT_USER_ACTION="ignore", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # --no-warn-conflicts: the target is a directory of its own; what the build machine has installed
+    # elsewhere (and its conflicts) is none of the build's business.
     cmd = [python or sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--no-compile",
-           "--no-warn-script-location", "--only-binary=:all:", "--implementation", "cp",
-           "--python-version", version, "--platform", platform,
+           "--no-warn-script-location", "--no-warn-conflicts", "--only-binary=:all:",
+           "--implementation", "cp", "--python-version", version, "--platform", platform,
            "--target", str(target_dir), "-r", str(requirements)]
     result = subprocess.run(cmd, env=env)
     if result.returncode:
