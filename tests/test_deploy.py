@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import infra
@@ -74,7 +75,7 @@ def test_example_host_config_writes_only_where_the_unit_allows_and_passes_check_
     config["workspace_root"] = str(tmp_path / "incidents")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([os.environ.get("PYTHON", "python3"), str(DEPLOY.parent / "nightcrier.py"),
+    result = subprocess.run([sys.executable, str(DEPLOY.parent / "nightcrier.py"),
                              "check-config", "--config", str(path)],
                             capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
     assert result.returncode == 0, result.stderr
