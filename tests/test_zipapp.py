@@ -30,6 +30,10 @@ from conftest import ROOT
 import build_zipapp
 import nightcrier
 
+# The first test also pays for the session's build: pip installs for four interpreters, which on a
+# loaded machine takes longer than the suite's default per-test timeout.
+pytestmark = pytest.mark.timeout(900)
+
 PYTHON = [sys.executable, "-I"]
 CLEAN_PATH = "/usr/bin:/bin"
 RUN_TIMEOUT = 60
