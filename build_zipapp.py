@@ -88,8 +88,10 @@ when that feature is configured, not at start.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,6 +114,15 @@ SUPPORTED_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 DEFAULT_PLATFORM = "manylinux2014_x86_64"
 DEFAULT_MACHINE = "x86_64"
 COMMON_DIR = "common"
+FEATURES_DIR = "features"
+# Optional features: the requirements only they need. Their libraries, and everything those need that
+# the rest of nightcrier does not, are extracted only when nightcrier first imports one of their
+# modules (the bootstrap's import hook), and carry no bytecode: a feature is used by few processes, and
+# its first import compiles what it needs into the extraction.
+FEATURES = {"postgres": ("psycopg2-binary",), "s3": ("boto3",), "azure": ("azure-storage-blob",)}
+# The AWS service models the S3 support reads (S3 itself; STS for role and web-identity credentials);
+# botocore ships one for every AWS service, which would be most of the archive.
+BOTOCORE_SERVICES = ("s3", "sts")
 # Fixed entry times make the zip a function of its contents.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -126,8 +137,9 @@ def target_tag(versions: tuple[str, ...] = SUPPORTED_PYTHONS, machine: str = DEF
     return f"{','.join(abi_tag(v) for v in versions)}-linux-{machine}"
 
 
-# The generated __main__.py. @BUILD_ID@ and @TARGET@ are filled in by render_bootstrap(). Only os,
-# sys, errno and fcntl are imported on the warm path: every millisecond here is paid on every start.
+# The generated __main__.py. @BUILD_ID@, @TARGET@ and @FEATURE_MODULES@ are filled in by
+# render_bootstrap(). Only os, sys, errno and fcntl are imported on the warm path: every millisecond here
+# is paid on every start.
 BOOTSTRAP = r'''# Start-up code of nightcrier.pyz, made by build_zipapp.py (its docstring is the contract).
 """Run nightcrier from this zip: extract its site-packages once per build into a cache, then import."""
 
@@ -138,6 +150,7 @@ import sys
 
 BUILD_ID = "@BUILD_ID@"
 TARGET = "@TARGET@"  # "<abi>,<abi>,...-<os>-<machine>"
+FEATURE_MODULES = @FEATURE_MODULES@  # top-level module -> the optional feature that holds it
 PAYLOAD = "site-packages/"
 EXIT_SETUP = 2
 # A free-threaded CPython ("t") cannot load the regular builds' compiled modules: its tag differs.
@@ -274,28 +287,22 @@ def _remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _extract(cache, build_dir):
-    """Extract the payload into build_dir. Caller holds the cache lock."""
+def _unpack(tmp, part, subdir):
+    """Unpack the common and this interpreter's files of payload ``part`` into ``tmp``/``subdir``."""
     import zipfile
 
     archive = getattr(globals().get("__loader__"), "archive", None) or os.path.dirname(__file__)
-    # Only an extraction that died leaves a temporary directory: a live one would hold our lock.
-    for name in os.listdir(cache):
-        if _is_temp(name):
-            _remove_tree(os.path.join(cache, name))
-    tmp = os.path.join(cache, f".{KEY}.{os.getpid()}.tmp")
-    os.mkdir(tmp, 0o755)
-    # Only this interpreter's part and the common part; both land in one site-packages.
-    wanted = (PAYLOAD + "common/", PAYLOAD + ABI + "/")
+    wanted = (part + "common/", part + ABI + "/")
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             name = info.filename
-            if not name.startswith(wanted) or ".." in name.split("/"):
+            prefix = next((w for w in wanted if name.startswith(w)), None)
+            if prefix is None or ".." in name.split("/"):
                 continue
-            rel = name.split("/", 2)[2]
+            rel = name[len(prefix):]
             if not rel:
                 continue
-            dest = os.path.join(tmp, "site-packages", *rel.split("/"))
+            dest = os.path.join(tmp, subdir, *rel.split("/"))
             if name.endswith("/"):
                 os.makedirs(dest, exist_ok=True)
                 continue
@@ -306,6 +313,18 @@ def _extract(cache, build_dir):
             mode = (info.external_attr >> 16) & 0o777
             if mode:
                 os.chmod(dest, mode)
+
+
+def _extract(cache, build_dir):
+    """Extract the payload into build_dir. Caller holds the cache lock."""
+    # Only an extraction that died leaves a temporary directory: a live one would hold our lock.
+    for name in os.listdir(cache):
+        if _is_temp(name):
+            _remove_tree(os.path.join(cache, name))
+    tmp = os.path.join(cache, f".{KEY}.{os.getpid()}.tmp")
+    os.mkdir(tmp, 0o755)
+    # Only this interpreter's part and the common part; both land in one site-packages.
+    _unpack(tmp, PAYLOAD, "site-packages")
     # A damaged tree is renamed before it is deleted, so no start sees it half gone under its name.
     if os.path.lexists(build_dir):
         broken = os.path.join(cache, f".{KEY}.{os.getpid()}.broken.tmp")
@@ -393,11 +412,56 @@ def _prepare(cache):
     return site
 
 
+class _FeatureFinder:
+    """Import hook: the first import of a module of an optional feature puts that feature's libraries
+    on sys.path (see load_feature) and leaves the finding to the regular path finder."""
+
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        feature = FEATURE_MODULES.get(fullname) if path is None else None
+        if feature is not None:
+            load_feature(feature)
+        return None
+
+
+def load_feature(name):
+    """Put optional feature ``name``'s libraries on sys.path, extracting them on its first use.
+
+    They land inside this build's extraction, so pruning the build removes them too. Raises
+    ImportError when they are missing and the cache cannot be written.
+    """
+    site = os.path.join(_extraction[0], "features", name)
+    if not os.path.isdir(site):
+        cache = os.path.dirname(_extraction[0])
+        try:
+            lock = _CacheLock(cache)
+        except OSError as exc:
+            raise ImportError(f"cannot extract the libraries of {name} into {cache}: {exc}") from None
+        try:
+            if not os.path.isdir(site):
+                tmp = os.path.join(cache, f".{KEY}.{os.getpid()}.tmp")
+                os.mkdir(tmp, 0o755)
+                _unpack(tmp, f"features/{name}/", "")
+                os.makedirs(os.path.dirname(site), exist_ok=True)
+                os.rename(tmp, site)
+        finally:
+            lock.release()
+    if site not in sys.path:
+        # Right after the bundled site-packages: the bundled version wins over one installed on the host.
+        sys.path.insert(sys.path.index(os.path.join(_extraction[0], "site-packages")) + 1, site)
+
+
+# The directory of this build's extraction, once _prepare found or made it.
+_extraction = []
+
+
 def _site_packages():
     problems = []
     for path, explicit in _candidates():
         try:
-            return _prepare(path or _private_tmp_dir())
+            site = _prepare(path or _private_tmp_dir())
+            _extraction.append(os.path.dirname(site))
+            return site
         except (OSError, SetupError) as exc:
             where = path or f"/tmp/nightcrier-{os.getuid()}"
             if explicit:
@@ -410,6 +474,7 @@ def _site_packages():
 def main():
     _check_interpreter()
     sys.path.insert(0, _site_packages())
+    sys.meta_path.insert(0, _FeatureFinder)
     import nightcrier
 
     nightcrier.BUILD_ID = BUILD_ID
@@ -451,8 +516,10 @@ class Target:
         return os.uname().machine == self.machine and sys.platform == "linux"
 
 
-def render_bootstrap(build_id: str, target: Target = Target()) -> str:
-    return BOOTSTRAP.replace("@TARGET@", target.tag).replace("@BUILD_ID@", build_id)
+def render_bootstrap(build_id: str, target: Target = Target(), feature_modules: dict[str, str] | None = None
+                     ) -> str:
+    return (BOOTSTRAP.replace("@TARGET@", target.tag).replace("@BUILD_ID@", build_id)
+            .replace("@FEATURE_MODULES@", repr(dict(sorted((feature_modules or {}).items())))))
 
 
 def find_interpreter(version: str, explicit: dict[str, str]) -> str | None:
@@ -480,9 +547,11 @@ def install_dependencies(requirements: Path, target_dir: Path, version: str, pla
     Run by that interpreter when given, so environment markers are evaluated for it; raises on failure.
     """
     env = dict(os.environ, PIP_ROOT_USER_ACTION="ignore", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # --no-warn-conflicts: the target is a directory of its own; what the build machine has installed
+    # elsewhere (and its conflicts) is none of the build's business.
     cmd = [python or sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--no-compile",
-           "--no-warn-script-location", "--only-binary=:all:", "--implementation", "cp",
-           "--python-version", version, "--platform", platform,
+           "--no-warn-script-location", "--no-warn-conflicts", "--only-binary=:all:",
+           "--implementation", "cp", "--python-version", version, "--platform", platform,
            "--target", str(target_dir), "-r", str(requirements)]
     result = subprocess.run(cmd, env=env)
     if result.returncode:
@@ -490,10 +559,112 @@ def install_dependencies(requirements: Path, target_dir: Path, version: str, pla
                          f"{' '.join(cmd)}")
 
 
-def stage(requirements: Path, target_dir: Path, version: str, platform: str, python: str | None) -> None:
-    """Fill ``target_dir`` with the dependencies, nightcrier and its schema files for one interpreter,
-    byte-compiled by ``python`` when given."""
-    install_dependencies(requirements, target_dir, version, platform, python)
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(text: str) -> str:
+    """The normalised distribution name a requirement ("boto3==1.2; python_version<'4'") names."""
+    return _normalise(re.split(r"[\s;\[(<>=!~]", text.strip(), maxsplit=1)[0])
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One installed distribution of a staged tree: its name, its files (relative paths as RECORD
+    lists them) and the names of the distributions it requires."""
+
+    name: str
+    info: Path
+    files: frozenset[str]
+    requires: frozenset[str]
+
+
+def installed_dists(tree: Path) -> dict[str, Dist]:
+    """The distributions ``pip install --target`` put into ``tree``, by normalised name."""
+    found = {}
+    for info in tree.glob("*.dist-info"):
+        meta = (info / "METADATA").read_text(errors="replace").splitlines()
+        name = _normalise(next(line[5:].strip() for line in meta if line.startswith("Name:")))
+        requires = {_requirement_name(line[len("Requires-Dist:"):])
+                    for line in meta if line.startswith("Requires-Dist:") and "extra ==" not in line}
+        with (info / "RECORD").open(newline="") as fh:
+            files = {Path(os.path.normpath(row[0])).as_posix() for row in csv.reader(fh) if row}
+        found[name] = Dist(name, info, frozenset(f for f in files if not f.startswith("..")),
+                           frozenset(requires))
+    return found
+
+
+def _closure(roots: set[str], dists: dict[str, Dist]) -> set[str]:
+    seen: set[str] = set()
+    todo = [r for r in roots if r in dists]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += [r for r in dists[name].requires if r in dists]
+    return seen
+
+
+def requirement_names(requirements: Path) -> set[str]:
+    """The distributions ``requirements`` names directly (a plain "name==version" per line)."""
+    return {_requirement_name(line) for line in requirements.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "-"))}
+
+
+def feature_of(dists: dict[str, Dist], requirements: set[str]) -> dict[str, str]:
+    """Which feature each distribution belongs to: "" (always extracted) for what the rest of nightcrier
+    needs and for what two features share, else the one feature that needs it."""
+    roots = {feature: {_normalise(n) for n in names} for feature, names in FEATURES.items()}
+    core = _closure(requirements - set().union(*roots.values()), dists)
+    needed_by = {feature: _closure(names, dists) for feature, names in roots.items()}
+    result = {}
+    for name in dists:
+        owners = [feature for feature, needed in needed_by.items() if name in needed]
+        result[name] = "" if name in core or len(owners) != 1 else owners[0]
+    return result
+
+
+def _wheel_tags(info: Path) -> list[str]:
+    return [line.split(":", 1)[1].strip() for line in (info / "WHEEL").read_text().splitlines()
+            if line.startswith("Tag:")]
+
+
+def share_abi3_wheels(trees: dict[str, Path]) -> None:
+    """Give every interpreter the stable-ABI (abi3) wheel chosen for the oldest one.
+
+    pip picks the newest abi3 build an interpreter accepts (cryptography: cp39-abi3 for 3.10,
+    cp311-abi3 for 3.11 and later), so the same library would be in the zip twice; the oldest
+    interpreter's build runs on every newer one, which is what abi3 promises.
+    """
+    oldest, *newer = trees.values()
+    for name, dist in installed_dists(oldest).items():
+        if not all(tag.split("-")[1] == "abi3" for tag in _wheel_tags(dist.info) or ["-"]):
+            continue
+        for tree in newer:
+            other = installed_dists(tree).get(name)
+            if other is None:
+                continue
+            for rel in other.files:
+                (tree / rel).unlink(missing_ok=True)
+            shutil.rmtree(other.info, ignore_errors=True)
+            for rel in dist.files:
+                if (oldest / rel).is_file():
+                    (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(oldest / rel, tree / rel)
+
+
+def trim_aws_models(tree: Path) -> None:
+    """Keep only the service models the S3 support reads (``BOTOCORE_SERVICES``)."""
+    for data in (tree / "botocore" / "data", tree / "boto3" / "data"):
+        if data.is_dir():
+            for child in data.iterdir():
+                if child.is_dir() and child.name not in BOTOCORE_SERVICES:
+                    shutil.rmtree(child)
+
+
+def finish_stage(target_dir: Path, python: str | None) -> None:
+    """Add nightcrier and its schema files to a staged tree and byte-compile it with ``python``."""
+    trim_aws_models(target_dir)
     # Console scripts name the build interpreter's path and are not reachable from the zip anyway.
     shutil.rmtree(target_dir / "bin", ignore_errors=True)
     pth = sorted(p.name for p in target_dir.glob("*.pth"))
@@ -522,24 +693,72 @@ def _digest(path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
 
-def payload_entries(trees: dict[str, Path]) -> list[tuple[str, Path]]:
+def _source_of(rel: str) -> str:
+    """"pkg/__pycache__/mod.cpython-312.pyc" -> "pkg/mod.py": bytecode belongs where its source does."""
+    parts = rel.split("/")
+    if len(parts) > 1 and parts[-2] == "__pycache__":
+        return "/".join([*parts[:-2], parts[-1].split(".", 1)[0] + ".py"])
+    return rel
+
+
+def tree_files(tree: Path, requirements: set[str]) -> dict[str, tuple[str, Path]]:
+    """Every staged file of ``tree``: relative path -> (feature, file). A feature's files carry no
+    bytecode (see ``FEATURES``); nightcrier's own files are part of no feature."""
+    dists = installed_dists(tree)
+    features = feature_of(dists, requirements)
+    owner = {rel: features[dist.name] for dist in dists.values() for rel in dist.files}
+    for dist in dists.values():
+        owner.update({p.relative_to(tree).as_posix(): features[dist.name] for p in dist.info.rglob("*")})
+    files = {}
+    for path in tree.rglob("*"):
+        rel = path.relative_to(tree).as_posix()
+        feature = owner.get(_source_of(rel), "")
+        if path.is_file() and not (feature and rel != _source_of(rel)):
+            files[rel] = (feature, path)
+    return files
+
+
+def _part(feature: str) -> str:
+    return f"{FEATURES_DIR}/{feature}" if feature else PAYLOAD_DIR
+
+
+def payload_entries(trees: dict[str, Path], requirements: set[str]) -> list[tuple[str, Path]]:
     """(name in the zip, file) for every staged file, sorted by name: a file the same in every tree
-    once under ``common/``, the others under their tree's ABI tag."""
-    files = {abi: {p.relative_to(tree).as_posix(): p for p in tree.rglob("*") if p.is_file()}
-             for abi, tree in trees.items()}
+    once under ``common/``, the others under their tree's ABI tag; a feature's files under
+    ``features/<feature>/`` instead of ``site-packages/``."""
+    files = {abi: tree_files(tree, requirements) for abi, tree in trees.items()}
     first = next(iter(files.values()))
-    common = {rel for rel, path in first.items()
-              if all(rel in other for other in files.values())
-              and len({_digest(other[rel]) for other in files.values()}) == 1}
-    entries = [(f"{PAYLOAD_DIR}/{COMMON_DIR}/{rel}", first[rel]) for rel in common]
+    common = {rel for rel, (feature, _) in first.items()
+              if all(other.get(rel, ("?",))[0] == feature for other in files.values())
+              and len({_digest(other[rel][1]) for other in files.values()}) == 1}
+    entries = [(f"{_part(first[rel][0])}/{COMMON_DIR}/{rel}", first[rel][1]) for rel in common]
     for abi, found in files.items():
-        entries += [(f"{PAYLOAD_DIR}/{abi}/{rel}", path) for rel, path in found.items() if rel not in common]
+        entries += [(f"{_part(feature)}/{abi}/{rel}", path) for rel, (feature, path) in found.items()
+                    if rel not in common]
     return sorted(entries)
+
+
+def feature_modules(entries: list[tuple[str, Path]]) -> dict[str, str]:
+    """Top-level module name -> feature, for every module an optional feature's part holds."""
+    found = {}
+    for name, _ in entries:
+        parts = name.split("/")
+        if parts[0] != FEATURES_DIR or len(parts) < 4:
+            continue
+        top = parts[3]
+        if len(parts) == 4:  # a module file: "six.py", "_cffi_backend.cpython-312-x86_64-linux-gnu.so"
+            if not top.endswith((".py", ".so")):
+                continue
+            top = top.split(".", 1)[0]
+        elif top.endswith((".dist-info", ".libs", ".data")) or top == "__pycache__":
+            continue
+        found[top] = parts[1]
+    return found
 
 
 def compute_build_id(entries: list[tuple[str, Path]], target: Target = Target()) -> str:
     digest = hashlib.sha256()
-    digest.update(render_bootstrap("", target).encode())
+    digest.update(render_bootstrap("", target, feature_modules(entries)).encode())
     for name, path in entries:
         data = path.read_bytes()
         digest.update(f"{name}\0{len(data)}\0".encode())
@@ -559,7 +778,8 @@ def write_zip(output: Path, entries: list[tuple[str, Path]], build_id: str, targ
                 zf.comment = f"nightcrier build {build_id}".encode()
                 main = zipfile.ZipInfo("__main__.py", ZIP_DATE_TIME)
                 main.external_attr = 0o644 << 16
-                zf.writestr(main, render_bootstrap(build_id, target), compress_type=zipfile.ZIP_DEFLATED)
+                zf.writestr(main, render_bootstrap(build_id, target, feature_modules(entries)),
+                            compress_type=zipfile.ZIP_DEFLATED)
                 for name, path in entries:
                     info = zipfile.ZipInfo(name, ZIP_DATE_TIME)
                     info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
@@ -577,19 +797,19 @@ def build(output: Path = DEFAULT_OUTPUT, requirements: Path = DEFAULT_REQUIREMEN
           target: Target = Target(), pythons: dict[str, str] | None = None) -> Build:
     """Build the application at ``output`` (replacing any file there) and describe it."""
     pythons = pythons or {}
-    missing: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nightcrier-build-") as tmp:
-        trees: dict[str, Path] = {}
-        for version in target.versions:
-            python = find_interpreter(version, pythons) if target.native else None
-            if python is None:
-                missing.append(version)
-            trees[abi_tag(version)] = Path(tmp) / abi_tag(version)
-            stage(requirements, trees[abi_tag(version)], version, target.platform, python)
-        entries = payload_entries(trees)
+        trees = {abi_tag(v): Path(tmp) / abi_tag(v) for v in target.versions}
+        found = {v: find_interpreter(v, pythons) if target.native else None for v in target.versions}
+        for version, python in found.items():
+            install_dependencies(requirements, trees[abi_tag(version)], version, target.platform, python)
+        share_abi3_wheels(trees)
+        for version, python in found.items():
+            finish_stage(trees[abi_tag(version)], python)
+        entries = payload_entries(trees, requirement_names(requirements))
         build_id = compute_build_id(entries, target)
         write_zip(output, entries, build_id, target)
-    return Build(output, build_id, target.tag, output.stat().st_size, tuple(missing))
+    missing = tuple(v for v, python in found.items() if python is None)
+    return Build(output, build_id, target.tag, output.stat().st_size, missing)
 
 
 def _python_option(text: str) -> tuple[str, str]:

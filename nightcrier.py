@@ -1959,6 +1959,8 @@ class StateStore:
 
         Every caller, in any process sharing the database, gets the same value,
         even when several create it at once (one insert wins, the others read it).
+        A value that exists is read without writing, so a read-only store returns it;
+        a read-only store raises :class:`StoreError` when it would have to create it.
         """
         raise NotImplementedError
 
@@ -2529,6 +2531,11 @@ class SqlStore(StateStore):
         return counts
 
     def shared_value(self, name: str, make: Callable[[], str]) -> str:
+        # Read first: once the value exists, a read-only store (the CLI's) can give it too.
+        existing = self._query("SELECT value FROM settings WHERE name = ?", (name,))
+        if existing:
+            return str(existing[0]["value"])
+
         def get_or_put(run: Callable[..., Any]) -> str:
             run("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
                 (name, make()))
@@ -5944,6 +5951,9 @@ class Dispatcher(threading.Thread):
             log_event(logging.WARNING, "dispatcher busy with the database at shutdown, not waiting for it")
         with self._running_lock:
             runs = list(self._running.values())
+        if runs:
+            log_event(logging.INFO, f"waiting up to {self.config.shutdown_timeout} s for {len(runs)} "
+                      f"agent{'s' if len(runs) != 1 else ''}; signal again to stop now")
         done, not_done = wait([r.future for r in runs], timeout=self.config.shutdown_timeout)
         if not_done:
             log_event(logging.WARNING, "agents still running at shutdown, stopping them",
@@ -6027,7 +6037,10 @@ class Dispatcher(threading.Thread):
             self.runner.check()
         except RunnerUnavailable as exc:
             if self.runner_error != str(exc):
-                log_event(logging.ERROR, "agent runner unavailable", error=str(exc))
+                # With triage off everywhere no agent is due, so a missing runner is no error yet.
+                needed = any(c.triage.enabled for c in self.config.clusters)
+                log_event(logging.ERROR if needed else logging.INFO, "agent runner unavailable",
+                          error=str(exc), **({} if needed else {"note": "no cluster has triage enabled"}))
             self.runner_error = str(exc)
             delay = self._runner_backoff.next()
             self._paused_until = self._next_runner_check = time.monotonic() + delay
@@ -6779,6 +6792,21 @@ def signed_report_url(base_url: str, incident_id: str, key: bytes, ttl: float,
     url = (f"{base_url.strip().rstrip('/')}/incidents/{urllib.parse.quote(incident_id, safe='')}"
            f"/report?{query}")
     return url if len(url) <= SLACK_TEXT_LIMIT else None
+
+
+def pages_url(config: Config) -> str | None:
+    """The base URL of the incident pages (``<base>incidents`` lists them): ``report_base_url`` when
+    set (the address people use), else the address the pages are bound to; None when they are off."""
+    if not config.health_port:
+        return None
+    if config.report_base_url:
+        return config.report_base_url.strip().rstrip("/") + "/"
+    host = config.health_bind
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.health_port}/"
 
 
 def verify_report_link(incident_id: str, query: Mapping[str, Sequence[str]], key: bytes,
@@ -8420,14 +8448,20 @@ class WebPages:
             if is_report:
                 return self.message(403, "Link not valid", "This report needs a signed link or a token.",
                                     root)
-            return self.message(401, "Token required", "Open this page with the web token.", root)
+            return self.message(401, "Token required",
+                                "These pages need the web token (the web_token setting, env WEB_TOKEN). "
+                                "Open this address once with ?token=<web token> added, and the pages "
+                                "remember it; or send it as the header Authorization: Bearer <web token>.",
+                                root)
         if access == "grant":
             return self._grant(path, query)
         if segments == ["incidents"]:
             return self.incident_list(query, root)
         if segments == ["clusters"]:
             return self.clusters(root)
-        if len(segments) < 2 or segments[0] != "incidents" or not is_uuid(segments[1]):
+        if len(segments) >= 2 and segments[0] == "incidents" and not is_uuid(segments[1]):
+            return self._by_prefix(segments, root)
+        if len(segments) < 2 or segments[0] != "incidents":
             return self.message(404, "Not found", "There is no such page.", root)
         if len(segments) == 2:
             return self.incident(segments[1], root)
@@ -8436,6 +8470,16 @@ class WebPages:
         if segments[2] == "files" and 4 <= len(segments) <= 3 + WORKSPACE_FILE_DEPTH:
             return self.raw_file(segments[1], segments[3:], root)
         return self.message(404, "Not found", "There is no such page.", root)
+
+    def _by_prefix(self, segments: list[str], root: str) -> PageResponse:
+        """``/incidents/<prefix>/…`` as the CLI takes ids: an unambiguous prefix redirects to the
+        incident; an ambiguous one says which incidents it matches."""
+        resolved, why = resolve_incident_id(self.store, segments[1])
+        if resolved is None:
+            return self.message(404, "Not found", why, root)
+        location = root + "/".join(["incidents", resolved, *(urllib.parse.quote(s) for s in segments[2:])])
+        return PageResponse(302, "text/plain; charset=utf-8", b"", [("Location", location),
+                                                                    *self._security_headers()])
 
     # -- pages
 
@@ -8703,7 +8747,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 # CLI ##########################################################################
 ###############################################################################
 
-SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "demo", "simulate", "stub-agent",
+SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "link", "demo", "simulate", "stub-agent",
                "version", "agent-check")
 EXIT_CONFIG = 2
 
@@ -8784,6 +8828,11 @@ class Service:
         """Start every thread. Raises :class:`DatabaseOwned` (nothing started) when another
         process owns the SQLite database."""
         self.store.hold_liveness(self.instance)  # before any claim: the proof of life comes first
+        if self.config.report_base_url:
+            try:  # made now, so that `nightcrier link` (a read-only reader) finds it
+                report_link_key(self.config, self.store)
+            except StoreError:
+                pass  # the pages and the notifier ask again when they need it
         self.writer.start()
         self.notifiers.start()
         if self.uploader is not None:
@@ -8957,11 +9006,17 @@ def open_store_with_retry(config: Config, stop: threading.Event | None = None,
 
 
 
-def _config_parser() -> argparse.ArgumentParser:
-    """Options shared by every subcommand that reads the configuration."""
+def _config_file_parser() -> argparse.ArgumentParser:
+    """The option of every subcommand that reads the configuration: which file."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-c", "--config", help="config file (default: search "
                         + ", ".join(CONFIG_SEARCH_PATH) + ")")
+    return parser
+
+
+def _config_parser() -> argparse.ArgumentParser:
+    """The config file and a flag for every setting that is no secret (run and check-config)."""
+    parser = argparse.ArgumentParser(add_help=False, parents=[_config_file_parser()])
     group = parser.add_argument_group("configuration overrides (win over file and environment)")
     for key in SCALAR_KEYS:
         if key.secret or key.type == dict[str, str]:
@@ -9350,31 +9405,63 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+PARSER_EPILOG = """\
+Incident ids may be given as any unambiguous prefix (3f2a9c01 for 3f2a9c01-b7e4-...), in every command
+and in the pages' addresses (/incidents/3f2a9c01).
+
+Without a command, nightcrier runs the service: nightcrier --config config.yaml
+"""
+
+
+def _command(sub: Any, name: str, summary: str, example: str,
+             parents: Sequence[argparse.ArgumentParser] = (), details: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does, in a sentence or two, and how it is used."""
+    return sub.add_parser(name, parents=list(parents), help=summary,
+                          description=f"{summary[0].upper()}{summary[1:]}. {details}".strip(),
+                          epilog="example:\n  " + example.replace("\n", "\n  "),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = _config_parser()
+    config_file, overrides = _config_file_parser(), _config_parser()
     parser = argparse.ArgumentParser(
-        prog="nightcrier", description="Turn Kubernetes faults into triaged incidents.")
+        prog="nightcrier", description="Turn Kubernetes faults into triaged incidents.",
+        epilog=PARSER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the service (the default)")
-    sub.add_parser("check-config", parents=[common],
-                   help="validate the configuration and print it, secrets masked")
-    tail = sub.add_parser("tail", parents=[common],
-                          help="print an incident's agent log and follow it until the incident ends")
-    tail.add_argument("incident_id")
+    _command(sub, "run", "run the service (the default command)",
+             "nightcrier run --config /etc/nightcrier/config.yaml", [overrides],
+             "Every setting can also be given as a flag below; flags win over the file and the environment.")
+    _command(sub, "check-config", "validate the configuration and print it, secrets masked",
+             "nightcrier check-config --config config.yaml --max-concurrent-agents 3", [overrides],
+             "Exits 0 and ends with 'configuration OK' when it is, else 2 naming every key that is wrong.")
+    tail = _command(sub, "tail", "print an incident's agent log and follow it until the incident ends",
+                    "nightcrier tail 3f2a9c01 --config config.yaml", [config_file])
+    tail.add_argument("incident_id", help="the incident's id or an unambiguous prefix of it")
     tail.add_argument("--stderr", action="store_true", help="follow the agent's stderr instead")
-    incidents = sub.add_parser("incidents", parents=[common], help="list incidents, newest first")
+    incidents = _command(sub, "incidents", "list incidents, newest first",
+                         "nightcrier incidents --status failed,agent_failed --since 6h --config config.yaml",
+                         [config_file])
     incidents.add_argument("--status", action="append",
                            help="only these statuses (comma-separated or repeated)")
     incidents.add_argument("--cluster", help="only this cluster")
     incidents.add_argument("--since", help="only created since: ISO 8601 time or an age (30m, 6h, 2d)")
     incidents.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     incidents.add_argument("--json", action="store_true", help="JSON instead of a table")
-    show = sub.add_parser("show", parents=[common], help="one incident with its runs, report and paths")
-    show.add_argument("incident_id")
+    show = _command(sub, "show", "one incident with its runs, report, paths and links",
+                    "nightcrier show 3f2a9c01 --config config.yaml", [config_file])
+    show.add_argument("incident_id", help="the incident's id or an unambiguous prefix of it")
     show.add_argument("--json", action="store_true", help="JSON instead of text")
-    simulate = sub.add_parser("simulate", help="serve simulated clusters that emit faults, for trials "
-                              "and smoke tests")
+    link = _command(sub, "link", "print a signed link to an incident's report, for someone without the "
+                    "web token", "nightcrier link 3f2a9c01 --ttl 24h --config config.yaml", [config_file],
+                    "Needs report_base_url; the link opens that one report until it expires.")
+    link.add_argument("incident_id", help="the incident's id or an unambiguous prefix of it")
+    link.add_argument("--ttl", default="24h", help="how long the link works, e.g. 30m, 24h (default 24h)")
+    simulate = _command(sub, "simulate", "serve simulated clusters that emit faults, for trying the whole "
+                        "service without a cluster", "nightcrier simulate --port 9100 --rate 0.2",
+                        details="Each listens like an events-enabled kubernetes-mcp-server; point a "
+                        "cluster's mcp.endpoint at the printed URL. With the stub-agent command as the "
+                        "agent, the service runs end to end without a cluster or an LLM.")
     simulate.add_argument("--cluster", default="simulated", help="cluster name (suffixed when several)")
     simulate.add_argument("--servers", type=int, default=1, help="how many simulated clusters")
     simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -9382,18 +9469,25 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rate", type=float, default=0.0,
                           help="faults per second per server (0: only on POST /_simulate/emit)")
     simulate.add_argument("--count", type=int, default=0, help="stop emitting after this many")
-    demo = sub.add_parser("demo", help="the whole pipeline on this machine: a simulated cluster, SQLite "
-                          "and a stub agent; no cluster, Docker or LLM needed")
+    demo = _command(sub, "demo", "the whole pipeline on this machine: a simulated cluster, SQLite and a "
+                    "stub agent; no cluster, Docker or LLM needed", "nightcrier demo --serve 8080")
     demo.add_argument("--dir", default="./nightcrier-demo", help="where the database and workspaces go")
-    demo.add_argument("--faults", type=int, default=5, help="stop after this many (0: until Ctrl-C)")
+    demo.add_argument("--faults", type=int, default=5, help="faults to emit (0: until Ctrl-C)")
     demo.add_argument("--rate", type=float, default=1.0, help="faults per second")
-    check = sub.add_parser("agent-check", parents=[common],
-                           help="run a canned incident through the configured agent setup; "
-                           "exit 0 on a report")
+    demo.add_argument("--serve", nargs="?", type=int, const=DEMO_PORT, metavar="PORT",
+                      help=f"keep running with the incident pages on PORT (default {DEMO_PORT}) until Ctrl-C")
+    demo.add_argument("--bind", default="127.0.0.1",
+                      help="address the pages listen on with --serve; any but loopback gets a web token")
+    check = _command(sub, "agent-check", "run a canned incident through the configured agent setup; exit 0 "
+                     "on a report", "nightcrier agent-check --cluster prod-us-east-1 --config config.yaml",
+                     [config_file], "The last step of a deployment: the image, CLI, keys, kubeconfig and "
+                     "network the service will use, end to end.")
     check.add_argument("--cluster", help="the cluster whose kubeconfig the agent gets (default: the first)")
     check.add_argument("--keep", action="store_true", help="keep the temporary workspace")
-    sub.add_parser("stub-agent")  # the demo's agent; no help= keeps it out of --help
-    sub.add_parser("version", help="print the version")
+    _command(sub, "stub-agent", "a stand-in agent that writes a plausible report from incident.json, for "
+             "trials without an LLM", "agent_runner: process\nagent_command: [python3, nightcrier.pyz, "
+             "stub-agent]", details="Set it as agent_command with the process runner (the demo does).")
+    _command(sub, "version", "print the version", "nightcrier version")
     return parser
 
 
@@ -9467,6 +9561,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"# effective configuration of nightcrier {__version__} "
           f"(file: {find_config_file(args.config) or 'none'})")
     print(yaml.safe_dump(config_as_dict(config), sort_keys=False), end="")
+    print("# configuration OK")  # a comment: the output stays a YAML document
     return 0
 
 
@@ -9486,18 +9581,35 @@ def _self_command() -> list[str]:
     return [sys.executable, os.path.abspath(sys.argv[0] if BUILD_ID else __file__)]
 
 
+DEMO_PORT = 8080
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run a simulated cluster, nightcrier on SQLite and a stub agent; print incidents as they go."""
+    """Run a simulated cluster, nightcrier on SQLite and a stub agent; print incidents as they go.
+    With ``--serve``, the incident pages are on and it keeps running until interrupted."""
+    import secrets
     directory = os.path.abspath(args.dir)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     configure_logging("warning", "text")
+    # Off loopback the pages need a token; the printed link carries it (and sets the cookie).
+    token = secrets.token_urlsafe(24) if args.serve is not None and not is_loopback(args.bind) else ""
     simulator = SimulatedServer("demo-cluster").start()
-    path = _write_demo_config(directory, simulator.url)
+    pages = None if args.serve is None else (args.bind, args.serve)
+    path = _write_demo_config(directory, simulator.url, pages, token)
     config, _ = load_config(path, env={})
     stop = threading.Event()
     _install_signal_handlers(stop)
-    service = Service(config).start()
+    try:
+        service = Service(config).start()
+    except (StartupError, OSError) as exc:
+        simulator.stop()
+        print(f"nightcrier: the demo cannot start: {exc}", file=sys.stderr)
+        return 1
     print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}")
+    base = pages_url(config)
+    open_url = f"{base}incidents" + (f"?token={token}" if token else "") if base else ""
+    if open_url:
+        print(f"  incident pages: {open_url}")
     earlier = sum(service.store.count_by_status().values())
     if earlier:
         print(f"  reusing this directory: its {earlier} earlier incident{'s' if earlier != 1 else ''} "
@@ -9510,6 +9622,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 1
         simulator.emit_many(args.faults or sys.maxsize, args.rate)
         _follow_demo(service.store, args.faults, stop, since=started)
+        if open_url and not stop.is_set():
+            print(f"\nall faults triaged; the pages stay up: open {open_url}  (Ctrl-C to stop)", flush=True)
+            stop.wait()
     finally:
         service.stop()
         simulator.stop()
@@ -9519,13 +9634,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_demo_config(directory: str, endpoint: str) -> str:
+def _write_demo_config(directory: str, endpoint: str, pages: tuple[str, int] | None = None,
+                       web_token: str = "") -> str:
+    """The demo's config file; ``pages`` (address, port) turns the pages on, with report links to them."""
     import yaml
     kubeconfig = os.path.join(directory, "kubeconfig")
     write_private(kubeconfig, "apiVersion: v1\nkind: Config\n# the demo cluster has no API server\n")
     path = os.path.join(directory, "config.yaml")
+    served: dict[str, Any] = {"health_port": 0}
+    if pages is not None:
+        bind, port = pages
+        served = {"health_bind": bind, "health_port": port, "web_token": web_token}
+        served["report_base_url"] = pages_url(Config(health_bind=bind, health_port=port))
     write_private(path, yaml.safe_dump({
-        "workspace_root": os.path.join(directory, "workspaces"), "health_port": 0, "log_level": "warning",
+        "workspace_root": os.path.join(directory, "workspaces"), **served, "log_level": "warning",
         "agent_runner": "process", "agent_command": [*_self_command(), "stub-agent"],
         "max_concurrent_agents": 2, "agent_timeout": 60,
         "state_storage": {"type": "sqlite", "sqlite_path": os.path.join(directory, "nightcrier.db")},
@@ -9692,6 +9814,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         service = Service(config, store, health_server=health, instance=instance)
         running.append(service)
         service.start()
+        if (url := pages_url(config)) is not None:
+            log_event(logging.INFO, "incident pages", url=url + "incidents")
     except StoreRefused as exc:
         return _startup_failed(f"the database refuses nightcrier: {exc}", health)
     except StoreUnavailable:
@@ -9927,6 +10051,49 @@ def cmd_show(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"\nreport: {report.raw_report_path}")
         print(f"summary: {report.summary_text or 'See investigation report'}")
+    if (url := pages_url(config)) is not None:
+        print(f"\npage: {url}incidents/{incident.incident_id}")
+        if report is not None and config.report_base_url:
+            link = _report_link_for(config, incident.incident_id, parse_go_duration(config.report_link_ttl))
+            print(f"report link: {link[0] or link[1]}")
+    return 0
+
+
+def _report_link_for(config: Config, incident_id: str, ttl: float) -> tuple[str | None, str]:
+    """A signed report link for ``incident_id`` valid for ``ttl`` seconds, or None and why not."""
+    if not config.report_base_url:
+        return None, "report links need report_base_url (env REPORT_BASE_URL): nightcrier's public URL"
+    try:
+        with _cli_store(config) as store:
+            key = report_link_key(config, store)
+    except StoreError as exc:
+        return None, (f"cannot read the report link key ({exc}); it is made by the first `run` with "
+                      "report_base_url set, or set report_link_secret")
+    url = signed_report_url(config.report_base_url, incident_id, key, ttl)
+    return (url, "") if url else (None, "the link would be too long; shorten report_base_url")
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    """Print a signed link that opens one incident's report, with no token, until it expires."""
+    config, _ = _load_or_exit(args)
+    try:
+        ttl = parse_go_duration(args.ttl)
+    except ValueError as exc:
+        print(f"nightcrier: --ttl: {exc}, e.g. 24h or 30m", file=sys.stderr)
+        return EXIT_CONFIG
+    if ttl <= 0:
+        print("nightcrier: --ttl must be more than 0, e.g. 24h", file=sys.stderr)
+        return EXIT_CONFIG
+    with _cli_store(config) as store:
+        resolved, why = resolve_incident_id(store, args.incident_id)
+    if resolved is None:
+        print(f"nightcrier: {why}", file=sys.stderr)
+        return 1
+    url, why = _report_link_for(config, resolved, ttl)
+    if url is None:
+        print(f"nightcrier: {why}", file=sys.stderr)
+        return EXIT_CONFIG if not config.report_base_url else 1
+    print(url)
     return 0
 
 
@@ -10020,7 +10187,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_version(args)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
                "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate,
-               "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check}[args.command]
+               "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check,
+               "link": cmd_link}[args.command]
     try:
         return handler(args)
     except ModuleNotFoundError as exc:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import runpy
 import sys
 import time
 import uuid
@@ -14,6 +18,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Set by tests/test_zipapp.py to run tests against a built nightcrier.pyz instead of this checkout.
+PYZ = os.environ.get("NIGHTCRIER_TEST_PYZ")
+# Modules whose origin a run against the pyz reports (to NIGHTCRIER_TEST_PYZ_REPORT) at its end.
+PYZ_REPORTED_MODULES = ("nightcrier", "yaml", "requests", "boto3", "botocore", "azure.storage.blob",
+                        "cryptography")
+
+
+def _start_like_the_pyz(pyz: str) -> None:
+    """Import nightcrier as ``python nightcrier.pyz`` does: its bootstrap runs here (as for --version),
+    leaving the extracted nightcrier in sys.modules and its import hook for optional features in place."""
+    argv, sys.argv = sys.argv, [pyz, "--version"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(pyz, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code:
+            raise RuntimeError(f"{pyz} --version exited {exc.code}") from None
+    finally:
+        sys.argv = argv
+
+
+if PYZ:
+    _start_like_the_pyz(PYZ)
 
 import infra  # noqa: E402
 
@@ -117,6 +144,10 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     infra.shutdown()
+    report = os.environ.get("NIGHTCRIER_TEST_PYZ_REPORT")
+    if PYZ and report:
+        Path(report).write_text(json.dumps({name: getattr(sys.modules.get(name), "__file__", None)
+                                            for name in PYZ_REPORTED_MODULES}))
 
 
 @pytest.fixture(autouse=True)

@@ -296,6 +296,8 @@ def test_sigterm_drains_running_agents_and_exits_0(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert exit_status(proc, tmp_path) == 0
     assert store.count_by_status()[nc.RESOLVED] == 3, "running agents were allowed to finish"
+    log = (tmp_path / "stderr.log").read_text()
+    assert "waiting up to 20 s for 3 agents; signal again to stop now" in log
     store.close()
 
 
@@ -313,6 +315,26 @@ def test_sigterm_past_the_shutdown_timeout_returns_incidents_to_pending(tmp_path
     assert incident.status == nc.PENDING and incident.attempts == 0
     assert not _alive(int(pids.read_text().split()[0]))
     store.close()
+
+
+def test_a_missing_runner_is_no_error_while_no_cluster_triages(tmp_path: Path) -> None:
+    config = _service_config(tmp_path, GOOD_AGENT, agent_runner="docker", health_port=0)
+    data = yaml.safe_load(config.read_text())
+    for cluster in data["clusters"]:
+        cluster["triage"]["enabled"] = False
+    config.write_text(yaml.safe_dump(data))
+    with open(tmp_path / "stderr.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "nightcrier.py"), "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    try:
+        line = wait_for(lambda: next((x for x in (tmp_path / "stderr.log").read_text().splitlines()
+                                      if "agent runner unavailable" in x), None), timeout=30,
+                        what="the runner check")
+    finally:
+        proc.terminate()
+        assert exit_status(proc, tmp_path) == 0
+    assert "level=INFO" in line and "no cluster has triage enabled" in line, line
 
 
 def test_tail_follows_a_running_incident_to_its_end(tmp_path: Path, store: nc.StateStore,

@@ -295,10 +295,10 @@ def test_show_and_tail_take_an_unambiguous_prefix(engine: str, store_locator: st
 def test_help_lists_only_real_commands() -> None:
     result = cli("--help")
     assert result.returncode == 0
-    assert "SUPPRESS" not in result.stdout and "stub-agent" not in result.stdout
+    assert "SUPPRESS" not in result.stdout
     listed = re.findall(r"^    ([a-z-]+)", result.stdout, re.MULTILINE)
-    assert listed == ["run", "check-config", "tail", "incidents", "show", "simulate", "demo", "agent-check",
-                      "version"]
+    assert listed == ["run", "check-config", "tail", "incidents", "show", "link", "simulate", "demo",
+                      "agent-check", "stub-agent", "version"]
     for command in listed:
         assert cli(command, "--help").returncode == 0
 

@@ -30,6 +30,10 @@ from conftest import ROOT
 import build_zipapp
 import nightcrier
 
+# The first test also pays for the session's build: pip installs for four interpreters, which on a
+# loaded machine takes longer than the suite's default per-test timeout.
+pytestmark = pytest.mark.timeout(900)
+
 PYTHON = [sys.executable, "-I"]
 CLEAN_PATH = "/usr/bin:/bin"
 RUN_TIMEOUT = 60
@@ -138,16 +142,57 @@ def test_archive_holds_nightcrier_its_schemas_and_every_dependency(app: App) -> 
     assert wanted
     for version in build_zipapp.SUPPORTED_PYTHONS:
         abi = build_zipapp.abi_tag(version)
-        # Each interpreter's view: the common part plus its own, and nothing of another's.
+        # Each interpreter's view: the common part plus its own, and nothing of another's; an optional
+        # feature's libraries apart from the rest, under features/<feature>/.
         parts = (f"site-packages/{abi}/", "site-packages/common/")
         own = {n.split("/", 2)[2] for n in names if n.startswith(parts)}
+        postgres = {n.split("/", 3)[3] for n in names
+                    if n.startswith(("features/postgres/common/", f"features/postgres/{abi}/"))}
+        features = {n.split("/", 3)[3] for n in names if n.startswith("features/")
+                    and n.split("/")[2] in ("common", abi)}
         assert f"__pycache__/nightcrier.cpython-{abi[2:]}.pyc" in own or version not in INTERPRETERS
         so = rf"\.cpython-{abi[2:]}-x86_64-linux-gnu\.so"
-        assert any(re.fullmatch(r"psycopg2/_psycopg" + so, n) for n in own)
-        assert any(n.startswith("psycopg2_binary.libs/libpq") for n in own)
+        assert any(re.fullmatch(r"psycopg2/_psycopg" + so, n) for n in postgres)
+        assert any(n.startswith("psycopg2_binary.libs/libpq") for n in postgres)
+        assert not any(n.startswith(("psycopg2", "boto", "azure", "cryptography")) for n in own)
         assert any(re.fullmatch(r"yaml/_yaml" + so, n) for n in own)
-        installed = {norm(n.split("/")[0].split("-")[0]) for n in own if ".dist-info/" in n}
+        installed = {norm(n.split("/")[0].split("-")[0]) for n in own | features if ".dist-info/" in n}
         assert not [w for w in wanted if norm(w) not in installed], (version, wanted, installed)
+    # The AWS models are those of the services the S3 support calls, not botocore's hundreds.
+    models = {n.split("/")[5] for n in names if n.startswith("features/s3/common/botocore/data/")
+              and n.count("/") > 5}
+    assert models == set(build_zipapp.BOTOCORE_SERVICES)
+    # One stable-ABI build of a library serves every interpreter.
+    assert len([n for n in names if n.endswith("cryptography/hazmat/bindings/_rust.abi3.so")]) == 1
+
+
+def test_a_start_extracts_no_optional_feature_until_it_is_used(app: App, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ok(run(app, "--version", env=clean_env(cache), cwd=tmp_path))
+    extraction = cache / app.key
+    assert not (extraction / "features").exists()
+    assert not list((extraction / "site-packages").glob("psycopg2*"))
+    assert not list((extraction / "site-packages").glob("boto*"))
+
+
+def test_object_storage_tests_pass_from_the_pyz(app: App, tmp_path: Path) -> None:
+    """The S3 and Azure tests, with nightcrier and every library imported from the archive's cache."""
+    cache, report = tmp_path / "cache", tmp_path / "modules.json"
+    env = dict(os.environ, NIGHTCRIER_TEST_PYZ=str(app.path), NIGHTCRIER_TEST_PYZ_REPORT=str(report),
+               NIGHTCRIER_CACHE_DIR=str(cache))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(ROOT / "tests" / "test_object_storage.py"), "-k",
+                             "artifacts_reach_the_store or presigned_links_carry"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\b3 passed\b", result.stdout), result.stdout[-2000:]
+    extraction = cache / app.key
+    files = json.loads(report.read_text())
+    assert files["nightcrier"] == str(extraction / "site-packages" / "nightcrier.py")
+    for module, feature in (("boto3", "s3"), ("botocore", "s3"), ("azure.storage.blob", "azure"),
+                            ("cryptography", "azure")):
+        assert files[module] and Path(files[module]).is_relative_to(extraction / "features" / feature), \
+            f"{module} came from {files[module]}"
 
 
 def test_runs_from_an_empty_directory_with_a_clean_environment(app: App, tmp_path: Path) -> None:
@@ -237,7 +282,8 @@ def test_postgres_driver_loads_from_the_cache(app: App, tmp_path: Path, postgres
     assert probe["libyaml"] is True
     site = cache / app.key / "site-packages"
     for module, file in probe["files"].items():
-        assert file and Path(file).is_relative_to(site), f"{module} loaded from {file}, not from {site}"
+        where = cache / app.key / "features" / "postgres" if module.startswith("psycopg2") else site
+        assert file and Path(file).is_relative_to(where), f"{module} loaded from {file}, not from {where}"
     assert probe["files"]["nightcrier"] == str(site / "nightcrier.py")
     assert re.fullmatch(r"_psycopg\..*so", Path(probe["files"]["psycopg2._psycopg"]).name)
 
