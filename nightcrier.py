@@ -2038,15 +2038,16 @@ class SqlStore(StateStore):
                 now = self.NOW
                 run("SAVEPOINT claim")
                 try:
-                    claimed = run(
-                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, "
+                    claimed = next(iter(self._update_returning(
+                        run, "incidents",
+                        "status = 'investigating', claimed_by = ?, "
                         f"heartbeat_at = {now}, started_at = {now}, updated_at = {now}, "
-                        "attempts = attempts + 1 "
-                        "WHERE status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
+                        "attempts = attempts + 1", (worker_id,),
+                        "status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
                         "WHERE cluster = ? AND status = 'pending' ORDER BY created_at, incident_id LIMIT 1) "
                         "AND NOT EXISTS "
-                        "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating') "
-                        "RETURNING *", (worker_id, cluster, cluster)).fetchone()
+                        "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating')",
+                        (cluster, cluster), "*")), None)
                 except self.integrity_errors():
                     # A writer that bypassed the queue row flipped an incident of this
                     # cluster a moment ago; the one-investigating index refused ours.
@@ -2074,39 +2075,52 @@ class SqlStore(StateStore):
             raise ValueError(f"not a final status: {status!r}")
         now = self.NOW
         return self._finish_claim(
-            f"UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
-            f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (status, exit_code, reason, incident_id, worker_id)) is not None
+            incident_id, worker_id,
+            f"status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
+            f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL",
+            (status, exit_code, reason)) is not None
 
     def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
         return self._finish_claim(
-            f"UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = {self.NOW}, "
+            incident_id, worker_id,
+            f"status = 'pending', failure_reason = ?, updated_at = {self.NOW}, "
             "claimed_by = NULL, heartbeat_at = NULL, "
-            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (reason, incident_id, worker_id)) is not None
+            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END", (reason,)) is not None
 
     def requeue(self, incident_id: str, worker_id: str, reason: str, max_attempts: int) -> str | None:
         now = self.NOW
         row = self._finish_claim(
-            "UPDATE incidents SET status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'pending' END, "
+            incident_id, worker_id,
+            "status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'pending' END, "
             f"failure_reason = ?, updated_at = {now}, "
             f"completed_at = CASE WHEN attempts >= ? THEN {now} ELSE NULL END, "
-            "claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster, status",
-            (max_attempts, reason, max_attempts, incident_id, worker_id))
+            "claimed_by = NULL, heartbeat_at = NULL", (max_attempts, reason, max_attempts))
         return None if row is None else row["status"]
 
-    def _finish_claim(self, sql: str, params: Sequence[Any]) -> Any:
+    def _finish_claim(self, incident_id: str, worker_id: str, assignments: str,
+                      params: Sequence[Any]) -> Any:
+        """Apply ``assignments`` to an incident that ``worker_id`` holds; its new row, or None
+        when the claim is not (or no longer) ours."""
         def finish(run: Callable[..., Any]) -> Any:
-            row = run(sql, params).fetchone()
-            if row is not None:
-                row = dict(row)
-                self._refresh_queue(run, row["cluster"])
-                self._announce_work(run)
+            rows = self._update_returning(
+                run, "incidents", assignments, params,
+                "incident_id = ? AND status = 'investigating' AND claimed_by = ?",
+                (incident_id, worker_id), "cluster, status")
+            if not rows:
+                return None
+            row = dict(rows[0])
+            self._refresh_queue(run, row["cluster"])
+            self._announce_work(run)
             return row
         return self._transaction(finish)
+
+    def _update_returning(self, run: Callable[..., Any], table: str, assignments: str,
+                          assignment_params: Sequence[Any], condition: str,
+                          condition_params: Sequence[Any], returning: str) -> list[Any]:
+        """``UPDATE table SET assignments WHERE condition``; the ``returning`` columns of the
+        rows it changed, as they are after the change."""
+        return run(f"UPDATE {table} SET {assignments} WHERE {condition} RETURNING {returning}",
+                   (*assignment_params, *condition_params)).fetchall()
 
     def recover_stale(self, stale_before: dt.datetime | float, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
@@ -2139,18 +2153,18 @@ class SqlStore(StateStore):
         now = self.NOW
 
         def sweep(run: Callable[..., Any]) -> tuple[list[str], list[str]]:
-            failed = run(
-                f"UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = {now}, "
-                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
-                f"WHERE status = 'investigating' AND {condition} AND attempts >= ? "
-                "RETURNING incident_id, cluster", (ORPHANED_REASON, *params, max_attempts)
-            ).fetchall()
-            requeued = run(
-                f"UPDATE incidents SET status = 'pending', updated_at = {now}, "
+            failed = self._update_returning(
+                run, "incidents",
+                f"status = 'failed', failure_reason = ?, completed_at = {now}, "
+                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL", (ORPHANED_REASON,),
+                f"status = 'investigating' AND {condition} AND attempts >= ?", (*params, max_attempts),
+                "incident_id, cluster")
+            requeued = self._update_returning(
+                run, "incidents",
+                f"status = 'pending', updated_at = {now}, "
                 "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, 'unknown') || ' stopped', "
-                "claimed_by = NULL, heartbeat_at = NULL "
-                f"WHERE status = 'investigating' AND {condition} RETURNING incident_id, cluster",
-                tuple(params)).fetchall()
+                "claimed_by = NULL, heartbeat_at = NULL", (),
+                f"status = 'investigating' AND {condition}", params, "incident_id, cluster")
             for row in [*failed, *requeued]:
                 run(f"UPDATE agent_executions SET completed_at = {now}, error_message = ? "
                     "WHERE incident_id = ? AND completed_at IS NULL",
@@ -2184,10 +2198,10 @@ class SqlStore(StateStore):
         if not incident_ids:
             return set()
         marks = ",".join("?" * len(incident_ids))
-        return self._transaction(lambda run: {str(r["incident_id"]) for r in run(
-            f"UPDATE incidents SET heartbeat_at = {self.NOW} WHERE claimed_by = ? "
-            f"AND status = 'investigating' AND incident_id IN ({marks}) RETURNING incident_id",
-            (worker_id, *incident_ids)).fetchall()})
+        return self._transaction(lambda run: {str(r["incident_id"]) for r in self._update_returning(
+            run, "incidents", f"heartbeat_at = {self.NOW}", (),
+            f"claimed_by = ? AND status = 'investigating' AND incident_id IN ({marks})",
+            (worker_id, *incident_ids), "incident_id")})
 
     def now(self) -> dt.datetime:
         moment = _ts(self._query(f"SELECT {self.NOW} AS now")[0]["now"])
@@ -2582,6 +2596,21 @@ class SqliteStore(SqlStore):
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._read(sql, params)
 
+    def _update_returning(self, run: Callable[..., Any], table: str, assignments: str,
+                          assignment_params: Sequence[Any], condition: str,
+                          condition_params: Sequence[Any], returning: str) -> list[Any]:
+        # RETURNING needs SQLite 3.35. Every write runs under BEGIN IMMEDIATE, so no other writer
+        # comes between finding the rows and changing them, and the condition is judged once,
+        # before any change, as a single UPDATE would judge it.
+        rowids = [r[0] for r in run(f"SELECT rowid FROM {table} WHERE {condition}", condition_params)]
+        changed: list[Any] = []
+        for start in range(0, len(rowids), _SQLITE_ROWIDS_PER_STATEMENT):
+            chunk = rowids[start:start + _SQLITE_ROWIDS_PER_STATEMENT]
+            among = f"rowid IN ({','.join('?' * len(chunk))})"
+            run(f"UPDATE {table} SET {assignments} WHERE {among}", (*assignment_params, *chunk))
+            changed += run(f"SELECT {returning} FROM {table} WHERE {among}", chunk).fetchall()
+        return changed
+
     def close(self) -> None:
         self._closed = True
         self._stop_checkpoints.set()
@@ -2627,6 +2656,8 @@ def _insert_sql(table: str, columns: Sequence[str], key: str, rows: int = 1) -> 
 
 
 _SQLITE_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+# Well under the 999 parameters SQLite allows before 3.32, with room for the assignments'.
+_SQLITE_ROWIDS_PER_STATEMENT = 900
 # Few distinct statements (each is compiled once and cached), few steps per batch.
 _SQLITE_CHUNK_ROWS = (256, 64, 16, 4, 1)
 
