@@ -2302,6 +2302,10 @@ class SqlStore(StateStore):
 
 # -- SQLite --------------------------------------------------------------------
 
+# The oldest SQLite the store's statements run on (the CI runs them on 3.34.0 too).
+SQLITE_MIN_VERSION = (3, 31, 0)
+
+
 class SqliteStore(SqlStore):
     """:class:`StateStore` on one SQLite file.
 
@@ -2330,6 +2334,11 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: str, busy_timeout: float = 30.0, *, read_only: bool = False,
                  owner: str = ""):
+        if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old: nightcrier needs SQLite >= "
+                f"{'.'.join(map(str, SQLITE_MIN_VERSION))} (the library Python's sqlite3 module "
+                "loads); use a newer Python or libsqlite3, or PostgreSQL")
         self.path = path
         self.read_only = read_only
         self._busy_ms = int(busy_timeout * 1000)
@@ -2493,9 +2502,9 @@ class SqliteStore(SqlStore):
         if self._closed:  # closed under a thread still at work: no verdict on the record
             return StoreUnavailable(f"SQLite {self.path}: the store is closed")
         if isinstance(exc, sqlite3.Error):
-            # Locked, read-only, missing or corrupt files may come right again;
-            # constraint and programming errors will not.
-            if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
+            # Locked, read-only, missing or corrupt files may come right again; constraint and
+            # programming errors (a syntax error, no such table) will not, whatever their class.
+            if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError) and _sqlite_outage(exc):
                 self._drop_connection()
                 return StoreUnavailable(f"SQLite {self.path}: {exc}")
             if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError)):
@@ -2641,6 +2650,25 @@ class SqliteStore(SqlStore):
 
 class _ThreadSentinel:
     """Lives in a thread's locals; its collection tells the store the thread has ended."""
+
+
+# SQLite's primary result codes for a file that cannot be used now, as opposed to a statement that
+# is wrong: PERM, BUSY, LOCKED, NOMEM, READONLY, INTERRUPT, IOERR, CORRUPT, FULL, CANTOPEN,
+# PROTOCOL, NOTADB.
+_SQLITE_OUTAGE_CODES = frozenset({3, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
+# What SQLite says for those codes, for Python 3.10, whose exceptions carry no code.
+_SQLITE_OUTAGE_TEXTS = ("access permission denied", "database is locked", "database table is locked",
+                        "out of memory", "readonly database", "interrupted", "disk i/o error",
+                        "malformed", "disk is full", "unable to open", "locking protocol",
+                        "not a database")
+
+
+def _sqlite_outage(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says the database file is unusable for now rather than the statement wrong."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_OUTAGE_CODES
+    return any(text in str(exc).lower() for text in _SQLITE_OUTAGE_TEXTS)
 
 
 def _sqlite_param(value: Any) -> Any:
@@ -5547,6 +5575,7 @@ class Dispatcher(threading.Thread):
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
+        self.store_fault = ""  # why the last round's statements were refused; "" when they were not
         self._cluster_locks: dict[str, threading.Lock] = {}
         self._running: dict[str, _Run] = {}
         self._running_lock = threading.Lock()
@@ -5642,9 +5671,21 @@ class Dispatcher(threading.Thread):
                 self.metrics.inc("db_errors")
                 log_event(logging.WARNING, "dispatcher: database unavailable", error=str(exc))
                 self._stopping.wait(1.0)
+            except StoreError as exc:
+                # Not an outage: the database refuses the dispatcher's own statements (a
+                # feature this SQLite lacks, a damaged schema). Waiting fixes nothing, so
+                # readiness fails until a round succeeds again.
+                self.metrics.inc("db_errors")
+                if self.store_fault != str(exc):
+                    log.exception("dispatcher: the database refuses its statements, nothing is "
+                                  "dispatched until this is fixed")
+                self.store_fault = str(exc)
+                self._stopping.wait(1.0)
             except Exception:  # the dispatcher must outlive any bug in one round
                 log.exception("dispatcher error")
                 self._stopping.wait(1.0)
+            else:
+                self.store_fault = ""
 
     def _check_runner(self) -> None:
         """Ask the runner whether it could start an agent now (engine answers, image present).
@@ -8040,7 +8081,10 @@ class Service:
         active = sum(h.status == ACTIVE for h in healths)
         # A replica whose clusters are all held by others is ready: it stands by on purpose.
         watching = active > 0 or (bool(healths) and all(h.status == STANDBY for h in healths))
-        return database == "ok" and watching, {"database": database, "active_clusters": active}
+        fault = self.dispatcher.store_fault
+        dispatching = "ok" if not fault else f"failing: {fault}"
+        return database == "ok" and watching and not fault, {
+            "database": database, "dispatching": dispatching, "active_clusters": active}
 
     def metrics_text(self) -> bytes:
         """Gauges read at scrape time, then the registry in the Prometheus text format."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -61,6 +62,25 @@ def test_sqlite_unopenable_file_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(nc.StoreUnavailable):
         nc.SqliteStore(str(tmp_path / "dir.db"))
+
+
+@pytest.mark.parametrize(("message", "outage"), [
+    ("database is locked", True), ("disk I/O error", True), ("unable to open database file", True),
+    ("attempt to write a readonly database", True), ("database disk image is malformed", True),
+    ('near "RETURNING": syntax error', False), ("no such table: incidents", False),
+    ("no such column: x", False)])
+def test_sqlite_errors_without_a_code_are_told_apart_by_their_text(message: str, outage: bool) -> None:
+    """Python 3.10's sqlite3 exceptions carry no result code, only SQLite's message."""
+    assert nc._sqlite_outage(sqlite3.OperationalError(message)) is outage
+
+
+def test_sqlite_older_than_the_minimum_is_refused_at_open(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 30, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
+    with pytest.raises(nc.StoreError, match=r"SQLite 3\.30\.1 is too old: nightcrier needs SQLite >= 3\.31"):
+        nc.SqliteStore(str(tmp_path / "nc.db"))
+    assert not (tmp_path / "nc.db").exists()
 
 
 def test_sqlite_writers_wait_instead_of_failing(tmp_path: Path) -> None:
