@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import sys
 import time
 import uuid
@@ -20,6 +22,14 @@ import infra  # noqa: E402
 import nightcrier  # noqa: E402
 
 ENGINES = ("sqlite", "postgres")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A run meant for one SQLite library (tests/test_old_sqlite.py) must not test another."""
+    expected = os.environ.get("NIGHTCRIER_EXPECT_SQLITE_VERSION")
+    if expected and sqlite3.sqlite_version != expected:
+        raise pytest.UsageError(f"sqlite3 loads SQLite {sqlite3.sqlite_version}, not {expected} "
+                                f"(LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')})")
 
 
 def open_test_store(engine: str, locator: str) -> nightcrier.StateStore:
