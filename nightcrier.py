@@ -2370,18 +2370,35 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"cannot create directory for {path}: {exc}") from exc
         if owner:
             self.hold_liveness(owner)
-        created = not os.path.exists(path)
         try:
+            self._create_private(path)
             self._write_fn(self._migrate)
         except BaseException:
             self._release_lock()
             raise
         self._transaction(lambda run: self._repair_queue(run, full=True))
-        if created:
-            os.chmod(path, 0o600)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                               name="sqlite-checkpoint")
         self._checkpointer.start()
+
+    @staticmethod
+    def _create_private(path: str) -> None:
+        """Create the database file, empty and mode 0600, unless it exists.
+
+        SQLite gives the ``-wal``, ``-shm`` and ``-journal`` files it makes the database
+        file's mode, so they too are private from their first byte, whatever the umask
+        (they hold every secret the database holds, the report-link key among them).
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create SQLite database {path}: {exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # a umask such as 0o277 would leave it unwritable
+        finally:
+            os.close(fd)
 
     def _check_readable_schema(self) -> None:
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 
@@ -30,6 +32,24 @@ def test_sqlite_creates_its_directory_and_a_private_file(tmp_path: Path) -> None
     path = tmp_path / "new" / "dir" / "nc.db"
     nc.SqliteStore(str(path)).close()
     assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """The -wal and -shm files hold what the database holds (the report-link key): never 0644."""
+    directory = tmp_path / "state"
+    previous = os.umask(umask)
+    try:
+        store = nc.SqliteStore(str(directory / "nc.db"), owner="instance-1")
+        store.insert_events([make_event()])
+        store.shared_value("secret", lambda: "key material")
+        made = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        store.close()
+    finally:
+        os.umask(previous)
+    assert {"nc.db", "nc.db-wal", "nc.db-shm", "nc.db.lock"} <= set(made)
+    assert made == dict.fromkeys(made, 0o600)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
 def test_sqlite_has_one_connection_per_thread_closed_when_the_thread_ends(tmp_path: Path) -> None:
