@@ -2249,15 +2249,16 @@ class SqlStore(StateStore):
                 now = self.NOW
                 run("SAVEPOINT claim")
                 try:
-                    claimed = run(
-                        "UPDATE incidents SET status = 'investigating', claimed_by = ?, "
+                    claimed = next(iter(self._update_returning(
+                        run, "incidents",
+                        "status = 'investigating', claimed_by = ?, "
                         f"heartbeat_at = {now}, started_at = {now}, updated_at = {now}, "
-                        "attempts = attempts + 1 "
-                        "WHERE status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
+                        "attempts = attempts + 1", (worker_id,),
+                        "status = 'pending' AND incident_id = (SELECT incident_id FROM incidents "
                         "WHERE cluster = ? AND status = 'pending' ORDER BY created_at, incident_id LIMIT 1) "
                         "AND NOT EXISTS "
-                        "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating') "
-                        "RETURNING *", (worker_id, cluster, cluster)).fetchone()
+                        "(SELECT 1 FROM incidents WHERE cluster = ? AND status = 'investigating')",
+                        (cluster, cluster), "*")), None)
                 except self.integrity_errors():
                     # A writer that bypassed the queue row flipped an incident of this
                     # cluster a moment ago; the one-investigating index refused ours.
@@ -2281,32 +2282,29 @@ class SqlStore(StateStore):
 
     def complete(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
                  reason: str | None) -> bool:
-        verdict = self._verdict(incident_id, worker_id, status, exit_code, reason)
-        return self._finish_claim(*verdict) is not None
+        assignments, params = self._verdict(status, exit_code, reason)
+        return self._finish_claim(incident_id, worker_id, assignments, params) is not None
 
-    def _verdict(self, incident_id: str, worker_id: str, status: str, exit_code: int | None,
-                 reason: str | None) -> tuple[str, tuple[Any, ...]]:
-        """The statement (and its parameters) that gives a claimed incident its final status."""
+    def _verdict(self, status: str, exit_code: int | None, reason: str | None) -> tuple[str, tuple[Any, ...]]:
+        """The assignments (and their parameters) that give a claimed incident its final status."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"not a final status: {status!r}")
         now = self.NOW
-        return (f"UPDATE incidents SET status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
-                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
-                "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-                (status, exit_code, reason, incident_id, worker_id))
+        return (f"status = ?, exit_code = ?, failure_reason = ?, completed_at = {now}, "
+                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL", (status, exit_code, reason))
 
     def finish_run(self, incident_id: str, worker_id: str, outcome: RunOutcome) -> bool:
-        verdict = self._verdict(incident_id, worker_id, outcome.status, outcome.exit_code, outcome.reason)
+        assignments, params = self._verdict(outcome.status, outcome.exit_code, outcome.reason)
 
         def finish(run: Callable[..., Any]) -> bool:
-            row = run(*verdict).fetchone()
-            held = row is not None
+            rows = self._claimed_update(run, incident_id, worker_id, assignments, params)
+            held = bool(rows)
             self._close_execution(run, outcome.execution_id, outcome.exit_code,
                                   outcome.error_message if held else CLAIM_LOST_REASON, outcome.log_paths)
             if held:
                 if outcome.report is not None:
                     self._insert_report(run, outcome.report)
-                self._refresh_queue(run, row["cluster"])
+                self._refresh_queue(run, rows[0]["cluster"])
                 self._announce_work(run)
             return held
 
@@ -2314,32 +2312,50 @@ class SqlStore(StateStore):
 
     def release(self, incident_id: str, worker_id: str, reason: str) -> bool:
         return self._finish_claim(
-            f"UPDATE incidents SET status = 'pending', failure_reason = ?, updated_at = {self.NOW}, "
+            incident_id, worker_id,
+            f"status = 'pending', failure_reason = ?, updated_at = {self.NOW}, "
             "claimed_by = NULL, heartbeat_at = NULL, "
-            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster",
-            (reason, incident_id, worker_id)) is not None
+            "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END", (reason,)) is not None
 
     def requeue(self, incident_id: str, worker_id: str, reason: str, max_attempts: int) -> str | None:
         now = self.NOW
         row = self._finish_claim(
-            "UPDATE incidents SET status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'pending' END, "
+            incident_id, worker_id,
+            "status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'pending' END, "
             f"failure_reason = ?, updated_at = {now}, "
             f"completed_at = CASE WHEN attempts >= ? THEN {now} ELSE NULL END, "
-            "claimed_by = NULL, heartbeat_at = NULL "
-            "WHERE incident_id = ? AND status = 'investigating' AND claimed_by = ? RETURNING cluster, status",
-            (max_attempts, reason, max_attempts, incident_id, worker_id))
+            "claimed_by = NULL, heartbeat_at = NULL", (max_attempts, reason, max_attempts))
         return None if row is None else row["status"]
 
-    def _finish_claim(self, sql: str, params: Sequence[Any]) -> Any:
+    def _finish_claim(self, incident_id: str, worker_id: str, assignments: str,
+                      params: Sequence[Any]) -> Any:
+        """Apply ``assignments`` to an incident that ``worker_id`` holds; its new row, or None
+        when the claim is not (or no longer) ours."""
         def finish(run: Callable[..., Any]) -> Any:
-            row = run(sql, params).fetchone()
-            if row is not None:
-                row = dict(row)
-                self._refresh_queue(run, row["cluster"])
-                self._announce_work(run)
+            rows = self._claimed_update(run, incident_id, worker_id, assignments, params)
+            if not rows:
+                return None
+            row = dict(rows[0])
+            self._refresh_queue(run, row["cluster"])
+            self._announce_work(run)
             return row
         return self._transaction(finish)
+
+    def _claimed_update(self, run: Callable[..., Any], incident_id: str, worker_id: str, assignments: str,
+                        params: Sequence[Any]) -> list[Any]:
+        """Apply ``assignments`` to the incident if ``worker_id`` holds it; its cluster and status after,
+        as one row, or no row when the claim is not (or no longer) ours."""
+        return self._update_returning(run, "incidents", assignments, params,
+                                      "incident_id = ? AND status = 'investigating' AND claimed_by = ?",
+                                      (incident_id, worker_id), "cluster, status")
+
+    def _update_returning(self, run: Callable[..., Any], table: str, assignments: str,
+                          assignment_params: Sequence[Any], condition: str,
+                          condition_params: Sequence[Any], returning: str) -> list[Any]:
+        """``UPDATE table SET assignments WHERE condition``; the ``returning`` columns of the
+        rows it changed, as they are after the change."""
+        return run(f"UPDATE {table} SET {assignments} WHERE {condition} RETURNING {returning}",
+                   (*assignment_params, *condition_params)).fetchall()
 
     def recover_stale(self, stale_before: dt.datetime | float, max_attempts: int
                       ) -> tuple[list[str], list[str]]:
@@ -2372,18 +2388,18 @@ class SqlStore(StateStore):
         now = self.NOW
 
         def sweep(run: Callable[..., Any]) -> tuple[list[str], list[str]]:
-            failed = run(
-                f"UPDATE incidents SET status = 'failed', failure_reason = ?, completed_at = {now}, "
-                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL "
-                f"WHERE status = 'investigating' AND {condition} AND attempts >= ? "
-                "RETURNING incident_id, cluster", (ORPHANED_REASON, *params, max_attempts)
-            ).fetchall()
-            requeued = run(
-                f"UPDATE incidents SET status = 'pending', updated_at = {now}, "
+            failed = self._update_returning(
+                run, "incidents",
+                f"status = 'failed', failure_reason = ?, completed_at = {now}, "
+                f"updated_at = {now}, claimed_by = NULL, heartbeat_at = NULL", (ORPHANED_REASON,),
+                f"status = 'investigating' AND {condition} AND attempts >= ?", (*params, max_attempts),
+                "incident_id, cluster")
+            requeued = self._update_returning(
+                run, "incidents",
+                f"status = 'pending', updated_at = {now}, "
                 "failure_reason = 'requeued: worker ' || COALESCE(claimed_by, 'unknown') || ' stopped', "
-                "claimed_by = NULL, heartbeat_at = NULL "
-                f"WHERE status = 'investigating' AND {condition} RETURNING incident_id, cluster",
-                tuple(params)).fetchall()
+                "claimed_by = NULL, heartbeat_at = NULL", (),
+                f"status = 'investigating' AND {condition}", params, "incident_id, cluster")
             for row in [*failed, *requeued]:
                 run(f"UPDATE agent_executions SET completed_at = {now}, error_message = ? "
                     "WHERE incident_id = ? AND completed_at IS NULL",
@@ -2417,10 +2433,10 @@ class SqlStore(StateStore):
         if not incident_ids:
             return set()
         marks = ",".join("?" * len(incident_ids))
-        return self._transaction(lambda run: {str(r["incident_id"]) for r in run(
-            f"UPDATE incidents SET heartbeat_at = {self.NOW} WHERE claimed_by = ? "
-            f"AND status = 'investigating' AND incident_id IN ({marks}) RETURNING incident_id",
-            (worker_id, *incident_ids)).fetchall()})
+        return self._transaction(lambda run: {str(r["incident_id"]) for r in self._update_returning(
+            run, "incidents", f"heartbeat_at = {self.NOW}", (),
+            f"claimed_by = ? AND status = 'investigating' AND incident_id IN ({marks})",
+            (worker_id, *incident_ids), "incident_id")})
 
     def now(self) -> dt.datetime:
         moment = _ts(self._query(f"SELECT {self.NOW} AS now")[0]["now"])
@@ -2550,6 +2566,8 @@ class SqlStore(StateStore):
 
 SQLITE_WAL_LIMIT_FRAMES = 4096    # log pages (16 MiB at 4 KiB) beyond which the log is truncated
 SQLITE_TRUNCATE_WAIT_MS = 500     # how long a truncating checkpoint may hold writers off
+# The oldest SQLite the store's statements run on (the CI runs them on 3.34.0 too).
+SQLITE_MIN_VERSION = (3, 31, 0)
 
 
 class SqliteStore(SqlStore):
@@ -2581,6 +2599,11 @@ class SqliteStore(SqlStore):
 
     def __init__(self, path: str, busy_timeout: float = 30.0, *, read_only: bool = False,
                  owner: str = ""):
+        if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old: nightcrier needs SQLite >= "
+                f"{'.'.join(map(str, SQLITE_MIN_VERSION))} (the library Python's sqlite3 module "
+                "loads); use a newer Python or libsqlite3, or PostgreSQL")
         self.path = path
         self.read_only = read_only
         self._busy_ms = int(busy_timeout * 1000)
@@ -2612,18 +2635,35 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"cannot create directory for {path}: {exc}") from exc
         if owner:
             self.hold_liveness(owner)
-        created = not os.path.exists(path)
         try:
+            self._create_private(path)
             self._write_fn(self._migrate)
         except BaseException:
             self._release_lock()
             raise
         self._transaction(lambda run: self._repair_queue(run, full=True))
-        if created:
-            os.chmod(path, 0o600)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                               name="sqlite-checkpoint")
         self._checkpointer.start()
+
+    @staticmethod
+    def _create_private(path: str) -> None:
+        """Create the database file, empty and mode 0600, unless it exists.
+
+        SQLite gives the ``-wal``, ``-shm`` and ``-journal`` files it makes the database
+        file's mode, so they too are private from their first byte, whatever the umask
+        (they hold every secret the database holds, the report-link key among them).
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create SQLite database {path}: {exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # a umask such as 0o277 would leave it unwritable
+        finally:
+            os.close(fd)
 
     def _check_readable_schema(self) -> None:
         try:
@@ -2781,9 +2821,9 @@ class SqliteStore(SqlStore):
         if self._closed:  # closed under a thread still at work: no verdict on the record
             return StoreUnavailable(f"SQLite {self.path}: the store is closed")
         if isinstance(exc, sqlite3.Error):
-            # Locked, read-only, missing or corrupt files may come right again;
-            # constraint and programming errors will not.
-            if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError):
+            # Locked, read-only, missing or corrupt files may come right again; constraint and
+            # programming errors (a syntax error, no such table) will not, whatever their class.
+            if type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError) and _sqlite_outage(exc):
                 self._drop_connection()
                 return StoreUnavailable(f"SQLite {self.path}: {exc}")
             if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError)):
@@ -2884,6 +2924,21 @@ class SqliteStore(SqlStore):
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._read(sql, params)
 
+    def _update_returning(self, run: Callable[..., Any], table: str, assignments: str,
+                          assignment_params: Sequence[Any], condition: str,
+                          condition_params: Sequence[Any], returning: str) -> list[Any]:
+        # RETURNING needs SQLite 3.35. Every write runs under BEGIN IMMEDIATE, so no other writer
+        # comes between finding the rows and changing them, and the condition is judged once,
+        # before any change, as a single UPDATE would judge it.
+        rowids = [r[0] for r in run(f"SELECT rowid FROM {table} WHERE {condition}", condition_params)]
+        changed: list[Any] = []
+        for start in range(0, len(rowids), _SQLITE_ROWIDS_PER_STATEMENT):
+            chunk = rowids[start:start + _SQLITE_ROWIDS_PER_STATEMENT]
+            among = f"rowid IN ({','.join('?' * len(chunk))})"
+            run(f"UPDATE {table} SET {assignments} WHERE {among}", (*assignment_params, *chunk))
+            changed += run(f"SELECT {returning} FROM {table} WHERE {among}", chunk).fetchall()
+        return changed
+
     def close(self) -> None:
         self._closed = True
         self._stop_checkpoints.set()
@@ -2916,6 +2971,25 @@ class _ThreadSentinel:
     """Lives in a thread's locals; its collection tells the store the thread has ended."""
 
 
+# SQLite's primary result codes for a file that cannot be used now, as opposed to a statement that
+# is wrong: PERM, BUSY, LOCKED, NOMEM, READONLY, INTERRUPT, IOERR, CORRUPT, FULL, CANTOPEN,
+# PROTOCOL, NOTADB.
+_SQLITE_OUTAGE_CODES = frozenset({3, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
+# What SQLite says for those codes, for Python 3.10, whose exceptions carry no code.
+_SQLITE_OUTAGE_TEXTS = ("access permission denied", "database is locked", "database table is locked",
+                        "out of memory", "readonly database", "interrupted", "disk i/o error",
+                        "malformed", "disk is full", "unable to open", "locking protocol",
+                        "not a database")
+
+
+def _sqlite_outage(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says the database file is unusable for now rather than the statement wrong."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_OUTAGE_CODES
+    return any(text in str(exc).lower() for text in _SQLITE_OUTAGE_TEXTS)
+
+
 def _sqlite_param(value: Any) -> Any:
     return _iso(value) if isinstance(value, dt.datetime) else value
 
@@ -2929,6 +3003,8 @@ def _insert_sql(table: str, columns: Sequence[str], key: str, rows: int = 1) -> 
 
 
 _SQLITE_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+# Well under the 999 parameters SQLite allows before 3.32, with room for the assignments'.
+_SQLITE_ROWIDS_PER_STATEMENT = 900
 # Few distinct statements (each is compiled once and cached), few steps per batch.
 _SQLITE_CHUNK_ROWS = (256, 64, 16, 4, 1)
 
@@ -5924,6 +6000,7 @@ class Dispatcher(threading.Thread):
         # Clusters removed from the configuration by a reload: their incidents wait, unclaimed, until
         # the cluster is configured again. Replaced whole (never mutated) by the main thread.
         self.withheld: frozenset[str] = frozenset()
+        self.store_fault = ""  # why the last round's statements were refused; "" when they were not
         self._cluster_locks: dict[str, threading.Lock] = {}
         self._running: dict[str, _Run] = {}
         self._running_lock = threading.Lock()
@@ -6022,9 +6099,21 @@ class Dispatcher(threading.Thread):
                 self.metrics.inc("db_errors")
                 log_event(logging.WARNING, "dispatcher: database unavailable", error=str(exc))
                 self._stopping.wait(1.0)
+            except StoreError as exc:
+                # Not an outage: the database refuses the dispatcher's own statements (a
+                # feature this SQLite lacks, a damaged schema). Waiting fixes nothing, so
+                # readiness fails until a round succeeds again.
+                self.metrics.inc("db_errors")
+                if self.store_fault != str(exc):
+                    log.exception("dispatcher: the database refuses its statements, nothing is "
+                                  "dispatched until this is fixed")
+                self.store_fault = str(exc)
+                self._stopping.wait(1.0)
             except Exception:  # the dispatcher must outlive any bug in one round
                 log.exception("dispatcher error")
                 self._stopping.wait(1.0)
+            else:
+                self.store_fault = ""
 
     def _check_runner(self) -> None:
         """Ask the runner whether it could start an agent now (engine answers, image present).
@@ -8928,7 +9017,10 @@ class Service:
         active = sum(h.status == ACTIVE for h in healths)
         # A replica whose clusters are all held by others is ready: it stands by on purpose.
         watching = active > 0 or (bool(healths) and all(h.status == STANDBY for h in healths))
-        return database == "ok" and watching, {"database": database, "active_clusters": active}
+        fault = self.dispatcher.store_fault
+        dispatching = "ok" if not fault else f"failing: {fault}"
+        return database == "ok" and watching and not fault, {
+            "database": database, "dispatching": dispatching, "active_clusters": active}
 
     def metrics_text(self) -> bytes:
         """Gauges read at scrape time, then the registry in the Prometheus text format."""

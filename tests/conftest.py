@@ -7,6 +7,7 @@ import io
 import json
 import os
 import runpy
+import sqlite3
 import sys
 import time
 import uuid
@@ -47,6 +48,14 @@ import infra  # noqa: E402
 import nightcrier  # noqa: E402
 
 ENGINES = ("sqlite", "postgres")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A run meant for one SQLite library (tests/test_old_sqlite.py) must not test another."""
+    expected = os.environ.get("NIGHTCRIER_EXPECT_SQLITE_VERSION")
+    if expected and sqlite3.sqlite_version != expected:
+        raise pytest.UsageError(f"sqlite3 loads SQLite {sqlite3.sqlite_version}, not {expected} "
+                                f"(LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')})")
 
 
 def open_test_store(engine: str, locator: str) -> nightcrier.StateStore:

@@ -94,7 +94,7 @@ def test_health_and_metrics_while_the_pipeline_runs(pipeline: tuple[nc.Service, 
     server.wait_for_subscriptions(1)
     assert get(base + "/healthz") == (200, "ok\n")
     status, body = wait_for(lambda: (r := get(base + "/readyz"))[0] == 200 and r, what="ready")
-    assert json.loads(body) == {"ready": True, "database": "ok", "active_clusters": 1}
+    assert json.loads(body) == {"ready": True, "database": "ok", "dispatching": "ok", "active_clusters": 1}
 
     before = get(base + "/metrics")[1]
     for n in range(3):
@@ -126,6 +126,27 @@ def test_health_and_metrics_while_the_pipeline_runs(pipeline: tuple[nc.Service, 
     assert json.loads(body)["database"].startswith("unavailable")
     proxy.restore()
     wait_for(lambda: get(base + "/readyz")[0] == 200, what="ready again")
+
+
+def test_statements_the_database_refuses_make_the_service_unready(
+        pipeline: tuple[nc.Service, McpTestServer, TcpProxy]) -> None:
+    """A refused claim (a damaged schema, SQL this database lacks) is a fault to surface, not an
+    outage to wait out while looking healthy."""
+    service, server, _ = pipeline
+    base = f"http://127.0.0.1:{service.config.health_port}"
+    server.wait_for_subscriptions(1)
+    wait_for(lambda: get(base + "/readyz")[0] == 200, what="ready")
+    service.store._execute("ALTER TABLE cluster_queue RENAME TO cluster_queue_away")  # type: ignore[attr-defined]
+    try:
+        status, body = wait_for(lambda: (r := get(base + "/readyz"))[0] == 503 and r, what="not ready")
+        ready = json.loads(body)
+        assert ready["database"] == "ok" and ready["dispatching"].startswith("failing: ")
+        assert "cluster_queue" in ready["dispatching"]
+    finally:
+        service.store._execute("ALTER TABLE cluster_queue_away RENAME TO cluster_queue")  # type: ignore[attr-defined]
+    server.emit(make_fault(name="pod-after"))
+    wait_for(lambda: service.store.count_by_status()[nc.RESOLVED] == 1, timeout=30, what="dispatching again")
+    assert json.loads(get(base + "/readyz")[1])["dispatching"] == "ok"
 
 
 def test_healthz_turns_503_when_shutting_down() -> None:

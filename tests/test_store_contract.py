@@ -467,6 +467,19 @@ def test_a_second_store_sees_the_first_ones_writes(store_factory: Callable[[], S
     assert claimed is not None and writer.claim_next("writer") is None
 
 
+@pytest.mark.parametrize("sql", ["SELEC 1", "SELECT * FROM no_such_table",
+                                 "SELECT no_such_column FROM incidents"])
+def test_a_wrong_statement_is_a_store_error_not_an_outage(store: StateStore, sql: str) -> None:
+    """Retrying a statement the database cannot run never helps: it must not look like an outage."""
+    with pytest.raises(nc.StoreError) as raised:
+        _query(store, sql)
+    assert not isinstance(raised.value, nc.StoreUnavailable)
+    with pytest.raises(nc.StoreError) as raised:
+        _execute(store, "UPDATE no_such_table SET x = 1")
+    assert not isinstance(raised.value, nc.StoreUnavailable)
+    store.ping()
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 def _migration_versions(store: StateStore) -> list[int]:

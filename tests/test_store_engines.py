@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import stat
 import threading
 from pathlib import Path
 
@@ -29,6 +32,24 @@ def test_sqlite_creates_its_directory_and_a_private_file(tmp_path: Path) -> None
     path = tmp_path / "new" / "dir" / "nc.db"
     nc.SqliteStore(str(path)).close()
     assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """The -wal and -shm files hold what the database holds (the report-link key): never 0644."""
+    directory = tmp_path / "state"
+    previous = os.umask(umask)
+    try:
+        store = nc.SqliteStore(str(directory / "nc.db"), owner="instance-1")
+        store.insert_events([make_event()])
+        store.shared_value("secret", lambda: "key material")
+        made = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        store.close()
+    finally:
+        os.umask(previous)
+    assert {"nc.db", "nc.db-wal", "nc.db-shm", "nc.db.lock"} <= set(made)
+    assert made == dict.fromkeys(made, 0o600)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
 def test_sqlite_has_one_connection_per_thread_closed_when_the_thread_ends(tmp_path: Path) -> None:
@@ -61,6 +82,25 @@ def test_sqlite_unopenable_file_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(nc.StoreUnavailable):
         nc.SqliteStore(str(tmp_path / "dir.db"))
+
+
+@pytest.mark.parametrize(("message", "outage"), [
+    ("database is locked", True), ("disk I/O error", True), ("unable to open database file", True),
+    ("attempt to write a readonly database", True), ("database disk image is malformed", True),
+    ('near "RETURNING": syntax error', False), ("no such table: incidents", False),
+    ("no such column: x", False)])
+def test_sqlite_errors_without_a_code_are_told_apart_by_their_text(message: str, outage: bool) -> None:
+    """Python 3.10's sqlite3 exceptions carry no result code, only SQLite's message."""
+    assert nc._sqlite_outage(sqlite3.OperationalError(message)) is outage
+
+
+def test_sqlite_older_than_the_minimum_is_refused_at_open(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 30, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
+    with pytest.raises(nc.StoreError, match=r"SQLite 3\.30\.1 is too old: nightcrier needs SQLite >= 3\.31"):
+        nc.SqliteStore(str(tmp_path / "nc.db"))
+    assert not (tmp_path / "nc.db").exists()
 
 
 def test_sqlite_writers_wait_instead_of_failing(tmp_path: Path) -> None:
