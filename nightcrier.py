@@ -3374,7 +3374,7 @@ class PostgresStore(SqlStore):
                 if broken and attempt == 1:
                     continue
                 raise StoreUnavailable(f"PostgreSQL: {str(exc).strip()}") from exc
-            except psycopg2.DataError as exc:
+            except (psycopg2.DataError, psycopg2.IntegrityError) as exc:
                 self._rollback_quietly(conn)
                 self._pool.release(conn)
                 raise RecordRefused(f"PostgreSQL: {str(exc).strip()}") from exc
@@ -4177,6 +4177,15 @@ INGEST_STOP_SECONDS = 5.0  # how long shutdown waits for the writer before spool
 _REFUSED_NAMESPACE = uuid.UUID("6e696768-7463-7269-6572-726566757365")
 
 
+def _not_about_the_item(exc: BaseException) -> StoreUnavailable:
+    """A write that failed for a reason other than the record or an outage -- a statement the database
+    refuses whatever the record (a bug, a schema another program changed) -- as the writer treats it:
+    like an outage, so what it was writing is retried and spooled, never rejected or dropped."""
+    log_event(logging.ERROR, "the database refuses the writer's statements; keeping the events",
+              error=_short_error(exc))
+    return StoreUnavailable(f"statement refused: {_short_error(exc)}")
+
+
 class _BatchInterrupted(StoreUnavailable):
     """The database went away part-way through a batch; ``unwritten`` is what was not stored."""
 
@@ -4388,11 +4397,13 @@ class IngestWriter(threading.Thread):
                 self._write([item])
             except StoreUnavailable as exc:
                 raise _BatchInterrupted(exc, batch[position:]) from exc
-            except Exception as exc:  # the item at fault, whatever the driver raised
+            except RecordRefused as exc:  # the item at fault
                 try:
                     refused(position, item, _short_error(exc))
                 except StoreUnavailable as unavailable:
                     raise _BatchInterrupted(unavailable, batch[position:]) from unavailable
+            except Exception as exc:  # refused for no fault of the item: keep it
+                raise _BatchInterrupted(_not_about_the_item(exc), batch[position:]) from exc
 
     def _reject(self, _position: int, item: IngestItem, reason: str) -> None:
         """Keep an item the database refused as a rejected row; if even that is refused,
@@ -4412,7 +4423,7 @@ class IngestWriter(threading.Thread):
             self._write([rejected])
         except StoreUnavailable:
             raise
-        except Exception as exc:  # nothing else can be done with it: count it and say so
+        except RecordRefused as exc:  # nothing else can be done with it: count it and say so
             self.metrics.inc("dropped", rejected.cluster)
             log_event(logging.ERROR, "notification lost: refused by the database", cluster=rejected.cluster,
                       fault_id=str(getattr(item, "fault_id", ""))[:200], reason=rejected.reason[:300],

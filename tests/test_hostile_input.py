@@ -432,3 +432,32 @@ def test_a_value_too_large_for_an_index_is_refused_not_unavailable(store: nc.Sta
     assert (store.get_incident(huge.incident_id) is not None) != (
         _refused_id(huge.event_id) in _rejected_ids(store))
     assert writer.metrics.value("spooled", "prod") == 0
+
+
+def test_statements_the_database_refuses_whatever_the_record_keep_the_events(store: nc.StateStore,
+                                                                             tmp_path: Path) -> None:
+    """A table another program renamed (or any bug in a statement) is no verdict on the records: they
+    are kept in the spool, not rejected or dropped, and stored once the database takes them again."""
+    metrics = nc.Metrics()
+    spool = str(tmp_path / "spool")
+    def new_writer() -> nc.IngestWriter:
+        return nc.IngestWriter(store, nc.IngestSink(10, nc.Spool(spool), metrics), [], threading.Event(),
+                               metrics)
+
+    writer = new_writer()
+    events = [nc.FaultEvent(cluster="prod", fault_type="CrashLoop", received_at=nc.utcnow(),
+                            mcp_payload=json.dumps({"n": n}), resource_name=f"r-{n}") for n in range(5)]
+    store._transaction(lambda run: run("ALTER TABLE fault_events RENAME TO fault_events_away"))
+    writer._stopping.set()  # give up waiting at once: what cannot be stored goes to the spool
+    writer._store_with_retry(events)
+    assert metrics.value("spooled", "prod") == 5
+    assert metrics.value("dropped", "prod") == 0 and metrics.value("refused", "prod") == 0
+    store._transaction(lambda run: run("ALTER TABLE fault_events_away RENAME TO fault_events"))
+    assert not _rejected_ids(store)
+    again = new_writer()
+    again.start()
+    try:
+        wait_for(lambda: not again.spool.has_items(), timeout=30, what="the spool replayed")
+    finally:
+        again.stop(5)
+    assert all(store.get_incident(e.incident_id) for e in events)
