@@ -6530,25 +6530,48 @@ _STOP = object()
 class _DrainingThread(threading.Thread):
     """A thread that works through its queue and drains it when stopped.
 
-    Subclasses create ``_queue`` and ``_abort`` and pass over the work of an
-    item once ``_abort`` is set. :meth:`stop` (main thread) lets the queue drain
-    for ``timeout`` seconds (default ``drain_seconds``); past that it logs
-    ``out_of_time``, sets ``_abort`` so that what is left is passed over, and
-    waits at most ``_item_timeout() + 5`` seconds for the item in hand.
+    Subclasses create ``_queue``, take items with :meth:`_next`
+    (None: the thread is to end) and pass over the work of an item once
+    ``_abort`` is set, making no request after that but the one in hand.
+    :meth:`stop` (main thread) lets the queue drain for ``timeout`` seconds
+    (default ``drain_seconds``); past that it logs ``out_of_time``, sets
+    ``_abort`` so that what is left is passed over, and waits at most
+    ``_item_timeout() + 5`` seconds for the item in hand. So it returns within
+    ``timeout + _item_timeout() + 5`` seconds whatever the queue holds: the stop
+    request never waits for room in a full queue.
     """
 
     drain_seconds = 30.0
     out_of_time = "out of time, passing over what is queued"
     _queue: Any
-    _abort: threading.Event
 
     def _item_timeout(self) -> float:
         raise NotImplementedError
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._abort = threading.Event()
+        self._stopping = threading.Event()
+
+    def _next(self) -> Any:
+        """The next queued item, waiting for one; None once stopped and the queue is empty."""
+        # Only this thread takes from the queue: seen non-empty, the get below cannot block.
+        if self._stopping.is_set() and self._queue.empty():
+            return None
+        item = self._queue.get()
+        return None if item is _STOP else item
+
     def stop(self, timeout: float | None = None) -> None:
+        import queue
         if not self.is_alive():
             return
-        self._queue.put(_STOP)
+        self._stopping.set()
+        try:
+            # Only wakes a thread waiting on an empty queue; a full one keeps it busy until
+            # it finds the queue empty and sees _stopping.
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
         self.join(self.drain_seconds if timeout is None else timeout)
         if self.is_alive():
             log_event(logging.WARNING, self.out_of_time, pending=self._queue.qsize())
@@ -6579,7 +6602,7 @@ class SlackNotifier(_DrainingThread):
 
     def __init__(self, config: Config, store: StateStore, metrics: Metrics | None = None, *,
                  retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = SLACK_QUEUE_LIMIT):
-        super().__init__(name="slack-notifier", daemon=True)
+        super().__init__("slack-notifier")
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -6590,7 +6613,6 @@ class SlackNotifier(_DrainingThread):
         self._queue: queue.Queue[Any] = queue.Queue()
         self.queue_limit = max(1, queue_limit)
         self._enqueue_lock = threading.Lock()
-        self._abort = threading.Event()
         self._session: Any = None
         self._link_key: bytes | None = None
 
@@ -6624,10 +6646,7 @@ class SlackNotifier(_DrainingThread):
         import requests
         self._session = requests.Session()
         try:
-            while True:
-                item = self._queue.get()
-                if item is _STOP:
-                    return
+            while (item := self._next()) is not None:
                 if self._abort.is_set():
                     continue
                 try:
@@ -6709,8 +6728,10 @@ class SlackNotifier(_DrainingThread):
         backoff = Backoff(self.retry_initial, self.retry_max)
         attempts = max(1, self.config.slack_max_attempts)
         log_event(logging.INFO, "sending slack notification", what=what, **fields)
-        error = ""
-        for attempt in range(1, attempts + 1):
+        error, attempt = "", 0
+        # Once out of time (_abort), the request in hand was the last one.
+        while attempt < attempts and not self._abort.is_set():
+            attempt += 1
             error, retry_in = self._post(message, backoff)
             if not error:
                 self._count("slack_sent")
@@ -6720,11 +6741,10 @@ class SlackNotifier(_DrainingThread):
                 break
             log_event(logging.WARNING, "slack notification failed, retrying", what=what, attempt=attempt,
                       error=error, retry_in=round(retry_in, 2), **fields)
-            if self._abort.wait(retry_in):
-                break
+            self._abort.wait(retry_in)
         self._count("slack_failed")
         log_event(logging.ERROR, "failed to send slack notification", what=what, attempts=attempt,
-                  error=error, **fields)
+                  error=error or "shutting down", **fields)
         return False
 
     def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None]:
@@ -6998,7 +7018,7 @@ class ReportUploader(_DrainingThread):
                  notify: Callable[[Incident, str | None], None] | None = None, *,
                  retry_initial: float = 1.0, retry_max: float = 30.0, queue_size: int = UPLOAD_QUEUE_SIZE):
         import queue
-        super().__init__(name="report-uploader", daemon=True)
+        super().__init__("report-uploader")
         self.config = config
         self.store = store
         self.object_store = object_store
@@ -7008,7 +7028,6 @@ class ReportUploader(_DrainingThread):
         self.retry_max = retry_max
         self.expiry = parse_go_duration(config.azure_sas_expiry)
         self._queue: queue.Queue[Any] = queue.Queue(queue_size)
-        self._abort = threading.Event()
         self._failures = 0  # failed requests of the incident being uploaded
 
     def enqueue(self, incident: Incident) -> None:
@@ -7029,10 +7048,7 @@ class ReportUploader(_DrainingThread):
         return self.config.storage_timeout_seconds
 
     def run(self) -> None:
-        while True:
-            incident = self._queue.get()
-            if incident is _STOP:
-                return
+        while (incident := self._next()) is not None:
             link = None
             if not self._abort.is_set():
                 try:
@@ -7086,6 +7102,8 @@ class ReportUploader(_DrainingThread):
         backoff = Backoff(self.retry_initial, self.retry_max)
         attempts = max(1, self.config.storage_max_attempts)
         while True:
+            if self._abort.is_set():  # out of time: the request in hand was the last one
+                raise UploadFailed(f"{name}: not uploaded (shutting down)")
             if hasattr(body, "seek"):
                 body.seek(0)
             try:
