@@ -7244,6 +7244,15 @@ class Metrics:
 
 
 
+HEALTH_THREADS = 4               # requests answered at once; the others wait for a free thread
+HEALTH_CONNECTION_LIMIT = 500    # open connections; beyond it new ones wait in the listen backlog
+HEALTH_IDLE_SECONDS = 30         # a connection that sends nothing for this long is closed
+HEALTH_SWEEP_SECONDS = 5         # how often connections are checked against HEALTH_IDLE_SECONDS
+# waitress reads as much of a file at once as a connection's send buffer holds, and loopback's
+# grow to megabytes: a fixed size keeps each connection's share of memory small.
+HEALTH_SEND_BUFFER = 256 * 1024
+
+
 class HealthServer:
     """Probes, cluster health and metrics over HTTP on ``health_bind:health_port``.
 
@@ -7255,69 +7264,39 @@ class HealthServer:
     ``/metrics``: the Prometheus text format.
     ``/incidents`` and ``/clusters``, when given ``pages``: the HTML pages of
     :class:`WebPages`, which applies their access rules; the endpoints above stay open.
-    Serves from its own threads; every answer is computed from the callables it
-    was given (replaceable with :meth:`serve`, for a server bound before the
-    service existed), so it holds no state of its own but the shutdown flag.
-    Raises :class:`StartupError` naming the port when it cannot be bound.
+    GET and HEAD only; other methods get 405.
+
+    Bounded whatever clients do: waitress reads requests and writes answers
+    on one event-loop thread, and ``HEALTH_THREADS`` threads compute the
+    answers, so idle or half-sent connections hold no thread. At most
+    ``HEALTH_CONNECTION_LIMIT`` connections are open at once; one silent for
+    ``HEALTH_IDLE_SECONDS`` is closed. Files are sent in chunks, never read whole.
+    Every answer is computed from the callables it was given (replaceable with
+    :meth:`serve`, for a server bound before the service existed), so it holds
+    no state of its own but the shutdown flag. Raises :class:`StartupError`
+    naming the port when it cannot be bound.
     """
 
     def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
                  readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
                  pages: WebPages | None = None):
-        import http.server
-
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if server.pages is not None and server.pages.handles(path):
-                    self._page()
-                    return
-                try:
-                    status, content_type, body = server.answer(path)
-                except Exception as exc:  # a probe must get an answer, not a dropped connection
-                    status, content_type, body = 500, "text/plain", f"error: {exc}\n".encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _page(self) -> None:
-                try:
-                    response = server.pages.respond(self.path, self.headers)  # type: ignore[union-attr]
-                except Exception as exc:  # a page must get an answer, not a dropped connection
-                    log_event(logging.ERROR, "incident page failed", error=_short_error(exc))
-                    response = PageResponse(500, "text/plain", b"internal error\n")
-                self.send_response(response.status)
-                self.send_header("Content-Type", response.content_type)
-                self.send_header("Content-Length", str(len(response.body)))
-                for name, value in response.headers:
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(response.body)
-
-            def do_POST(self) -> None:
-                self.send_error(405, "Method not allowed")
-
-            do_PUT = do_DELETE = do_POST
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
+        from waitress.server import create_server
         self.serve(clusters=clusters, readiness=readiness, metrics=metrics, pages=pages)
         self.shutting_down = False
         try:
-            self._httpd = Server((bind, port), Handler)
+            address = bind.strip().strip("[]")
+            listener = socket.create_server((address, port), backlog=1024,
+                                            family=socket.AF_INET6 if ":" in address else socket.AF_INET)
         except OSError as exc:
             raise StartupError(_bind_problem(bind, port, exc)) from None
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="health")
+        # Every connection accepted from the listener inherits its send buffer size.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HEALTH_SEND_BUFFER)
+        self.port = listener.getsockname()[1]
+        self._server = create_server(
+            self._wsgi, sockets=[listener], threads=HEALTH_THREADS, connection_limit=HEALTH_CONNECTION_LIMIT,
+            channel_timeout=HEALTH_IDLE_SECONDS, cleanup_interval=HEALTH_SWEEP_SECONDS, ident="nightcrier")
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="health")
 
     def serve(self, *, clusters: Callable[[], dict[str, Any]],
               readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
@@ -7333,9 +7312,57 @@ class HealthServer:
             self._thread.start()
         return self
 
+    def _serve(self) -> None:
+        from waitress import wasyncore
+        while not self._stopped.is_set():
+            wasyncore.loop(timeout=1.0, map=self._server._map, use_poll=True, count=1)
+
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """End the event loop, then the answering threads (at most 5 s each), then close the port
+        and every connection -- in that order: while its loop or a thread runs, waitress may still
+        write to its wake-up pipe, and a closed descriptor's number is soon another file's."""
+        from waitress import wasyncore
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._server.pull_trigger()
+            self._thread.join(5)
+        self._server.task_dispatcher.shutdown(timeout=5)
+        wasyncore.close_all(self._server._map)
+
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The WSGI application waitress calls, on one of its answering threads."""
+        response = self._respond(environ)
+        import http
+        start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}",
+                       [("Content-Type", response.content_type), ("Content-Length", str(response.length)),
+                        *response.headers])
+        if isinstance(response.body, bytes):
+            return [] if environ["REQUEST_METHOD"] == "HEAD" else [response.body]
+        if environ["REQUEST_METHOD"] == "HEAD":
+            response.body.file.close()
+            return []
+        # waitress's event loop sends the file in socket-sized chunks as the client takes them and
+        # closes it at the end: no thread waits on a slow client, no copy of the file is made.
+        return environ["wsgi.file_wrapper"](response.body.file, 1 << 16)
+
+    def _respond(self, environ: Mapping[str, Any]) -> PageResponse:
+        if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+            return PageResponse(405, "text/plain", b"method not allowed\n", [("Allow", "GET, HEAD")])
+        target = environ.get("REQUEST_URI") or "/"
+        path = target.split("?", 1)[0]
+        if self.pages is not None and self.pages.handles(path):
+            headers = {name: environ[key] for name, key in (("Host", "HTTP_HOST"), ("Cookie", "HTTP_COOKIE"),
+                                                            ("Authorization", "HTTP_AUTHORIZATION"))
+                       if key in environ}
+            try:
+                return self.pages.respond(target, headers)
+            except Exception as exc:  # a page must get an answer, not a dropped connection
+                log_event(logging.ERROR, "incident page failed", error=_short_error(exc))
+                return PageResponse(500, "text/plain", b"internal error\n")
+        try:
+            return PageResponse(*self.answer(path))
+        except Exception as exc:  # a probe must get an answer, not a dropped connection
+            return PageResponse(500, "text/plain", f"error: {exc}\n".encode())
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -7426,14 +7453,37 @@ WORKSPACE_FILE_DEPTH = 5         # attempts/<n>/logs/agent-stdout.log and the li
 _FILE_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
+class FileTail:
+    """The last ``length`` bytes of an open regular file: ``file``, positioned where they start.
+
+    ``size`` is the whole file's size when it was opened. Whoever holds one closes it: by
+    :meth:`read` (a small tail, into memory) or by handing ``file`` to the HTTP server, which
+    sends it in chunks and closes it (see :meth:`HealthServer._wsgi`).
+    """
+
+    def __init__(self, file: Any, limit: int):
+        self.file = file
+        self.size = os.fstat(file.fileno()).st_size
+        self.length = min(self.size, limit)
+        file.seek(self.size - self.length)
+
+    def read(self) -> bytes:
+        with self.file:
+            return self.file.read(self.length)
+
+
 @dataclass
 class PageResponse:
     """What the HTTP handler sends: status, content type, extra headers and the body."""
 
     status: int
     content_type: str
-    body: bytes
+    body: bytes | FileTail
     headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.body) if isinstance(self.body, bytes) else self.body.length
 
 
 def is_loopback(bind: str) -> bool:
@@ -7471,8 +7521,9 @@ def path_segments(path: str) -> list[str] | None:
     return segments
 
 
-def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tuple[bytes, int] | None:
-    """The last ``limit`` bytes and the size of the regular file ``workspace/parts...``, or None.
+def _open_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> FileTail | None:
+    """The last ``limit`` bytes of the regular file ``workspace/parts...``, opened; None when it
+    is not one.
 
     Opened by :func:`open_workspace_file`'s rules: no symlink followed, only
     regular single-link files, a FIFO refused without blocking.
@@ -7483,11 +7534,13 @@ def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tu
         fd = open_workspace_file(workspace, "/".join(parts))
     except (OSError, ValueError):
         return None
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > limit:
-            fh.seek(size - limit)
-        return fh.read(limit), size
+    return FileTail(os.fdopen(fd, "rb"), limit)
+
+
+def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tuple[bytes, int] | None:
+    """The last ``limit`` bytes and the size of the regular file ``workspace/parts...``, or None."""
+    tail = _open_workspace_tail(workspace, parts, limit)
+    return None if tail is None else (tail.read(), tail.size)
 
 
 def _took(start: dt.datetime | None, end: dt.datetime | None) -> str:
@@ -7723,16 +7776,17 @@ class WebPages:
         return PageResponse(200, "text/html; charset=utf-8", page.encode(), self._security_headers())
 
     def raw_file(self, incident_id: str, parts: Sequence[str], root: str) -> PageResponse:
+        """The file's last RAW_FILE_MAX_BYTES, streamed: the body is an open :class:`FileTail`."""
         incident = self.store.get_incident(incident_id)
-        found = (_read_workspace_tail(self._workspace(incident.incident_id), parts, RAW_FILE_MAX_BYTES)
-                 if incident is not None else None)
-        if found is None:
+        tail = (_open_workspace_tail(self._workspace(incident.incident_id), parts, RAW_FILE_MAX_BYTES)
+                if incident is not None else None)
+        if tail is None:
             return self.message(404, "Not found", "There is no such file in this incident's workspace.", root)
         content_type = "application/json" if parts[-1].endswith(".json") else "text/plain; charset=utf-8"
         headers = self._security_headers(RAW_FILE_CSP)
-        if found[1] > RAW_FILE_MAX_BYTES:
-            headers.append(("X-Nightcrier-Truncated", f"last {RAW_FILE_MAX_BYTES} of {found[1]} bytes"))
-        return PageResponse(200, content_type, found[0], headers)
+        if tail.size > RAW_FILE_MAX_BYTES:
+            headers.append(("X-Nightcrier-Truncated", f"last {RAW_FILE_MAX_BYTES} of {tail.size} bytes"))
+        return PageResponse(200, content_type, tail, headers)
 
     def clusters(self, root: str) -> PageResponse:
         document = self._clusters()
@@ -7895,6 +7949,13 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     log.handlers[:] = [handler]
     log.setLevel({"warn": "WARNING"}.get(level, level.upper()))
     log.propagate = False
+    # The health server's own warnings (its connection limit reached, say) in the same format.
+    server_log = logging.getLogger("waitress")
+    server_log.handlers[:] = [handler]
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
+    # A request waiting for a free answering thread is the bound working, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def log_event(level: int, message: str, **fields: Any) -> None:
