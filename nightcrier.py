@@ -7497,6 +7497,27 @@ def is_loopback(bind: str) -> bool:
         return False
 
 
+_HOST_HEADER_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:/@\\\s]+))(?::[0-9]{1,5})?")
+
+
+def host_header_name(value: str) -> str | None:
+    """The host name of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case and
+    without brackets; None when it is not of that form."""
+    found = _HOST_HEADER_RE.fullmatch(value)
+    return (found.group(1) or found.group(2)).lower() if found else None
+
+
+def local_host_names(bind: str, report_base_url: str) -> frozenset[str]:
+    """The names a browser on this machine reaches a loopback ``bind`` by: the loopback names,
+    the bound address itself and ``report_base_url``'s host (a proxy in front of us)."""
+    names = {"localhost", "127.0.0.1", "::1", bind.strip().strip("[]").lower()}
+    try:
+        base_host = urllib.parse.urlsplit(report_base_url).hostname
+    except ValueError:
+        base_host = None
+    return frozenset(names | ({base_host} if base_host else set()))
+
+
 def path_segments(path: str) -> list[str] | None:
     """The decoded segments of a request path, or None when one could escape its place.
 
@@ -7556,8 +7577,11 @@ class WebPages:
     Missing or wrong credentials get 401; a signed link that is tampered with, expired or
     for another incident gets 403, and so does the report without any signature or token.
     Without ``web_token`` the pages are served only when the server is bound to loopback
-    (else 403). Files are served only from ``<workspace_root>/<incident id>/``, by name,
-    without following symlinks. A database that does not answer gives 503.
+    (else 403), and only to requests whose ``Host`` names this machine (:func:`local_host_names`,
+    any port): another name gets 421, so a web page whose name an attacker points at 127.0.0.1
+    (DNS rebinding) cannot read them. Files are served only from
+    ``<workspace_root>/<incident id>/``, by name, without following symlinks. A database that
+    does not answer gives 503.
     Called from the HTTP server's threads; holds nothing but the link key, read once under a lock.
     """
 
@@ -7567,6 +7591,7 @@ class WebPages:
         self.store = store
         self._clusters = clusters
         self.open_without_token = is_loopback(bind)
+        self.host_names = local_host_names(bind, config.report_base_url)
         self._lock = threading.Lock()
         self._key: bytes | None = None
 
@@ -7665,6 +7690,12 @@ class WebPages:
 
     def _route(self, path: str, segments: list[str], query: Mapping[str, list[str]],
                headers: Mapping[str, str], root: str) -> PageResponse:
+        if (self.open_without_token and not self.config.web_token
+                and host_header_name(headers.get("Host") or "") not in self.host_names):
+            names = ", ".join(sorted(f"[{n}]" if ":" in n else n for n in self.host_names))
+            return self.message(421, "Wrong address", f"Without web_token these pages answer only to "
+                                f"this machine's own names ({names}). Open them by one of those, or set "
+                                "web_token.", root)
         is_report = len(segments) == 3 and segments[0] == "incidents" and segments[2] == "report"
         if is_report and ("sig" in query or "expires" in query):
             if not is_uuid(segments[1]) or not verify_report_link(segments[1], query, self.link_key()):

@@ -201,7 +201,8 @@ def test_without_a_token_pages_are_served_only_on_loopback(
         store: nc.StateStore, tmp_path: Path, bind: str, served: bool) -> None:
     config = nc.Config(workspace_root=str(tmp_path))
     pages = nc.WebPages(config, store, dict, bind)
-    assert pages.respond("/incidents", {}).status == (200 if served else 403)
+    host = f"[{bind}]:8080" if ":" in bind else f"{bind}:8080"
+    assert pages.respond("/incidents", {"Host": host}).status == (200 if served else 403)
 
 
 def test_without_a_token_on_loopback_over_http(store: nc.StateStore, tmp_path: Path) -> None:
@@ -215,6 +216,80 @@ def test_without_a_token_on_loopback_over_http(store: nc.StateStore, tmp_path: P
             "a bad signature is refused even where no token is needed"
     finally:
         server.stop()
+
+
+# -- the Host header without a token (DNS rebinding) ------------------------------------------------
+
+BASE_URL_HOST = "nightcrier.example.com"
+
+
+@pytest.fixture
+def tokenless(store: nc.StateStore, tmp_path: Path) -> Iterator[Site]:
+    """Pages on loopback without a token, behind a proxy at BASE_URL_HOST."""
+    config, server = start_site(store, tmp_path, web_token="", report_base_url=f"https://{BASE_URL_HOST}/nc/")
+    try:
+        incident_id = finish_incident(store, config, "prod-eu", REPORT)
+        yield Site(config, store, server, [incident_id], tmp_path)
+    finally:
+        server.stop()
+
+
+ALLOWED_HOSTS = ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LocalHost:8080", "[::1]", "[::1]:{port}",
+                 BASE_URL_HOST, f"{BASE_URL_HOST}:443"]
+_ALLOWED_RE = re.compile(r"(localhost|127\.0\.0\.1|\[::1\]|" + re.escape(BASE_URL_HOST) + r")(:[0-9]{1,5})?",
+                         re.IGNORECASE)
+
+
+def test_this_machines_names_open_the_tokenless_pages(tokenless: Site) -> None:
+    port = tokenless.server.port
+    for host in ALLOWED_HOSTS:
+        for target in (f"/incidents/{tokenless.ids[0]}",
+                       f"/incidents/{tokenless.ids[0]}/files/logs/agent-stdout.log"):
+            status, body = get_with_host(port, target, host.format(port=port))
+            assert status == 200 and "hello" in body, (host, target)
+
+
+def _hostile_hosts() -> st.SearchStrategy[str]:
+    name = st.from_regex(r"[a-z0-9-]{1,12}(\.[a-z0-9-]{1,12}){0,3}", fullmatch=True)
+    allowed = st.sampled_from(["localhost", "127.0.0.1", "[::1]", BASE_URL_HOST])
+    port = st.integers(0, 65535).map(lambda n: f":{n}")
+    rebound = st.one_of(
+        st.tuples(name, st.just("."), allowed).map("".join),             # attacker.example.localhost
+        st.tuples(allowed, st.just("."), name).map("".join),             # localhost.attacker.example
+        st.tuples(allowed, st.sampled_from(["@", ":", ";", ",", " ", "/", "\\"]), name).map("".join),
+        st.tuples(name, st.sampled_from(["@", ", "]), allowed).map("".join))
+    noise = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+                    max_size=60)
+    hosts = st.one_of(name, st.tuples(name, port).map("".join), rebound,
+                      st.tuples(rebound, port).map("".join), noise)
+    return hosts.filter(lambda h: not _ALLOWED_RE.fullmatch(h))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=_hostile_hosts())
+def test_any_other_host_gets_421_and_nothing_of_the_incidents(tokenless: Site, host: str) -> None:
+    port = tokenless.server.port
+    for target in ("/incidents", f"/incidents/{tokenless.ids[0]}",
+                   f"/incidents/{tokenless.ids[0]}/files/logs/agent-stdout.log", "/clusters"):
+        status, body = get_with_host(port, target, host)
+        # 400: the server refused the header itself (a control character, say).
+        assert status in (421, 400), (host, target, status)
+        assert tokenless.ids[0] not in body and "hello" not in body and "prod-eu" not in body
+        if status == 421:
+            assert "web_token" in body
+
+
+def test_a_request_without_a_host_gets_421(tokenless: Site) -> None:
+    status, body = get_with_host(tokenless.server.port, "/incidents", None)
+    assert status == 421 and "localhost" in body and tokenless.ids[0] not in body
+
+
+def test_probes_and_token_holders_do_not_depend_on_the_host(tokenless: Site, site: Site) -> None:
+    assert get_with_host(tokenless.server.port, "/healthz", "attacker.example")[0] == 200
+    status, _ = raw_request(site.server.port, f"GET /incidents/{site.ids[0]} HTTP/1.1\r\n"
+                            f"Host: attacker.example\r\nAuthorization: Bearer {TOKEN}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+    assert status == 200, "with web_token set, the token is the guard, not the name"
 
 
 # -- signed report links ------------------------------------------------------------------------
