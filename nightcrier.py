@@ -7420,25 +7420,48 @@ _STOP = object()
 class _DrainingThread(threading.Thread):
     """A thread that works through its queue and drains it when stopped.
 
-    Subclasses create ``_queue`` and ``_abort`` and pass over the work of an
-    item once ``_abort`` is set. :meth:`stop` (main thread) lets the queue drain
-    for ``timeout`` seconds (default ``drain_seconds``); past that it logs
-    ``out_of_time``, sets ``_abort`` so that what is left is passed over, and
-    waits at most ``_item_timeout() + 5`` seconds for the item in hand.
+    Subclasses create ``_queue``, take items with :meth:`_next`
+    (None: the thread is to end) and pass over the work of an item once
+    ``_abort`` is set, making no request after that but the one in hand.
+    :meth:`stop` (main thread) lets the queue drain for ``timeout`` seconds
+    (default ``drain_seconds``); past that it logs ``out_of_time``, sets
+    ``_abort`` so that what is left is passed over, and waits at most
+    ``_item_timeout() + 5`` seconds for the item in hand. So it returns within
+    ``timeout + _item_timeout() + 5`` seconds whatever the queue holds: the stop
+    request never waits for room in a full queue.
     """
 
     drain_seconds = 30.0
     out_of_time = "out of time, passing over what is queued"
     _queue: Any
-    _abort: threading.Event
 
     def _item_timeout(self) -> float:
         raise NotImplementedError
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._abort = threading.Event()
+        self._stopping = threading.Event()
+
+    def _next(self) -> Any:
+        """The next queued item, waiting for one; None once stopped and the queue is empty."""
+        # Only this thread takes from the queue: seen non-empty, the get below cannot block.
+        if self._stopping.is_set() and self._queue.empty():
+            return None
+        item = self._queue.get()
+        return None if item is _STOP else item
+
     def stop(self, timeout: float | None = None) -> None:
+        import queue
         if not self.is_alive():
             return
-        self._queue.put(_STOP)
+        self._stopping.set()
+        try:
+            # Only wakes a thread waiting on an empty queue; a full one keeps it busy until
+            # it finds the queue empty and sees _stopping.
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
         self.join(self.drain_seconds if timeout is None else timeout)
         if self.is_alive():
             log_event(logging.WARNING, self.out_of_time, pending=self._queue.qsize())
@@ -7472,7 +7495,7 @@ class Notifier(_DrainingThread):
 
     def __init__(self, channel: Channel, config: Config, store: StateStore, metrics: Metrics | None = None, *,
                  retry_initial: float = 0.5, retry_max: float = 30.0, queue_limit: int = NOTIFY_QUEUE_LIMIT):
-        super().__init__(name=f"{channel.name}-notifier", daemon=True)
+        super().__init__(f"{channel.name}-notifier")
         self.channel = channel
         self.config = config
         self.store = store
@@ -7484,7 +7507,6 @@ class Notifier(_DrainingThread):
         self._queue: queue.Queue[Any] = queue.Queue()
         self.queue_limit = max(1, queue_limit)
         self._enqueue_lock = threading.Lock()
-        self._abort = threading.Event()
         self._session: Any = None
         self._link_key: bytes | None = None
 
@@ -7519,10 +7541,7 @@ class Notifier(_DrainingThread):
         import requests
         self._session = requests.Session()
         try:
-            while True:
-                item = self._queue.get()
-                if item is _STOP:
-                    return
+            while (item := self._next()) is not None:
                 if self._abort.is_set():
                     continue
                 try:
@@ -7609,8 +7628,10 @@ class Notifier(_DrainingThread):
         attempts = self.channel.max_attempts
         fields = {"channel": self.channel.name, "what": what, **fields}
         log_event(logging.INFO, "sending notification", **fields)
-        error = ""
-        for attempt in range(1, attempts + 1):
+        error, attempt, retry_in = "", 0, None
+        # Once out of time (_abort), the request in hand was the last one.
+        while attempt < attempts and not self._abort.is_set():
+            attempt += 1
             error, retry_in, receipt = self._post(message, backoff)
             if not error:
                 self._count("notifications_sent")
@@ -7623,8 +7644,8 @@ class Notifier(_DrainingThread):
             if self._abort.wait(retry_in):
                 break
         self._count("notifications_failed")
-        log_event(logging.ERROR, "failed to send notification", attempts=attempt, error=error,
-                  permanent=retry_in is None, **fields)
+        log_event(logging.ERROR, "failed to send notification", attempts=attempt,
+                  error=error or "shutting down", permanent=bool(error) and retry_in is None, **fields)
         return False
 
     def _post(self, message: dict[str, Any], backoff: Backoff) -> tuple[str, float | None, dict[str, str]]:
@@ -7921,7 +7942,7 @@ class ReportUploader(_DrainingThread):
                  notify: Callable[[Incident, str | None], None] | None = None, *,
                  retry_initial: float = 1.0, retry_max: float = 30.0, queue_size: int = UPLOAD_QUEUE_SIZE):
         import queue
-        super().__init__(name="report-uploader", daemon=True)
+        super().__init__("report-uploader")
         self.config = config
         self.store = store
         self.object_store = object_store
@@ -7931,7 +7952,6 @@ class ReportUploader(_DrainingThread):
         self.retry_max = retry_max
         self.expiry = parse_go_duration(config.azure_sas_expiry)
         self._queue: queue.Queue[Any] = queue.Queue(queue_size)
-        self._abort = threading.Event()
         self._failures = 0  # failed requests of the incident being uploaded
 
     def enqueue(self, incident: Incident) -> None:
@@ -7952,10 +7972,7 @@ class ReportUploader(_DrainingThread):
         return self.config.storage_timeout_seconds
 
     def run(self) -> None:
-        while True:
-            incident = self._queue.get()
-            if incident is _STOP:
-                return
+        while (incident := self._next()) is not None:
             link = None
             if not self._abort.is_set():
                 try:
@@ -8009,6 +8026,8 @@ class ReportUploader(_DrainingThread):
         backoff = Backoff(self.retry_initial, self.retry_max)
         attempts = max(1, self.config.storage_max_attempts)
         while True:
+            if self._abort.is_set():  # out of time: the request in hand was the last one
+                raise UploadFailed(f"{name}: not uploaded (shutting down)")
             if hasattr(body, "seek"):
                 body.seek(0)
             try:
@@ -8160,6 +8179,15 @@ class Metrics:
 
 
 
+HEALTH_THREADS = 4               # requests answered at once; the others wait for a free thread
+HEALTH_CONNECTION_LIMIT = 500    # open connections; beyond it new ones wait in the listen backlog
+HEALTH_IDLE_SECONDS = 30         # a connection that sends nothing for this long is closed
+HEALTH_SWEEP_SECONDS = 5         # how often connections are checked against HEALTH_IDLE_SECONDS
+# waitress reads as much of a file at once as a connection's send buffer holds, and loopback's
+# grow to megabytes: a fixed size keeps each connection's share of memory small.
+HEALTH_SEND_BUFFER = 256 * 1024
+
+
 class HealthServer:
     """Probes, cluster health and metrics over HTTP on ``health_bind:health_port``.
 
@@ -8171,69 +8199,39 @@ class HealthServer:
     ``/metrics``: the Prometheus text format.
     ``/incidents`` and ``/clusters``, when given ``pages``: the HTML pages of
     :class:`WebPages`, which applies their access rules; the endpoints above stay open.
-    Serves from its own threads; every answer is computed from the callables it
-    was given (replaceable with :meth:`serve`, for a server bound before the
-    service existed), so it holds no state of its own but the shutdown flag.
-    Raises :class:`StartupError` naming the port when it cannot be bound.
+    GET and HEAD only; other methods get 405.
+
+    Bounded whatever clients do: waitress reads requests and writes answers
+    on one event-loop thread, and ``HEALTH_THREADS`` threads compute the
+    answers, so idle or half-sent connections hold no thread. At most
+    ``HEALTH_CONNECTION_LIMIT`` connections are open at once; one silent for
+    ``HEALTH_IDLE_SECONDS`` is closed. Files are sent in chunks, never read whole.
+    Every answer is computed from the callables it was given (replaceable with
+    :meth:`serve`, for a server bound before the service existed), so it holds
+    no state of its own but the shutdown flag. Raises :class:`StartupError`
+    naming the port when it cannot be bound.
     """
 
     def __init__(self, bind: str, port: int, *, clusters: Callable[[], dict[str, Any]],
                  readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
                  pages: WebPages | None = None):
-        import http.server
-
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if server.pages is not None and server.pages.handles(path):
-                    self._page()
-                    return
-                try:
-                    status, content_type, body = server.answer(path)
-                except Exception as exc:  # a probe must get an answer, not a dropped connection
-                    status, content_type, body = 500, "text/plain", f"error: {exc}\n".encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _page(self) -> None:
-                try:
-                    response = server.pages.respond(self.path, self.headers)  # type: ignore[union-attr]
-                except Exception as exc:  # a page must get an answer, not a dropped connection
-                    log_event(logging.ERROR, "incident page failed", error=_short_error(exc))
-                    response = PageResponse(500, "text/plain", b"internal error\n")
-                self.send_response(response.status)
-                self.send_header("Content-Type", response.content_type)
-                self.send_header("Content-Length", str(len(response.body)))
-                for name, value in response.headers:
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(response.body)
-
-            def do_POST(self) -> None:
-                self.send_error(405, "Method not allowed")
-
-            do_PUT = do_DELETE = do_POST
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
+        from waitress.server import create_server
         self.serve(clusters=clusters, readiness=readiness, metrics=metrics, pages=pages)
         self.shutting_down = False
         try:
-            self._httpd = Server((bind, port), Handler)
+            address = bind.strip().strip("[]")
+            listener = socket.create_server((address, port), backlog=1024,
+                                            family=socket.AF_INET6 if ":" in address else socket.AF_INET)
         except OSError as exc:
             raise StartupError(_bind_problem(bind, port, exc)) from None
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="health")
+        # Every connection accepted from the listener inherits its send buffer size.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HEALTH_SEND_BUFFER)
+        self.port = listener.getsockname()[1]
+        self._server = create_server(
+            self._wsgi, sockets=[listener], threads=HEALTH_THREADS, connection_limit=HEALTH_CONNECTION_LIMIT,
+            channel_timeout=HEALTH_IDLE_SECONDS, cleanup_interval=HEALTH_SWEEP_SECONDS, ident="nightcrier")
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="health")
 
     def serve(self, *, clusters: Callable[[], dict[str, Any]],
               readiness: Callable[[], tuple[bool, dict[str, Any]]], metrics: Callable[[], bytes],
@@ -8249,9 +8247,57 @@ class HealthServer:
             self._thread.start()
         return self
 
+    def _serve(self) -> None:
+        from waitress import wasyncore
+        while not self._stopped.is_set():
+            wasyncore.loop(timeout=1.0, map=self._server._map, use_poll=True, count=1)
+
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """End the event loop, then the answering threads (at most 5 s each), then close the port
+        and every connection -- in that order: while its loop or a thread runs, waitress may still
+        write to its wake-up pipe, and a closed descriptor's number is soon another file's."""
+        from waitress import wasyncore
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._server.pull_trigger()
+            self._thread.join(5)
+        self._server.task_dispatcher.shutdown(timeout=5)
+        wasyncore.close_all(self._server._map)
+
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The WSGI application waitress calls, on one of its answering threads."""
+        response = self._respond(environ)
+        import http
+        start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}",
+                       [("Content-Type", response.content_type), ("Content-Length", str(response.length)),
+                        *response.headers])
+        if isinstance(response.body, bytes):
+            return [] if environ["REQUEST_METHOD"] == "HEAD" else [response.body]
+        if environ["REQUEST_METHOD"] == "HEAD":
+            response.body.file.close()
+            return []
+        # waitress's event loop sends the file in socket-sized chunks as the client takes them and
+        # closes it at the end: no thread waits on a slow client, no copy of the file is made.
+        return environ["wsgi.file_wrapper"](response.body.file, 1 << 16)
+
+    def _respond(self, environ: Mapping[str, Any]) -> PageResponse:
+        if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+            return PageResponse(405, "text/plain", b"method not allowed\n", [("Allow", "GET, HEAD")])
+        target = environ.get("REQUEST_URI") or "/"
+        path = target.split("?", 1)[0]
+        if self.pages is not None and self.pages.handles(path):
+            headers = {name: environ[key] for name, key in (("Host", "HTTP_HOST"), ("Cookie", "HTTP_COOKIE"),
+                                                            ("Authorization", "HTTP_AUTHORIZATION"))
+                       if key in environ}
+            try:
+                return self.pages.respond(target, headers)
+            except Exception as exc:  # a page must get an answer, not a dropped connection
+                log_event(logging.ERROR, "incident page failed", error=_short_error(exc))
+                return PageResponse(500, "text/plain", b"internal error\n")
+        try:
+            return PageResponse(*self.answer(path))
+        except Exception as exc:  # a probe must get an answer, not a dropped connection
+            return PageResponse(500, "text/plain", f"error: {exc}\n".encode())
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -8342,14 +8388,37 @@ WORKSPACE_FILE_DEPTH = 5         # attempts/<n>/logs/agent-stdout.log and the li
 _FILE_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
+class FileTail:
+    """The last ``length`` bytes of an open regular file: ``file``, positioned where they start.
+
+    ``size`` is the whole file's size when it was opened. Whoever holds one closes it: by
+    :meth:`read` (a small tail, into memory) or by handing ``file`` to the HTTP server, which
+    sends it in chunks and closes it (see :meth:`HealthServer._wsgi`).
+    """
+
+    def __init__(self, file: Any, limit: int):
+        self.file = file
+        self.size = os.fstat(file.fileno()).st_size
+        self.length = min(self.size, limit)
+        file.seek(self.size - self.length)
+
+    def read(self) -> bytes:
+        with self.file:
+            return self.file.read(self.length)
+
+
 @dataclass
 class PageResponse:
     """What the HTTP handler sends: status, content type, extra headers and the body."""
 
     status: int
     content_type: str
-    body: bytes
+    body: bytes | FileTail
     headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.body) if isinstance(self.body, bytes) else self.body.length
 
 
 def is_loopback(bind: str) -> bool:
@@ -8361,6 +8430,27 @@ def is_loopback(bind: str) -> bool:
         return ipaddress.ip_address(bind.strip().strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+_HOST_HEADER_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:/@\\\s]+))(?::[0-9]{1,5})?")
+
+
+def host_header_name(value: str) -> str | None:
+    """The host name of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case and
+    without brackets; None when it is not of that form."""
+    found = _HOST_HEADER_RE.fullmatch(value)
+    return (found.group(1) or found.group(2)).lower() if found else None
+
+
+def local_host_names(bind: str, report_base_url: str) -> frozenset[str]:
+    """The names a browser on this machine reaches a loopback ``bind`` by: the loopback names,
+    the bound address itself and ``report_base_url``'s host (a proxy in front of us)."""
+    names = {"localhost", "127.0.0.1", "::1", bind.strip().strip("[]").lower()}
+    try:
+        base_host = urllib.parse.urlsplit(report_base_url).hostname
+    except ValueError:
+        base_host = None
+    return frozenset(names | ({base_host} if base_host else set()))
 
 
 def path_segments(path: str) -> list[str] | None:
@@ -8387,8 +8477,9 @@ def path_segments(path: str) -> list[str] | None:
     return segments
 
 
-def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tuple[bytes, int] | None:
-    """The last ``limit`` bytes and the size of the regular file ``workspace/parts...``, or None.
+def _open_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> FileTail | None:
+    """The last ``limit`` bytes of the regular file ``workspace/parts...``, opened; None when it
+    is not one.
 
     Opened by :func:`open_workspace_file`'s rules: no symlink followed, only
     regular single-link files, a FIFO refused without blocking.
@@ -8399,11 +8490,13 @@ def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tu
         fd = open_workspace_file(workspace, "/".join(parts))
     except (OSError, ValueError):
         return None
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > limit:
-            fh.seek(size - limit)
-        return fh.read(limit), size
+    return FileTail(os.fdopen(fd, "rb"), limit)
+
+
+def _read_workspace_tail(workspace: str, parts: Sequence[str], limit: int) -> tuple[bytes, int] | None:
+    """The last ``limit`` bytes and the size of the regular file ``workspace/parts...``, or None."""
+    tail = _open_workspace_tail(workspace, parts, limit)
+    return None if tail is None else (tail.read(), tail.size)
 
 
 def _in_workspace(path: str, workspace: str) -> str:
@@ -8425,8 +8518,11 @@ class WebPages:
     Missing or wrong credentials get 401; a signed link that is tampered with, expired or
     for another incident gets 403, and so does the report without any signature or token.
     Without ``web_token`` the pages are served only when the server is bound to loopback
-    (else 403). Files are served only from ``<workspace_root>/<incident id>/``, by name,
-    without following symlinks. A database that does not answer gives 503.
+    (else 403), and only to requests whose ``Host`` names this machine (:func:`local_host_names`,
+    any port): another name gets 421, so a web page whose name an attacker points at 127.0.0.1
+    (DNS rebinding) cannot read them. Files are served only from
+    ``<workspace_root>/<incident id>/``, by name, without following symlinks. A database that
+    does not answer gives 503.
     Called from the HTTP server's threads; holds nothing but the link key, read once under a lock.
     """
 
@@ -8436,6 +8532,7 @@ class WebPages:
         self.store = store
         self._clusters = clusters
         self.open_without_token = is_loopback(bind)
+        self.host_names = local_host_names(bind, config.report_base_url)
         self._lock = threading.Lock()
         self._key: bytes | None = None
 
@@ -8534,6 +8631,12 @@ class WebPages:
 
     def _route(self, path: str, segments: list[str], query: Mapping[str, list[str]],
                headers: Mapping[str, str], root: str) -> PageResponse:
+        if (self.open_without_token and not self.config.web_token
+                and host_header_name(headers.get("Host") or "") not in self.host_names):
+            names = ", ".join(sorted(f"[{n}]" if ":" in n else n for n in self.host_names))
+            return self.message(421, "Wrong address", f"Without web_token these pages answer only to "
+                                f"this machine's own names ({names}). Open them by one of those, or set "
+                                "web_token.", root)
         is_report = len(segments) == 3 and segments[0] == "incidents" and segments[2] == "report"
         if is_report and ("sig" in query or "expires" in query):
             if not is_uuid(segments[1]) or not verify_report_link(segments[1], query, self.link_key()):
@@ -8659,16 +8762,17 @@ class WebPages:
         return PageResponse(200, "text/html; charset=utf-8", page.encode(), self._security_headers())
 
     def raw_file(self, incident_id: str, parts: Sequence[str], root: str) -> PageResponse:
+        """The file's last RAW_FILE_MAX_BYTES, streamed: the body is an open :class:`FileTail`."""
         incident = self.store.get_incident(incident_id)
-        found = (_read_workspace_tail(self._workspace(incident.incident_id), parts, RAW_FILE_MAX_BYTES)
-                 if incident is not None else None)
-        if found is None:
+        tail = (_open_workspace_tail(self._workspace(incident.incident_id), parts, RAW_FILE_MAX_BYTES)
+                if incident is not None else None)
+        if tail is None:
             return self.message(404, "Not found", "There is no such file in this incident's workspace.", root)
         content_type = "application/json" if parts[-1].endswith(".json") else "text/plain; charset=utf-8"
         headers = self._security_headers(RAW_FILE_CSP)
-        if found[1] > RAW_FILE_MAX_BYTES:
-            headers.append(("X-Nightcrier-Truncated", f"last {RAW_FILE_MAX_BYTES} of {found[1]} bytes"))
-        return PageResponse(200, content_type, found[0], headers)
+        if tail.size > RAW_FILE_MAX_BYTES:
+            headers.append(("X-Nightcrier-Truncated", f"last {RAW_FILE_MAX_BYTES} of {tail.size} bytes"))
+        return PageResponse(200, content_type, tail, headers)
 
     def clusters(self, root: str) -> PageResponse:
         document = self._clusters()
@@ -8836,6 +8940,13 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     log.handlers[:] = [handler]
     log.setLevel({"warn": "WARNING"}.get(level, level.upper()))
     log.propagate = False
+    # The health server's own warnings (its connection limit reached, say) in the same format.
+    server_log = logging.getLogger("waitress")
+    server_log.handlers[:] = [handler]
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
+    # A request waiting for a free answering thread is the bound working, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def log_event(level: int, message: str, **fields: Any) -> None:

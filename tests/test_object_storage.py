@@ -425,7 +425,9 @@ def test_presigned_links_carry_the_configured_expiry(tmp_path: Path, monkeypatch
 
 def test_a_go_config_with_azure_keys_loads_and_uploads_without_edits(azurite: Backend, tmp_path: Path
                                                                       ) -> None:
-    text = (Path(__file__).parent / "fixtures" / "go-config.yaml").read_text()
+    # Its placeholder api_key over http is refused (the key is only sent over https); not this test's subject.
+    text = (Path(__file__).parent / "fixtures" / "go-config.yaml").read_text().replace(
+        'api_key: "go-placeholder-key"', "")
     text = text.replace('azure_storage_account: ""\nazure_storage_container: ""\n',
                         f'azure_storage_connection_string: "{azurite.connection_string()}"\n'
                         f'azure_storage_container: "{CONTAINER}"\nazure_sas_expiry: "72h"\n')

@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +21,7 @@ import yaml
 from conftest import ROOT, wait_for
 from mcp_testserver import McpTestServer, make_fault
 from tcp_proxy import TcpProxy
+from test_pages import raw_request
 from test_store_contract import make_event
 
 import nightcrier as nc
@@ -158,6 +160,70 @@ def test_healthz_turns_503_when_shutting_down() -> None:
         server.shutting_down = True
         assert get(base + "/healthz")[0] == 503 and get(base + "/readyz")[0] == 503
         assert get(base + "/nothing-here")[0] == 404
+    finally:
+        server.stop()
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_healthz_answers_under_a_connection_flood_with_bounded_threads() -> None:
+    server = nc.HealthServer("127.0.0.1", 0, clusters=dict, readiness=lambda: (True, {}),
+                             metrics=lambda: b"").start()
+    flood: list[socket.socket] = []
+    try:
+        threads_before = threading.active_count()
+        for number in range(320):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            flood.append(sock)
+            if number % 16 == 0:  # slowloris: a request that never ends
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        # Every connection is the server's by now: one more request goes through all of them.
+        status, body = raw_request(server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                                   b"Connection: close\r\n\r\n", timeout=10)
+        assert (status, body) == (200, b"ok\n")
+        assert threading.active_count() <= threads_before + 2, \
+            f"{threading.active_count() - threads_before} threads more for {len(flood)} connections"
+        assert not any(_closed_by_server(sock) for sock in flood[:20]), "the flood is still connected"
+    finally:
+        for sock in flood:
+            sock.close()
+        server.stop()
+
+
+def test_silent_and_half_sent_connections_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nc, "HEALTH_IDLE_SECONDS", 1)
+    monkeypatch.setattr(nc, "HEALTH_SWEEP_SECONDS", 1)
+    server = nc.HealthServer("127.0.0.1", 0, clusters=dict, readiness=lambda: (True, {}),
+                             metrics=lambda: b"").start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as silent, \
+                socket.create_connection(("127.0.0.1", server.port)) as half:
+            half.sendall(b"GET /healthz HTTP/1.1\r\nHost: local")
+            wait_for(lambda: _closed_by_server(silent) and _closed_by_server(half), timeout=20,
+                     what="the server to close idle connections")
+        assert get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_only_get_and_head_are_answered() -> None:
+    server = nc.HealthServer("127.0.0.1", 0, clusters=dict, readiness=lambda: (True, {}),
+                             metrics=lambda: b"").start()
+    try:
+        for method in (b"POST", b"PUT", b"DELETE"):
+            request = method + b" /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+            assert raw_request(server.port, request + b"Connection: close\r\n\r\n")[0] == 405
+        status, body = raw_request(server.port, b"HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                                   b"Connection: close\r\n\r\n")
+        assert (status, body) == (200, b"")
     finally:
         server.stop()
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import http.client
 import os
 import re
+import socket
 import threading
+import tracemalloc
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +64,26 @@ class Site:
         url = nc.signed_report_url("http://127.0.0.1", incident_id, self.key(), ttl, now)
         assert url is not None
         return url.removeprefix("http://127.0.0.1")
+
+
+def raw_request(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``request`` as it is on a new connection to 127.0.0.1:``port``; the status and the body
+    of the answer, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def get_with_host(port: int, target: str, host: str | None) -> tuple[int, str]:
+    """GET ``target`` with exactly this Host header (none when None)."""
+    host_line = b"" if host is None else b"Host: " + host.encode("latin-1") + b"\r\n"
+    status, body = raw_request(port, b"GET " + target.encode() + b" HTTP/1.1\r\n" + host_line
+                               + b"Connection: close\r\n\r\n")
+    return status, body.decode("utf-8", "replace")
 
 
 def finish_incident(store: nc.StateStore, config: nc.Config, cluster: str, report: str | None,
@@ -178,7 +201,8 @@ def test_without_a_token_pages_are_served_only_on_loopback(
         store: nc.StateStore, tmp_path: Path, bind: str, served: bool) -> None:
     config = nc.Config(workspace_root=str(tmp_path))
     pages = nc.WebPages(config, store, dict, bind)
-    assert pages.respond("/incidents", {}).status == (200 if served else 403)
+    host = f"[{bind}]:8080" if ":" in bind else f"{bind}:8080"
+    assert pages.respond("/incidents", {"Host": host}).status == (200 if served else 403)
 
 
 def test_without_a_token_on_loopback_over_http(store: nc.StateStore, tmp_path: Path) -> None:
@@ -192,6 +216,80 @@ def test_without_a_token_on_loopback_over_http(store: nc.StateStore, tmp_path: P
             "a bad signature is refused even where no token is needed"
     finally:
         server.stop()
+
+
+# -- the Host header without a token (DNS rebinding) ------------------------------------------------
+
+BASE_URL_HOST = "nightcrier.example.com"
+
+
+@pytest.fixture
+def tokenless(store: nc.StateStore, tmp_path: Path) -> Iterator[Site]:
+    """Pages on loopback without a token, behind a proxy at BASE_URL_HOST."""
+    config, server = start_site(store, tmp_path, web_token="", report_base_url=f"https://{BASE_URL_HOST}/nc/")
+    try:
+        incident_id = finish_incident(store, config, "prod-eu", REPORT)
+        yield Site(config, store, server, [incident_id], tmp_path)
+    finally:
+        server.stop()
+
+
+ALLOWED_HOSTS = ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LocalHost:8080", "[::1]", "[::1]:{port}",
+                 BASE_URL_HOST, f"{BASE_URL_HOST}:443"]
+_ALLOWED_RE = re.compile(r"(localhost|127\.0\.0\.1|\[::1\]|" + re.escape(BASE_URL_HOST) + r")(:[0-9]{1,5})?",
+                         re.IGNORECASE)
+
+
+def test_this_machines_names_open_the_tokenless_pages(tokenless: Site) -> None:
+    port = tokenless.server.port
+    for host in ALLOWED_HOSTS:
+        for target in (f"/incidents/{tokenless.ids[0]}",
+                       f"/incidents/{tokenless.ids[0]}/files/logs/agent-stdout.log"):
+            status, body = get_with_host(port, target, host.format(port=port))
+            assert status == 200 and "hello" in body, (host, target)
+
+
+def _hostile_hosts() -> st.SearchStrategy[str]:
+    name = st.from_regex(r"[a-z0-9-]{1,12}(\.[a-z0-9-]{1,12}){0,3}", fullmatch=True)
+    allowed = st.sampled_from(["localhost", "127.0.0.1", "[::1]", BASE_URL_HOST])
+    port = st.integers(0, 65535).map(lambda n: f":{n}")
+    rebound = st.one_of(
+        st.tuples(name, st.just("."), allowed).map("".join),             # attacker.example.localhost
+        st.tuples(allowed, st.just("."), name).map("".join),             # localhost.attacker.example
+        st.tuples(allowed, st.sampled_from(["@", ":", ";", ",", " ", "/", "\\"]), name).map("".join),
+        st.tuples(name, st.sampled_from(["@", ", "]), allowed).map("".join))
+    noise = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+                    max_size=60)
+    hosts = st.one_of(name, st.tuples(name, port).map("".join), rebound,
+                      st.tuples(rebound, port).map("".join), noise)
+    return hosts.filter(lambda h: not _ALLOWED_RE.fullmatch(h))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=_hostile_hosts())
+def test_any_other_host_gets_421_and_nothing_of_the_incidents(tokenless: Site, host: str) -> None:
+    port = tokenless.server.port
+    for target in ("/incidents", f"/incidents/{tokenless.ids[0]}",
+                   f"/incidents/{tokenless.ids[0]}/files/logs/agent-stdout.log", "/clusters"):
+        status, body = get_with_host(port, target, host)
+        # 400: the server refused the header itself (a control character, say).
+        assert status in (421, 400), (host, target, status)
+        assert tokenless.ids[0] not in body and "hello" not in body and "prod-eu" not in body
+        if status == 421:
+            assert "web_token" in body
+
+
+def test_a_request_without_a_host_gets_421(tokenless: Site) -> None:
+    status, body = get_with_host(tokenless.server.port, "/incidents", None)
+    assert status == 421 and "localhost" in body and tokenless.ids[0] not in body
+
+
+def test_probes_and_token_holders_do_not_depend_on_the_host(tokenless: Site, site: Site) -> None:
+    assert get_with_host(tokenless.server.port, "/healthz", "attacker.example")[0] == 200
+    status, _ = raw_request(site.server.port, f"GET /incidents/{site.ids[0]} HTTP/1.1\r\n"
+                            f"Host: attacker.example\r\nAuthorization: Bearer {TOKEN}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+    assert status == 200, "with web_token set, the token is the guard, not the name"
 
 
 # -- signed report links ------------------------------------------------------------------------
@@ -348,6 +446,63 @@ def test_raw_files_are_served_from_the_workspace(site: Site) -> None:
     assert "sandbox" in headers["content-security-policy"]
     status, headers, body = site.authed(f"/incidents/{site.ids[0]}/files/incident.json")
     assert status == 200 and headers["content-type"] == "application/json" and site.ids[0] in body
+
+
+def write_large_log(site: Site) -> tuple[Path, int]:
+    """logs/agent-full.log, 1.2 MiB longer than what the pages serve of a file; its first line differs."""
+    path = site.workspace() / "logs" / "agent-full.log"
+    line = b"0123456789abcdef" * 4 + b"\n"
+    with open(path, "wb") as fh:
+        for number in range(nc.RAW_FILE_MAX_BYTES // len(line) + 20000):
+            fh.write(line if number else b"X" * (len(line) - 1) + b"\n")
+    return path, path.stat().st_size
+
+
+def test_a_large_file_is_streamed_not_read_whole(site: Site) -> None:
+    path, size = write_large_log(site)
+    expected = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(size - nc.RAW_FILE_MAX_BYTES)
+        while chunk := fh.read(1 << 16):
+            expected.update(chunk)
+    request = (f"GET /incidents/{site.ids[0]}/files/logs/agent-full.log HTTP/1.1\r\nHost: localhost\r\n"
+               f"Authorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").encode()
+    received, head, in_body, length = hashlib.sha256(), b"", False, 0
+    tracemalloc.start()
+    try:
+        with socket.create_connection(("127.0.0.1", site.server.port), timeout=30) as sock:
+            sock.sendall(request)
+            while chunk := sock.recv(1 << 16):
+                if not in_body:
+                    head, in_body, chunk = (head + chunk).partition(b"\r\n\r\n")
+                received.update(chunk)
+                length += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert head.split(b" ", 2)[1] == b"200"
+    assert f"x-nightcrier-truncated: last {nc.RAW_FILE_MAX_BYTES} of {size} bytes".encode() in head.lower()
+    assert length == nc.RAW_FILE_MAX_BYTES and received.hexdigest() == expected.hexdigest()
+    assert peak < 6 * 1024 * 1024, f"serving a 16 MiB tail took {peak / 2**20:.1f} MiB at once"
+
+
+def test_clients_that_do_not_read_a_large_file_hold_no_thread(site: Site) -> None:
+    write_large_log(site)
+    request = (f"GET /incidents/{site.ids[0]}/files/logs/agent-full.log HTTP/1.1\r\nHost: localhost\r\n"
+               f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
+    stalled = [socket.create_connection(("127.0.0.1", site.server.port), timeout=10)
+               for _ in range(3 * nc.HEALTH_THREADS)]
+    try:
+        for sock in stalled:
+            sock.sendall(request)  # and never read the answer
+        for sock in stalled:  # each answer has begun: its request has had its thread
+            assert sock.recv(12).split(b" ")[1] == b"200"
+        status, body = raw_request(site.server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                                   b"Connection: close\r\n\r\n", timeout=10)
+        assert (status, body) == (200, b"ok\n")
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 @pytest.mark.parametrize("tail", [

@@ -475,6 +475,90 @@ def test_the_breaker_keeps_five_reasons_and_the_alert_shows_three() -> None:
     assert nc.CircuitBreaker(threshold=0).threshold == 3
 
 
+# -- stopping within the documented bound ------------------------------------------------------
+
+
+class HungServer:
+    """A TCP server on 127.0.0.1 that accepts connections, reads what they send and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_the_uploader_stops_within_its_bound_with_a_full_queue_and_a_hung_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("AWS_ACCESS_KEY_ID", "nc-test"), ("AWS_SECRET_ACCESS_KEY", "nc-test-secret"),
+                        ("AWS_CONFIG_FILE", str(tmp_path / "none")),
+                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))):
+        monkeypatch.setenv(name, value)
+    hung = HungServer()
+    config = nc.Config(s3_bucket="b", s3_region="eu-west-1", s3_endpoint_url=hung.url,
+                       storage_timeout_seconds=0.5, storage_max_attempts=10)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "incident.json").write_text("{}")
+    handed: list[tuple[str, str | None]] = []
+    store = nc.SqliteStore(str(tmp_path / "upload.db"))
+    # Backoff between failed requests makes one incident's upload take tens of seconds.
+    uploader = nc.ReportUploader(config, store, nc.open_object_store(config), nc.Metrics(),
+                                 notify=lambda i, link: handed.append((i.incident_id, link)),
+                                 retry_initial=2.0, retry_max=5.0, queue_size=2)
+    incidents = [finished(nc.RESOLVED, workspace_path=str(workspace)) for _ in range(3)]
+    try:
+        uploader.start()
+        uploader.enqueue(incidents[0])
+        wait_for(lambda: hung.accepted, timeout=30, what="the first upload to reach the store")
+        uploader.enqueue(incidents[1])
+        uploader.enqueue(incidents[2])
+        assert uploader._queue.full()
+        drain = 1.0
+        bound = drain + config.storage_timeout_seconds + 5  # as _DrainingThread.stop documents
+        started = time.monotonic()
+        uploader.stop(drain)
+        took = time.monotonic() - started
+    finally:
+        store.close()
+        hung.close()
+    assert took < bound + 2.0, f"stop took {took:.1f} s, documented bound {bound} s"
+    assert not uploader.is_alive()
+    # Nothing is lost: every incident still reached Slack, without a link.
+    assert handed == [(i.incident_id, None) for i in incidents]
+
+
+def test_a_notifier_out_of_time_makes_no_request_after_the_one_in_hand(
+        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+    notifier = notifier_for(failure_threshold_for_alert=1, slack_timeout_seconds=0.5)
+    notifier.enqueue(finished(nc.AGENT_FAILED, reason="boom"))  # opens the breaker: a recovery follows
+    wait_for(lambda: len(webhook.received) == 1, timeout=30, what="the degraded alert")
+    webhook.script(*[Reply(200, delay=30.0)] * 5)
+    notifier.enqueue(finished(nc.RESOLVED), nc.ReportSummary("fixed", "HIGH"))
+    wait_for(lambda: len(webhook.received) == 2, timeout=30, what="the hung notification")
+    notifier.stop(0.1)
+    assert not notifier.is_alive()
+    # The notification in hand timed out; the recovery alert of the same item was not attempted.
+    assert len(webhook.received) == 2
+    assert notifier.metrics.value("notifications_failed", "slack") == 2
+
+
 # -- HTML --------------------------------------------------------------------------------------
 
 
