@@ -235,7 +235,8 @@ class Config:
                                            "appended to the triage prompt")
     agent_user: str = setting("", "AGENT_USER", "uid:gid in the container; default nightcrier's own")
     agent_network: str = setting("bridge", "AGENT_NETWORK",
-                                 "container network mode; host lets the agent reach the host's loopback")
+                                 "container network mode with agent_egress open; host lets the agent "
+                                 "reach the host's loopback")
     agent_egress: str = setting("", "AGENT_EGRESS",
                                 "allowlist, open or none; unset = allowlist (docker runner), open (process)",
                                 choices=("allowlist", "open", "none"))
@@ -484,7 +485,7 @@ def _coerce(key: _Key, value: Any, problems: list[str], source: str = "") -> Any
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         return bad("must be a string")
     text = str(value)
-    if key.choices and text.lower() not in key.choices:
+    if key.choices and text.lower() not in key.choices and not (text == key.default == ""):
         return bad(f"must be one of {', '.join(key.choices)}")
     return text.lower() if key.choices else text
 
@@ -598,6 +599,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
 
     config.clusters = _load_clusters(raw.get("clusters"), problems)
     _cross_check(config, problems)
+    if config.agent_network not in ("bridge", "none") and config.egress_mode != "open":
+        warnings.append(f"agent_network: {config.agent_network!r} is not used: with agent_egress "
+                        f"{config.egress_mode!r} the agent container has no network of its own")
     for name, value in config.agent_env.items():
         for missing in [v for v in ENV_REFERENCE_RE.findall(value) if v not in env]:
             problems.append(f"agent_env.{name} (env AGENT_ENV): refers to ${{{missing}}}, which is not "
@@ -5464,6 +5468,28 @@ class DockerRunner:
             raise result
         return result
 
+    def image_problems(self) -> list[str]:
+        """What ``agent_image`` lacks for the container's own deadline and, with agent_egress
+        allowlist, for the gate (a forwarder that starts); [] when nothing. Runs a throwaway
+        container without network; raises RunnerUnavailable when the engine cannot run one."""
+        import docker
+        import requests
+        script = ('command -v timeout >/dev/null 2>&1 || echo "no timeout program: the container has no '
+                  'deadline of its own and outlives a nightcrier that is killed"; ')
+        if self.config.egress_mode == "allowlist":
+            script += (f"NIGHTCRIER_EGRESS='{{}}' {EGRESS_FORWARDER} >/dev/null 2>&1 || echo 'no working "
+                       f"{EGRESS_FORWARDER} (agent/egress-forwarder.js on PATH, with node): the agent "
+                       "would have no network at all'; ")
+        try:
+            output = self._docker().containers.run(
+                self.config.agent_image, ["-c", script + "true"], entrypoint=["/bin/sh"], network_mode="none",
+                user=self.config.agent_user or f"{os.getuid()}:{os.getgid()}", remove=True)
+        except docker.errors.ContainerError as exc:
+            return [f"the image cannot run /bin/sh: {_short_error(exc)}"]
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise RunnerUnavailable(f"cannot inspect the agent image: {_short_error(exc)}") from exc
+        return output.decode("utf-8", "replace").splitlines()
+
     def _of_dead_process(self, labels: Mapping[str, str]) -> bool:
         """Whether the container was started by a nightcrier process on this host that is gone.
 
@@ -9273,11 +9299,22 @@ def cmd_agent_check(args: argparse.Namespace) -> int:
     try:
         workspace = prepare_workspace(root, incident)
         job = stage_agent_job(config, incident, workspace, instance, None)
+        problems = []
+        if isinstance(runner, DockerRunner):
+            rules = EgressPolicy.for_job(config, job).rules if config.egress_mode == "allowlist" else ()
+            print(f"agent-check: agent_egress {config.egress_mode}"
+                  + (f", allowed: {', '.join(map(str, rules)) or 'nothing'}" if rules else ""), flush=True)
+            runner.check()
+            problems = runner.image_problems()
+            for problem in problems:
+                print(f"agent-check: image {config.agent_image}: {problem}", flush=True)
         outcome = runner.run(job, stop)
         status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
                                        config.investigation_min_size_bytes)
         if outcome.cancelled:
             status, reason = AGENT_FAILED, "interrupted"
+        elif problems:
+            status, reason = AGENT_FAILED, "the image lacks what nightcrier needs: " + "; ".join(problems)
     except RunnerUnavailable as exc:
         status, reason = AGENT_FAILED, f"runner unavailable: {exc}"
     except OSError as exc:

@@ -398,3 +398,17 @@ def test_containers_of_a_dead_process_are_removed_at_once_and_a_live_ones_kept()
             except Exception:
                 pass
         client.close()
+
+
+@pytest.mark.docker
+def test_agent_check_finds_what_an_image_lacks_for_the_gate(cli_image: str) -> None:
+    infra.require_test_agent_image()
+    shipped = nc.DockerRunner(dataclasses.replace(nc.Config(), agent_image=cli_image,
+                                                  agent_user="1000:1000"), "image-check")
+    assert shipped.image_problems() == []
+    bare = nc.DockerRunner(dataclasses.replace(nc.Config(), agent_image=infra.TEST_AGENT_IMAGE),
+                           "image-check")
+    (problem,) = bare.image_problems()
+    assert problem.startswith("no working nightcrier-egress")
+    assert nc.DockerRunner(dataclasses.replace(nc.Config(), agent_image=infra.TEST_AGENT_IMAGE,
+                                               agent_egress="none"), "image-check").image_problems() == []
