@@ -101,15 +101,15 @@ def main() -> int:
     quiet_logging()
     rows = {"sandbox": (args.image, {"agent_egress": "open"}),
             "no-sandbox": (args.image, {"agent_egress": "open", **LOOSE}),
-            "agent image, no network": (args.gate_image, {"agent_egress": "none"}),
-            "agent image, gate": (args.gate_image, {"agent_egress": "allowlist"})}
+            "cli-none": (args.gate_image, {"agent_egress": "none"}),
+            "cli-gate": (args.gate_image, {"agent_egress": "allowlist"})}
     with tempfile.TemporaryDirectory(prefix="nc-bench-container-") as workdir:
         results = {name: measure(make_config(workdir, image, **settings), args.runs)
                    for name, (image, settings) in rows.items()}
     print(f"container overhead per incident, {args.runs} runs each (create, start, wait, remove)")
     print_latencies(results, 95)
     met = True
-    for name in ("sandbox", "agent image, gate"):
+    for name in ("sandbox", "cli-gate"):
         p95 = sorted(results[name])[min(args.runs - 1, round(0.95 * (args.runs - 1)))] / 1000
         met = met and p95 <= GOAL_P95_SECONDS
         verdict = "met" if p95 <= GOAL_P95_SECONDS else "MISSED"
