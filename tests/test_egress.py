@@ -138,6 +138,9 @@ def test_config_names_each_bad_entry_and_refuses_an_allowlist_for_a_local_proces
     assert config.egress_mode == "open"
     config, _ = nc.load_config(str(write_config(tmp_path)), env={})
     assert config.egress_mode == "allowlist"
+    _, warnings = nc.load_config(str(write_config(tmp_path, agent_network="host")), env={})
+    assert warnings == ["agent_network: 'host' is not used: with agent_egress 'allowlist' the agent "
+                        "container has no network of its own"]
 
 
 def test_model_endpoint_and_kubeconfig_api_server_are_allowed_without_listing(tmp_path: Path) -> None:
@@ -274,6 +277,7 @@ def test_agent_reaches_an_allowed_service_and_nothing_else(
         tmp_path: Path, cli_image: str, allowed_service: Recorder, canary: Recorder) -> None:
     script = PROBE + f"""
 probe allowed http://127.0.0.1:{allowed_service.port}/from-the-agent
+probe proxied --noproxy '' -p -x http://127.77.255.254:3128 http://127.0.0.1:{allowed_service.port}/via-connect
 probe canary http://127.0.0.1:{canary.port}/canary
 probe public https://example.com/
 probe metadata http://169.254.169.254/latest/meta-data/
@@ -289,7 +293,8 @@ echo -n x > /home/agent/logs/egress.log 2> audit-write.err; echo $? > audit-writ
     assert outcome.exit_code == 0, (ws / "logs" / "agent-stderr.log").read_text()
     assert (out / "allowed.code").read_text().strip() == "0", (out / "allowed.err").read_text()
     assert (out / "allowed.body").read_text() == "allowed-service-says-hello\n"
-    assert allowed_service.paths == ["/from-the-agent"]
+    assert (out / "proxied.code").read_text().strip() == "0", (out / "proxied.err").read_text()
+    assert allowed_service.paths == ["/from-the-agent", "/via-connect"]
     for name in ("canary", "public", "metadata", "host"):
         assert (out / f"{name}.code").read_text().strip() != "0", name
         assert int((out / f"{name}.ms").read_text()) < 3000, f"{name} did not fail at once"
