@@ -5135,9 +5135,15 @@ class DockerRunner:
     """Runs the agent in a container of ``agent_image`` through the Docker engine.
 
     The container is named ``nightcrier-agent-<incident_id>``, labelled with the
-    incident and this instance, runs as nightcrier's own uid:gid (or
-    ``agent_user``) with nightcrier's gid added, in ``agent_network`` with the
-    configured limits, and mounts the workspace under ``/home/agent`` as the Go
+    incident, this instance and the host and pid of this process, runs as
+    nightcrier's own uid:gid (or ``agent_user``) with nightcrier's gid added,
+    with the configured limits. Its network follows ``agent_egress``: with
+    ``allowlist`` it has none and reaches allowed destinations only through an
+    :class:`EgressGate` this runner starts for the run (and closes after it);
+    with ``open`` it joins ``agent_network``; with ``none`` it has none. Its
+    command is wrapped in a deadline of its own and it removes itself when it
+    ends, so that it cannot outlive a dead nightcrier. It mounts the workspace
+    under ``/home/agent`` as the Go
     original did (incident.json and kubeconfig read-only, output/ and logs/
     writable). By default it is a sandbox: every capability dropped,
     no-new-privileges, a read-only root filesystem with a tmpfs /tmp and a
@@ -5171,12 +5177,7 @@ class DockerRunner:
 
     def kill_all(self, timeout: float = ABORT_SECONDS) -> None:
         """Remove every running agent container at once, in parallel, within ``timeout``."""
-        def remove(container: Any) -> None:
-            try:
-                container.remove(force=True)
-            except Exception as exc:  # the engine may be gone; the next start's sweep retries
-                log_event(logging.WARNING, "agent container not removed", error=_short_error(exc))
-        threads = [threading.Thread(target=remove, args=(c,), daemon=True)
+        threads = [threading.Thread(target=self._remove, args=(c,), daemon=True)
                    for c in list(self._containers.values())]
         for thread in threads:
             thread.start()
