@@ -228,6 +228,33 @@ def test_gate_refuses_and_logs_what_is_not_allowed(gate: tuple[nc.EgressGate, Pa
     assert len(refused) == 6
 
 
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.binary(min_size=1, max_size=420), min_size=1, max_size=4))
+def test_hostile_requests_are_each_refused_and_logged_and_spoil_no_neighbour(
+        gate: tuple[nc.EgressGate, Path, list[int]], allowed_service: Recorder,
+        requests: list[bytes]) -> None:
+    """Whatever bytes reach the socket: one refusal each, named in the log, and the next allowed
+    connection still passes."""
+    g, log, refused = gate
+
+    def refusals() -> int:  # allowed connections are logged when they end, at any moment
+        return sum(" refused " in line for line in log.read_text().splitlines())
+
+    before, logged_before = len(refused), refusals()
+    for request in requests:
+        whole = request if b"\n" in request or len(request) > 300 else request + b"\n"
+        answer, sock = ask_gate(g.path, whole)
+        sock.close()
+        assert answer.startswith(b"NO "), (request, answer)
+    wait_for(lambda: refusals() == logged_before + len(requests), timeout=10,
+             what="one audit line per refusal")
+    assert len(refused) - before == len(requests)
+    answer, sock = ask_gate(g.path, f"127.0.0.1:{allowed_service.port}\n".encode())
+    sock.close()
+    assert answer == b"OK\n"
+
+
 # -- whole runs in the shipped image -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
