@@ -5165,6 +5165,7 @@ class DockerRunner:
     LABEL_INSTANCE = "nightcrier.instance"
     LABEL_HOST = "nightcrier.host"
     LABEL_PID = "nightcrier.pid"
+    LABEL_PID_NAMESPACE = "nightcrier.pid_namespace"
 
     def __init__(self, config: Config, instance: str, grace: float = STOP_GRACE_SECONDS):
         self.config = config
@@ -5376,7 +5377,7 @@ class DockerRunner:
             "user": config.agent_user or f"{os.getuid()}:{os.getgid()}",
             "working_dir": AGENT_HOME, "environment": env, "volumes": volumes,
             "labels": {self.LABEL_INCIDENT: job.incident_id, self.LABEL_INSTANCE: self.instance,
-                       self.LABEL_HOST: socket.gethostname(), self.LABEL_PID: str(os.getpid())},
+                       **self._process_labels()},
             # nightcrier's group opens the workspace to the agent whatever uid it runs as.
             "group_add": [str(os.getgid())],
             "init": config.agent_init,
@@ -5491,14 +5492,26 @@ class DockerRunner:
             raise RunnerUnavailable(f"cannot inspect the agent image: {_short_error(exc)}") from exc
         return output.decode("utf-8", "replace").splitlines()
 
-    def _of_dead_process(self, labels: Mapping[str, str]) -> bool:
-        """Whether the container was started by a nightcrier process on this host that is gone.
+    def _process_labels(self) -> dict[str, str]:
+        """Where this process runs: host, pid namespace and pid, so that another process can tell
+        whether it still runs."""
+        try:
+            namespace = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            namespace = ""
+        return {self.LABEL_HOST: socket.gethostname(), self.LABEL_PID_NAMESPACE: namespace,
+                self.LABEL_PID: str(os.getpid())}
 
-        Only a process that surely no longer runs counts: another host's, or one whose pid
-        cannot be signalled for lack of permission, is left to the incident's liveness.
+    def _of_dead_process(self, labels: Mapping[str, str]) -> bool:
+        """Whether the container was started by a nightcrier process that is gone.
+
+        Only a process that surely no longer runs counts: one on this host, in this pid
+        namespace (two nightcrier containers may share a hostname and both be pid 1), whose pid
+        is free or is ours under another instance. Any other is left to the incident's liveness.
         """
-        if (labels.get(self.LABEL_HOST) != socket.gethostname()
-                or labels.get(self.LABEL_INSTANCE) == self.instance):
+        mine = self._process_labels()
+        if (not mine[self.LABEL_PID_NAMESPACE] or labels.get(self.LABEL_INSTANCE) == self.instance
+                or any(labels.get(key) != mine[key] for key in (self.LABEL_HOST, self.LABEL_PID_NAMESPACE))):
             return False
         try:
             pid = int(labels.get(self.LABEL_PID, ""))

@@ -150,6 +150,7 @@ def test_secrets_are_only_in_the_container_environment(run_docker: Callable[...,
     assert attrs["Config"]["Labels"] == {"nightcrier.incident_id": incident_id,
                                          "nightcrier.instance": "test-instance",
                                          "nightcrier.host": socket.gethostname(),
+                                         "nightcrier.pid_namespace": os.readlink("/proc/self/ns/pid"),
                                          "nightcrier.pid": str(os.getpid())}
     assert attrs["HostConfig"]["NetworkMode"] == "none"
     ws = tmp_path / "ws" / incident_id

@@ -409,18 +409,24 @@ def test_containers_of_a_dead_process_are_removed_at_once_and_a_live_ones_kept()
     runner = nc.DockerRunner(nc.Config(), nc.new_instance_id())
     made = {}
     try:
-        for label, pid in (("dead", gone.pid), ("live", alive.pid)):
+        # "elsewhere": a process in another pid namespace (another container) with a pid that is
+        # free here, which says nothing about that process.
+        ours = os.readlink("/proc/self/ns/pid")
+        for label, pid, namespace in (("dead", gone.pid, ours), ("live", alive.pid, ours),
+                                      ("elsewhere", gone.pid, "pid:[1]")):
             made[label] = client.containers.run(
                 infra.TEST_AGENT_IMAGE, ["sleep", "120"], detach=True, network_mode="none",
                 labels={runner.LABEL_INCIDENT: f"orphan-{label}-{os.getpid()}",
                         runner.LABEL_INSTANCE: f"{socket.gethostname()}:{pid}:deadbeef",
-                        runner.LABEL_HOST: socket.gethostname(), runner.LABEL_PID: str(pid)})
+                        runner.LABEL_HOST: socket.gethostname(), runner.LABEL_PID: str(pid),
+                        runner.LABEL_PID_NAMESPACE: namespace})
         # Every incident counts as live in the database: only the process check can remove one.
         removed = runner.remove_orphans(lambda incident_id: True)
         assert f"orphan-dead-{os.getpid()}" in removed
-        assert f"orphan-live-{os.getpid()}" not in removed
-        made["live"].reload()
-        assert made["live"].status == "running"
+        assert not {f"orphan-live-{os.getpid()}", f"orphan-elsewhere-{os.getpid()}"} & set(removed)
+        for label in ("live", "elsewhere"):
+            made[label].reload()
+            assert made[label].status == "running"
     finally:
         alive.kill()
         alive.wait()
