@@ -338,6 +338,26 @@ echo -n x > /home/agent/logs/egress.log 2> audit-write.err; echo $? > audit-writ
 
 
 @pytest.mark.docker
+def test_an_allowed_name_is_reached_under_its_own_name_and_port(
+        tmp_path: Path, cli_image: str, allowed_service: Recorder) -> None:
+    """The name maps to a loopback address of its own in the container; the gate resolves it on
+    the host. The host's name stands in for a service's: it must resolve to loopback here."""
+    import ipaddress
+    name = socket.gethostname().lower()
+    if not ipaddress.ip_address(socket.gethostbyname(name)).is_loopback:
+        pytest.skip(f"{name} does not resolve to a loopback address; test traffic stays on loopback")
+    script = (f"getent hosts {name} > /home/agent/output/hosts; "
+              f"curl -sS -m 10 http://{name}:{allowed_service.port}/by-name > /home/agent/output/body")
+    outcome, ws, _ = run_agent(tmp_path, cli_image, ["/bin/bash", "-c", script],
+                               agent_egress_allow=[f"{name}:{allowed_service.port}"])
+    assert outcome.exit_code == 0, (ws / "logs" / "agent-stderr.log").read_text()
+    assert (ws / "output" / "hosts").read_text().split()[0].startswith("127.77.")
+    assert (ws / "output" / "body").read_text() == "allowed-service-says-hello\n"
+    assert allowed_service.paths == ["/by-name"]
+    assert f" allowed {name}:{allowed_service.port} " in (ws / "logs" / "egress.log").read_text()
+
+
+@pytest.mark.docker
 def test_an_image_without_the_forwarder_runs_with_no_network_at_all(tmp_path: Path) -> None:
     infra.docker_client().close()
     infra.require_test_agent_image()
