@@ -22,8 +22,11 @@ function plan() {
   return JSON.parse(process.env.NIGHTCRIER_EGRESS || '{}');
 }
 
-// Opens a tunnel to `dest` through the gate; calls back with (error, socket, bytesAfterAnswer).
-function tunnel(socketPath, dest, done) {
+// Opens a tunnel to `dest` through the gate; calls back once with (error, socket, bytesAfterAnswer).
+// Errors after the answer belong to the spliced connection, not to this callback.
+function tunnel(socketPath, dest, callback) {
+  let called = false;
+  const done = (...args) => { if (!called) { called = true; callback(...args); } };
   const gate = net.connect(socketPath);
   let answer = Buffer.alloc(0);
   const onData = (chunk) => {
@@ -59,10 +62,7 @@ function splice(client, gate, rest) {
 function forward(socketPath, dest) {
   return net.createServer((client) => {
     client.pause();
-    let settled = false;
     tunnel(socketPath, dest, (err, gate, rest) => {
-      if (settled) return;
-      settled = true;
       if (err) { client.destroy(); return; }
       splice(client, gate, rest);
       client.resume();
