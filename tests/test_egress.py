@@ -164,6 +164,25 @@ def test_model_endpoint_and_kubeconfig_api_server_are_allowed_without_listing(tm
         ("127.0.0.1", 4000, "127.0.0.1:4000"), ("127.77.0.2", 6443, "k8s.internal.example:6443")]
 
 
+def test_refusals_are_counted_per_cluster_in_metrics(tmp_path: Path) -> None:
+    config = dataclasses.replace(nc.Config(), workspace_root=str(tmp_path))
+    metrics = nc.Metrics()
+    metrics.declare_clusters(["c1", "c2"])
+    runner = nc.DockerRunner(config, "metrics-test")
+    store = nc.SqliteStore(str(tmp_path / "nc.db"))
+    try:
+        nc.Dispatcher(config, store, runner, threading.Event(), metrics, "metrics-test")
+        assert runner.on_refused is not None
+        runner.on_refused("c1")
+        runner.on_refused("c1")
+    finally:
+        store.close()
+    import prometheus_client
+    exposition = prometheus_client.generate_latest(metrics.registry).decode()
+    assert 'nightcrier_egress_refused_total{cluster="c1"} 2.0' in exposition
+    assert 'nightcrier_egress_refused_total{cluster="c2"} 0.0' in exposition
+
+
 # -- the gate alone ----------------------------------------------------------------------------
 
 @pytest.fixture
