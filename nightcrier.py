@@ -4835,6 +4835,7 @@ EGRESS_LOG_NAME = "egress.log"
 EGRESS_FORWARDER = "nightcrier-egress"
 EGRESS_SOCKET_DIR = "/run/nightcrier-gate"        # in the container
 EGRESS_SOCKET_NAME = "gate.sock"
+EGRESS_DIRECTORY_PREFIX = "nightcrier-gate-"      # in the host's temporary directory, then the pid
 EGRESS_PROXY_ADDRESS = ("127.77.255.254", 3128)   # the forwarder's CONNECT proxy, in the container
 EGRESS_MAX_CONNECTIONS = 128                      # open tunnels per agent; more are refused
 EGRESS_CONNECT_TIMEOUT = 10.0
@@ -4959,7 +4960,8 @@ class EgressGate:
         self.policy = policy
         self.log_fd = log_fd
         self.on_refused = on_refused
-        self.directory = tempfile.mkdtemp(prefix="nightcrier-gate-")
+        # Named after this process, so that a later start can remove what a killed one left.
+        self.directory = tempfile.mkdtemp(prefix=f"{EGRESS_DIRECTORY_PREFIX}{os.getpid()}-")
         self.path = os.path.join(self.directory, EGRESS_SOCKET_NAME)
         self._listener: socket.socket | None = None
         self._closed = threading.Event()
@@ -5111,6 +5113,37 @@ class EgressGate:
                 os.write(self.log_fd, stamped)
             except OSError as exc:  # the log's disk is full; the tunnel itself is unaffected
                 log_event(logging.WARNING, "egress log not written", error=_short_error(exc))
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether no process has ``pid`` in this pid namespace (one we may not signal is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_gate_directories() -> list[str]:
+    """Remove the gate directories that processes killed before closing their gates left behind
+    (ours and live processes' are kept); returns their paths."""
+    import glob
+    import shutil
+    import tempfile
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{EGRESS_DIRECTORY_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(EGRESS_DIRECTORY_PREFIX):].split("-")[0]
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and pid.isdigit()
+                and int(pid) != os.getpid() and _pid_gone(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def container_deadline_command(command: list[str], timeout: float, gated: bool) -> list[str]:
@@ -5517,21 +5550,15 @@ class DockerRunner:
             pid = int(labels.get(self.LABEL_PID, ""))
         except ValueError:
             return False
-        if pid == os.getpid():  # our pid, another instance: a process that ran before us
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
+        # Our pid under another instance: a process that ran before us.
+        return pid == os.getpid() or _pid_gone(pid)
 
     def remove_orphans(self, is_live: Callable[[str], bool]) -> list[str]:
         """Stop and remove nightcrier's containers whose incident no live worker is running, and
-        at once those of a nightcrier process on this host that is gone."""
+        at once those of a nightcrier process on this host that is gone (and its gates' directories)."""
         import docker
         import requests
+        remove_stale_gate_directories()
         try:
             containers = self._docker().containers.list(all=True, filters={"label": self.LABEL_INCIDENT})
         except (RunnerUnavailable, docker.errors.DockerException, requests.RequestException):

@@ -403,6 +403,25 @@ nc.DockerRunner(config, nc.new_instance_id()).run(job, threading.Event())
 """
 
 
+def test_gate_directories_of_killed_processes_are_removed_and_others_kept() -> None:
+    import tempfile
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "120"])
+    made = {label: tempfile.mkdtemp(prefix=f"{nc.EGRESS_DIRECTORY_PREFIX}{pid}-")
+            for label, pid in (("gone", gone.pid), ("alive", alive.pid), ("ours", os.getpid()))}
+    try:
+        removed = nc.remove_stale_gate_directories()
+        assert made["gone"] in removed and not os.path.exists(made["gone"])
+        assert os.path.isdir(made["alive"]) and os.path.isdir(made["ours"])
+    finally:
+        alive.kill()
+        alive.wait()
+        for path in made.values():
+            if os.path.isdir(path):
+                os.rmdir(path)
+
+
 @pytest.mark.docker
 def test_a_killed_nightcriers_container_ends_by_itself(tmp_path: Path) -> None:
     """kill -9 while the agent runs and no restart: the container is gone by agent_timeout + 15 s."""
