@@ -49,6 +49,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import socket
@@ -241,9 +242,15 @@ class Config:
                               "uid:gid (or user, user:group) in the container; default nightcrier's own",
                               kind="docker_user")
     agent_network: str = setting("bridge", "AGENT_NETWORK",
-                                 "bridge, host, none, container:<name> or a created network; host lets "
-                                 "the agent reach the host's loopback",
+                                 "with agent_egress open: bridge, host, none, container:<name> or a "
+                                 "created network; host lets the agent reach the host's loopback",
                                  kind="docker_network")
+    agent_egress: str = setting("", "AGENT_EGRESS",
+                                "allowlist, open or none; unset = allowlist (docker runner), open (process)",
+                                choices=("allowlist", "open", "none"))
+    agent_egress_allow: list[str] = setting([], "AGENT_EGRESS_ALLOW",
+                                            "host:port the agent may reach besides its model endpoint "
+                                            "and API server; *.example.com:443 allowed")
     agent_memory: str = setting("2g", "AGENT_MEMORY", "container memory limit (b, k, m or g; at least 6m); "
                                 "empty = none", kind="docker_memory")
     agent_cpus: float = setting(0.0, "AGENT_CPUS", "container CPU limit; 0 = none", minimum=0)
@@ -357,6 +364,11 @@ class Config:
                                              "per object storage request", minimum=0.1)
     state_storage: StateStorageConfig = field(default_factory=StateStorageConfig)
     skills: SkillsConfig = field(default_factory=SkillsConfig)
+
+    @property
+    def egress_mode(self) -> str:
+        """``agent_egress`` in effect: as set, else allowlist (docker runner) or open (process runner)."""
+        return self.agent_egress or ("allowlist" if self.agent_runner == "docker" else "open")
 
     @property
     def sqlite_path(self) -> str:
@@ -499,7 +511,7 @@ def _coerce(key: _Key, value: Any, problems: list[str], source: str = "") -> Any
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         return bad("must be a string")
     text = str(value)
-    if key.choices and text.lower() not in key.choices:
+    if key.choices and text.lower() not in key.choices and not (text == key.default == ""):
         return bad(f"must be one of {', '.join(key.choices)}")
     return _checked(key, text.lower() if key.choices else text, bad)
 
@@ -741,6 +753,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     warnings += _network_near_miss(config.agent_network)
     config.clusters = _load_clusters(raw.get("clusters"), problems)
     _cross_check(config, problems)
+    if config.agent_network not in ("bridge", "none") and config.egress_mode != "open":
+        warnings.append(f"agent_network: {config.agent_network!r} is not used: with agent_egress "
+                        f"{config.egress_mode!r} the agent container has no network of its own")
     for name, value in config.agent_env.items():
         for missing in [v for v in ENV_REFERENCE_RE.findall(value) if v not in env]:
             problems.append(f"agent_env.{name} (env AGENT_ENV): refers to ${{{missing}}}, which is not "
@@ -958,6 +973,63 @@ def _readable_file(path: str) -> bool:
         return False
 
 
+_DNS_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """One allowed destination: ``host`` is a lower-case name, an IP literal, or ``*.suffix``."""
+
+    host: str
+    port: int
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+    def matches(self, host: str, port: int) -> bool:
+        if port != self.port:
+            return False
+        return host.endswith(self.host[1:]) if self.wildcard else host == self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_destination(text: str, wildcard: bool = False) -> EgressRule:
+    """``host:port`` (``[v6]:port`` for IPv6) as a rule; ``*.name`` only when ``wildcard``.
+
+    Raises ValueError saying what is wrong. Names are lower-cased without a trailing dot and
+    IP literals normalised, so that one destination has one spelling.
+    """
+    import ipaddress
+    if not isinstance(text, str) or len(text) > 260:
+        raise ValueError("must be a host:port string of at most 260 characters")
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be host:port")
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return EgressRule(str(ipaddress.IPv6Address(host[1:-1])), int(port_text))
+        except ValueError:
+            raise ValueError("not an IPv6 address in brackets") from None
+    host = host.lower().removesuffix(".")
+    try:
+        return EgressRule(str(ipaddress.IPv4Address(host)), int(port_text))
+    except ValueError:
+        pass
+    name = host[2:] if wildcard and host.startswith("*.") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
+        raise ValueError("the host must be a DNS name, an IPv4 address or [an IPv6 address]"
+                         + (", or *.name" if wildcard else ""))
+    if name != host and len(labels) < 2:
+        raise ValueError("a wildcard must keep at least two labels, e.g. *.example.com")
+    return EgressRule(host, int(port_text))
+
+
 def _cross_check(config: Config, problems: list[str]) -> None:
     """Rules that involve more than one key."""
     if config.sse_reconnect_max_backoff < config.sse_reconnect_initial_backoff:
@@ -967,6 +1039,15 @@ def _cross_check(config: Config, problems: list[str]) -> None:
             f"got {config.sse_reconnect_max_backoff:g}")
     if config.agent_runner == "process" and not config.agent_command:
         problems.append("agent_command (env AGENT_COMMAND): is required when agent_runner is 'process'")
+    if config.agent_runner == "process" and config.agent_egress in ("allowlist", "none"):
+        problems.append(f"agent_egress (env AGENT_EGRESS): {config.agent_egress!r} needs agent_runner "
+                        "'docker'; a local process cannot be confined to an allow-list (use 'open' to "
+                        "run it with the host's network)")
+    for index, entry in enumerate(config.agent_egress_allow):
+        try:
+            parse_destination(entry, wildcard=True)
+        except ValueError as exc:
+            problems.append(f"agent_egress_allow[{index}] (env AGENT_EGRESS_ALLOW): {exc}, got {entry!r}")
     if config.agent_system_prompt_file and not _readable_file(config.agent_system_prompt_file):
         problems.append(f"agent_system_prompt_file (env AGENT_SYSTEM_PROMPT_FILE): "
                         f"{config.agent_system_prompt_file!r} is not a readable file")
@@ -5203,13 +5284,365 @@ def _process_base_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
+# -- agent network gate ---------------------------------------------------------------
+#
+# agent_egress: allowlist. The container has no network (network_mode none). nightcrier listens on
+# a Unix socket in a private host directory mounted into the container; the image's forwarder
+# (nightcrier-egress) listens inside the container on loopback, one 127.77.x.y address per
+# allowed name (mapped in the container's /etc/hosts) and the allowed port, plus a CONNECT proxy
+# for wildcard entries and addresses that cannot be bound (HTTPS_PROXY). Each connection is
+# tunnelled: the forwarder writes "host:port\n", the gate checks it against the allow-list,
+# answers "OK\n" or "NO <reason>\n", connects and splices bytes both ways, and writes one line of
+# logs/egress.log per connection. What the agent reaches is decided here, never in the container.
+
+EGRESS_MODES = ("allowlist", "open", "none")
+EGRESS_LOG_NAME = "egress.log"
+EGRESS_FORWARDER = "nightcrier-egress"
+EGRESS_SOCKET_DIR = "/run/nightcrier-gate"        # in the container
+EGRESS_SOCKET_NAME = "gate.sock"
+EGRESS_DIRECTORY_PREFIX = "nightcrier-gate-"      # in the host's temporary directory, then the pid
+EGRESS_PROXY_ADDRESS = ("127.77.255.254", 3128)   # the forwarder's CONNECT proxy, in the container
+EGRESS_MAX_CONNECTIONS = 128                      # open tunnels per agent; more are refused
+EGRESS_CONNECT_TIMEOUT = 10.0
+EGRESS_REQUEST_MAX = 300                          # bytes of "host:port\n"
+EGRESS_BUFFER = 256 * 1024
+# The container's own deadline, past agent_timeout: it ends the agent even when nightcrier is gone.
+CONTAINER_DEADLINE_GRACE = 5
+CONTAINER_DEADLINE_KILL_AFTER = 3
+# The selected CLI's model endpoint: the base-URL variable its vendor documents, else its API host.
+MODEL_ENDPOINTS = {"claude": ("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+                   "codex": ("OPENAI_BASE_URL", "https://api.openai.com"),
+                   "gemini": ("GOOGLE_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com")}
+GOOSE_MODEL_ENDPOINTS = {"anthropic": ("ANTHROPIC_HOST", "https://api.anthropic.com"),
+                         "openai": ("OPENAI_HOST", "https://api.openai.com"),
+                         "google": ("GOOGLE_HOST", "https://generativelanguage.googleapis.com"),
+                         "gemini": ("GOOGLE_HOST", "https://generativelanguage.googleapis.com")}
+def _url_destination(url: str) -> EgressRule | None:
+    """The host:port an http(s) URL connects to, or None when it names none."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+        if not parts.hostname or not port:
+            return None
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return parse_destination(f"{host}:{port}")
+    except ValueError:
+        return None
+
+
+def kubeconfig_servers(path: str) -> list[EgressRule]:
+    """The API servers a kubeconfig names (every cluster in it); [] when unreadable."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    clusters = data.get("clusters") if isinstance(data, dict) else None
+    found = []
+    for entry in clusters if isinstance(clusters, list) else []:
+        cluster = entry.get("cluster") if isinstance(entry, dict) else None
+        server = cluster.get("server") if isinstance(cluster, dict) else None
+        rule = _url_destination(server) if isinstance(server, str) else None
+        if rule is not None:
+            found.append(rule)
+    return found
+
+
+def model_endpoint(config: Config, env: Mapping[str, str]) -> EgressRule | None:
+    """The selected CLI's model endpoint: its base URL from the agent's environment, else its vendor's."""
+    if config.agent_cli == "goose":
+        provider = (env.get("GOOSE_PROVIDER") or "anthropic").lower()
+        variable, default = GOOSE_MODEL_ENDPOINTS.get(provider, ("", ""))
+    else:
+        variable, default = MODEL_ENDPOINTS.get(config.agent_cli, ("", ""))
+    url = env.get(variable) or default if variable else ""
+    return _url_destination(url) if url else None
+
+
+class EgressPolicy:
+    """What one agent may reach: the configured rules, its model endpoint and its cluster's API server.
+
+    Immutable once built; :meth:`allows` is called from gate threads.
+    """
+
+    def __init__(self, rules: Iterable[EgressRule]):
+        self.rules = tuple(dict.fromkeys(rules))
+
+    @classmethod
+    def for_job(cls, config: Config, job: AgentJob) -> EgressPolicy:
+        rules = [parse_destination(entry, wildcard=True) for entry in config.agent_egress_allow]
+        model = model_endpoint(config, job.env)
+        implicit = ([model] if model else []) + (kubeconfig_servers(job.kubeconfig) if job.kubeconfig else [])
+        return cls(rules + implicit)
+
+    def allows(self, rule: EgressRule) -> bool:
+        return any(allowed.matches(rule.host, rule.port) for allowed in self.rules)
+
+    def container_plan(self) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """Names for the container's /etc/hosts and the forwarder's listeners.
+
+        Each allowed name gets its own loopback address; a loopback IP literal is listened on
+        as it is. Wildcards and other IP literals get no listener: they are reached through the
+        CONNECT proxy.
+        """
+        import ipaddress
+        hosts: dict[str, str] = {}
+        listeners = []
+        for rule in self.rules:
+            if rule.wildcard:
+                continue
+            try:
+                address = ipaddress.ip_address(rule.host)
+            except ValueError:
+                address = None
+            if address is not None:
+                if address.version == 4 and address.is_loopback:
+                    listeners.append({"addr": rule.host, "port": rule.port, "dest": str(rule)})
+                continue
+            if rule.host == "localhost":
+                listeners.append({"addr": "127.0.0.1", "port": rule.port, "dest": str(rule)})
+                continue
+            if rule.host not in hosts:
+                index = len(hosts)
+                hosts[rule.host] = f"127.77.{index // 250}.{index % 250 + 2}"
+            listeners.append({"addr": hosts[rule.host], "port": rule.port, "dest": str(rule)})
+        return hosts, listeners
+
+
+class EgressGate:
+    """The host side of one agent's network: a Unix socket that tunnels allowed connections.
+
+    :meth:`start` binds ``<directory>/gate.sock`` (the directory is private to nightcrier and
+    the container's group, and is removed by :meth:`close`) and accepts on a thread of its own;
+    each tunnel runs on two threads, at most ``EGRESS_MAX_CONNECTIONS`` at once. Every
+    connection passed and every request refused is one line of the audit log ``log_fd``
+    (opened by the caller, written here, never closed here); ``on_refused`` is called once per
+    refusal. Never raises from its threads: a failing destination is a logged failure.
+    """
+
+    def __init__(self, policy: EgressPolicy, log_fd: int, on_refused: Callable[[], None] | None = None):
+        import tempfile
+        self.policy = policy
+        self.log_fd = log_fd
+        self.on_refused = on_refused
+        # Named after this process, so that a later start can remove what a killed one left.
+        self.directory = tempfile.mkdtemp(prefix=f"{EGRESS_DIRECTORY_PREFIX}{os.getpid()}-")
+        self.path = os.path.join(self.directory, EGRESS_SOCKET_NAME)
+        self._listener: socket.socket | None = None
+        self._closed = threading.Event()
+        self._log_lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def start(self) -> None:
+        os.chmod(self.directory, 0o750)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        os.chmod(self.path, 0o660)
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept_loop, name="egress-gate", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting, cut every open tunnel and remove the socket's directory."""
+        import shutil
+        self._closed.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        with self._open_lock:
+            for sock in list(self._open):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), name="egress-tunnel", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        started = time.monotonic()
+        try:
+            request = self._read_request(client)
+        except (OSError, ValueError) as exc:
+            self._refuse(client, "?", f"malformed request: {exc}")
+            return
+        try:
+            rule = parse_destination(request)
+        except ValueError as exc:
+            self._refuse(client, request[:80], f"malformed destination: {exc}")
+            return
+        if not self.policy.allows(rule):
+            self._refuse(client, str(rule), "not allowed")
+            return
+        with self._open_lock:
+            crowded = len(self._open) >= 2 * EGRESS_MAX_CONNECTIONS
+        if crowded:
+            self._refuse(client, str(rule), "too many open connections")
+            return
+        try:
+            upstream = socket.create_connection((rule.host, rule.port), timeout=EGRESS_CONNECT_TIMEOUT)
+        except OSError as exc:
+            self._write(f"failed {rule} error={_short_error(exc)!r}")
+            self._answer(client, f"NO cannot connect: {exc.strerror or exc}")
+            client.close()
+            return
+        upstream.settimeout(None)
+        client.settimeout(None)
+        sent, received = self._splice(client, upstream)
+        self._write(f"allowed {rule} sent={sent} received={received} "
+                    f"duration={time.monotonic() - started:.3f}s")
+
+    @staticmethod
+    def _read_request(client: socket.socket) -> str:
+        client.settimeout(EGRESS_CONNECT_TIMEOUT)
+        data = b""
+        while b"\n" not in data:
+            chunk = client.recv(EGRESS_REQUEST_MAX + 1 - len(data))
+            if not chunk:
+                raise ValueError("closed before a destination was named")
+            data += chunk
+            if len(data) > EGRESS_REQUEST_MAX:
+                raise ValueError("too long")
+        line, _, rest = data.partition(b"\n")
+        if rest:
+            raise ValueError("data before the answer")
+        return line.decode("ascii")
+
+    def _refuse(self, client: socket.socket, destination: str, reason: str) -> None:
+        shown = destination if destination.isprintable() and " " not in destination else repr(destination)
+        self._write(f"refused {shown} reason={reason!r}")
+        if self.on_refused is not None:  # counted before the agent hears of it
+            self.on_refused()
+        self._answer(client, f"NO {reason}")
+        client.close()
+
+    @staticmethod
+    def _answer(client: socket.socket, line: str) -> None:
+        try:
+            client.sendall(line.encode("ascii", "replace") + b"\n")
+        except OSError:
+            pass
+
+    def _splice(self, client: socket.socket, upstream: socket.socket) -> tuple[int, int]:
+        """Copy both ways until both sides are done; bytes (agent -> destination, back)."""
+        with self._open_lock:
+            self._open.update((client, upstream))
+        counts = [0, 0]
+
+        def pump(source: socket.socket, sink: socket.socket, slot: int) -> None:
+            buffer = bytearray(EGRESS_BUFFER)
+            view = memoryview(buffer)
+            try:
+                while True:
+                    n = source.recv_into(buffer)
+                    if not n:
+                        break
+                    sink.sendall(view[:n])
+                    counts[slot] += n
+            except OSError:
+                pass
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        try:
+            self._answer(client, "OK")
+            back = threading.Thread(target=pump, args=(upstream, client, 1), name="egress-tunnel",
+                                    daemon=True)
+            back.start()
+            pump(client, upstream, 0)
+            back.join()
+        finally:
+            with self._open_lock:
+                self._open.difference_update((client, upstream))
+            client.close()
+            upstream.close()
+        return counts[0], counts[1]
+
+    def _write(self, line: str) -> None:
+        stamped = f"{_iso(utcnow())} {line}\n".encode("utf-8", "replace")
+        with self._log_lock:
+            try:
+                os.write(self.log_fd, stamped)
+            except OSError as exc:  # the log's disk is full; the tunnel itself is unaffected
+                log_event(logging.WARNING, "egress log not written", error=_short_error(exc))
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether no process has ``pid`` in this pid namespace (one we may not signal is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_gate_directories() -> list[str]:
+    """Remove the gate directories that processes killed before closing their gates left behind
+    (ours and live processes' are kept); returns their paths."""
+    import glob
+    import shutil
+    import tempfile
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{EGRESS_DIRECTORY_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(EGRESS_DIRECTORY_PREFIX):].split("-")[0]
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and pid.isdigit()
+                and int(pid) != os.getpid() and _pid_gone(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def container_deadline_command(command: list[str], timeout: float, gated: bool) -> list[str]:
+    """``command`` wrapped so that the container ends by itself after ``timeout`` plus a grace,
+    when nightcrier is no longer there to stop it; ``gated`` starts the image's forwarder first.
+
+    An image without ``timeout`` runs without a deadline of its own, and one without the
+    forwarder runs with no network at all; agent-check reports both.
+    """
+    deadline = int(timeout) + CONTAINER_DEADLINE_GRACE
+    script = ""
+    if gated:
+        script += (f"if command -v {EGRESS_FORWARDER} >/dev/null 2>&1; then {EGRESS_FORWARDER} || exit 125; "
+                   f"else echo 'nightcrier: the image has no {EGRESS_FORWARDER}; the agent has no network' "
+                   ">&2; fi; ")
+    script += ('command -v timeout >/dev/null 2>&1 || exec "$@"; '
+               f'exec timeout -s TERM -k {CONTAINER_DEADLINE_KILL_AFTER} {deadline} "$@"')
+    return ["/bin/sh", "-c", script, "nightcrier-agent", *command]
+
+
 class DockerRunner:
     """Runs the agent in a container of ``agent_image`` through the Docker engine.
 
     The container is named ``nightcrier-agent-<incident_id>``, labelled with the
-    incident and this instance, runs as nightcrier's own uid:gid (or
-    ``agent_user``) with nightcrier's gid added, in ``agent_network`` with the
-    configured limits, and mounts the workspace under ``/home/agent`` as the Go
+    incident, this instance and the host and pid of this process, runs as
+    nightcrier's own uid:gid (or ``agent_user``) with nightcrier's gid added,
+    with the configured limits. Its network follows ``agent_egress``: with
+    ``allowlist`` it has none and reaches allowed destinations only through an
+    :class:`EgressGate` this runner starts for the run (and closes after it);
+    with ``open`` it joins ``agent_network``; with ``none`` it has none. Its
+    command is wrapped in a deadline of its own and it removes itself when it
+    ends, so that it cannot outlive a dead nightcrier. It mounts the workspace
+    under ``/home/agent`` as the Go
     original did (incident.json and kubeconfig read-only, output/ and logs/
     writable). By default it is a sandbox: every capability dropped,
     no-new-privileges, a read-only root filesystem with a tmpfs /tmp and a
@@ -5229,6 +5662,9 @@ class DockerRunner:
     name = "docker"
     LABEL_INCIDENT = "nightcrier.incident_id"
     LABEL_INSTANCE = "nightcrier.instance"
+    LABEL_HOST = "nightcrier.host"
+    LABEL_PID = "nightcrier.pid"
+    LABEL_PID_NAMESPACE = "nightcrier.pid_namespace"
 
     def __init__(self, config: Config, instance: str, grace: float = STOP_GRACE_SECONDS):
         self.config = config
@@ -5237,15 +5673,11 @@ class DockerRunner:
         self._client: Any = None
         self._lock = threading.Lock()
         self._containers: dict[str, Any] = {}   # incident id -> running container, for kill_all
+        self.on_refused: Callable[[str], None] | None = None   # told the cluster of each refused connection
 
     def kill_all(self, timeout: float = ABORT_SECONDS) -> None:
         """Remove every running agent container at once, in parallel, within ``timeout``."""
-        def remove(container: Any) -> None:
-            try:
-                container.remove(force=True)
-            except Exception as exc:  # the engine may be gone; the next start's sweep retries
-                log_event(logging.WARNING, "agent container not removed", error=_short_error(exc))
-        threads = [threading.Thread(target=remove, args=(c,), daemon=True)
+        threads = [threading.Thread(target=self._remove, args=(c,), daemon=True)
                    for c in list(self._containers.values())]
         for thread in threads:
             thread.start()
@@ -5293,19 +5725,46 @@ class DockerRunner:
                 "network create) or set agent_network to bridge, host, none or container:<name>") from exc
 
     def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
-        import docker
-        import requests
         self.check()
-        client = self._docker()
         if cancel.is_set():  # stopped before it began: create nothing a later kill could miss
             return AgentOutcome(None, cancelled=True)
+        gate = None
+        if self.config.egress_mode == "allowlist":
+            try:
+                gate = self._open_gate(job)
+            except (OSError, ValueError) as exc:
+                return AgentOutcome(None, error=f"cannot open the agent's network gate: {exc}")
+        try:
+            return self._run_container(job, cancel, gate)
+        finally:
+            if gate is not None:
+                gate.close()
+                os.close(gate.log_fd)
+
+    def _open_gate(self, job: AgentJob) -> EgressGate:
+        """The running gate of ``job``'s allow-list, writing to its ``logs/egress.log``."""
+        log_fd = open_agent_log(job.workspace, EGRESS_LOG_NAME)
+        on_refused = self.on_refused
+        try:
+            gate = EgressGate(EgressPolicy.for_job(self.config, job), log_fd,
+                              (lambda: on_refused(job.cluster)) if on_refused else None)
+            gate.start()
+        except BaseException:
+            os.close(log_fd)
+            raise
+        return gate
+
+    def _run_container(self, job: AgentJob, cancel: threading.Event, gate: EgressGate | None) -> AgentOutcome:
+        import docker
+        import requests
+        client = self._docker()
         try:
             # A container left by an earlier attempt of this incident (we hold its claim now)
             # would make the name clash.
             for stale in client.containers.list(all=True, filters={
                     "label": f"{self.LABEL_INCIDENT}={job.incident_id}"}):
                 stale.remove(force=True, v=True)
-            container = client.containers.create(**self._create_args(job))
+            container = client.containers.create(**self._create_args(job, gate))
         except docker.errors.ImageNotFound as exc:
             raise RunnerUnavailable(f"agent image {self.config.agent_image} not found") from exc
         except (docker.errors.DockerException, requests.RequestException) as exc:
@@ -5318,19 +5777,19 @@ class DockerRunner:
         except OSError as exc:
             for fd in log_fds:
                 os.close(fd)
-            try:
-                container.remove(force=True, v=True)
-            except (docker.errors.DockerException, requests.RequestException):
-                pass  # the orphan sweep removes it
+            self._remove(container)
             return AgentOutcome(None, error=f"cannot open the agent's log: {exc}")
         started = False
         self._containers[job.incident_id] = container
         try:
-            container.start()
-            started = True
+            # The container removes itself when it ends (so it cannot outlive a dead nightcrier), so
+            # its exit status and output are asked for before it starts, never looked up afterwards.
+            exited = self._watch_exit(container)
             pumps = self._stream_logs(container, log_fds)
             log_fds = []
-            outcome = self._wait(container, job, cancel)
+            container.start()
+            started = True
+            outcome = self._wait(container, job, cancel, exited)
             for pump in pumps:
                 pump.join(10)
             outcome.cancelled = outcome.cancelled or cancel.is_set()
@@ -5344,13 +5803,53 @@ class DockerRunner:
             for fd in log_fds:
                 os.close(fd)
             self._containers.pop(job.incident_id, None)
-            try:
-                container.remove(force=True, v=True)
-            except (docker.errors.DockerException, requests.RequestException):
-                log_event(logging.WARNING, "agent container not removed; recovery will retry",
-                          incident_id=job.incident_id)
+            self._remove(container, job.incident_id)
 
-    def _create_args(self, job: AgentJob) -> dict[str, Any]:
+    def _remove(self, container: Any, incident_id: str = "") -> None:
+        """Remove ``container`` if it is still there; one that removed itself is no failure."""
+        import docker
+        import requests
+        try:
+            container.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                log_event(logging.WARNING, "agent container not removed; recovery will retry",
+                          incident_id=incident_id or None, error=_short_error(exc))
+                return
+            try:  # 409: the engine is removing it already; the run ends when it is gone
+                container.wait(condition="removed", timeout=30)
+            except (docker.errors.DockerException, requests.RequestException):
+                pass
+        except (docker.errors.DockerException, requests.RequestException):
+            log_event(logging.WARNING, "agent container not removed; recovery will retry",
+                      incident_id=incident_id or None)
+
+    def _watch_exit(self, container: Any) -> queue.Queue[Any]:
+        """A queue that gets the container's wait result (or the exception) when it exits.
+
+        The engine answers the wait request's headers once the wait is registered, so after
+        this returns no exit can be missed, however soon the container ends and is removed.
+        """
+        api = self._docker().api
+        response = api._post(api._url("/containers/{0}/wait", container.id),
+                             params={"condition": "next-exit"}, stream=True, timeout=None)
+        api._raise_for_status(response)
+        result: queue.Queue[Any] = queue.Queue(maxsize=1)
+
+        def read() -> None:
+            try:
+                result.put(response.json())
+            except Exception as exc:  # the engine went away; the waiter raises it
+                result.put(exc)
+            finally:
+                response.close()
+
+        threading.Thread(target=read, name="agent-wait", daemon=True).start()
+        return result
+
+    def _create_args(self, job: AgentJob, gate: EgressGate | None = None) -> dict[str, Any]:
         import docker
         config = self.config
         ws = job.workspace
@@ -5374,13 +5873,24 @@ class DockerRunner:
         env = dict(job.env)
         env.update({"HOME": AGENT_HOME, "KUBECONFIG": f"{AGENT_HOME}/.kube/config" if job.kubeconfig else "",
                     "WORKSPACE_DIR": AGENT_HOME, "PROMPT_FILE": f"{AGENT_HOME}/prompt-sent.md"})
+        mode = config.egress_mode
+        network: dict[str, Any] = {"network_mode": config.agent_network if mode == "open" else "none"}
+        if gate is not None:
+            network["extra_hosts"], env["NIGHTCRIER_EGRESS"] = self._gate_plan(gate, env)
+            volumes.append(f"{gate.directory}:{EGRESS_SOCKET_DIR}:ro")
+            # Over the writable logs/ mount: the agent can neither rewrite nor remove its audit log.
+            audit_log = os.path.join(ws, "logs", EGRESS_LOG_NAME)
+            volumes.append(f"{audit_log}:{AGENT_HOME}/logs/{EGRESS_LOG_NAME}:ro")
         args: dict[str, Any] = {
-            "image": config.agent_image, "command": job.command,
+            **network,
+            "image": config.agent_image,
+            "command": container_deadline_command(job.command, job.timeout, gated=gate is not None),
+            "auto_remove": True,
             "name": f"nightcrier-agent-{job.incident_id}", "detach": True,
             "user": config.agent_user or f"{os.getuid()}:{os.getgid()}",
             "working_dir": AGENT_HOME, "environment": env, "volumes": volumes,
-            "network_mode": config.agent_network,
-            "labels": {self.LABEL_INCIDENT: job.incident_id, self.LABEL_INSTANCE: self.instance},
+            "labels": {self.LABEL_INCIDENT: job.incident_id, self.LABEL_INSTANCE: self.instance,
+                       **self._process_labels()},
             # nightcrier's group opens the workspace to the agent whatever uid it runs as.
             "group_add": [str(os.getgid())],
             "init": config.agent_init,
@@ -5403,45 +5913,132 @@ class DockerRunner:
             args["pids_limit"] = config.agent_pids_limit
         return args
 
+    @staticmethod
+    def _gate_plan(gate: EgressGate, env: dict[str, str]) -> tuple[dict[str, str], str]:
+        """The container's /etc/hosts names and the forwarder's plan; sets the proxy variables in
+        ``env`` (unless ``agent_env`` set them) so that wildcard destinations go through the gate."""
+        hosts, listeners = gate.policy.container_plan()
+        address, port = EGRESS_PROXY_ADDRESS
+        proxy = f"http://{address}:{port}"
+        direct = ",".join(["localhost", "127.0.0.1", *hosts])
+        for name, value in (("HTTPS_PROXY", proxy), ("https_proxy", proxy), ("NO_PROXY", direct),
+                            ("no_proxy", direct)):
+            env.setdefault(name, value)
+        plan = {"socket": f"{EGRESS_SOCKET_DIR}/{EGRESS_SOCKET_NAME}", "listen": listeners,
+                "proxy": {"addr": address, "port": port}}
+        return hosts, json.dumps(plan, separators=(",", ":"))
+
     def _stream_logs(self, container: Any, log_fds: list[int]) -> list[threading.Thread]:
-        """Copy the container's stdout and stderr into the given descriptors, closing them at the end."""
-        def pump(fd: int, stdout: bool) -> None:
+        """Copy the container's stdout and stderr into the given descriptors, closing them at the end.
+
+        Attached before the container starts: all of its output arrives, even when it is gone
+        a moment after it started."""
+        api = self._docker().api
+        streams = [api.attach(container.id, stdout=True, stderr=False, stream=True, logs=True),
+                   api.attach(container.id, stdout=False, stderr=True, stream=True, logs=True)]
+
+        def pump(fd: int, stream: Iterator[bytes]) -> None:
             try:
                 with os.fdopen(fd, "ab") as fh:
-                    for chunk in container.logs(stream=True, follow=True, stdout=stdout, stderr=not stdout):
+                    for chunk in stream:
                         fh.write(chunk)
                         fh.flush()
             except Exception as exc:  # the run's outcome does not depend on its log copy
                 log_event(logging.DEBUG, "agent log stream ended", error=_short_error(exc))
 
-        threads = [threading.Thread(target=pump, args=(log_fds[0], True), daemon=True),
-                   threading.Thread(target=pump, args=(log_fds[1], False), daemon=True)]
+        threads = [threading.Thread(target=pump, args=(fd, stream), daemon=True)
+                   for fd, stream in zip(log_fds, streams, strict=True)]
         for thread in threads:
             thread.start()
         return threads
 
-    def _wait(self, container: Any, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
-        import requests
+    def _wait(self, container: Any, job: AgentJob, cancel: threading.Event,
+              exited: queue.Queue[Any]) -> AgentOutcome:
+        import docker
         deadline = time.monotonic() + job.timeout
         while True:
             remaining = deadline - time.monotonic()
             if cancel.is_set() or remaining <= 0:
-                container.stop(timeout=int(self.grace))
-                status = container.wait(timeout=30)
+                try:
+                    container.stop(timeout=int(self.grace))
+                except docker.errors.NotFound:
+                    pass  # it ended on its own meanwhile
+                try:
+                    status = self._exit_status(exited, 30)
+                except queue.Empty:
+                    status = {}
                 return AgentOutcome(status.get("StatusCode"), timed_out=not cancel.is_set(),
                                     cancelled=cancel.is_set())
             try:
-                status = container.wait(timeout=max(0.1, min(remaining, 0.5)))
-                return AgentOutcome(status.get("StatusCode"),
-                                    error=(status.get("Error") or {}).get("Message", "") or "")
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
-                if "timed out" not in str(exc).lower():
-                    raise
+                status = self._exit_status(exited, max(0.05, min(remaining, 0.5)))
+            except queue.Empty:
+                continue
+            return AgentOutcome(status.get("StatusCode"),
+                                error=(status.get("Error") or {}).get("Message", "") or "")
 
-    def remove_orphans(self, is_live: Callable[[str], bool]) -> list[str]:
-        """Stop and remove nightcrier's containers whose incident no live worker is running."""
+    @staticmethod
+    def _exit_status(exited: queue.Queue[Any], timeout: float) -> dict[str, Any]:
+        result = exited.get(timeout=timeout)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def image_problems(self) -> list[str]:
+        """What ``agent_image`` lacks for the container's own deadline and, with agent_egress
+        allowlist, for the gate (a forwarder that starts); [] when nothing. Runs a throwaway
+        container without network; raises RunnerUnavailable when the engine cannot run one."""
         import docker
         import requests
+        script = ('command -v timeout >/dev/null 2>&1 || echo "no timeout program: the container has no '
+                  'deadline of its own and outlives a nightcrier that is killed"; ')
+        if self.config.egress_mode == "allowlist":
+            script += (f"NIGHTCRIER_EGRESS='{{}}' {EGRESS_FORWARDER} >/dev/null 2>&1 || echo 'no working "
+                       f"{EGRESS_FORWARDER} (agent/egress-forwarder.js on PATH, with node): the agent "
+                       "would have no network at all'; ")
+        try:
+            output = self._docker().containers.run(
+                self.config.agent_image, ["-c", script + "true"], entrypoint=["/bin/sh"], network_mode="none",
+                user=self.config.agent_user or f"{os.getuid()}:{os.getgid()}", remove=True)
+        except docker.errors.ContainerError as exc:
+            return [f"the image cannot run /bin/sh: {_short_error(exc)}"]
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise RunnerUnavailable(f"cannot inspect the agent image: {_short_error(exc)}") from exc
+        return output.decode("utf-8", "replace").splitlines()
+
+    def _process_labels(self) -> dict[str, str]:
+        """Where this process runs: host, pid namespace and pid, so that another process can tell
+        whether it still runs."""
+        try:
+            namespace = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            namespace = ""
+        return {self.LABEL_HOST: socket.gethostname(), self.LABEL_PID_NAMESPACE: namespace,
+                self.LABEL_PID: str(os.getpid())}
+
+    def _of_dead_process(self, labels: Mapping[str, str]) -> bool:
+        """Whether the container was started by a nightcrier process that is gone.
+
+        Only a process that surely no longer runs counts: one on this host, in this pid
+        namespace (two nightcrier containers may share a hostname and both be pid 1), whose pid
+        is free or is ours under another instance. Any other is left to the incident's liveness.
+        """
+        mine = self._process_labels()
+        if (not mine[self.LABEL_PID_NAMESPACE] or labels.get(self.LABEL_INSTANCE) == self.instance
+                or any(labels.get(key) != mine[key] for key in (self.LABEL_HOST, self.LABEL_PID_NAMESPACE))):
+            return False
+        try:
+            pid = int(labels.get(self.LABEL_PID, ""))
+        except ValueError:
+            return False
+        # Our pid under another instance: a process that ran before us.
+        return pid == os.getpid() or _pid_gone(pid)
+
+    def remove_orphans(self, is_live: Callable[[str], bool]) -> list[str]:
+        """Stop and remove nightcrier's containers whose incident no live worker is running, and
+        at once those of a nightcrier process on this host that is gone (and its gates' directories)."""
+        import docker
+        import requests
+        remove_stale_gate_directories()
         try:
             containers = self._docker().containers.list(all=True, filters={"label": self.LABEL_INCIDENT})
         except (RunnerUnavailable, docker.errors.DockerException, requests.RequestException):
@@ -5449,7 +6046,7 @@ class DockerRunner:
         removed = []
         for container in containers:
             incident_id = container.labels.get(self.LABEL_INCIDENT, "")
-            if is_live(incident_id):
+            if not self._of_dead_process(container.labels) and is_live(incident_id):
                 continue
             try:
                 container.remove(force=True, v=True)
@@ -6007,6 +6604,8 @@ class Dispatcher(threading.Thread):
         self.on_finished = on_finished
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
+        if isinstance(runner, DockerRunner):
+            runner.on_refused = lambda cluster: metrics.inc("egress_refused", cluster)
         self.runner_error = ""
         # Clusters removed from the configuration by a reload: their incidents wait, unclaimed, until
         # the cluster is configured again. Replaced whole (never mutated) by the main thread.
@@ -7733,6 +8332,7 @@ STORED_ARTIFACTS = (
     ("prompt-sent.md", "prompt-sent.md", "Prompt Sent to Agent"),
     ("logs/agent-stdout.log", "logs/agent-stdout.log", "Agent Output"),
     ("logs/agent-stderr.log", "logs/agent-stderr.log", "Agent Errors"),
+    ("logs/egress.log", "logs/egress.log", "Agent Network Connections"),
     ("logs/agent-full.log", "logs/agent-full.log", "Agent Full Log"),
     ("logs/agent-commands-executed.log", "logs/agent-commands-executed.log", "Commands Executed"),
     ("logs/agent-session.tar.gz", "logs/agent-session.tar.gz", "Agent Session Archive"),
@@ -8113,6 +8713,8 @@ class Metrics:
                           "Exceptions that escaped a worker while finishing or releasing an incident", ()),
         "claims_lost": ("nightcrier_claims_lost_total",
                         "Runs cancelled because their claim was swept or taken over", ()),
+        "egress_refused": ("nightcrier_egress_refused_total",
+                           "Agent connections the network gate refused", ("cluster",)),
         "thread_errors": ("nightcrier_thread_errors_total",
                           "Errors a background thread survived", ("thread",)),
     }
@@ -8383,7 +8985,7 @@ PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:
 RAW_FILE_CSP = "default-src 'none'; sandbox"
 WORKSPACE_FILES = ("incident.json", "prompt-sent.md", "incident_cluster_permissions.json",
                    "output/investigation.md", f"{REPORT_HTML_NAME}", "logs/agent-stdout.log",
-                   "logs/agent-stderr.log")
+                   "logs/agent-stderr.log", "logs/egress.log")
 WORKSPACE_FILE_DEPTH = 5         # attempts/<n>/logs/agent-stdout.log and the like
 _FILE_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
@@ -9980,11 +10582,22 @@ def cmd_agent_check(args: argparse.Namespace) -> int:
     try:
         workspace = prepare_workspace(root, incident)
         job = stage_agent_job(config, incident, workspace, instance, None)
+        problems = []
+        if isinstance(runner, DockerRunner):
+            rules = EgressPolicy.for_job(config, job).rules if config.egress_mode == "allowlist" else ()
+            print(f"agent-check: agent_egress {config.egress_mode}"
+                  + (f", allowed: {', '.join(map(str, rules)) or 'nothing'}" if rules else ""), flush=True)
+            runner.check()
+            problems = runner.image_problems()
+            for problem in problems:
+                print(f"agent-check: image {config.agent_image}: {problem}", flush=True)
         outcome = runner.run(job, stop)
         status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
                                        config.investigation_min_size_bytes)
         if outcome.cancelled:
             status, reason = AGENT_FAILED, "interrupted"
+        elif problems:
+            status, reason = AGENT_FAILED, "the image lacks what nightcrier needs: " + "; ".join(problems)
     except RunnerUnavailable as exc:
         status, reason = AGENT_FAILED, f"runner unavailable: {exc}"
     except OSError as exc:

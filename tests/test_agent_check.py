@@ -173,7 +173,8 @@ def test_docker_passes_with_the_configured_image(tmp_path: Path, docker_ready: N
              "echo checked; printf '# Investigation\\n\\n## Root Cause\\n%s\\n**Confidence:** LOW\\n' "
              "\"$(cat incident.json)\" > output/investigation.md")
     config = write_config(tmp_path, agent_runner="docker", agent_image=infra.TEST_AGENT_IMAGE,
-                          agent_command=["sh", "-c", agent], agent_env={"EXPECTED": "${MODEL_KEY}"})
+                          agent_command=["sh", "-c", agent], agent_env={"EXPECTED": "${MODEL_KEY}"},
+                          agent_egress="none")
     result = agent_check(config, env={"ANTHROPIC_API_KEY": KEY, "MODEL_KEY": KEY})
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"docker runner, image {infra.TEST_AGENT_IMAGE}" in result.stdout
@@ -181,6 +182,18 @@ def test_docker_passes_with_the_configured_image(tmp_path: Path, docker_ready: N
     wrong = agent_check(config, env={"ANTHROPIC_API_KEY": "sk-wrong", "MODEL_KEY": KEY})
     assert wrong.returncode == 1 and "FAIL: agent exited with non-zero code: 1" in wrong.stdout
     assert "API error: 401" in wrong.stdout
+
+
+@pytest.mark.docker
+def test_docker_fails_for_an_image_without_the_gate_forwarder(tmp_path: Path, docker_ready: None) -> None:
+    """agent_egress allowlist (the default) needs nightcrier-egress in the image; the test image has none."""
+    agent = "printf '# Investigation\\n\\n## Root Cause\\n%0200d\\n' 0 > output/investigation.md"
+    config = write_config(tmp_path, agent_runner="docker", agent_image=infra.TEST_AGENT_IMAGE,
+                          agent_command=["sh", "-c", agent], agent_egress_allow=["grafana.example.com:443"])
+    result = agent_check(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "agent_egress allowlist, allowed: grafana.example.com:443, api.anthropic.com:443" in result.stdout
+    assert "FAIL: the image lacks what nightcrier needs: no working nightcrier-egress" in result.stdout
 
 
 @pytest.mark.docker

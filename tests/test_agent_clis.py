@@ -185,7 +185,8 @@ def test_home_is_usable_by_any_uid(docker_client: Any, model: ScriptedModel, tmp
 
 # -- whole incidents through nightcrier ---------------------------------------------------------
 
-def cli_config(tmp_path: Path, cli: Cli, model: ScriptedModel, monkeypatch: pytest.MonkeyPatch) -> nc.Config:
+def cli_config(tmp_path: Path, cli: Cli, model: ScriptedModel, monkeypatch: pytest.MonkeyPatch,
+               **settings: Any) -> nc.Config:
     kubeconfig = tmp_path / "kubeconfig.yaml"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
     # All three vendors' keys are configured, as on a machine that runs several CLIs over time;
@@ -195,10 +196,10 @@ def cli_config(tmp_path: Path, cli: Cli, model: ScriptedModel, monkeypatch: pyte
             "agent_timeout": 240, "dispatch_poll_interval": 0.2, "stale_after_seconds": 30,
             "anthropic_api_key": KEYS["ANTHROPIC_API_KEY"], "openai_api_key": KEYS["OPENAI_API_KEY"],
             "gemini_api_key": KEYS["GEMINI_API_KEY"],
-            "agent_user": "1000:1000", "agent_network": "host",
+            "agent_user": "1000:1000", "agent_egress": "open", "agent_network": "host",
             "agent_env": {cli.base_url_env: "${NIGHTCRIER_TEST_MODEL_URL}" + cli.base_path},
             "clusters": [{"name": "c1", "mcp": {"endpoint": "http://127.0.0.1:9/mcp"},
-                          "triage": {"enabled": True, "kubeconfig": str(kubeconfig)}}]}
+                          "triage": {"enabled": True, "kubeconfig": str(kubeconfig)}}], **settings}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     # agent_env references are checked when the file loads and resolved when an agent starts.
@@ -252,3 +253,50 @@ def test_real_cli_resolves_an_incident_through_the_docker_runner(
     env = assert_conversation(model, cli, incident.incident_id)
     assert "api-7f8b9c" in model.agent_requests()[0].text
     assert env.get("INCIDENT_ID") == incident.incident_id
+
+
+# -- behind the network gate ------------------------------------------------------------------
+
+def probes(targets: dict[str, str]) -> str:
+    """A shell line, run in the agent's container before the CLI, that leaves each target's curl
+    exit code and seconds taken in output/."""
+    return "cd /home/agent/output; " + " ".join(
+        f"curl -sS -m 10 -o {name}.body -w '%{{time_total}}' {url} > {name}.time 2> {name}.err; "
+        f"echo $? > {name}.code;" for name, url in targets.items())
+
+
+@pytest.mark.parametrize("cli", CLIS, ids=CLI_IDS)
+def test_real_cli_resolves_an_incident_behind_the_egress_gate(
+        cli: Cli, tmp_path: Path, model: ScriptedModel, monkeypatch: pytest.MonkeyPatch,
+        run_incident: Callable[[nc.Config], tuple[nc.StateStore, nc.Incident]]) -> None:
+    """agent_egress: allowlist. The model endpoint is allowed through agent_env, one service through
+    agent_egress_allow; a canary beside it and a public name get nothing."""
+    from test_egress import Recorder
+    allowed, canary = Recorder(), Recorder(b"canary\n")
+    try:
+        config = cli_config(tmp_path, cli, model, monkeypatch, agent_egress="allowlist",
+                            agent_network="bridge", agent_egress_allow=[f"127.0.0.1:{allowed.port}"])
+        line = probes({"allowed": f"http://127.0.0.1:{allowed.port}/from-{cli.name}",
+                       "canary": f"http://127.0.0.1:{canary.port}/", "public": "https://example.com/"})
+        config = dataclasses.replace(config, agent_command=[
+            "/bin/bash", "-c", f"({line}); {nc.agent_cli_command(config)[-1]}"])
+        store, incident = run_incident(config)
+        assert (incident.status, incident.exit_code) == (nc.RESOLVED, 0), incident.failure_reason
+        report = store.get_report(incident.incident_id)
+        assert report is not None and report.report_markdown == REPORT
+        env = assert_conversation(model, cli, incident.incident_id)
+        assert env.get("HTTPS_PROXY") == "http://127.77.255.254:3128"
+        out = Path(incident.workspace_path or "") / "output"
+        assert (out / "allowed.code").read_text().strip() == "0", (out / "allowed.err").read_text()
+        assert allowed.paths == [f"/from-{cli.name}"]
+        for name in ("canary", "public"):
+            assert (out / f"{name}.code").read_text().strip() != "0", name
+            assert float((out / f"{name}.time").read_text()) < 3, f"{name} did not fail at once"
+        assert canary.paths == []
+        audit = (Path(incident.workspace_path or "") / "logs" / "egress.log").read_text()
+        assert f" allowed 127.0.0.1:{model.port} " in audit, "the model calls did not pass the gate"
+        assert f" allowed 127.0.0.1:{allowed.port} " in audit
+        assert " refused example.com:443 " in audit
+    finally:
+        allowed.close()
+        canary.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +42,8 @@ def docker_config(tmp_path: Path, agent: str, **overrides: Any) -> nc.Config:
     data = {"workspace_root": str(tmp_path / "ws"), "health_port": 0, "agent_runner": "docker",
             "agent_image": infra.TEST_AGENT_IMAGE, "agent_command": ["sh", "-c", agent],
             "agent_timeout": 60, "dispatch_poll_interval": 0.2, "anthropic_api_key": SECRET,
-            "stale_after_seconds": 5, **overrides,
+            # The test image has no forwarder for the network gate (test_egress.py covers it).
+            "stale_after_seconds": 5, "agent_egress": "none", **overrides,
             "clusters": [{"name": f"c{n}", "mcp": {"endpoint": f"http://127.0.0.1:9/{n}"},
                           "triage": {"enabled": True, "kubeconfig": str(kubeconfig)}} for n in range(3)]}
     path = tmp_path / "config.yaml"
@@ -146,8 +148,11 @@ def test_secrets_are_only_in_the_container_environment(run_docker: Callable[...,
     assert SECRET not in json.dumps(attrs["Config"]["Labels"])
     assert f"ANTHROPIC_API_KEY={SECRET}" in attrs["Config"]["Env"]
     assert attrs["Config"]["Labels"] == {"nightcrier.incident_id": incident_id,
-                                         "nightcrier.instance": "test-instance"}
-    assert attrs["HostConfig"]["NetworkMode"] == "bridge"
+                                         "nightcrier.instance": "test-instance",
+                                         "nightcrier.host": socket.gethostname(),
+                                         "nightcrier.pid_namespace": os.readlink("/proc/self/ns/pid"),
+                                         "nightcrier.pid": str(os.getpid())}
+    assert attrs["HostConfig"]["NetworkMode"] == "none"
     ws = tmp_path / "ws" / incident_id
     (ws / "output" / "go").touch()
     wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.RESOLVED, timeout=60,
@@ -159,7 +164,8 @@ def test_secrets_are_only_in_the_container_environment(run_docker: Callable[...,
 
 def test_limits_are_applied(run_docker: Callable[..., Any], docker_client: Any) -> None:
     store, incident_id, _ = run_docker("sleep 300", wait=False, agent_memory="256m", agent_cpus=0.5,
-                                       agent_pids_limit=64, agent_network="none", agent_timeout=30)
+                                       agent_pids_limit=64, agent_egress="open", agent_network="none",
+                                       agent_timeout=30)
     container = running_container(docker_client, incident_id)
     host = container.attrs["HostConfig"]
     assert (host["Memory"], host["NanoCpus"], host["PidsLimit"], host["NetworkMode"]) == (

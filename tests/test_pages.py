@@ -98,6 +98,8 @@ def finish_incident(store: nc.StateStore, config: nc.Config, cluster: str, repor
     execution = store.start_execution(incident_id, "process", logs)
     Path(logs["agent-stdout.log"]).write_text("agent says <b>hello</b>\n")
     Path(logs["agent-stderr.log"]).write_text("")
+    Path(workspace, "logs", "egress.log").write_text("2026-12-04T16:30:05Z refused example.com:443 "
+                                                     "reason='not allowed'\n")
     if report is not None:
         Path(workspace, "output", "investigation.md").write_text(report)
         store.record_report(nc.TriageReport(nc.new_id(), incident_id, execution.execution_id, nc.utcnow(),
@@ -592,7 +594,9 @@ def test_the_incident_page_shows_fault_runs_report_logs_and_files(site: Site) ->
     assert "The api container ran out of memory. (confidence: HIGH)" in body
     assert "<h2>Root Cause</h2>" in body
     assert "agent says &lt;b&gt;hello&lt;/b&gt;" in body
-    for name in ("incident.json", "prompt-sent.md", "output/investigation.md", "logs/agent-stdout.log"):
+    assert "refused example.com:443 reason=&#39;not allowed&#39;" in body, "the network gate's audit log"
+    for name in ("incident.json", "prompt-sent.md", "output/investigation.md", "logs/agent-stdout.log",
+                 "logs/egress.log"):
         assert f'/files/{name}"' in body or name == "prompt-sent.md"
 
 

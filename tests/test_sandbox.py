@@ -297,7 +297,7 @@ def test_sandbox_defaults(tmp_path: Path, docker_client: Any) -> None:
         assert host["ReadonlyRootfs"] is True
         assert "/tmp" in host["Tmpfs"] and "size=512m" in host["Tmpfs"]["/tmp"]
         assert host["Init"] is True
-        assert (host["PidsLimit"], host["Memory"], host["NetworkMode"]) == (512, 2 * 1024 ** 3, "bridge")
+        assert (host["PidsLimit"], host["Memory"], host["NetworkMode"]) == (512, 2 * 1024 ** 3, "none")
         assert host["GroupAdd"] == [str(os.getgid())]
         (home,) = [m for m in container.attrs["Mounts"] if m["Destination"] == "/home/agent"]
         assert home["Type"] == "volume"
@@ -329,7 +329,8 @@ def test_each_sandbox_setting_can_be_loosened(tmp_path: Path, docker_client: Any
         h.start(sandbox_config(tmp_path, "docker", "sleep 300", agent_drop_capabilities=False,
                                agent_cap_add=["NET_RAW"], agent_no_new_privileges=False,
                                agent_read_only_root=False, agent_init=False, agent_pids_limit=0,
-                               agent_memory="", agent_network="host", agent_tmp_size="64m"))
+                               agent_memory="", agent_egress="open", agent_network="host",
+                               agent_tmp_size="64m"))
         host = running_container(docker_client, incident_id).attrs["HostConfig"]
         assert not host["CapDrop"] and host["CapAdd"] == ["NET_RAW"]
         assert not host["SecurityOpt"] and host["ReadonlyRootfs"] is False and not host["Init"]
