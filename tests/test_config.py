@@ -284,10 +284,11 @@ def test_check_config_rejects_what_an_agent_start_would(tmp_path: Path, keys: di
 
 @pytest.mark.parametrize("keys, env, expected", [
     ({"agent_memory": "512M", "agent_tmp_size": "50%", "agent_cap_add": ["net_raw", "CAP_SYS_PTRACE"],
-      "agent_network": "nightcrier-agents_1.0", "agent_user": "agent:1000", "web_token": "x" * 16,
+      "agent_egress": "open", "agent_network": "nightcrier-agents_1.0", "agent_user": "agent:1000",
+      "web_token": "x" * 16,
       "report_link_ttl": "1h30m", "azure_sas_expiry": "90m"}, {}, {}),
     ({}, {"AGENT_CAP_ADD": "NET_RAW, SYS_PTRACE", "AGENT_MEMORY": "2gb", "AGENT_USER": "1000",
-          "AGENT_NETWORK": "container:sidecar"},
+          "AGENT_NETWORK": "container:sidecar", "AGENT_EGRESS": "open"},
      {"agent_cap_add": ["NET_RAW", "SYS_PTRACE"], "agent_memory": "2gb",
       "agent_network": "container:sidecar"}),
     ({"agent_network": "none", "agent_memory": "", "agent_cap_add": []}, {}, {"agent_memory": ""}),
@@ -303,7 +304,8 @@ def test_values_docker_accepts_load(tmp_path: Path, keys: dict[str, Any], env: d
 def test_a_network_a_typo_away_from_a_mode_loads_with_a_warning(tmp_path: Path) -> None:
     """A user-defined network may be called anything Docker allows, bridg included; whether it
     exists is the engine's to say when agents start. A near miss of a mode is worth a word."""
-    config, warnings = nc.load_config(write(tmp_path, {**MINIMAL, "agent_network": "bridg"}), env={})
+    config, warnings = nc.load_config(write(tmp_path, {**MINIMAL, "agent_network": "bridg",
+                                                       "agent_egress": "open"}), env={})
     assert config.agent_network == "bridg"
     assert warnings == ["agent_network: 'bridg' is not one of Docker's modes, so it must be a network "
                         "created with docker network create; agents wait until it exists (did you mean "
