@@ -119,7 +119,8 @@ FEATURES_DIR = "features"
 # the rest of nightcrier does not, are extracted only when nightcrier first imports one of their
 # modules (the bootstrap's import hook), and carry no bytecode: a feature is used by few processes, and
 # its first import compiles what it needs into the extraction.
-FEATURES = {"postgres": ("psycopg2-binary",), "s3": ("boto3",), "azure": ("azure-storage-blob",)}
+FEATURES = {"postgres": ("psycopg2-binary",), "s3": ("boto3",), "azure": ("azure-storage-blob",),
+            "triage-result": ("jsonschema",)}
 # The AWS service models the S3 support reads (S3 itself; STS for role and web-identity credentials);
 # botocore ships one for every AWS service, which would be most of the archive.
 BOTOCORE_SERVICES = ("s3", "sts")
