@@ -94,9 +94,6 @@ OBSOLETE_KEYS: dict[str, str] = {
     "agent_script_path": "agents are started directly; run-agent.sh is not used",
     "kubeconfig_path": "use clusters[].triage.kubeconfig",
     "kubernetes_context": "use clusters[].triage.kubeconfig",
-    "severity_threshold": "every fault is triaged; nothing is filtered by severity",
-    "cluster_queue_size": "the database is the queue; there are no in-memory per-cluster queues",
-    "dedup_window_seconds": "every fault becomes one incident; nothing is deduplicated",
     "queue_overflow_policy": "overflow goes to the on-disk spool; no event is dropped",
     "sse_read_timeout": "liveness is checked with MCP pings every mcp_ping_interval seconds",
     "upload_failed_investigations": "reports of failed runs are kept in the workspace",
@@ -262,6 +259,19 @@ class Config:
                                          "a running incident without heartbeat this long is orphaned",
                                          minimum=1)
     max_attempts: int = setting(2, "MAX_ATTEMPTS", "runs of one incident before it fails", minimum=1)
+    dedup_window_seconds: float = setting(300.0, "DEDUP_WINDOW_SECONDS",
+                                          "a fault repeating a pending, running or recently finished "
+                                          "incident (same cluster and faultId) is skipped; 0 = off",
+                                          minimum=0)
+    severity_threshold: str = setting("debug", "SEVERITY_THRESHOLD",
+                                      "faults below this severity are skipped; debug = none",
+                                      choices=("debug", "info", "warning", "error", "critical"))
+    event_ttl_seconds: float = setting(0.0, "EVENT_TTL_SECONDS",
+                                       "an incident pending this long when its turn comes is skipped "
+                                       "as stale; 0 = off", minimum=0)
+    cluster_queue_size: int = setting(0, "CLUSTER_QUEUE_SIZE",
+                                      "a cluster with this many incidents pending skips the next "
+                                      "(backlog); 0 = off", minimum=0)
     dispatch_poll_interval: float = setting(1.0, "DISPATCH_POLL_INTERVAL",
                                             "fallback seconds between claim attempts", minimum=0.01)
     shutdown_timeout: int = setting(30, "SHUTDOWN_TIMEOUT_SECONDS",
@@ -1178,6 +1188,10 @@ class Incident:
     claimed_by: str | None = None
     heartbeat_at: dt.datetime | None = None
     workspace_path: str | None = None
+    duplicate_of: str | None = None
+    skip_reason: str | None = None
+    recurrences: int = 0
+    last_recurred_at: dt.datetime | None = None
 
 
 @dataclass
@@ -1192,6 +1206,8 @@ class AgentExecution:
     exit_code: int | None = None
     error_message: str | None = None
     log_paths: dict[str, str] = field(default_factory=dict)
+    tokens_used: int | None = None
+    cost_usd: float | None = None
 
 
 @dataclass
@@ -1519,11 +1535,12 @@ EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream
 INCIDENT_INSERT_COLUMNS = ("incident_id", "event_id", "status", "cluster", "created_at", "updated_at",
                            "fault_id", "subscription_id", "fault_type", "severity", "context",
                            "timestamp", "resource_api_version", "resource_kind", "resource_name",
-                           "resource_namespace", "resource_uid", "attempts")
+                           "resource_namespace", "resource_uid", "attempts", "duplicate_of",
+                           "skip_reason", "recurrences", "last_recurred_at", "completed_at")
 REJECTED_COLUMNS = ("rejected_id", "cluster", "received_at", "reason", "raw_body")
 GAP_COLUMNS = ("gap_id", "cluster", "started_at", "ended_at", "reason")
 TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "heartbeat_at",
-                          "received_at", "generated_at", "ended_at"})
+                          "received_at", "generated_at", "ended_at", "last_recurred_at"})
 
 
 ###############################################################################
@@ -1563,6 +1580,73 @@ class DatabaseOwned(StoreError):
     """Another live nightcrier process owns this SQLite database; the message names it."""
 
 
+# -- Which incidents get an agent --------------------------------------------
+
+# Go's severity levels; the events server's info/warning/critical are among them.
+SEVERITY_LEVELS = {"debug": 0, "info": 1, "warning": 2, "warn": 2, "error": 3, "critical": 4}
+
+
+@dataclass(frozen=True)
+class TriageRules:
+    """The rules that leave an incident without an agent, beyond a cluster with triage off.
+
+    Set once on a store when it is opened (:func:`open_store`) and read by its
+    ingest and claim transactions, so that the database decides: two replicas
+    never both triage one fault condition. Zero (or empty) turns a rule off.
+    """
+
+    dedup_window: float = 0.0
+    severity_threshold: str = ""
+    cluster_queue_size: int = 0
+    event_ttl: float = 0.0
+    daily_budget_usd: float = 0.0
+
+    @property
+    def checks_intake(self) -> bool:
+        return bool(self.dedup_window or self.cluster_queue_size)
+
+    def severity_reason(self, severity: str) -> str | None:
+        """Why a fault of ``severity`` is below the threshold, or None. A severity nightcrier
+        does not know is never below it: such a fault is triaged rather than lost."""
+        if not self.severity_threshold:
+            return None
+        level = SEVERITY_LEVELS.get(severity.strip().lower())
+        if level is None or level >= SEVERITY_LEVELS[self.severity_threshold.lower()]:
+            return None
+        return f"severity: {severity} is below the threshold {self.severity_threshold.upper()}"
+
+
+@dataclass
+class Verdict:
+    """How one new incident is stored: pending, or skipped with its reason."""
+
+    status: str
+    skip_reason: str | None = None
+    duplicate_of: str | None = None
+    recurrences: int = 0
+    last_recurred_at: dt.datetime | None = None
+
+
+_TRIAGE = Verdict(PENDING)  # shared by every incident that passes all rules; never mutated
+
+
+@dataclass
+class _Repeatable:
+    """An incident of a fault condition that a new emission of it would repeat."""
+
+    incident_id: str
+    status: str
+    completed_at: dt.datetime | None = None
+    last_recurred_at: dt.datetime | None = None
+    verdict: Verdict | None = None  # set when it is new in this batch
+
+    def repeated_by(self, received_at: dt.datetime, window: float) -> bool:
+        if self.status in (PENDING, INVESTIGATING):
+            return True
+        cutoff = received_at - dt.timedelta(seconds=window)
+        return any(t is not None and t >= cutoff for t in (self.completed_at, self.last_recurred_at))
+
+
 @dataclass(frozen=True)
 class IncidentFilter:
     """Criteria for :meth:`StateStore.list_incidents`; empty fields match everything."""
@@ -1591,6 +1675,7 @@ class StateStore:
     """
 
     engine = "abstract"
+    rules = TriageRules()
 
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
@@ -1599,7 +1684,9 @@ class StateStore:
 
         Each event becomes one ``fault_events`` row and one ``incidents`` row whose
         ``created_at`` is the event's receive time. Incidents of clusters named in
-        ``skipped_clusters`` are created ``skipped``, the rest ``pending``.
+        ``skipped_clusters``, and those that :attr:`rules` leave without an agent
+        (see :func:`intake_verdicts`), are created ``skipped`` with their
+        ``skip_reason``; the rest ``pending``.
         Rejected notifications and subscription gaps are stored alongside. Items
         whose id is already stored are left as they are, so a batch may be written
         again safely. An event that is a copy of a stored one (the same fault
@@ -1751,6 +1838,11 @@ class StateStore:
         """Number of incidents in each status (every status present, zero included)."""
         raise NotImplementedError
 
+    def count_skipped_by_cause(self) -> dict[str, int]:
+        """Number of skipped incidents by the cause their skip_reason begins with (every
+        cause in :data:`SKIP_CAUSES` present; "other" for a reason outside them)."""
+        raise NotImplementedError
+
     def shared_value(self, name: str, make: Callable[[], str]) -> str:
         """The value stored under ``name`` in ``settings``; when there is none, ``make()`` is stored first.
 
@@ -1853,30 +1945,154 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
             value = _ts(value)
         elif f.name == "log_paths":
             value = json.loads(value) if isinstance(value, str) and value else (value or {})
-        elif f.name in ("incident_id", "event_id", "execution_id", "report_id") and value is not None:
+        elif f.name in ("incident_id", "event_id", "execution_id", "report_id", "duplicate_of") \
+                and value is not None:
             value = str(value)
         values[f.name] = value
     return cls(**values)
 
 
-def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
+# The words a skip_reason begins with.
+SKIP_CAUSES = ("duplicate", "severity", "stale", "backlog", "budget", "disabled")
+
+
+def skip_cause(skip_reason: str | None) -> str:
+    """The word a skip reason begins with: what the reasons are grouped by."""
+    return (skip_reason or "").split(":", 1)[0]
+
+
+def _repeat_key(event: FaultEvent) -> str:
+    return f"{event.cluster}\x1f{event.fault_id}"
+
+
+def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules,
+                    run: Callable[..., Any]) -> tuple[list[Verdict], list[tuple[int, Any, str]]]:
+    """Verdicts for a batch, in the order of ``events``, and the recurrence updates
+    (added count, last seen, incident id) of stored incidents that the batch repeats.
+
+    ``run(sql, params)`` executes in the batch's writing transaction, which has
+    already locked the batch's fault conditions and clusters (see
+    :meth:`SqlStore._lock_intake`). Rules apply in this order: triage off for
+    the cluster, severity, repeat, backlog. An empty faultId is never a repeat.
+    A repeat is measured from the repeated incident's completion or last
+    recurrence, so that a condition re-emitted all day keeps one incident.
+    """
+    skipped = frozenset(skipped_clusters)
+    if not skipped and not rules.severity_threshold and not rules.checks_intake:
+        return [_TRIAGE] * len(events), []
+    repeatables = _stored_repeatables(events, rules, run) if rules.dedup_window else {}
+    pending = _pending_counts(events, run) if rules.cluster_queue_size else {}
+    verdicts: list[Verdict] = []
+    stored_repeats: dict[str, list[Any]] = {}
+    for event in events:
+        verdict = _verdict(event, skipped, rules, repeatables, pending, stored_repeats)
+        verdicts.append(verdict)
+    return verdicts, [(count, last, incident_id) for incident_id, (count, last) in stored_repeats.items()]
+
+
+def _verdict(event: FaultEvent, skipped: frozenset[str], rules: TriageRules,
+             repeatables: dict[str, _Repeatable], pending: dict[str, int],
+             stored_repeats: dict[str, list[Any]]) -> Verdict:
+    if event.cluster in skipped:
+        return Verdict(SKIPPED, f"disabled: triage is off for cluster {event.cluster}")
+    reason = rules.severity_reason(event.severity)
+    if reason:
+        return Verdict(SKIPPED, reason)
+    key = _repeat_key(event) if rules.dedup_window and event.fault_id else ""
+    first = repeatables.get(key) if key else None
+    if first is not None and first.repeated_by(event.received_at, rules.dedup_window):
+        first.last_recurred_at = max(filter(None, (first.last_recurred_at, event.received_at)))
+        if first.verdict is not None:
+            first.verdict.recurrences += 1
+            first.verdict.last_recurred_at = first.last_recurred_at
+        else:
+            counted = stored_repeats.setdefault(first.incident_id, [0, event.received_at])
+            counted[0] += 1
+            counted[1] = max(counted[1], event.received_at)
+        return Verdict(SKIPPED, f"duplicate: repeats {first.incident_id} (fault {event.fault_id} "
+                                f"within dedup_window_seconds {rules.dedup_window:g})",
+                       duplicate_of=first.incident_id)
+    if rules.cluster_queue_size:
+        waiting = pending.get(event.cluster, 0)
+        if waiting >= rules.cluster_queue_size:
+            return Verdict(SKIPPED, f"backlog: {waiting} incidents of cluster {event.cluster} already "
+                                    f"pending (cluster_queue_size {rules.cluster_queue_size})")
+        pending[event.cluster] = waiting + 1
+    verdict = Verdict(PENDING)
+    if key:
+        repeatables[key] = _Repeatable(event.incident_id, PENDING, verdict=verdict)
+    return verdict
+
+
+def _stored_repeatables(events: Sequence[FaultEvent], rules: TriageRules, run: Callable[..., Any]
+                        ) -> dict[str, _Repeatable]:
+    """The stored incident each fault condition of the batch would repeat, by repeat key."""
+    fault_ids = sorted({e.fault_id for e in events if e.fault_id})
+    if not fault_ids:
+        return {}
+    cutoff = min(e.received_at for e in events) - dt.timedelta(seconds=rules.dedup_window)
+    clusters = {e.cluster for e in events}
+    found: dict[str, tuple[dt.datetime, _Repeatable]] = {}
+    for start in range(0, len(fault_ids), 500):
+        chunk = fault_ids[start:start + 500]
+        for row in run("SELECT incident_id, cluster, fault_id, status, created_at, completed_at, "
+                       "last_recurred_at FROM incidents "
+                       f"WHERE fault_id IN ({','.join('?' * len(chunk))}) AND duplicate_of IS NULL "
+                       "AND skip_reason IS NULL AND fault_id <> '' AND (status IN ('pending', "
+                       "'investigating') OR completed_at >= ? OR last_recurred_at >= ?)",
+                       (*chunk, cutoff, cutoff)).fetchall():
+            if row["cluster"] not in clusters:
+                continue
+            key = f"{row['cluster']}\x1f{row['fault_id']}"
+            created = _ts(row["created_at"])
+            assert created is not None
+            if key not in found or created > found[key][0]:
+                found[key] = (created, _Repeatable(str(row["incident_id"]), row["status"],
+                                                   _ts(row["completed_at"]), _ts(row["last_recurred_at"])))
+    return {key: repeatable for key, (_, repeatable) in found.items()}
+
+
+def _pending_counts(events: Sequence[FaultEvent], run: Callable[..., Any]) -> dict[str, int]:
+    clusters = sorted({e.cluster for e in events})
+    return {row["cluster"]: int(row["n"]) for row in run(
+        "SELECT cluster, COUNT(*) AS n FROM incidents WHERE status = 'pending' "
+        f"AND cluster IN ({','.join('?' * len(clusters))}) GROUP BY cluster", clusters).fetchall()}
+
+
+def intake_lock_keys(events: Sequence[FaultEvent], rules: TriageRules) -> list[str]:
+    """What an ingest transaction locks so that the verdicts of concurrent ones agree."""
+    keys: set[str] = set()
+    if rules.dedup_window:
+        keys.update(_repeat_key(e) for e in events if e.fault_id)
+    if rules.cluster_queue_size:
+        keys.update(f"\x1fqueue\x1f{e.cluster}" for e in events)
+    return sorted(keys)
+
+
+# Adds a batch's repeats to the stored incident they repeat.
+RECURRENCE_UPDATE = ("UPDATE incidents SET recurrences = recurrences + ?, last_recurred_at = CASE "
+                     "WHEN last_recurred_at IS NULL OR last_recurred_at < ? THEN ? ELSE last_recurred_at END "
+                     "WHERE incident_id = ?")
+
+
+def ingest_rows(events: Sequence[FaultEvent], verdicts: Sequence[Verdict],
                 rejected: Sequence[RejectedNotification], gaps: Sequence[SubscriptionGap],
                 ts: Callable[[dt.datetime], Any], text: Callable[[str], Any] = str,
                 payload: Callable[[str], Any] | None = None
                 ) -> list[tuple[str, tuple[str, ...], str, list[tuple[Any, ...]]]]:
     """(table, columns, key, rows) for one ingest batch, as both engines insert it.
 
-    ``ts`` turns a datetime into the engine's timestamp value, ``text`` makes
-    a string storable and ``payload`` (default ``text``) the raw JSON; rows are
-    tuples in the column order, built directly because this is the hot path of
-    ingestion.
+    ``verdicts`` (from :func:`intake_verdicts`) say how each event's incident is
+    stored. ``ts`` turns a datetime into the engine's timestamp value, ``text``
+    makes a string storable and ``payload`` (default ``text``) the raw JSON;
+    rows are tuples in the column order, built directly because this is the hot
+    path of ingestion.
     """
     payload = payload or text
-    skipped = frozenset(skipped_clusters)
     now = ts(utcnow())
     event_rows = []
     incident_rows = []
-    for e in events:
+    for e, v in zip(events, verdicts, strict=True):
         received = ts(e.received_at)
         fault_id, subscription, context = text(e.fault_id), text(e.subscription_id), text(e.context)
         resource = (text(e.resource_api_version), text(e.resource_kind), text(e.resource_name),
@@ -1885,9 +2101,12 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
                            received, *resource, text(e.fault_type), text(e.severity), context,
                            text(e.timestamp), payload(e.mcp_payload),
                            *(key and text(key) for key in emission_keys(e))))
-        incident_rows.append((e.incident_id, e.event_id, SKIPPED if e.cluster in skipped else PENDING,
+        incident_rows.append((e.incident_id, e.event_id, v.status,
                               text(e.cluster), received, now, fault_id, subscription, text(e.fault_type),
-                              text(e.severity), context, text(e.timestamp), *resource, 0))
+                              text(e.severity), context, text(e.timestamp), *resource, 0,
+                              v.duplicate_of, v.skip_reason and text(v.skip_reason), v.recurrences,
+                              v.last_recurred_at and ts(v.last_recurred_at),
+                              now if v.status == SKIPPED else None))
     return [
         ("fault_events", EVENT_COLUMNS, "event_id", event_rows),
         ("incidents", INCIDENT_INSERT_COLUMNS, "incident_id", incident_rows),
@@ -1900,14 +2119,12 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
     ]
 
 
-def queue_heads(events: Sequence[FaultEvent], skipped_clusters: Iterable[str]
-                ) -> list[tuple[str, dt.datetime]]:
+def queue_heads(events: Sequence[FaultEvent], verdicts: Sequence[Verdict]) -> list[tuple[str, dt.datetime]]:
     """(cluster, receive time of its oldest new pending incident) for cluster_queue."""
-    skipped = frozenset(skipped_clusters)
     heads: dict[str, dt.datetime] = {}
-    for event in events:
-        if event.cluster not in skipped and (event.cluster not in heads
-                                             or event.received_at < heads[event.cluster]):
+    for event, verdict in zip(events, verdicts, strict=True):
+        if verdict.status == PENDING and (event.cluster not in heads
+                                          or event.received_at < heads[event.cluster]):
             heads[event.cluster] = event.received_at
     return list(heads.items())
 
@@ -2036,6 +2253,7 @@ class SqlStore(StateStore):
                     return None
                 cluster = ready["cluster"]
                 now = self.NOW
+                self._skip_at_turn(run, cluster)
                 run("SAVEPOINT claim")
                 try:
                     claimed = run(
@@ -2059,6 +2277,30 @@ class SqlStore(StateStore):
                 excluded.append(cluster)
 
         return self._transaction(claim)
+
+    def _skip_at_turn(self, run: Callable[..., Any], cluster: str) -> None:
+        """Skip the pending incidents of ``cluster`` that the rules checked at claim time
+        leave without an agent: stale ones, and all of them while the day's budget is spent."""
+        now = self.NOW
+        skip = (f"UPDATE incidents SET status = 'skipped', skip_reason = ?, completed_at = {now}, "
+                f"updated_at = {now} WHERE cluster = ? AND status = 'pending'")
+        if self.rules.event_ttl:
+            run(skip + f" AND created_at < {self.AGO}",
+                (f"stale: pending longer than event_ttl_seconds {self.rules.event_ttl:g}", cluster,
+                 self._ago_param(self.rules.event_ttl)))
+        if self.rules.daily_budget_usd:
+            spent = self._spent_today(run)
+            if spent >= self.rules.daily_budget_usd:
+                run(skip, (f"budget: runs started today (UTC) cost ${spent:.2f}, "
+                           f"agent_daily_budget_usd is {self.rules.daily_budget_usd:g}", cluster))
+
+    @staticmethod
+    def _spent_today(run: Callable[..., Any]) -> float:
+        """What the runs started in the current UTC day cost, on every replica."""
+        midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        row = run("SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM agent_executions WHERE started_at >= ?",
+                  (midnight,)).fetchone()
+        return float(row["spent"])
 
     @staticmethod
     def _refresh_queue(run: Callable[..., Any], cluster: str) -> None:
@@ -2273,6 +2515,14 @@ class SqlStore(StateStore):
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
+        return counts
+
+    def count_skipped_by_cause(self) -> dict[str, int]:
+        cause = "CASE " + "WHEN skip_reason LIKE ? THEN ? " * len(SKIP_CAUSES) + "ELSE 'other' END"
+        counts = dict.fromkeys(SKIP_CAUSES, 0)
+        counts.update({r["cause"]: r["n"] for r in self._query(
+            f"SELECT {cause} AS cause, COUNT(*) AS n FROM incidents WHERE status = 'skipped' GROUP BY 1",
+            [p for c in SKIP_CAUSES for p in (f"{c}%", c)])})
         return counts
 
     def shared_value(self, name: str, make: Callable[[], str]) -> str:
@@ -2547,11 +2797,14 @@ class SqliteStore(SqlStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso)
-        heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, skipped_clusters)]
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
         def write(conn: sqlite3.Connection) -> list[str]:
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                return conn.execute(sql, [_sqlite_param(p) for p in params])
+            verdicts, repeats = intake_verdicts(events, skipped_clusters, self.rules, run)
+            tables = ingest_rows(events, verdicts, rejected, gaps, _iso)
+            heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, verdicts)]
             present: set[str] | None = None
             incident_ids = own_incident_ids
             for table, columns, key, rows in tables:
@@ -2563,15 +2816,14 @@ class SqliteStore(SqlStore):
                     # No conflict target: a copy of a stored emission is skipped like a stored id.
                     stored = _sqlite_insert_rows(conn, table, columns, "", rows)
                     if stored < len(rows):
-                        present, incident_ids = settle_copies(
-                            lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params]),
-                            events)
+                        present, incident_ids = settle_copies(run, events)
                 else:
                     _sqlite_insert_rows(conn, table, columns, key, rows)
             conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
+            conn.executemany(RECURRENCE_UPDATE, [(n, _iso(last), _iso(last), i) for n, last, i in repeats])
             return incident_ids()
 
-        if any(rows for *_, rows in tables):
+        if events or rejected or gaps:
             return self._write_fn(write)
         return own_incident_ids()
 
@@ -2790,6 +3042,7 @@ class PostgresStore(SqlStore):
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
     LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
+    INTAKE_CLASS = 0x6E63_7274  # first key of (class, hash) locks on fault conditions and cluster queues
     LIVENESS_CHECK_SECONDS = 1.0
     LIVENESS_SETTLE_SECONDS = 15.0  # after a server start: longer than re-taking a lock takes
     _empty = False  # read-only on a database nightcrier never ran on
@@ -2798,6 +3051,12 @@ class PostgresStore(SqlStore):
 
     def _announce_work(self, run: Callable[..., Any]) -> None:
         run(f"NOTIFY {self.WORK_CHANNEL}")
+
+    def _lock_intake(self, run: Callable[..., Any], keys: Sequence[str]) -> None:
+        # Until commit, in one order (no deadlock); the next statement's snapshot sees
+        # what a concurrent batch holding one of them committed.
+        run("SELECT count(pg_advisory_xact_lock(?, hashtext(k))) FROM unnest(?::text[]) AS k",
+            (self.INTAKE_CLASS, list(keys)))
 
     def watch_for_work(self, wake: Callable[[], None], stop: threading.Event) -> None:
         """LISTEN on a dedicated connection; reconnect with backoff when it breaks."""
@@ -3021,8 +3280,6 @@ class PostgresStore(SqlStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso, _pg_text, _pg_json)
-        heads = queue_heads(events, skipped_clusters)
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
         def recordset_insert(cur: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
@@ -3041,6 +3298,14 @@ class PostgresStore(SqlStore):
             # lock and must then win it back from the listeners: the whole batch goes in one
             # execute. Incidents are inserted for the events stored by it; when a copy of a
             # stored emission was among them, settle_copies finds what the rest are.
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                return cur
+            if events and self.rules.checks_intake:
+                self._lock_intake(run, intake_lock_keys(events, self.rules))
+            verdicts, repeats = intake_verdicts(events, skipped_clusters, self.rules, run)
+            tables = ingest_rows(events, verdicts, rejected, gaps, _iso, _pg_text, _pg_json)
+            heads = queue_heads(events, verdicts)
             (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
             statements: list[bytes] = []
             for table, columns, key, rows in others:
@@ -3053,6 +3318,8 @@ class PostgresStore(SqlStore):
                 values = b",".join([cur.mogrify("(%s, %s)", head) for head in heads])
                 statements.append(QUEUE_UPSERT.encode().replace(b"{values}", values))
                 statements.append(f"NOTIFY {self.WORK_CHANNEL}".encode())
+            statements += [cur.mogrify(RECURRENCE_UPDATE.replace("?", "%s"), (n, last, last, i))
+                           for n, last, i in repeats]
             if ev_rows:
                 # No conflict target: a copy of a stored emission is skipped like a stored id.
                 statements.append(
@@ -3065,10 +3332,6 @@ class PostgresStore(SqlStore):
                 cur.execute(b";\n".join(statements))
             if not ev_rows or cur.fetchone()["stored"] == len(ev_rows):
                 return own_incident_ids()
-
-            def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
-                return cur
             present, incident_ids = settle_copies(run, events)
             rows = [row for row in inc_rows if row[1] in present]
             if rows:
@@ -3076,7 +3339,7 @@ class PostgresStore(SqlStore):
                             + b" ON CONFLICT (incident_id) DO NOTHING")
             return incident_ids()
 
-        if any(rows for *_, rows in tables):
+        if events or rejected or gaps:
             return self._tx(write)
         return own_incident_ids()
 
@@ -3141,6 +3404,7 @@ def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> S
     opens an existing database without migrating, repairing or writing.
     """
     storage = config.state_storage
+    store: SqlStore
     if storage.type == "postgres":
         store = PostgresStore(postgres_dsn(storage), read_only=read_only,
                               max_open=storage.postgres_max_open_conns,
@@ -3155,9 +3419,19 @@ def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> S
             except BaseException:
                 store.close()
                 raise
-        return store
-    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout,
-                       read_only=read_only, owner=owner)
+    else:
+        store = SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout,
+                            read_only=read_only, owner=owner)
+    store.rules = triage_rules(config)
+    return store
+
+
+def triage_rules(config: Config) -> TriageRules:
+    """The rules the configuration sets for which incidents get an agent."""
+    return TriageRules(dedup_window=config.dedup_window_seconds,
+                       severity_threshold=config.severity_threshold,
+                       cluster_queue_size=config.cluster_queue_size,
+                       event_ttl=config.event_ttl_seconds)
 
 
 ###############################################################################
@@ -7196,6 +7470,9 @@ class Metrics:
                                       registry=self.registry)
         self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
                                     ("status",), registry=self.registry)
+        self.skipped = prom.Gauge("nightcrier_incidents_skipped", "Skipped incidents in the database, "
+                                  "by the cause their skip_reason begins with", ("reason",),
+                                  registry=self.registry)
 
     def declare_clusters(self, clusters: Iterable[str]) -> None:
         """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
@@ -8018,6 +8295,8 @@ class Service:
         try:
             for status, count in self.store.count_by_status().items():
                 self.metrics.incidents.labels(status).set(count)
+            for cause, count in self.store.count_skipped_by_cause().items():
+                self.metrics.skipped.labels(cause).set(count)
         except StoreError:
             self.metrics.inc("db_errors")
         return prometheus_client.generate_latest(self.metrics.registry)
@@ -8952,9 +9231,9 @@ def cmd_incidents(args: argparse.Namespace) -> int:
         return 0
     rows = [(i.incident_id, _short_time(i.created_at), i.status, i.cluster, i.fault_type, i.severity,
              "/".join(p for p in (i.resource_kind, i.resource_namespace, i.resource_name) if p),
-             _duration(i)) for i in incidents]
+             _duration(i), _recurred(i), skip_cause(i.skip_reason)) for i in incidents]
     print(format_table(("INCIDENT", "CREATED (UTC)", "STATUS", "CLUSTER", "FAULT", "SEVERITY", "RESOURCE",
-                        "DURATION"), rows))
+                        "DURATION", "RECURRED", "SKIPPED"), rows))
     return 0
 
 
@@ -8972,6 +9251,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root),
                                                         incident.incident_id)
     document = {**_incident_json(incident), "runs": len(executions), "workspace": workspace,
+                "recurred": _recurred(incident),
                 "logs": agent_log_paths(workspace),
                 "executions": [{**dataclasses.asdict(e), "started_at": e.started_at.isoformat(),
                                 "completed_at": e.completed_at.isoformat() if e.completed_at else None}
@@ -8984,7 +9264,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     for key in ("incident_id", "status", "cluster", "fault_type", "severity", "fault_id", "resource",
                 "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
-                "workspace"):
+                "skip_reason", "duplicate_of", "recurred", "workspace"):
         if key == "attempts":
             line = _attempts_line(incident.attempts, len(executions), config.max_attempts)
             print(f"{'attempts':<16}{line}")
@@ -9056,6 +9336,13 @@ def _incident_json(incident: Incident) -> dict[str, Any]:
     data["resource"] = "/".join(p for p in (incident.resource_kind, incident.resource_namespace,
                                             incident.resource_name) if p)
     return data
+
+
+def _recurred(incident: Incident) -> str:
+    """How often a triaged fault condition came back, and when last."""
+    if not incident.recurrences:
+        return ""
+    return f"{incident.recurrences}x, last {_short_time(incident.last_recurred_at)}"
 
 
 def _short_time(value: dt.datetime | None) -> str:
