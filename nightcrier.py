@@ -269,6 +269,9 @@ class Config:
     event_ttl_seconds: float = setting(0.0, "EVENT_TTL_SECONDS",
                                        "an incident pending this long when its turn comes is skipped "
                                        "as stale; 0 = off", minimum=0)
+    agent_daily_budget_usd: float = setting(0.0, "AGENT_DAILY_BUDGET_USD",
+                                            "once the runs started today (UTC, all replicas) cost this "
+                                            "much, incidents are skipped; 0 = no budget", minimum=0)
     cluster_queue_size: int = setting(0, "CLUSTER_QUEUE_SIZE",
                                       "a cluster with this many incidents pending skips the next "
                                       "(backlog); 0 = off", minimum=0)
@@ -1734,8 +1737,8 @@ class StateStore:
         raise NotImplementedError
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
-                         log_paths: Mapping[str, str]) -> None:
-        """Record how an agent run ended."""
+                         log_paths: Mapping[str, str], spend: RunSpend | None = None) -> None:
+        """Record how an agent run ended, and its tokens and cost when ``spend`` has them."""
         raise NotImplementedError
 
     def record_report(self, report: TriageReport) -> None:
@@ -1836,6 +1839,18 @@ class StateStore:
 
     def count_by_status(self) -> dict[str, int]:
         """Number of incidents in each status (every status present, zero included)."""
+        raise NotImplementedError
+
+    def spent_today(self) -> float:
+        """What the agent runs started in the current UTC day cost, on every replica."""
+        raise NotImplementedError
+
+    def first_notice(self, name: str) -> bool:
+        """True for exactly one call with ``name`` across every process sharing the database."""
+        raise NotImplementedError
+
+    def spend_by_cluster(self) -> dict[str, tuple[int, float]]:
+        """(tokens, cost in USD) of every recorded agent run, summed by cluster."""
         raise NotImplementedError
 
     def count_skipped_by_cause(self) -> dict[str, int]:
@@ -1971,8 +1986,8 @@ def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str
     (added count, last seen, incident id) of stored incidents that the batch repeats.
 
     ``run(sql, params)`` executes in the batch's writing transaction, which has
-    already locked the batch's fault conditions and clusters (see
-    :meth:`SqlStore._lock_intake`). Rules apply in this order: triage off for
+    locked the batch's fault conditions and clusters (see :func:`intake_lock_keys`)
+    before its first statement. Rules apply in this order: triage off for
     the cluster, severity, repeat, backlog. An empty faultId is never a repeat.
     A repeat is measured from the repeated incident's completion or last
     recurrence, so that a condition re-emitted all day keeps one incident.
@@ -1980,8 +1995,9 @@ def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str
     skipped = frozenset(skipped_clusters)
     if not skipped and not rules.severity_threshold and not rules.checks_intake:
         return [_TRIAGE] * len(events), []
-    repeatables = _stored_repeatables(events, rules, run) if rules.dedup_window else {}
-    pending = _pending_counts(events, run) if rules.cluster_queue_size else {}
+    checked = [e for e in events if e.cluster not in skipped]
+    repeatables = _stored_repeatables(checked, rules, run) if rules.dedup_window and checked else {}
+    pending = _pending_counts(checked, run) if rules.cluster_queue_size and checked else {}
     verdicts: list[Verdict] = []
     stored_repeats: dict[str, list[Any]] = {}
     for event in events:
@@ -2059,13 +2075,16 @@ def _pending_counts(events: Sequence[FaultEvent], run: Callable[..., Any]) -> di
         f"AND cluster IN ({','.join('?' * len(clusters))}) GROUP BY cluster", clusters).fetchall()}
 
 
-def intake_lock_keys(events: Sequence[FaultEvent], rules: TriageRules) -> list[str]:
+def intake_lock_keys(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules
+                     ) -> list[str]:
     """What an ingest transaction locks so that the verdicts of concurrent ones agree."""
+    skipped = frozenset(skipped_clusters)
+    checked = [e for e in events if e.cluster not in skipped]
     keys: set[str] = set()
     if rules.dedup_window:
-        keys.update(_repeat_key(e) for e in events if e.fault_id)
+        keys.update(_repeat_key(e) for e in checked if e.fault_id)
     if rules.cluster_queue_size:
-        keys.update(f"\x1fqueue\x1f{e.cluster}" for e in events)
+        keys.update(f"\x1fqueue\x1f{e.cluster}" for e in checked)
     return sorted(keys)
 
 
@@ -2186,6 +2205,13 @@ def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+SPENT_TODAY_SQL = "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM agent_executions WHERE started_at >= ?"
+
+
+def _utc_midnight() -> dt.datetime:
+    return utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 ORPHANED_REASON = "orphaned"
 LIST_ORDER = " ORDER BY created_at DESC, incident_id DESC LIMIT ? OFFSET ?"
 
@@ -2296,11 +2322,7 @@ class SqlStore(StateStore):
 
     @staticmethod
     def _spent_today(run: Callable[..., Any]) -> float:
-        """What the runs started in the current UTC day cost, on every replica."""
-        midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
-        row = run("SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM agent_executions WHERE started_at >= ?",
-                  (midnight,)).fetchone()
-        return float(row["spent"])
+        return float(run(SPENT_TODAY_SQL, (_utc_midnight(),)).fetchone()["spent"])
 
     @staticmethod
     def _refresh_queue(run: Callable[..., Any], cluster: str) -> None:
@@ -2450,10 +2472,12 @@ class SqlStore(StateStore):
         return execution
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
-                         log_paths: Mapping[str, str]) -> None:
+                         log_paths: Mapping[str, str], spend: RunSpend | None = None) -> None:
+        spend = spend or RunSpend()
         self._execute("UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
-                      "log_paths = ? WHERE execution_id = ?",
-                      (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), execution_id))
+                      "log_paths = ?, tokens_used = ?, cost_usd = ? WHERE execution_id = ?",
+                      (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), spend.tokens_used,
+                       spend.cost_usd, execution_id))
 
     def record_report(self, report: TriageReport) -> None:
         values = dataclasses.asdict(report)
@@ -2516,6 +2540,19 @@ class SqlStore(StateStore):
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
         return counts
+
+    def spent_today(self) -> float:
+        return float(self._query(SPENT_TODAY_SQL, (_utc_midnight(),))[0]["spent"])
+
+    def first_notice(self, name: str) -> bool:
+        return self._execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                             (name, _iso(utcnow()))) > 0
+
+    def spend_by_cluster(self) -> dict[str, tuple[int, float]]:
+        return {r["cluster"]: (int(r["tokens"]), float(r["cost"])) for r in self._query(
+            "SELECT i.cluster AS cluster, COALESCE(SUM(e.tokens_used), 0) AS tokens, "
+            "COALESCE(SUM(e.cost_usd), 0) AS cost FROM agent_executions e "
+            "JOIN incidents i ON i.incident_id = e.incident_id GROUP BY i.cluster")}
 
     def count_skipped_by_cause(self) -> dict[str, int]:
         cause = "CASE " + "WHEN skip_reason LIKE ? THEN ? " * len(SKIP_CAUSES) + "ELSE 'other' END"
@@ -3052,11 +3089,12 @@ class PostgresStore(SqlStore):
     def _announce_work(self, run: Callable[..., Any]) -> None:
         run(f"NOTIFY {self.WORK_CHANNEL}")
 
-    def _lock_intake(self, run: Callable[..., Any], keys: Sequence[str]) -> None:
-        # Until commit, in one order (no deadlock); the next statement's snapshot sees
-        # what a concurrent batch holding one of them committed.
-        run("SELECT count(pg_advisory_xact_lock(?, hashtext(k))) FROM unnest(?::text[]) AS k",
-            (self.INTAKE_CLASS, list(keys)))
+    def _intake_lock_sql(self, cur: Any, keys: Sequence[str]) -> bytes:
+        """Locks on an ingest batch's fault conditions and cluster queues, held until commit and
+        taken in one order (no deadlock); a later statement's snapshot sees what a concurrent
+        batch that held one of them committed."""
+        return cur.mogrify("SELECT count(pg_advisory_xact_lock(%s, hashtext(k))) "
+                           "FROM unnest(%s::text[]) AS k", (self.INTAKE_CLASS, [_pg_clean(k) for k in keys]))
 
     def watch_for_work(self, wake: Callable[[], None], stop: threading.Event) -> None:
         """LISTEN on a dedicated connection; reconnect with backoff when it breaks."""
@@ -3298,11 +3336,15 @@ class PostgresStore(SqlStore):
             # lock and must then win it back from the listeners: the whole batch goes in one
             # execute. Incidents are inserted for the events stored by it; when a copy of a
             # stored emission was among them, settle_copies finds what the rest are.
+            locks = intake_lock_keys(events, skipped_clusters, self.rules) if self.rules.checks_intake else []
+            # The locks travel with the first lookup, in one round trip: its statement
+            # runs after they are granted, with a snapshot of its own.
+            lock = [self._intake_lock_sql(cur, locks)] if locks else []
+
             def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                statement = cur.mogrify(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                cur.execute(lock.pop() + b";\n" + statement if lock else statement)
                 return cur
-            if events and self.rules.checks_intake:
-                self._lock_intake(run, intake_lock_keys(events, self.rules))
             verdicts, repeats = intake_verdicts(events, skipped_clusters, self.rules, run)
             tables = ingest_rows(events, verdicts, rejected, gaps, _iso, _pg_text, _pg_json)
             heads = queue_heads(events, verdicts)
@@ -3431,7 +3473,7 @@ def triage_rules(config: Config) -> TriageRules:
     return TriageRules(dedup_window=config.dedup_window_seconds,
                        severity_threshold=config.severity_threshold,
                        cluster_queue_size=config.cluster_queue_size,
-                       event_ttl=config.event_ttl_seconds)
+                       event_ttl=config.event_ttl_seconds, daily_budget_usd=config.agent_daily_budget_usd)
 
 
 ###############################################################################
@@ -5287,26 +5329,31 @@ def agent_cli_command(config: Config) -> list[str]:
 
     The prompt is read from the mounted prompt file rather than quoted into the
     command line, and no pipe follows the CLI, so its exit code is the
-    container's.
+    container's. The CLI's machine-readable result goes to
+    ``logs/agent-result.json`` (relative to the agent's working directory, the
+    workspace), for :func:`read_run_spend`.
     """
     prompt = f'"$(cat {AGENT_HOME}/prompt-sent.md)"'
     model = shlex.quote(config.agent_model)
     if config.agent_cli == "claude":
-        line = (f"claude -p {prompt} --model {model} --output-format text "
+        line = (f"claude -p {prompt} --model {model} --output-format json "
                 f"--allowedTools {shlex.quote(config.agent_allowed_tools)}")
         if config.agent_verbose:
             line += " --verbose"
+        line += f" >{AGENT_RESULT_RELPATH}"
     elif config.agent_cli == "codex":
         mapped = {"opus": "gpt-5-codex", "sonnet": "gpt-5.2", "haiku": "gpt-4o"}.get(
             config.agent_model, config.agent_model)
         # Current codex releases know skills without a feature flag and reject `--enable skills`.
         line = ('printenv OPENAI_API_KEY | codex login --with-api-key && codex exec --skip-git-repo-check '
-                f"--dangerously-bypass-approvals-and-sandbox -m {shlex.quote(mapped)} {prompt}")
+                f"--dangerously-bypass-approvals-and-sandbox --json -m {shlex.quote(mapped)} {prompt} "
+                f">{AGENT_RESULT_RELPATH}")
     elif config.agent_cli == "gemini":
         tools = {"Read": "read_file", "Write": "write_file", "Grep": "grep", "Glob": "glob",
                  "Bash": "run_shell_command"}
         allowed = ",".join(tools[t] for t in config.agent_allowed_tools.split(",") if t in tools)
-        line = f"gemini -p {prompt} --model {model} --allowed-tools {shlex.quote(allowed)}"
+        line = (f"gemini -p {prompt} --model {model} --allowed-tools {shlex.quote(allowed)} "
+                f"--output-format json >{AGENT_RESULT_RELPATH}")
     else:
         line = f"GOOSE_DISABLE_KEYRING=1 goose run --no-session --text {prompt} --model {model}"
     return ["/bin/bash", "-c", f"set -o pipefail; {line}"]
@@ -5696,6 +5743,103 @@ def stage_agent_job(config: Config, incident: Incident, workspace: str, instance
                     timeout=config.agent_timeout, kubeconfig=kubeconfig)
 
 
+AGENT_RESULT_RELPATH = "logs/agent-result.json"
+AGENT_RESULT_MAX_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunSpend:
+    """What one agent run used, as its CLI reported it; None where the CLI said nothing."""
+
+    tokens_used: int | None = None
+    cost_usd: float | None = None
+    text: str = ""  # the CLI's final answer, for the readable stdout log
+
+
+def read_run_spend(workspace: str) -> RunSpend:
+    """The spend in the CLI's machine-readable result (``logs/agent-result.json``).
+
+    claude's ``--output-format json`` (or the last ``result`` line of
+    ``stream-json``) carries ``total_cost_usd`` and ``usage``; codex ``exec
+    --json`` reports usage in ``turn.completed`` events; gemini's
+    ``--output-format json`` in ``stats.models.*.tokens``. A missing, unreadable
+    or foreign file gives an empty RunSpend: spend is recorded, never required.
+    The file was written by the agent, so every value is checked for its type.
+    """
+    try:
+        data, _ = read_workspace_file(workspace, AGENT_RESULT_RELPATH, AGENT_RESULT_MAX_BYTES)
+    except OSError:
+        return RunSpend()
+    documents = []
+    for line in data.decode("utf-8", "replace").splitlines() or [""]:
+        try:
+            documents.append(json.loads(line))
+        except ValueError:
+            continue
+    if not documents:
+        try:
+            documents = [json.loads(data)]
+        except ValueError:
+            return RunSpend()
+    return _spend_of([d for d in documents if isinstance(d, dict)])
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _spend_of(documents: list[dict[str, Any]]) -> RunSpend:
+    tokens = 0
+    cost: float | None = None
+    text = ""
+    reported = False
+    for doc in documents:
+        usage = doc.get("usage")
+        if doc.get("type") == "result" or "total_cost_usd" in doc:  # claude
+            if isinstance(usage, dict):
+                tokens = sum(_count(usage.get(k)) for k in ("input_tokens", "output_tokens",
+                                                            "cache_creation_input_tokens",
+                                                            "cache_read_input_tokens"))
+                reported = True
+            value = doc.get("total_cost_usd")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e9:
+                cost = float(value)
+            text = doc.get("result") if isinstance(doc.get("result"), str) else text
+        elif doc.get("type") == "turn.completed" and isinstance(usage, dict):  # codex
+            tokens += sum(_count(usage.get(k)) for k in ("input_tokens", "output_tokens"))
+            reported = True
+        elif doc.get("type") == "item.completed" and isinstance(doc.get("item"), dict):
+            item = doc["item"]
+            if item.get("type") == "agent_message" and isinstance(item.get("text"), str):
+                text = item["text"]
+        elif isinstance(doc.get("stats"), dict):  # gemini
+            models = doc["stats"].get("models")
+            for model in (models.values() if isinstance(models, dict) else ()):
+                counted = model.get("tokens") if isinstance(model, dict) else None
+                if isinstance(counted, dict):
+                    tokens += _count(counted.get("total"))
+                    reported = True
+            text = doc.get("response") if isinstance(doc.get("response"), str) else text
+    return RunSpend(tokens if reported else None, cost, text)
+
+
+def log_run_answer(workspace: str, spend: RunSpend) -> None:
+    """Append the CLI's final answer to the stdout log, which the JSON result replaced,
+    so that the log stays readable on the pages."""
+    if not spend.text:
+        return
+    try:
+        fd = open_agent_log(workspace, "agent-stdout.log")
+    except OSError:
+        return
+    try:
+        os.write(fd, (spend.text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def judge_outcome(outcome: AgentOutcome, workspace: str, timeout: float, min_size: int
                   ) -> tuple[str, str | None]:
     """(status, reason) by the Go original's failure rules, in its order."""
@@ -5772,12 +5916,15 @@ class Dispatcher(threading.Thread):
     incidents to pending. :meth:`abort` does that at once, within
     ``ABORT_SECONDS``. Every worker's future is checked: an exception that
     escaped it is logged and counted (``nightcrier_worker_errors_total``).
+    Once a UTC day's runs have cost the store's daily budget, exactly one
+    process calls ``on_budget_spent(spent, budget)`` that day.
     """
 
     def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
                  work_available: threading.Event, metrics: Metrics, instance: str,
                  on_finished: Callable[[Incident], None] | None = None,
-                 permissions: Callable[[], Mapping[str, dict[str, Any]]] = dict):
+                 permissions: Callable[[], Mapping[str, dict[str, Any]]] = dict,
+                 on_budget_spent: Callable[[float, float], None] | None = None):
         from concurrent.futures import ThreadPoolExecutor
         super().__init__(name="dispatcher", daemon=True)
         self.config = config
@@ -5787,6 +5934,7 @@ class Dispatcher(threading.Thread):
         self.metrics = metrics
         self.instance = instance
         self.on_finished = on_finished
+        self.on_budget_spent = on_budget_spent
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         self.runner_error = ""
@@ -5964,6 +6112,17 @@ class Dispatcher(threading.Thread):
             self.runner.remove_orphans(self._is_live)
         if requeued:
             self.wake.set()
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        budget = self.store.rules.daily_budget_usd
+        if not budget or self.on_budget_spent is None:
+            return
+        spent = self.store.spent_today()
+        if spent >= budget and self.store.first_notice(f"budget-spent/{_utc_midnight().date().isoformat()}"):
+            log_event(logging.WARNING, "daily agent budget spent; incidents are skipped until midnight UTC",
+                      spent_usd=round(spent, 4), budget_usd=budget)
+            self.on_budget_spent(spent, budget)
 
     def _claim_lost(self, incident_id: str) -> None:
         run = self._running.get(incident_id)
@@ -6028,17 +6187,22 @@ class Dispatcher(threading.Thread):
         self.runner_error = ""
         self._runner_backoff.reset()
         self.metrics.agent_duration.observe(time.monotonic() - started)
+        spend = read_run_spend(workspace)  # spent even when the run's verdict is discarded
+        log_run_answer(workspace, spend)
         if self._aborting.is_set():  # abort() gave the incident back already
-            self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs)
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs,
+                                        spend)
             return
         if run.lost or (not outcome.cancelled
                         and not self.store.refresh_claims(self.instance, [incident.incident_id])):
             # Another process owns the incident now: nothing of this run may become its verdict.
             run.lost = True
-            self.store.finish_execution(execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs)
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs,
+                                        spend)
             log_event(logging.WARNING, "run discarded: its claim was lost", incident_id=incident.incident_id)
             return
-        self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs)
+        self.store.finish_execution(execution.execution_id, outcome.exit_code, outcome.error or None, logs,
+                                    spend)
         if outcome.cancelled:
             self._release(incident, "nightcrier shut down while the agent ran")
             return
@@ -6688,6 +6852,13 @@ def incident_message(incident: Incident, summary: ReportSummary, url: str | None
                           blocks, "good" if resolved else "danger", footer)
 
 
+def budget_alert(spent: float, budget: float) -> dict[str, Any]:
+    """Told once per UTC day: the agent budget is spent and incidents are skipped until midnight."""
+    blocks = [_fields([("Spent today (UTC)", f"${spent:.2f}"), ("agent_daily_budget_usd", f"${budget:g}")])]
+    return _slack_message("Daily agent budget spent", blocks, "warning",
+                          "New incidents are stored and skipped (reason: budget) until midnight UTC.")
+
+
 def degraded_alert(stats: BreakerStats, shown: int = FAILURE_REASONS_SHOWN) -> dict[str, Any]:
     """The Go original's "AI Agent System Degraded" alert."""
     reasons = "\n".join(f"• {_clip(_slack_escape(r), 500)}" for r in stats.reasons[-shown:])
@@ -6839,7 +7010,9 @@ class SlackNotifier(_DrainingThread):
     ``failed`` incidents get a notification with the report's summary (read
     from the store); ``agent_failed`` ones feed the :class:`CircuitBreaker`
     instead, which raises the degraded and recovered alerts when
-    ``notify_on_agent_failure`` is on; ``skipped`` ones are ignored.
+    ``notify_on_agent_failure`` is on; ``skipped`` ones are ignored, so a
+    repeat of a fault is never told again. :meth:`alert_budget` queues the
+    daily budget alert.
 
     A delivery is retried with exponential backoff on timeouts, connection
     errors and 5xx answers, after ``Retry-After`` on 429, and not at all on
@@ -6885,8 +7058,13 @@ class SlackNotifier(_DrainingThread):
                     break
                 self._count("slack_dropped")
                 log_event(logging.WARNING, "slack queue full, oldest message dropped",
-                          incident_id=oldest[0].incident_id, queue_limit=self.queue_limit)
+                          incident_id=oldest[0].incident_id if oldest[0] else "",
+                          queue_limit=self.queue_limit)
             self._queue.put((incident, summary, uploaded_url))
+
+    def alert_budget(self, spent: float, budget: float) -> None:
+        """Queue the alert that the day's agent budget is spent; never blocks or raises."""
+        self._queue.put((None, budget_alert(spent, budget), "budget alert"))
 
     drain_seconds = SLACK_DRAIN_SECONDS
     out_of_time = "slack notifier out of time, dropping undelivered messages"
@@ -6905,7 +7083,10 @@ class SlackNotifier(_DrainingThread):
                 if self._abort.is_set():
                     continue
                 try:
-                    self._handle(*item)
+                    if item[0] is None:
+                        self.send(item[1], item[2])
+                    else:
+                        self._handle(*item)
                 except Exception as exc:  # one bad message must not end the notifier
                     import traceback
                     # Exception texts may quote the webhook URL, so even the traceback is scrubbed.
@@ -7470,6 +7651,11 @@ class Metrics:
                                       registry=self.registry)
         self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
                                     ("status",), registry=self.registry)
+        self.agent_cost = prom.Gauge("nightcrier_agent_cost_usd", "What the agent runs recorded in the "
+                                     "database cost, as their CLIs reported it, by cluster", ("cluster",),
+                                     registry=self.registry)
+        self.agent_tokens = prom.Gauge("nightcrier_agent_tokens", "Tokens the agent runs recorded in the "
+                                       "database used, by cluster", ("cluster",), registry=self.registry)
         self.skipped = prom.Gauge("nightcrier_incidents_skipped", "Skipped incidents in the database, "
                                   "by the cause their skip_reason begins with", ("reason",),
                                   registry=self.registry)
@@ -8208,7 +8394,8 @@ class Service:
                        else self.notifier.enqueue if self.notifier else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
-                                     on_finished=on_finished)
+                                     on_finished=on_finished,
+                                     on_budget_spent=self.notifier.alert_budget if self.notifier else None)
         self.pages = WebPages(config, self.store, self.cluster_health, config.health_bind)
         # Given when it was bound before the database was reached, to report the wait in /readyz.
         self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
@@ -8297,6 +8484,9 @@ class Service:
                 self.metrics.incidents.labels(status).set(count)
             for cause, count in self.store.count_skipped_by_cause().items():
                 self.metrics.skipped.labels(cause).set(count)
+            for cluster, (tokens, cost) in self.store.spend_by_cluster().items():
+                self.metrics.agent_tokens.labels(cluster).set(tokens)
+                self.metrics.agent_cost.labels(cluster).set(cost)
         except StoreError:
             self.metrics.inc("db_errors")
         return prometheus_client.generate_latest(self.metrics.registry)
@@ -9277,6 +9467,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for e in executions:
         ended = _short_time(e.completed_at) if e.completed_at else "running"
         print(f"  {_short_time(e.started_at)} -> {ended}  exit={e.exit_code}  image={e.agent_image}"
+              + (f"  tokens={e.tokens_used}" if e.tokens_used is not None else "")
+              + (f"  cost=${e.cost_usd:.4f}" if e.cost_usd is not None else "")
               + (f"  error={e.error_message}" if e.error_message else ""))
     if report is not None:
         print(f"\nreport: {report.raw_report_path}")
