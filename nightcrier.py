@@ -1997,6 +1997,10 @@ def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str
         return [_TRIAGE] * len(events), []
     checked = [e for e in events if e.cluster not in skipped]
     repeatables = _stored_repeatables(checked, rules, run) if rules.dedup_window and checked else {}
+    if not repeatables and not skipped and not rules.severity_threshold and not rules.cluster_queue_size:
+        keys = [_repeat_key(e) for e in events if e.fault_id]
+        if len(set(keys)) == len(keys):
+            return [_TRIAGE] * len(events), []  # the common batch: nothing in it repeats anything
     pending = _pending_counts(checked, run) if rules.cluster_queue_size and checked else {}
     verdicts: list[Verdict] = []
     stored_repeats: dict[str, list[Any]] = {}
@@ -3470,8 +3474,8 @@ def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> S
 
 def triage_rules(config: Config) -> TriageRules:
     """The rules the configuration sets for which incidents get an agent."""
-    return TriageRules(dedup_window=config.dedup_window_seconds,
-                       severity_threshold=config.severity_threshold,
+    threshold = "" if config.severity_threshold == "debug" else config.severity_threshold  # none is below
+    return TriageRules(dedup_window=config.dedup_window_seconds, severity_threshold=threshold,
                        cluster_queue_size=config.cluster_queue_size,
                        event_ttl=config.event_ttl_seconds, daily_budget_usd=config.agent_daily_budget_usd)
 
