@@ -259,6 +259,9 @@ class Config:
                                          "a running incident without heartbeat this long is orphaned",
                                          minimum=1)
     max_attempts: int = setting(2, "MAX_ATTEMPTS", "runs of one incident before it fails", minimum=1)
+    retention_days: float = setting(30.0, "RETENTION_DAYS",
+                                    "finished incidents older than this are removed with their "
+                                    "workspaces; 0 = keep everything", minimum=0)
     dedup_window_seconds: float = setting(300.0, "DEDUP_WINDOW_SECONDS",
                                           "a fault repeating a pending, running or recently finished "
                                           "incident (same cluster and faultId) is skipped; 0 = off",
@@ -1841,6 +1844,19 @@ class StateStore:
         """Number of incidents in each status (every status present, zero included)."""
         raise NotImplementedError
 
+    def prune(self, finished_before: dt.datetime, limit: int, dry_run: bool = False) -> list[str]:
+        """Remove up to ``limit`` incidents finished (or skipped) before ``finished_before`` -- their
+        rows in every table -- in one short transaction, with rejected notifications and closed
+        subscription gaps of before then; pending and investigating incidents are never touched.
+        Returns the ids removed (with ``dry_run``, that would be: the oldest ``limit``)."""
+        raise NotImplementedError
+
+    def retry(self, incident_id: str) -> Incident | None:
+        """Put a finished or skipped incident back in the queue as a new attempt: pending with
+        ``created_at`` now, its verdict, skip reason and attempt count cleared (earlier runs stay
+        listed). None when it does not exist or is pending or investigating."""
+        raise NotImplementedError
+
     def spent_today(self) -> float:
         """What the agent runs started in the current UTC day cost, on every replica."""
         raise NotImplementedError
@@ -2544,6 +2560,52 @@ class SqlStore(StateStore):
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
         return counts
+
+    def prune(self, finished_before: dt.datetime, limit: int, dry_run: bool = False) -> list[str]:
+        select = ("SELECT incident_id, event_id FROM incidents WHERE status IN ('resolved', 'failed', "
+                  "'agent_failed', 'skipped') AND COALESCE(completed_at, updated_at) < ? "
+                  "ORDER BY COALESCE(completed_at, updated_at) LIMIT ?")
+        if dry_run:
+            return [str(r["incident_id"]) for r in self._query(select, (finished_before, limit))]
+
+        def remove(run: Callable[..., Any]) -> list[str]:
+            rows = run(select, (finished_before, limit)).fetchall()
+            ids = [str(r["incident_id"]) for r in rows]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for table in ("triage_reports", "agent_executions", "incidents"):
+                    run(f"DELETE FROM {table} WHERE incident_id IN ({marks})", ids)
+                run(f"DELETE FROM fault_events WHERE event_id IN ({marks})",
+                    [str(r["event_id"]) for r in rows])
+            run("DELETE FROM rejected_events WHERE rejected_id IN (SELECT rejected_id FROM rejected_events "
+                "WHERE received_at < ? LIMIT ?)", (finished_before, limit))
+            run("DELETE FROM subscription_gaps WHERE gap_id IN (SELECT gap_id FROM subscription_gaps "
+                "WHERE ended_at < ? LIMIT ?)", (finished_before, limit))
+            return ids
+
+        return self._transaction(remove)
+
+    def retry(self, incident_id: str) -> Incident | None:
+        if not is_uuid(incident_id):
+            return None
+        now = self.NOW
+
+        def put_back(run: Callable[..., Any]) -> Incident | None:
+            # Queued anew, behind what is pending now, and not stale for event_ttl_seconds.
+            row = run(f"UPDATE incidents SET status = 'pending', created_at = {now}, updated_at = {now}, "
+                      "started_at = NULL, "
+                      "completed_at = NULL, exit_code = NULL, failure_reason = NULL, skip_reason = NULL, "
+                      "duplicate_of = NULL, attempts = 0 WHERE incident_id = ? "
+                      "AND status IN ('resolved', 'failed', 'agent_failed', 'skipped') RETURNING *",
+                      (incident_id,)).fetchone()
+            if row is None:
+                return None
+            incident = _row_to(Incident, row)
+            run(QUEUE_UPSERT.format(values="(?, ?)"), (incident.cluster, incident.created_at))
+            self._announce_work(run)
+            return incident
+
+        return self._transaction(put_back)
 
     def spent_today(self) -> float:
         return float(self._query(SPENT_TODAY_SQL, (_utc_midnight(),))[0]["spent"])
@@ -8247,6 +8309,72 @@ def _permission_warnings(result: Mapping[str, Any]) -> list[str]:
     return warnings
 
 
+# -- retention ---------------------------------------------------------------------
+
+PRUNE_BATCH = 200                 # incidents removed per transaction: each lock is short
+RETENTION_INTERVAL_SECONDS = 600.0
+
+
+def prune_incidents(store: StateStore, workspace_root: str, finished_before: dt.datetime,
+                    dry_run: bool = False, stop: threading.Event | None = None) -> list[str]:
+    """Remove every incident finished before ``finished_before`` and its workspace, in batches of
+    ``PRUNE_BATCH``; returns the ids removed (or, ``dry_run``, that would be). Stops between
+    batches when ``stop`` is set. A workspace is removed after its rows are: a crash in between
+    leaves a directory no row names, never a row without its files."""
+    if dry_run:
+        return store.prune(finished_before, 1_000_000, dry_run=True)
+    removed: list[str] = []
+    while not (stop and stop.is_set()):
+        batch = store.prune(finished_before, PRUNE_BATCH)
+        for incident_id in batch:
+            remove_workspace(workspace_root, incident_id)
+        removed += batch
+        if len(batch) < PRUNE_BATCH:
+            break
+    return removed
+
+
+def remove_workspace(workspace_root: str, incident_id: str) -> None:
+    """Delete ``<workspace_root>/<incident_id>``; a symlink an agent left inside is removed, not followed."""
+    import shutil
+    path = os.path.join(os.path.abspath(workspace_root), incident_id)
+    if is_uuid(incident_id) and os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class RetentionSweeper(threading.Thread):
+    """Removes incidents finished more than ``retention_days`` ago, with their workspaces, at start
+    and every ``RETENTION_INTERVAL_SECONDS``, in short batches (see :func:`prune_incidents`).
+
+    Every replica may sweep; a batch another replica removed first is simply
+    not found. A failed round is logged and counted, and the next one tries
+    again. Never touches pending or investigating incidents.
+    """
+
+    def __init__(self, config: Config, store: StateStore, metrics: Metrics):
+        super().__init__(name="retention", daemon=True)
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            cutoff = utcnow() - dt.timedelta(days=self.config.retention_days)
+            try:
+                removed = prune_incidents(self.store, self.config.workspace_root, cutoff, stop=self._stopping)
+                if removed:
+                    log_event(logging.INFO, "old incidents removed", count=len(removed),
+                              retention_days=self.config.retention_days)
+            except StoreError as exc:
+                log_event(logging.ERROR, "retention round failed", error=_short_error(exc))
+                self.metrics.inc("thread_errors", "retention")
+            self._stopping.wait(RETENTION_INTERVAL_SECONDS)
+
+
 class PermissionChecker(threading.Thread):
     """Checks each triage-enabled cluster's RBAC with ``kubectl auth can-i``, at start and then
     every ``permission_check_interval`` minutes.
@@ -8356,7 +8484,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 ###############################################################################
 
 SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "demo", "simulate", "stub-agent",
-               "version", "agent-check")
+               "version", "agent-check", "prune", "retry")
 EXIT_CONFIG = 2
 
 
@@ -8400,6 +8528,8 @@ class Service:
                                      self.instance, permissions=self.permissions.results,
                                      on_finished=on_finished,
                                      on_budget_spent=self.notifier.alert_budget if self.notifier else None)
+        self.retention = (RetentionSweeper(config, self.store, self.metrics) if config.retention_days
+                          else None)
         self.pages = WebPages(config, self.store, self.cluster_health, config.health_bind)
         # Given when it was bound before the database was reached, to report the wait in /readyz.
         self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
@@ -8443,6 +8573,8 @@ class Service:
         if self.uploader is not None:
             self.uploader.start()
         self.dispatcher.start()
+        if self.retention is not None:
+            self.retention.start()
         self._watcher.start()
         self.permissions.start()
         self.ownership.start()
@@ -8506,6 +8638,8 @@ class Service:
         if self.health_server is not None:
             self.health_server.shutting_down = True
         self.permissions.stop()
+        if self.retention is not None:
+            self.retention.stop()
         self._stop_watching.set()
         for listener in self.listeners:
             listener.stop()
@@ -8972,6 +9106,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", parents=[common], help="one incident with its runs, report and paths")
     show.add_argument("incident_id")
     show.add_argument("--json", action="store_true", help="JSON instead of text")
+    prune = sub.add_parser("prune", parents=[common],
+                           help="remove finished incidents older than a duration, with their workspaces")
+    prune.add_argument("--older-than", required=True, metavar="DURATION",
+                       help="finished longer ago than this: 30d, 12h, 90m or a Go duration such as 720h")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    retry = sub.add_parser("retry", parents=[common],
+                           help="put a finished or skipped incident back in the queue as a new attempt")
+    retry.add_argument("incident_id", help="the id or an unambiguous prefix of it")
     simulate = sub.add_parser("simulate", help="serve simulated clusters that emit faults, for trials "
                               "and smoke tests")
     simulate.add_argument("--cluster", default="simulated", help="cluster name (suffixed when several)")
@@ -9431,6 +9573,46 @@ def cmd_incidents(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_age(text: str) -> float:
+    """Seconds in an age such as 30d, 12h or 90m, or in a Go duration such as 720h30m."""
+    match = re.fullmatch(r"(\d+)\s*d", text.strip())
+    return int(match.group(1)) * 86400.0 if match else parse_go_duration(text.strip())
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove finished incidents older than --older-than, and their workspaces; say what went."""
+    config, _ = _load_or_exit(args)
+    try:
+        seconds = parse_age(args.older_than)
+    except ValueError as exc:
+        print(f"nightcrier: --older-than: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    cutoff = utcnow() - dt.timedelta(seconds=seconds)
+    with _cli_store(config, read_only=False) as store:
+        removed = prune_incidents(store, config.workspace_root, cutoff, dry_run=args.dry_run)
+    for incident_id in removed:
+        print(incident_id)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} incident(s) finished before {_short_time(cutoff)} UTC", file=sys.stderr)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Put one finished or skipped incident back in the queue."""
+    config, _ = _load_or_exit(args)
+    with _cli_store(config, read_only=False) as store:
+        resolved, why = resolve_incident_id(store, args.incident_id)
+        incident = store.retry(resolved) if resolved else None
+        if incident is None:
+            current = store.get_incident(resolved) if resolved else None
+            print(f"nightcrier: {why or f'no incident {args.incident_id!r}'}" if current is None else
+                  f"nightcrier: incident {current.incident_id} is {current.status}; only a finished or "
+                  "skipped incident can be retried", file=sys.stderr)
+            return 1
+    print(f"incident {incident.incident_id} is pending again (cluster {incident.cluster})")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """One incident: its fields, agent runs, report summary, workspace and log paths."""
     config, _ = _load_or_exit(args)
@@ -9491,11 +9673,13 @@ def _attempts_line(attempts: int, runs: int, max_attempts: int) -> str:
 
 
 @contextmanager
-def _cli_store(config: Config) -> Iterator[StateStore]:
+def _cli_store(config: Config, read_only: bool = True) -> Iterator[StateStore]:
     """The database of a running (or stopped) service, for commands that read it: opened
-    read-only, so it never migrates, repairs or writes, and works beside a running ``run``."""
+    read-only, so it never migrates, repairs or writes, and works beside a running ``run``.
+    Commands that change it (``read_only=False``) work beside ``run`` too: they take no
+    liveness lock, so ``run`` keeps owning the database."""
     try:
-        store = open_store(config, read_only=True)
+        store = open_store(config, read_only=read_only)
     except StoreError as exc:
         print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -9575,7 +9759,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_version(args)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
                "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate,
-               "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check}[args.command]
+               "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check,
+               "prune": cmd_prune, "retry": cmd_retry}[args.command]
     return handler(args)
 
 
