@@ -1229,6 +1229,7 @@ class TriageReport:
     summary_text: str | None = None
     raw_report_path: str | None = None
     storage_type: str = "database"
+    structured_data: str | None = None  # the agent's output/triage.json, validated, as JSON text
 
 
 @dataclass
@@ -1844,6 +1845,10 @@ class StateStore:
         """Number of incidents in each status (every status present, zero included)."""
         raise NotImplementedError
 
+    def report_summaries(self, incident_ids: Sequence[str]) -> dict[str, str]:
+        """The summary line (root cause and confidence) of each incident's latest report."""
+        raise NotImplementedError
+
     def prune(self, finished_before: dt.datetime, limit: int, dry_run: bool = False) -> list[str]:
         """Remove up to ``limit`` incidents finished (or skipped) before ``finished_before`` -- their
         rows in every table -- in one short transaction, with rejected notifications and closed
@@ -1976,6 +1981,8 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
             value = _ts(value)
         elif f.name == "log_paths":
             value = json.loads(value) if isinstance(value, str) and value else (value or {})
+        elif f.name == "structured_data" and value is not None and not isinstance(value, str):
+            value = json.dumps(value)  # PostgreSQL's jsonb arrives parsed; both engines give text
         elif f.name in ("incident_id", "event_id", "execution_id", "report_id", "duplicate_of") \
                 and value is not None:
             value = str(value)
@@ -2560,6 +2567,14 @@ class SqlStore(StateStore):
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
         return counts
+
+    def report_summaries(self, incident_ids: Sequence[str]) -> dict[str, str]:
+        ids = [i for i in incident_ids if is_uuid(i)]
+        if not ids:
+            return {}
+        rows = self._query("SELECT incident_id, summary_text FROM triage_reports WHERE incident_id IN "
+                           f"({','.join('?' * len(ids))}) ORDER BY generated_at", ids)
+        return {str(r["incident_id"]): r["summary_text"] or "" for r in rows}  # the latest wins
 
     def prune(self, finished_before: dt.datetime, limit: int, dry_run: bool = False) -> list[str]:
         select = ("SELECT incident_id, event_id FROM incidents WHERE status IN ('resolved', 'failed', "
@@ -4953,6 +4968,11 @@ The facts you observed, each with the command that showed it.
 
 ## Recommendations
 Numbered, concrete next steps for a human, most urgent first.
+
+Then write the same findings as JSON to output/triage.json, one object with exactly these keys:
+"summary" (string), "root_cause" (string), "confidence" ("HIGH", "MEDIUM" or "LOW"), "severity"
+("CRITICAL", "ERROR", "WARNING" or "INFO"), "affected_resources" (a list of objects with "kind",
+"name" and, for namespaced resources, "namespace") and "recommendations" (a list of strings).
 """
 
 AGENT_HOME = "/home/agent"
@@ -5906,6 +5926,56 @@ def log_run_answer(workspace: str, spend: RunSpend) -> None:
         os.close(fd)
 
 
+TRIAGE_RESULT_RELPATH = "output/triage.json"
+TRIAGE_RESULT_MAX_BYTES = 256 * 1024
+TRIAGE_SCHEMA_FILE = "triage.schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def triage_validator() -> Any:
+    """A validator for the shipped JSON Schema of ``output/triage.json``."""
+    import jsonschema
+    schema = json.loads(resource_text(TRIAGE_SCHEMA_FILE))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def read_triage_result(workspace: str) -> tuple[dict[str, Any] | None, str]:
+    """(the agent's ``output/triage.json`` when it follows the shipped schema, else None; why not).
+
+    The file was written by the agent: read through the workspace helpers, at most
+    ``TRIAGE_RESULT_MAX_BYTES``, and every problem becomes the reason, never an exception.
+    """
+    try:
+        data, size = read_workspace_file(workspace, TRIAGE_RESULT_RELPATH, TRIAGE_RESULT_MAX_BYTES)
+    except FileNotFoundError:
+        return None, f"no {TRIAGE_RESULT_RELPATH}"
+    except OSError as exc:
+        return None, f"{TRIAGE_RESULT_RELPATH} refused: {_short_error(exc)}"
+    if size > TRIAGE_RESULT_MAX_BYTES:
+        return None, f"{TRIAGE_RESULT_RELPATH} is larger than {TRIAGE_RESULT_MAX_BYTES} bytes"
+    try:
+        document, _ = load_json(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, f"{TRIAGE_RESULT_RELPATH} is not JSON: {_truncate(str(exc), 200)}"
+    error = next(iter(sorted(triage_validator().iter_errors(document), key=str)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "the document"
+        return None, (f"{TRIAGE_RESULT_RELPATH} does not follow the schema at {where}: "
+                      f"{_truncate(error.message, 200)}")
+    return document, ""
+
+
+def stored_summary(report: TriageReport) -> ReportSummary:
+    """The root cause and confidence of a stored report: from its structured result when valid,
+    else read from its Markdown."""
+    structured = json.loads(report.structured_data) if isinstance(report.structured_data, str) \
+        else report.structured_data
+    if isinstance(structured, dict) and isinstance(structured.get("root_cause"), str):
+        return ReportSummary(_truncate(clean_text(structured["root_cause"]).strip(), ROOT_CAUSE_MAX_CHARS),
+                             str(structured.get("confidence", UNKNOWN_CONFIDENCE)))
+    return summarize_report(report.report_markdown)
+
+
 def judge_outcome(outcome: AgentOutcome, workspace: str, timeout: float, min_size: int
                   ) -> tuple[str, str | None]:
     """(status, reason) by the Go original's failure rules, in its order."""
@@ -6290,10 +6360,14 @@ class Dispatcher(threading.Thread):
             log_event(logging.WARNING, "report larger than report_max_bytes, stored truncated",
                       incident_id=incident.incident_id, report_max_bytes=self.config.report_max_bytes)
         page = publish_report(markdown, incident.incident_id, workspace)
-        self.store.record_report(TriageReport(new_id(), incident.incident_id, execution_id, utcnow(),
-                                              markdown, report_html=page,
-                                              summary_text=summarize_report(markdown).text,
-                                              raw_report_path=path, storage_type="filesystem"))
+        structured, problem = read_triage_result(workspace)
+        if structured is None:
+            log_event(logging.INFO, "no structured result; the summary comes from the Markdown report",
+                      incident_id=incident.incident_id, reason=problem)
+        report = TriageReport(new_id(), incident.incident_id, execution_id, utcnow(), markdown,
+                              report_html=page, raw_report_path=path, storage_type="filesystem",
+                              structured_data=json.dumps(structured) if structured else None)
+        self.store.record_report(dataclasses.replace(report, summary_text=stored_summary(report).text))
 
     def _finish(self, incident: Incident, status: str, exit_code: int | None, reason: str | None,
                 workspace: str | None = None, logs: Mapping[str, str] | None = None) -> None:
@@ -7223,7 +7297,7 @@ class SlackNotifier(_DrainingThread):
         if report is None:
             return ReportSummary("Triage ended without a report" if incident.status == FAILED
                                  else SUMMARY_FALLBACK), False
-        return summarize_report(report.report_markdown), report.report_html is not None
+        return stored_summary(report), report.report_html is not None
 
     def send(self, message: dict[str, Any], what: str, **fields: Any) -> bool:
         """Post one message, retrying as the class describes; True once Slack accepted it."""
@@ -8176,7 +8250,9 @@ class WebPages:
         criteria = IncidentFilter(statuses=(status,) if status else (), cluster=cluster, since=since,
                                   limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE)
         incidents = self.store.list_incidents(criteria)
-        rows = [{"incident": i, "took": _took(i.started_at, i.completed_at)} for i in incidents[:PAGE_SIZE]]
+        summaries = self.store.report_summaries([i.incident_id for i in incidents[:PAGE_SIZE]])
+        rows = [{"incident": i, "took": _took(i.started_at, i.completed_at),
+                 "summary": summaries.get(i.incident_id, "")} for i in incidents[:PAGE_SIZE]]
 
         def page_link(n: int) -> str:
             params = {k: v for k, v in (("status", status), ("cluster", cluster), ("since", since_text)) if v}
