@@ -23,11 +23,33 @@ CLAUDE_RESULT = {"type": "result", "subtype": "success", "is_error": False, "res
                                                    "cache_read_input_tokens": 60}}
 
 
+def workspace_with(directory: Path, relpath: str, content: bytes | None) -> str:
+    """A workspace in ``directory`` holding ``content`` (unless None) at ``relpath``, as an agent left it."""
+    (directory / relpath).parent.mkdir(parents=True, exist_ok=True)
+    if content is not None:
+        (directory / relpath).write_bytes(content)
+    return str(directory)
+
+
 def _workspace(tmp_path: Path, result: bytes | None) -> str:
-    (tmp_path / "logs").mkdir(exist_ok=True)
-    if result is not None:
-        (tmp_path / "logs" / "agent-result.json").write_bytes(result)
-    return str(tmp_path)
+    return workspace_with(tmp_path, "logs/agent-result.json", result)
+
+
+def run_to_resolved(tmp_path: Path, store: nc.StateStore, agent: str, cluster: str
+                    ) -> tuple[nc.Incident, nc.Config]:
+    """One incident of ``cluster`` run by ``agent`` (process runner) until resolved."""
+    (incident_id,) = store.insert_events([make_event(cluster, fault_id="")])
+    config = engine_config(tmp_path, agent)
+    dispatcher = nc.Dispatcher(config, store, nc.ProcessRunner(grace=1), threading.Event(), nc.Metrics(),
+                               "test-instance")
+    dispatcher.start()
+    try:
+        dispatcher.wake.set()
+        incident = wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.RESOLVED and i,
+                            timeout=30, what="the run")
+    finally:
+        dispatcher.stop()
+    return incident, config
 
 
 # -- reading the CLI's result ---------------------------------------------------------------
@@ -84,16 +106,8 @@ CLAUDE_AGENT = GOOD_AGENT + f"; printf '%s' '{json.dumps(CLAUDE_RESULT)}' > logs
 
 def test_a_runs_cost_and_tokens_land_in_the_database_and_its_answer_in_the_stdout_log(
         tmp_path: Path, store: nc.StateStore) -> None:
-    (incident_id,) = store.insert_events([make_event("c1")])
-    dispatcher = nc.Dispatcher(engine_config(tmp_path, CLAUDE_AGENT), store, nc.ProcessRunner(grace=1),
-                               threading.Event(), nc.Metrics(), "test-instance")
-    dispatcher.start()
-    try:
-        dispatcher.wake.set()
-        incident = wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.RESOLVED and i,
-                            timeout=30, what="the run")
-    finally:
-        dispatcher.stop()
+    incident, _ = run_to_resolved(tmp_path, store, CLAUDE_AGENT, "c1")
+    incident_id = incident.incident_id
     execution, = store.list_executions(incident_id)
     assert (execution.tokens_used, execution.cost_usd) == (1600, 0.75)
     assert Path(incident.workspace_path or "", "logs", "agent-stdout.log").read_text() == "Report written.\n"

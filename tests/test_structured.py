@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_engine import GOOD_AGENT, engine_config
-from test_store_contract import make_event
+from test_engine import GOOD_AGENT
+from test_spend import run_to_resolved, workspace_with
 
 import nightcrier as nc
 
@@ -24,10 +22,7 @@ RESULT = {"summary": "The api pod is crash looping after an OOM kill.",
 
 
 def _workspace(directory: Path, content: bytes | None) -> str:
-    (directory / "output").mkdir(exist_ok=True)
-    if content is not None:
-        (directory / "output" / "triage.json").write_bytes(content)
-    return str(directory)
+    return workspace_with(directory, "output/triage.json", content)
 
 
 def test_a_result_following_the_schema_is_read(tmp_path: Path) -> None:
@@ -72,17 +67,7 @@ WITH_RESULT = GOOD_AGENT + f"; printf '%s' '{json.dumps(RESULT)}' > output/triag
 
 
 def _run(tmp_path: Path, store: nc.StateStore, agent: str, cluster: str) -> tuple[nc.Incident, Any]:
-    (incident_id,) = store.insert_events([make_event(cluster, fault_id="")])
-    config = engine_config(tmp_path, agent)
-    dispatcher = nc.Dispatcher(config, store, nc.ProcessRunner(grace=1), threading.Event(), nc.Metrics(),
-                               "test-instance")
-    dispatcher.start()
-    try:
-        dispatcher.wake.set()
-        incident = wait_for(lambda: (i := store.get_incident(incident_id)) and i.status == nc.RESOLVED and i,
-                            timeout=30, what="the run")
-    finally:
-        dispatcher.stop()
+    incident, config = run_to_resolved(tmp_path, store, agent, cluster)
     return incident, nc.WebPages(config, store, lambda: {"clusters": []}, "127.0.0.1")
 
 
