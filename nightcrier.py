@@ -3170,6 +3170,10 @@ class PostgresStore(SqlStore):
     def _announce_work(self, run: Callable[..., Any]) -> None:
         run(f"NOTIFY {self.WORK_CHANNEL}")
 
+    def _repeat_sql(self, cur: Any, batch: Sequence[str]) -> bytes:
+        return cur.mogrify(PG_REPEAT_SQL, {"batch": list(batch), "window": float(self.rules.dedup_window),
+                                           "window_text": f"{self.rules.dedup_window:g}"})
+
     def _intake_lock_sql(self, cur: Any, keys: Sequence[str]) -> bytes:
         """Locks on an ingest batch's fault conditions and cluster queues, held until commit and
         taken in one order (no deadlock); a later statement's snapshot sees what a concurrent
@@ -3418,19 +3422,22 @@ class PostgresStore(SqlStore):
             # execute. Incidents are inserted for the events stored by it; when a copy of a
             # stored emission was among them, settle_copies finds what the rest are.
             locks = intake_lock_keys(events, skipped_clusters, self.rules) if self.rules.checks_intake else []
-            # The locks travel with the first lookup, in one round trip: its statement
-            # runs after they are granted, with a snapshot of its own.
+            # Without a backlog limit, repeats are settled by SQL in the batch's one round trip
+            # (see PG_REPEAT_SQL); otherwise the locks travel with the first lookup. Either way
+            # each statement after the locks runs with a snapshot of its own.
+            in_sql = bool(self.rules.dedup_window and not self.rules.cluster_queue_size)
             lock = [self._intake_lock_sql(cur, locks)] if locks else []
 
             def run(sql: str, params: Sequence[Any] = ()) -> Any:
                 statement = cur.mogrify(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
                 cur.execute(lock.pop() + b";\n" + statement if lock else statement)
                 return cur
-            verdicts, repeats = intake_verdicts(events, skipped_clusters, self.rules, run)
+            rules = dataclasses.replace(self.rules, dedup_window=0) if in_sql else self.rules
+            verdicts, repeats = intake_verdicts(events, skipped_clusters, rules, run)
             tables = ingest_rows(events, verdicts, rejected, gaps, _iso, _pg_text, _pg_json)
             heads = queue_heads(events, verdicts)
             (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
-            statements: list[bytes] = []
+            statements: list[bytes] = lock[:] if in_sql else []
             for table, columns, key, rows in others:
                 if rows:
                     template = ("(" + ", ".join(["%s"] * len(columns)) + ")").encode()
@@ -3451,6 +3458,12 @@ class PostgresStore(SqlStore):
                     + recordset_insert(cur, "incidents", inc_columns, inc_rows,
                                        "WHERE r.event_id IN (SELECT event_id FROM ev)")
                     + b" ON CONFLICT (incident_id) DO NOTHING) SELECT count(*) AS stored FROM ev")
+            batch = [e.incident_id for e in events]
+            if in_sql and ev_rows:
+                # Then the count of stored events comes last, in place of the insert's own.
+                statements += [self._repeat_sql(cur, batch),
+                               cur.mogrify("SELECT count(*) AS stored FROM fault_events WHERE event_id = "
+                                           "ANY(%s::uuid[])", ([e.event_id for e in events],))]
             if statements:
                 cur.execute(b";\n".join(statements))
             if not ev_rows or cur.fetchone()["stored"] == len(ev_rows):
@@ -3459,7 +3472,8 @@ class PostgresStore(SqlStore):
             rows = [row for row in inc_rows if row[1] in present]
             if rows:
                 cur.execute(recordset_insert(cur, "incidents", inc_columns, rows)
-                            + b" ON CONFLICT (incident_id) DO NOTHING")
+                            + b" ON CONFLICT (incident_id) DO NOTHING"
+                            + (b";\n" + self._repeat_sql(cur, batch) if in_sql else b""))
             return incident_ids()
 
         if events or rejected or gaps:
@@ -3494,6 +3508,39 @@ class PostgresStore(SqlStore):
 
 # A \u0000 escape, not an escaped backslash followed by "u0000".
 _JSON_NUL_ESCAPE_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+# The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted (under
+# the batch's intake locks): each new pending incident with a faultId that repeats a stored
+# incident, or an earlier one of the batch, is skipped as its duplicate -- of the latest stored
+# one, else of the batch's first --; then the incidents repeated count the repeats just marked
+# (so running it again after a late insert counts none twice).
+PG_REPEAT_SQL = """
+WITH marked AS (
+UPDATE incidents n SET status = 'skipped', duplicate_of = d.first_id, completed_at = n.updated_at,
+       skip_reason = 'duplicate: repeats ' || d.first_id || ' (fault ' || n.fault_id
+                     || ' within dedup_window_seconds ' || %(window_text)s || ')'
+FROM (SELECT x.incident_id AS id, (
+        SELECT c.incident_id FROM incidents c
+        WHERE c.fault_id = x.fault_id AND c.cluster = x.cluster AND c.duplicate_of IS NULL
+          AND c.skip_reason IS NULL AND c.fault_id <> '' AND c.incident_id <> x.incident_id
+          AND (c.status IN ('pending', 'investigating')
+               OR c.completed_at >= x.created_at - make_interval(secs => %(window)s)
+               OR c.last_recurred_at >= x.created_at - make_interval(secs => %(window)s))
+          AND (c.incident_id <> ALL(%(batch)s::uuid[])
+               OR (c.created_at, c.incident_id) < (x.created_at, x.incident_id))
+        ORDER BY c.incident_id = ANY(%(batch)s::uuid[]),
+                 CASE WHEN c.incident_id = ANY(%(batch)s::uuid[]) THEN c.created_at END,
+                 c.created_at DESC
+        LIMIT 1) AS first_id
+      FROM incidents x
+      WHERE x.incident_id = ANY(%(batch)s::uuid[]) AND x.status = 'pending' AND x.fault_id <> '') d
+WHERE n.incident_id = d.id AND d.first_id IS NOT NULL
+RETURNING n.duplicate_of, n.created_at)
+UPDATE incidents p SET recurrences = p.recurrences + d.n,
+       last_recurred_at = GREATEST(p.last_recurred_at, d.last)
+FROM (SELECT duplicate_of, count(*) AS n, max(created_at) AS last FROM marked GROUP BY duplicate_of) d
+WHERE p.incident_id = d.duplicate_of"""
 
 
 def _pg_text(value: str) -> str:

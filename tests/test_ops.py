@@ -117,6 +117,9 @@ def test_health_and_metrics_while_the_pipeline_runs(pipeline: tuple[nc.Service, 
     again = get(base + "/metrics")[1]
     assert metric(again, "nightcrier_incidents_skipped", reason="duplicate") == 1
     assert metric(again, "nightcrier_incidents_skipped", reason="budget") == 0
+    # the runs' spend by cluster (this agent's CLI reports none: tokens and cost are zero)
+    assert 'nightcrier_agent_tokens{cluster="ops"} 0.0' in again.splitlines()
+    assert 'nightcrier_agent_cost_usd{cluster="ops"} 0.0' in again.splitlines()
 
     clusters = json.loads(get(base + "/health/clusters")[1])
     by_name = {c["name"]: c for c in clusters["clusters"]}

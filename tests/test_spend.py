@@ -165,7 +165,3 @@ def test_under_the_budget_incidents_are_claimed(store: nc.StateStore) -> None:
     claimed = store.claim_next("w")
     assert claimed is not None and claimed.incident_id == first
 
-
-def test_the_budget_alert_names_spend_and_budget() -> None:
-    text = json.dumps(nc.budget_alert(1.2, 1.0))
-    assert "$1.20" in text and "$1" in text and "budget" in text
