@@ -3421,11 +3421,14 @@ class PostgresStore(SqlStore):
             # lock and must then win it back from the listeners: the whole batch goes in one
             # execute. Incidents are inserted for the events stored by it; when a copy of a
             # stored emission was among them, settle_copies finds what the rest are.
-            locks = intake_lock_keys(events, skipped_clusters, self.rules) if self.rules.checks_intake else []
             # Without a backlog limit, repeats are settled by SQL in the batch's one round trip
-            # (see PG_REPEAT_SQL); otherwise the locks travel with the first lookup. Either way
-            # each statement after the locks runs with a snapshot of its own.
+            # (PG_REPEAT_SQL), after the queue upsert: that row lock on each cluster with a new
+            # pending incident already makes concurrent batches of one cluster take turns, and
+            # the statements after it see what the other committed. With a backlog limit the
+            # intake locks travel with the first lookup. Each statement has a snapshot of its own.
             in_sql = bool(self.rules.dedup_window and not self.rules.cluster_queue_size)
+            locks = intake_lock_keys(events, skipped_clusters, self.rules) \
+                if self.rules.checks_intake and not in_sql else []
             lock = [self._intake_lock_sql(cur, locks)] if locks else []
 
             def run(sql: str, params: Sequence[Any] = ()) -> Any:
@@ -3437,7 +3440,7 @@ class PostgresStore(SqlStore):
             tables = ingest_rows(events, verdicts, rejected, gaps, _iso, _pg_text, _pg_json)
             heads = queue_heads(events, verdicts)
             (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
-            statements: list[bytes] = lock[:] if in_sql else []
+            statements: list[bytes] = []
             for table, columns, key, rows in others:
                 if rows:
                     template = ("(" + ", ".join(["%s"] * len(columns)) + ")").encode()
@@ -3510,31 +3513,33 @@ class PostgresStore(SqlStore):
 _JSON_NUL_ESCAPE_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-# The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted (under
-# the batch's intake locks): each new pending incident with a faultId that repeats a stored
-# incident, or an earlier one of the batch, is skipped as its duplicate -- of the latest stored
-# one, else of the batch's first --; then the incidents repeated count the repeats just marked
-# (so running it again after a late insert counts none twice).
+# The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted, after
+# the batch's queue upsert (which holds its clusters' queue rows until commit): each new pending
+# incident with a faultId that repeats a stored incident, or an earlier one of the batch, is
+# skipped as its duplicate -- of the latest stored one, else of the batch's first --; then the
+# incidents repeated count the repeats just marked (so running it again after a late insert
+# counts none twice).
 PG_REPEAT_SQL = """
-WITH marked AS (
+WITH batch AS MATERIALIZED (SELECT unnest(%(batch)s::uuid[]) AS id),
+marked AS (
 UPDATE incidents n SET status = 'skipped', duplicate_of = d.first_id, completed_at = n.updated_at,
        skip_reason = 'duplicate: repeats ' || d.first_id || ' (fault ' || n.fault_id
                      || ' within dedup_window_seconds ' || %(window_text)s || ')'
-FROM (SELECT x.incident_id AS id, (
+FROM batch b, LATERAL (SELECT x.incident_id AS id, (
         SELECT c.incident_id FROM incidents c
         WHERE c.fault_id = x.fault_id AND c.cluster = x.cluster AND c.duplicate_of IS NULL
           AND c.skip_reason IS NULL AND c.fault_id <> '' AND c.incident_id <> x.incident_id
           AND (c.status IN ('pending', 'investigating')
                OR c.completed_at >= x.created_at - make_interval(secs => %(window)s)
                OR c.last_recurred_at >= x.created_at - make_interval(secs => %(window)s))
-          AND (c.incident_id <> ALL(%(batch)s::uuid[])
+          AND (c.incident_id NOT IN (SELECT id FROM batch)
                OR (c.created_at, c.incident_id) < (x.created_at, x.incident_id))
-        ORDER BY c.incident_id = ANY(%(batch)s::uuid[]),
-                 CASE WHEN c.incident_id = ANY(%(batch)s::uuid[]) THEN c.created_at END,
+        ORDER BY c.incident_id IN (SELECT id FROM batch),
+                 CASE WHEN c.incident_id IN (SELECT id FROM batch) THEN c.created_at END,
                  c.created_at DESC
         LIMIT 1) AS first_id
-      FROM incidents x
-      WHERE x.incident_id = ANY(%(batch)s::uuid[]) AND x.status = 'pending' AND x.fault_id <> '') d
+      FROM incidents x  -- one primary-key lookup per new incident, however much else is pending:
+      WHERE x.incident_id = b.id AND x.status = 'pending' AND x.fault_id <> '' OFFSET 0) d  -- not flattened
 WHERE n.incident_id = d.id AND d.first_id IS NOT NULL
 RETURNING n.duplicate_of, n.created_at)
 UPDATE incidents p SET recurrences = p.recurrences + d.n,
