@@ -277,8 +277,8 @@ def test_help_lists_only_real_commands() -> None:
     assert result.returncode == 0
     assert "SUPPRESS" not in result.stdout and "stub-agent" not in result.stdout
     listed = re.findall(r"^    ([a-z-]+)", result.stdout, re.MULTILINE)
-    assert listed == ["run", "check-config", "tail", "incidents", "show", "simulate", "demo", "agent-check",
-                      "version"]
+    assert listed == ["run", "check-config", "tail", "incidents", "show", "prune", "retry", "simulate",
+                      "demo", "agent-check", "version"]
     for command in listed:
         assert cli(command, "--help").returncode == 0
 
