@@ -23,8 +23,8 @@ What is in the zip:
 
 * ``__main__.py`` -- the start-up code below (``BOOTSTRAP``), with the build id filled in;
 * ``site-packages/common/`` -- every file that is the same for all supported interpreters: in practice
-  ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql``, the page templates under
-  ``templates/`` and the pure-Python dependencies;
+  ``nightcrier.py``, ``schema_sqlite.sql``, ``schema_postgres.sql``, ``triage.schema.json``, the page
+  templates under ``templates/`` and the pure-Python dependencies;
 * ``site-packages/cp3XX/`` -- the rest, per interpreter: compiled modules, unchecked-hash ``.pyc``
   files, and any package whose chosen version differs between interpreters.
 
@@ -104,7 +104,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = ROOT / "dist" / "nightcrier.pyz"
 DEFAULT_REQUIREMENTS = ROOT / "requirements.txt"
-APP_FILES = ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql")
+APP_FILES = ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql", "triage.schema.json")
 APP_DIRS = ("templates",)  # copied whole; nightcrier reads them beside itself
 PAYLOAD_DIR = "site-packages"
 SHEBANG = b"#!/usr/bin/env python3\n"

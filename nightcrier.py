@@ -94,9 +94,6 @@ OBSOLETE_KEYS: dict[str, str] = {
     "agent_script_path": "agents are started directly; run-agent.sh is not used",
     "kubeconfig_path": "use clusters[].triage.kubeconfig",
     "kubernetes_context": "use clusters[].triage.kubeconfig",
-    "severity_threshold": "every fault is triaged; nothing is filtered by severity",
-    "cluster_queue_size": "the database is the queue; there are no in-memory per-cluster queues",
-    "dedup_window_seconds": "every fault becomes one incident; nothing is deduplicated",
     "queue_overflow_policy": "overflow goes to the on-disk spool; no event is dropped",
     "sse_read_timeout": "liveness is checked with MCP pings every mcp_ping_interval seconds",
     "upload_failed_investigations": "reports of failed runs are kept in the workspace",
@@ -282,6 +279,25 @@ class Config:
                                          "a running incident without heartbeat this long is orphaned",
                                          minimum=1)
     max_attempts: int = setting(2, "MAX_ATTEMPTS", "runs of one incident before it fails", minimum=1)
+    retention_days: float = setting(30.0, "RETENTION_DAYS",
+                                    "finished incidents older than this are removed with their "
+                                    "workspaces; 0 = keep everything", minimum=0)
+    dedup_window_seconds: float = setting(300.0, "DEDUP_WINDOW_SECONDS",
+                                          "a fault repeating a pending, running or recently finished "
+                                          "incident (same cluster and faultId) is skipped; 0 = off",
+                                          minimum=0)
+    severity_threshold: str = setting("debug", "SEVERITY_THRESHOLD",
+                                      "faults below this severity are skipped; debug = none",
+                                      choices=("debug", "info", "warning", "error", "critical"))
+    event_ttl_seconds: float = setting(0.0, "EVENT_TTL_SECONDS",
+                                       "an incident pending this long when its turn comes is skipped "
+                                       "as stale; 0 = off", minimum=0)
+    agent_daily_budget_usd: float = setting(0.0, "AGENT_DAILY_BUDGET_USD",
+                                            "once the runs started today (UTC, all replicas) cost this "
+                                            "much, incidents are skipped; 0 = no budget", minimum=0)
+    cluster_queue_size: int = setting(0, "CLUSTER_QUEUE_SIZE",
+                                      "a cluster with this many incidents pending skips the next "
+                                      "(backlog); 0 = off", minimum=0)
     dispatch_poll_interval: float = setting(1.0, "DISPATCH_POLL_INTERVAL",
                                             "fallback seconds between claim attempts", minimum=0.01)
     shutdown_timeout: int = setting(30, "SHUTDOWN_TIMEOUT_SECONDS",
@@ -1424,6 +1440,10 @@ class Incident:
     claimed_by: str | None = None
     heartbeat_at: dt.datetime | None = None
     workspace_path: str | None = None
+    duplicate_of: str | None = None
+    skip_reason: str | None = None
+    recurrences: int = 0
+    last_recurred_at: dt.datetime | None = None
 
 
 @dataclass
@@ -1438,6 +1458,8 @@ class AgentExecution:
     exit_code: int | None = None
     error_message: str | None = None
     log_paths: dict[str, str] = field(default_factory=dict)
+    tokens_used: int | None = None
+    cost_usd: float | None = None
 
 
 @dataclass
@@ -1453,16 +1475,17 @@ class TriageReport:
     summary_text: str | None = None
     raw_report_path: str | None = None
     storage_type: str = "database"
+    structured_data: str | None = None  # the agent's output/triage.json, validated, as JSON text
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     """How one agent run ended, as :meth:`StateStore.finish_run` records it in one transaction.
 
-    The execution's end (``exit_code``, ``error_message``, ``log_paths``), the
-    incident's verdict (``status``, ``reason``) and the run's ``report``, if it left
-    one. A further result of a run belongs here, so that it is written in the same
-    transaction as the rest.
+    The execution's end (``exit_code``, ``error_message``, ``log_paths``) and what
+    it cost (``spend``), the incident's verdict (``status``, ``reason``) and the
+    run's ``report``, if it left one. A further result of a run belongs here, so
+    that it is written in the same transaction as the rest.
     """
 
     execution_id: str
@@ -1472,6 +1495,7 @@ class RunOutcome:
     status: str
     reason: str | None
     report: TriageReport | None = None
+    spend: RunSpend | None = None
 
 
 @dataclass
@@ -1784,11 +1808,12 @@ EVENT_COLUMNS = ("event_id", "fault_id", "subscription_id", "cluster", "upstream
 INCIDENT_INSERT_COLUMNS = ("incident_id", "event_id", "status", "cluster", "created_at", "updated_at",
                            "fault_id", "subscription_id", "fault_type", "severity", "context",
                            "timestamp", "resource_api_version", "resource_kind", "resource_name",
-                           "resource_namespace", "resource_uid", "attempts")
+                           "resource_namespace", "resource_uid", "attempts", "duplicate_of",
+                           "skip_reason", "recurrences", "last_recurred_at", "completed_at")
 REJECTED_COLUMNS = ("rejected_id", "cluster", "received_at", "reason", "raw_body")
 GAP_COLUMNS = ("gap_id", "cluster", "started_at", "ended_at", "reason")
 TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "heartbeat_at",
-                          "received_at", "generated_at", "ended_at"})
+                          "received_at", "generated_at", "ended_at", "last_recurred_at"})
 
 
 ###############################################################################
@@ -1828,6 +1853,73 @@ class DatabaseOwned(StoreError):
     """Another live nightcrier process owns this SQLite database; the message names it."""
 
 
+# -- Which incidents get an agent --------------------------------------------
+
+# Go's severity levels; the events server's info/warning/critical are among them.
+SEVERITY_LEVELS = {"debug": 0, "info": 1, "warning": 2, "warn": 2, "error": 3, "critical": 4}
+
+
+@dataclass(frozen=True)
+class TriageRules:
+    """The rules that leave an incident without an agent, beyond a cluster with triage off.
+
+    Set once on a store when it is opened (:func:`open_store`) and read by its
+    ingest and claim transactions, so that the database decides: two replicas
+    never both triage one fault condition. Zero (or empty) turns a rule off.
+    """
+
+    dedup_window: float = 0.0
+    severity_threshold: str = ""
+    cluster_queue_size: int = 0
+    event_ttl: float = 0.0
+    daily_budget_usd: float = 0.0
+
+    @property
+    def checks_intake(self) -> bool:
+        return bool(self.dedup_window or self.cluster_queue_size)
+
+    def severity_reason(self, severity: str) -> str | None:
+        """Why a fault of ``severity`` is below the threshold, or None. A severity nightcrier
+        does not know is never below it: such a fault is triaged rather than lost."""
+        if not self.severity_threshold:
+            return None
+        level = SEVERITY_LEVELS.get(severity.strip().lower())
+        if level is None or level >= SEVERITY_LEVELS[self.severity_threshold.lower()]:
+            return None
+        return f"severity: {severity} is below the threshold {self.severity_threshold.upper()}"
+
+
+@dataclass
+class Verdict:
+    """How one new incident is stored: pending, or skipped with its reason."""
+
+    status: str
+    skip_reason: str | None = None
+    duplicate_of: str | None = None
+    recurrences: int = 0
+    last_recurred_at: dt.datetime | None = None
+
+
+_TRIAGE = Verdict(PENDING)  # shared by every incident that passes all rules; never mutated
+
+
+@dataclass
+class _Repeatable:
+    """An incident of a fault condition that a new emission of it would repeat."""
+
+    incident_id: str
+    status: str
+    completed_at: dt.datetime | None = None
+    last_recurred_at: dt.datetime | None = None
+    verdict: Verdict | None = None  # set when it is new in this batch
+
+    def repeated_by(self, received_at: dt.datetime, window: float) -> bool:
+        if self.status in (PENDING, INVESTIGATING):
+            return True
+        cutoff = received_at - dt.timedelta(seconds=window)
+        return any(t is not None and t >= cutoff for t in (self.completed_at, self.last_recurred_at))
+
+
 @dataclass(frozen=True)
 class IncidentFilter:
     """Criteria for :meth:`StateStore.list_incidents`; empty fields match everything."""
@@ -1856,6 +1948,7 @@ class StateStore:
     """
 
     engine = "abstract"
+    rules = TriageRules()
 
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
@@ -1864,7 +1957,9 @@ class StateStore:
 
         Each event becomes one ``fault_events`` row and one ``incidents`` row whose
         ``created_at`` is the event's receive time. Incidents of clusters named in
-        ``skipped_clusters`` are created ``skipped``, the rest ``pending``.
+        ``skipped_clusters``, and those that :attr:`rules` leave without an agent
+        (see :func:`intake_verdicts`), are created ``skipped`` with their
+        ``skip_reason``; the rest ``pending``.
         Rejected notifications and subscription gaps are stored alongside. Items
         whose id is already stored are left as they are, so a batch may be written
         again safely. An event that is a copy of a stored one (the same fault
@@ -1917,8 +2012,8 @@ class StateStore:
         raise NotImplementedError
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
-                         log_paths: Mapping[str, str]) -> None:
-        """Record how an agent run ended."""
+                         log_paths: Mapping[str, str], spend: RunSpend | None = None) -> None:
+        """Record how an agent run ended, and its tokens and cost when ``spend`` has them."""
         raise NotImplementedError
 
     def record_report(self, report: TriageReport) -> None:
@@ -2035,6 +2130,40 @@ class StateStore:
         """Number of incidents in each status (every status present, zero included)."""
         raise NotImplementedError
 
+    def report_summaries(self, incident_ids: Sequence[str]) -> dict[str, str]:
+        """The summary line (root cause and confidence) of each incident's latest report."""
+        raise NotImplementedError
+
+    def prune(self, finished_before: dt.datetime, limit: int, dry_run: bool = False) -> list[str]:
+        """Remove up to ``limit`` incidents finished (or skipped) before ``finished_before`` -- their
+        rows in every table -- in one short transaction, with rejected notifications and closed
+        subscription gaps of before then; pending and investigating incidents are never touched.
+        Returns the ids removed (with ``dry_run``, that would be: the oldest ``limit``)."""
+        raise NotImplementedError
+
+    def retry(self, incident_id: str) -> Incident | None:
+        """Put a finished or skipped incident back in the queue as a new attempt: pending with
+        ``created_at`` now, its verdict, skip reason and attempt count cleared (earlier runs stay
+        listed). None when it does not exist or is pending or investigating."""
+        raise NotImplementedError
+
+    def spent_today(self) -> float:
+        """What the agent runs started in the current UTC day cost, on every replica."""
+        raise NotImplementedError
+
+    def first_notice(self, name: str) -> bool:
+        """True for exactly one call with ``name`` across every process sharing the database."""
+        raise NotImplementedError
+
+    def spend_by_cluster(self) -> dict[str, tuple[int, float]]:
+        """(tokens, cost in USD) of every recorded agent run, summed by cluster."""
+        raise NotImplementedError
+
+    def count_skipped_by_cause(self) -> dict[str, int]:
+        """Number of skipped incidents by the cause their skip_reason begins with (every
+        cause in :data:`SKIP_CAUSES` present; "other" for a reason outside them)."""
+        raise NotImplementedError
+
     def shared_value(self, name: str, make: Callable[[], str]) -> str:
         """The value stored under ``name`` in ``settings``; when there is none, ``make()`` is stored first.
 
@@ -2144,30 +2273,164 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
             value = _ts(value)
         elif f.name == "log_paths":
             value = _log_paths(value)
-        elif f.name in ("incident_id", "event_id", "execution_id", "report_id") and value is not None:
+        elif f.name == "structured_data" and value is not None and not isinstance(value, str):
+            value = json.dumps(value)  # PostgreSQL's jsonb arrives parsed; both engines give text
+        elif f.name in ("incident_id", "event_id", "execution_id", "report_id", "duplicate_of") \
+                and value is not None:
             value = str(value)
         values[f.name] = value
     return cls(**values)
 
 
-def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
+# The words a skip_reason begins with.
+SKIP_CAUSES = ("duplicate", "severity", "stale", "backlog", "budget", "disabled")
+
+
+def skip_cause(skip_reason: str | None) -> str:
+    """The word a skip reason begins with: what the reasons are grouped by."""
+    return (skip_reason or "").split(":", 1)[0]
+
+
+def _repeat_key(event: FaultEvent) -> str:
+    return f"{event.cluster}\x1f{event.fault_id}"
+
+
+def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules,
+                    run: Callable[..., Any]) -> tuple[list[Verdict], list[tuple[int, Any, str]]]:
+    """Verdicts for a batch, in the order of ``events``, and the recurrence updates
+    (added count, last seen, incident id) of stored incidents that the batch repeats.
+
+    ``run(sql, params)`` executes in the batch's writing transaction, which has
+    locked the batch's fault conditions and clusters (see :func:`intake_lock_keys`)
+    before its first statement. Rules apply in this order: triage off for
+    the cluster, severity, repeat, backlog. An empty faultId is never a repeat.
+    A repeat is measured from the repeated incident's completion or last
+    recurrence, so that a condition re-emitted all day keeps one incident.
+    """
+    skipped = frozenset(skipped_clusters)
+    if not skipped and not rules.severity_threshold and not rules.checks_intake:
+        return [_TRIAGE] * len(events), []
+    checked = [e for e in events if e.cluster not in skipped]
+    repeatables = _stored_repeatables(checked, rules, run) if rules.dedup_window and checked else {}
+    if not repeatables and not skipped and not rules.severity_threshold and not rules.cluster_queue_size:
+        keys = [_repeat_key(e) for e in events if e.fault_id]
+        if len(set(keys)) == len(keys):
+            return [_TRIAGE] * len(events), []  # the common batch: nothing in it repeats anything
+    pending = _pending_counts(checked, run) if rules.cluster_queue_size and checked else {}
+    verdicts: list[Verdict] = []
+    stored_repeats: dict[str, list[Any]] = {}
+    for event in events:
+        verdict = _verdict(event, skipped, rules, repeatables, pending, stored_repeats)
+        verdicts.append(verdict)
+    return verdicts, [(count, last, incident_id) for incident_id, (count, last) in stored_repeats.items()]
+
+
+def _verdict(event: FaultEvent, skipped: frozenset[str], rules: TriageRules,
+             repeatables: dict[str, _Repeatable], pending: dict[str, int],
+             stored_repeats: dict[str, list[Any]]) -> Verdict:
+    if event.cluster in skipped:
+        return Verdict(SKIPPED, f"disabled: triage is off for cluster {event.cluster}")
+    reason = rules.severity_reason(event.severity)
+    if reason:
+        return Verdict(SKIPPED, reason)
+    key = _repeat_key(event) if rules.dedup_window and event.fault_id else ""
+    first = repeatables.get(key) if key else None
+    if first is not None and first.repeated_by(event.received_at, rules.dedup_window):
+        first.last_recurred_at = max(filter(None, (first.last_recurred_at, event.received_at)))
+        if first.verdict is not None:
+            first.verdict.recurrences += 1
+            first.verdict.last_recurred_at = first.last_recurred_at
+        else:
+            counted = stored_repeats.setdefault(first.incident_id, [0, event.received_at])
+            counted[0] += 1
+            counted[1] = max(counted[1], event.received_at)
+        return Verdict(SKIPPED, f"duplicate: repeats {first.incident_id} (fault {event.fault_id} "
+                                f"within dedup_window_seconds {rules.dedup_window:g})",
+                       duplicate_of=first.incident_id)
+    if rules.cluster_queue_size:
+        waiting = pending.get(event.cluster, 0)
+        if waiting >= rules.cluster_queue_size:
+            return Verdict(SKIPPED, f"backlog: {waiting} incidents of cluster {event.cluster} already "
+                                    f"pending (cluster_queue_size {rules.cluster_queue_size})")
+        pending[event.cluster] = waiting + 1
+    verdict = Verdict(PENDING)
+    if key:
+        repeatables[key] = _Repeatable(event.incident_id, PENDING, verdict=verdict)
+    return verdict
+
+
+def _stored_repeatables(events: Sequence[FaultEvent], rules: TriageRules, run: Callable[..., Any]
+                        ) -> dict[str, _Repeatable]:
+    """The stored incident each fault condition of the batch would repeat, by repeat key."""
+    fault_ids = sorted({e.fault_id for e in events if e.fault_id})
+    if not fault_ids:
+        return {}
+    cutoff = min(e.received_at for e in events) - dt.timedelta(seconds=rules.dedup_window)
+    clusters = {e.cluster for e in events}
+    found: dict[str, tuple[dt.datetime, _Repeatable]] = {}
+    for start in range(0, len(fault_ids), 500):
+        chunk = fault_ids[start:start + 500]
+        for row in run("SELECT incident_id, cluster, fault_id, status, created_at, completed_at, "
+                       "last_recurred_at FROM incidents "
+                       f"WHERE fault_id IN ({','.join('?' * len(chunk))}) AND duplicate_of IS NULL "
+                       "AND skip_reason IS NULL AND fault_id <> '' AND (status IN ('pending', "
+                       "'investigating') OR completed_at >= ? OR last_recurred_at >= ?)",
+                       (*chunk, cutoff, cutoff)).fetchall():
+            if row["cluster"] not in clusters:
+                continue
+            key = f"{row['cluster']}\x1f{row['fault_id']}"
+            created = _ts(row["created_at"])
+            assert created is not None
+            if key not in found or created > found[key][0]:
+                found[key] = (created, _Repeatable(str(row["incident_id"]), row["status"],
+                                                   _ts(row["completed_at"]), _ts(row["last_recurred_at"])))
+    return {key: repeatable for key, (_, repeatable) in found.items()}
+
+
+def _pending_counts(events: Sequence[FaultEvent], run: Callable[..., Any]) -> dict[str, int]:
+    clusters = sorted({e.cluster for e in events})
+    return {row["cluster"]: int(row["n"]) for row in run(
+        "SELECT cluster, COUNT(*) AS n FROM incidents WHERE status = 'pending' "
+        f"AND cluster IN ({','.join('?' * len(clusters))}) GROUP BY cluster", clusters).fetchall()}
+
+
+def intake_lock_keys(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules
+                     ) -> list[str]:
+    """What an ingest transaction locks so that the verdicts of concurrent ones agree."""
+    skipped = frozenset(skipped_clusters)
+    checked = [e for e in events if e.cluster not in skipped]
+    keys: set[str] = set()
+    if rules.dedup_window:
+        keys.update(_repeat_key(e) for e in checked if e.fault_id)
+    if rules.cluster_queue_size:
+        keys.update(f"\x1fqueue\x1f{e.cluster}" for e in checked)
+    return sorted(keys)
+
+
+# Adds a batch's repeats to the stored incident they repeat.
+RECURRENCE_UPDATE = ("UPDATE incidents SET recurrences = recurrences + ?, last_recurred_at = CASE "
+                     "WHEN last_recurred_at IS NULL OR last_recurred_at < ? THEN ? ELSE last_recurred_at END "
+                     "WHERE incident_id = ?")
+
+
+def ingest_rows(events: Sequence[FaultEvent], verdicts: Sequence[Verdict],
                 rejected: Sequence[RejectedNotification], gaps: Sequence[SubscriptionGap],
                 ts: Callable[[dt.datetime], Any], text: Callable[[str], Any] = str,
                 payload: Callable[[str], Any] | None = None
                 ) -> list[tuple[str, tuple[str, ...], str, list[tuple[Any, ...]]]]:
     """(table, columns, key, rows) for one ingest batch, as both engines insert it.
 
-    ``ts`` turns a datetime into the engine's timestamp value, ``text`` makes
-    a string storable and ``payload`` (default ``text``) the raw JSON; rows are
-    tuples in the column order, built directly because this is the hot path of
-    ingestion.
+    ``verdicts`` (from :func:`intake_verdicts`) say how each event's incident is
+    stored. ``ts`` turns a datetime into the engine's timestamp value, ``text``
+    makes a string storable and ``payload`` (default ``text``) the raw JSON;
+    rows are tuples in the column order, built directly because this is the hot
+    path of ingestion.
     """
     payload = payload or text
-    skipped = frozenset(skipped_clusters)
     now = ts(utcnow())
     event_rows = []
     incident_rows = []
-    for e in events:
+    for e, v in zip(events, verdicts, strict=True):
         received = ts(e.received_at)
         fault_id, subscription, context = text(e.fault_id), text(e.subscription_id), text(e.context)
         resource = (text(e.resource_api_version), text(e.resource_kind), text(e.resource_name),
@@ -2176,9 +2439,12 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
                            received, *resource, text(e.fault_type), text(e.severity), context,
                            text(e.timestamp), payload(e.mcp_payload),
                            *(key and text(key) for key in emission_keys(e))))
-        incident_rows.append((e.incident_id, e.event_id, SKIPPED if e.cluster in skipped else PENDING,
+        incident_rows.append((e.incident_id, e.event_id, v.status,
                               text(e.cluster), received, now, fault_id, subscription, text(e.fault_type),
-                              text(e.severity), context, text(e.timestamp), *resource, 0))
+                              text(e.severity), context, text(e.timestamp), *resource, 0,
+                              v.duplicate_of, v.skip_reason and text(v.skip_reason), v.recurrences,
+                              v.last_recurred_at and ts(v.last_recurred_at),
+                              now if v.status == SKIPPED else None))
     return [
         ("fault_events", EVENT_COLUMNS, "event_id", event_rows),
         ("incidents", INCIDENT_INSERT_COLUMNS, "incident_id", incident_rows),
@@ -2191,14 +2457,12 @@ def ingest_rows(events: Sequence[FaultEvent], skipped_clusters: Iterable[str],
     ]
 
 
-def queue_heads(events: Sequence[FaultEvent], skipped_clusters: Iterable[str]
-                ) -> list[tuple[str, dt.datetime]]:
+def queue_heads(events: Sequence[FaultEvent], verdicts: Sequence[Verdict]) -> list[tuple[str, dt.datetime]]:
     """(cluster, receive time of its oldest new pending incident) for cluster_queue."""
-    skipped = frozenset(skipped_clusters)
     heads: dict[str, dt.datetime] = {}
-    for event in events:
-        if event.cluster not in skipped and (event.cluster not in heads
-                                             or event.received_at < heads[event.cluster]):
+    for event, verdict in zip(events, verdicts, strict=True):
+        if verdict.status == PENDING and (event.cluster not in heads
+                                          or event.received_at < heads[event.cluster]):
             heads[event.cluster] = event.received_at
     return list(heads.items())
 
@@ -2258,6 +2522,13 @@ def _filter_sql(criteria: IncidentFilter) -> tuple[str, list[Any]]:
         clauses.append("created_at >= ?")
         params.append(criteria.since)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+SPENT_TODAY_SQL = "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM agent_executions WHERE started_at >= ?"
+
+
+def _utc_midnight() -> dt.datetime:
+    return utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 ORPHANED_REASON = "orphaned"
@@ -2328,6 +2599,7 @@ class SqlStore(StateStore):
                     return None
                 cluster = ready["cluster"]
                 now = self.NOW
+                self._skip_at_turn(run, cluster)
                 run("SAVEPOINT claim")
                 try:
                     claimed = next(iter(self._update_returning(
@@ -2352,6 +2624,26 @@ class SqlStore(StateStore):
                 excluded.append(cluster)
 
         return self._transaction(claim)
+
+    def _skip_at_turn(self, run: Callable[..., Any], cluster: str) -> None:
+        """Skip the pending incidents of ``cluster`` that the rules checked at claim time
+        leave without an agent: stale ones, and all of them while the day's budget is spent."""
+        now = self.NOW
+        skip = (f"UPDATE incidents SET status = 'skipped', skip_reason = ?, completed_at = {now}, "
+                f"updated_at = {now} WHERE cluster = ? AND status = 'pending'")
+        if self.rules.event_ttl:
+            run(skip + f" AND created_at < {self.AGO}",
+                (f"stale: pending longer than event_ttl_seconds {self.rules.event_ttl:g}", cluster,
+                 self._ago_param(self.rules.event_ttl)))
+        if self.rules.daily_budget_usd:
+            spent = self._spent_today(run)
+            if spent >= self.rules.daily_budget_usd:
+                run(skip, (f"budget: runs started today (UTC) cost ${spent:.2f}, "
+                           f"agent_daily_budget_usd is {self.rules.daily_budget_usd:g}", cluster))
+
+    @staticmethod
+    def _spent_today(run: Callable[..., Any]) -> float:
+        return float(run(SPENT_TODAY_SQL, (_utc_midnight(),)).fetchone()["spent"])
 
     @staticmethod
     def _refresh_queue(run: Callable[..., Any], cluster: str) -> None:
@@ -2381,7 +2673,8 @@ class SqlStore(StateStore):
             rows = self._claimed_update(run, incident_id, worker_id, assignments, params)
             held = bool(rows)
             self._close_execution(run, outcome.execution_id, outcome.exit_code,
-                                  outcome.error_message if held else CLAIM_LOST_REASON, outcome.log_paths)
+                                  outcome.error_message if held else CLAIM_LOST_REASON, outcome.log_paths,
+                                  outcome.spend)
             if held:
                 if outcome.report is not None:
                     self._insert_report(run, outcome.report)
@@ -2550,16 +2843,19 @@ class SqlStore(StateStore):
         return execution
 
     def finish_execution(self, execution_id: str, exit_code: int | None, error_message: str | None,
-                         log_paths: Mapping[str, str]) -> None:
+                         log_paths: Mapping[str, str], spend: RunSpend | None = None) -> None:
         self._transaction(lambda run: self._close_execution(run, execution_id, exit_code, error_message,
-                                                            log_paths))
+                                                            log_paths, spend))
 
     @staticmethod
     def _close_execution(run: Callable[..., Any], execution_id: str, exit_code: int | None,
-                         error_message: str | None, log_paths: Mapping[str, str]) -> None:
+                         error_message: str | None, log_paths: Mapping[str, str],
+                         spend: RunSpend | None = None) -> None:
+        spend = spend or RunSpend()
         run("UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
-            "log_paths = ? WHERE execution_id = ?",
-            (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), execution_id))
+            "log_paths = ?, tokens_used = ?, cost_usd = ? WHERE execution_id = ?",
+            (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), spend.tokens_used,
+             spend.cost_usd, execution_id))
 
     def record_report(self, report: TriageReport) -> None:
         self._transaction(lambda run: self._insert_report(run, report))
@@ -2625,6 +2921,81 @@ class SqlStore(StateStore):
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r["status"]: r["n"] for r in self._query(
             "SELECT status, COUNT(*) AS n FROM incidents GROUP BY status")})
+        return counts
+
+    def report_summaries(self, incident_ids: Sequence[str]) -> dict[str, str]:
+        ids = [i for i in incident_ids if is_uuid(i)]
+        if not ids:
+            return {}
+        rows = self._query("SELECT incident_id, summary_text FROM triage_reports WHERE incident_id IN "
+                           f"({','.join('?' * len(ids))}) ORDER BY generated_at", ids)
+        return {str(r["incident_id"]): r["summary_text"] or "" for r in rows}  # the latest wins
+
+    def prune(self, finished_before: dt.datetime, limit: int, dry_run: bool = False) -> list[str]:
+        select = ("SELECT incident_id, event_id FROM incidents WHERE status IN ('resolved', 'failed', "
+                  "'agent_failed', 'skipped') AND COALESCE(completed_at, updated_at) < ? "
+                  "ORDER BY COALESCE(completed_at, updated_at) LIMIT ?")
+        if dry_run:
+            return [str(r["incident_id"]) for r in self._query(select, (finished_before, limit))]
+
+        def remove(run: Callable[..., Any]) -> list[str]:
+            rows = run(select, (finished_before, limit)).fetchall()
+            ids = [str(r["incident_id"]) for r in rows]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for table in ("triage_reports", "agent_executions", "incidents"):
+                    run(f"DELETE FROM {table} WHERE incident_id IN ({marks})", ids)
+                run(f"DELETE FROM fault_events WHERE event_id IN ({marks})",
+                    [str(r["event_id"]) for r in rows])
+            run("DELETE FROM rejected_events WHERE rejected_id IN (SELECT rejected_id FROM rejected_events "
+                "WHERE received_at < ? LIMIT ?)", (finished_before, limit))
+            run("DELETE FROM subscription_gaps WHERE gap_id IN (SELECT gap_id FROM subscription_gaps "
+                "WHERE ended_at < ? LIMIT ?)", (finished_before, limit))
+            return ids
+
+        return self._transaction(remove)
+
+    def retry(self, incident_id: str) -> Incident | None:
+        if not is_uuid(incident_id):
+            return None
+        now = self.NOW
+
+        def put_back(run: Callable[..., Any]) -> Incident | None:
+            # Queued anew, behind what is pending now, and not stale for event_ttl_seconds.
+            row = run(f"UPDATE incidents SET status = 'pending', created_at = {now}, updated_at = {now}, "
+                      "started_at = NULL, "
+                      "completed_at = NULL, exit_code = NULL, failure_reason = NULL, skip_reason = NULL, "
+                      "duplicate_of = NULL, attempts = 0 WHERE incident_id = ? "
+                      "AND status IN ('resolved', 'failed', 'agent_failed', 'skipped') RETURNING *",
+                      (incident_id,)).fetchone()
+            if row is None:
+                return None
+            incident = _row_to(Incident, row)
+            run(QUEUE_UPSERT.format(values="(?, ?)"), (incident.cluster, incident.created_at))
+            self._announce_work(run)
+            return incident
+
+        return self._transaction(put_back)
+
+    def spent_today(self) -> float:
+        return float(self._query(SPENT_TODAY_SQL, (_utc_midnight(),))[0]["spent"])
+
+    def first_notice(self, name: str) -> bool:
+        return self._execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                             (name, _iso(utcnow()))) > 0
+
+    def spend_by_cluster(self) -> dict[str, tuple[int, float]]:
+        return {r["cluster"]: (int(r["tokens"]), float(r["cost"])) for r in self._query(
+            "SELECT i.cluster AS cluster, COALESCE(SUM(e.tokens_used), 0) AS tokens, "
+            "COALESCE(SUM(e.cost_usd), 0) AS cost FROM agent_executions e "
+            "JOIN incidents i ON i.incident_id = e.incident_id GROUP BY i.cluster")}
+
+    def count_skipped_by_cause(self) -> dict[str, int]:
+        cause = "CASE " + "WHEN skip_reason LIKE ? THEN ? " * len(SKIP_CAUSES) + "ELSE 'other' END"
+        counts = dict.fromkeys(SKIP_CAUSES, 0)
+        counts.update({r["cause"]: r["n"] for r in self._query(
+            f"SELECT {cause} AS cause, COUNT(*) AS n FROM incidents WHERE status = 'skipped' GROUP BY 1",
+            [p for c in SKIP_CAUSES for p in (f"{c}%", c)])})
         return counts
 
     def shared_value(self, name: str, make: Callable[[], str]) -> str:
@@ -2970,11 +3341,14 @@ class SqliteStore(SqlStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso)
-        heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, skipped_clusters)]
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
         def write(conn: sqlite3.Connection) -> list[str]:
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                return conn.execute(sql, [_sqlite_param(p) for p in params])
+            verdicts, repeats = intake_verdicts(events, skipped_clusters, self.rules, run)
+            tables = ingest_rows(events, verdicts, rejected, gaps, _iso)
+            heads = [(cluster, _iso(at)) for cluster, at in queue_heads(events, verdicts)]
             present: set[str] | None = None
             incident_ids = own_incident_ids
             for table, columns, key, rows in tables:
@@ -2986,15 +3360,14 @@ class SqliteStore(SqlStore):
                     # No conflict target: a copy of a stored emission is skipped like a stored id.
                     stored = _sqlite_insert_rows(conn, table, columns, "", rows)
                     if stored < len(rows):
-                        present, incident_ids = settle_copies(
-                            lambda sql, params=(): conn.execute(sql, [_sqlite_param(p) for p in params]),
-                            events)
+                        present, incident_ids = settle_copies(run, events)
                 else:
                     _sqlite_insert_rows(conn, table, columns, key, rows)
             conn.executemany(QUEUE_UPSERT.format(values="(?, ?)"), heads)
+            conn.executemany(RECURRENCE_UPDATE, [(n, _iso(last), _iso(last), i) for n, last, i in repeats])
             return incident_ids()
 
-        if any(rows for *_, rows in tables):
+        if events or rejected or gaps:
             return self._write_fn(write)
         return own_incident_ids()
 
@@ -3263,6 +3636,7 @@ class PostgresStore(SqlStore):
     engine = "postgres"
     MIGRATION_LOCK = 0x6E63_6D69  # arbitrary, constant across versions
     LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
+    INTAKE_CLASS = 0x6E63_7274  # first key of (class, hash) locks on fault conditions and cluster queues
     LIVENESS_CHECK_SECONDS = 1.0
     LIVENESS_SETTLE_SECONDS = 15.0  # after a server start: longer than re-taking a lock takes
     _empty = False  # read-only on a database nightcrier never ran on
@@ -3271,6 +3645,17 @@ class PostgresStore(SqlStore):
 
     def _announce_work(self, run: Callable[..., Any]) -> None:
         run(f"NOTIFY {self.WORK_CHANNEL}")
+
+    def _repeat_sql(self, cur: Any, batch: Sequence[str]) -> bytes:
+        return cur.mogrify(PG_REPEAT_SQL, {"batch": list(batch), "window": float(self.rules.dedup_window),
+                                           "window_text": f"{self.rules.dedup_window:g}"})
+
+    def _intake_lock_sql(self, cur: Any, keys: Sequence[str]) -> bytes:
+        """Locks on an ingest batch's fault conditions and cluster queues, held until commit and
+        taken in one order (no deadlock); a later statement's snapshot sees what a concurrent
+        batch that held one of them committed."""
+        return cur.mogrify("SELECT count(pg_advisory_xact_lock(%s, hashtext(k))) "
+                           "FROM unnest(%s::text[]) AS k", (self.INTAKE_CLASS, [_pg_clean(k) for k in keys]))
 
     def watch_for_work(self, wake: Callable[[], None], stop: threading.Event) -> None:
         """LISTEN on a dedicated connection; reconnect with backoff when it breaks."""
@@ -3526,8 +3911,6 @@ class PostgresStore(SqlStore):
     def insert_events(self, events: Sequence[FaultEvent], skipped_clusters: Iterable[str] = (),
                       rejected: Sequence[RejectedNotification] = (),
                       gaps: Sequence[SubscriptionGap] = ()) -> list[str]:
-        tables = ingest_rows(events, skipped_clusters, rejected, gaps, _iso, _pg_text, _pg_json)
-        heads = queue_heads(events, skipped_clusters)
         own_incident_ids = lambda: [e.incident_id for e in events]  # noqa: E731
 
         def recordset_insert(cur: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]],
@@ -3546,6 +3929,24 @@ class PostgresStore(SqlStore):
             # lock and must then win it back from the listeners: the whole batch goes in one
             # execute. Incidents are inserted for the events stored by it; when a copy of a
             # stored emission was among them, settle_copies finds what the rest are.
+            # Without a backlog limit, repeats are settled by SQL in the batch's one round trip
+            # (PG_REPEAT_SQL), after the queue upsert: that row lock on each cluster with a new
+            # pending incident already makes concurrent batches of one cluster take turns, and
+            # the statements after it see what the other committed. With a backlog limit the
+            # intake locks travel with the first lookup. Each statement has a snapshot of its own.
+            in_sql = bool(self.rules.dedup_window and not self.rules.cluster_queue_size)
+            locks = intake_lock_keys(events, skipped_clusters, self.rules) \
+                if self.rules.checks_intake and not in_sql else []
+            lock = [self._intake_lock_sql(cur, locks)] if locks else []
+
+            def run(sql: str, params: Sequence[Any] = ()) -> Any:
+                statement = cur.mogrify(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                cur.execute(lock.pop() + b";\n" + statement if lock else statement)
+                return cur
+            rules = dataclasses.replace(self.rules, dedup_window=0) if in_sql else self.rules
+            verdicts, repeats = intake_verdicts(events, skipped_clusters, rules, run)
+            tables = ingest_rows(events, verdicts, rejected, gaps, _iso, _pg_text, _pg_json)
+            heads = queue_heads(events, verdicts)
             (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
             statements: list[bytes] = []
             for table, columns, key, rows in others:
@@ -3558,6 +3959,8 @@ class PostgresStore(SqlStore):
                 values = b",".join([cur.mogrify("(%s, %s)", head) for head in heads])
                 statements.append(QUEUE_UPSERT.encode().replace(b"{values}", values))
                 statements.append(f"NOTIFY {self.WORK_CHANNEL}".encode())
+            statements += [cur.mogrify(RECURRENCE_UPDATE.replace("?", "%s"), (n, last, last, i))
+                           for n, last, i in repeats]
             if ev_rows:
                 # No conflict target: a copy of a stored emission is skipped like a stored id.
                 statements.append(
@@ -3566,22 +3969,25 @@ class PostgresStore(SqlStore):
                     + recordset_insert(cur, "incidents", inc_columns, inc_rows,
                                        "WHERE r.event_id IN (SELECT event_id FROM ev)")
                     + b" ON CONFLICT (incident_id) DO NOTHING) SELECT count(*) AS stored FROM ev")
+            batch = [e.incident_id for e in events]
+            if in_sql and ev_rows:
+                # Then the count of stored events comes last, in place of the insert's own.
+                statements += [self._repeat_sql(cur, batch),
+                               cur.mogrify("SELECT count(*) AS stored FROM fault_events WHERE event_id = "
+                                           "ANY(%s::uuid[])", ([e.event_id for e in events],))]
             if statements:
                 cur.execute(b";\n".join(statements))
             if not ev_rows or cur.fetchone()["stored"] == len(ev_rows):
                 return own_incident_ids()
-
-            def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
-                return cur
             present, incident_ids = settle_copies(run, events)
             rows = [row for row in inc_rows if row[1] in present]
             if rows:
                 cur.execute(recordset_insert(cur, "incidents", inc_columns, rows)
-                            + b" ON CONFLICT (incident_id) DO NOTHING")
+                            + b" ON CONFLICT (incident_id) DO NOTHING"
+                            + (b";\n" + self._repeat_sql(cur, batch) if in_sql else b""))
             return incident_ids()
 
-        if any(rows for *_, rows in tables):
+        if events or rejected or gaps:
             return self._tx(write)
         return own_incident_ids()
 
@@ -3615,6 +4021,41 @@ class PostgresStore(SqlStore):
 _JSON_NUL_ESCAPE_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
+# The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted, after
+# the batch's queue upsert (which holds its clusters' queue rows until commit): each new pending
+# incident with a faultId that repeats a stored incident, or an earlier one of the batch, is
+# skipped as its duplicate -- of the latest stored one, else of the batch's first --; then the
+# incidents repeated count the repeats just marked (so running it again after a late insert
+# counts none twice).
+PG_REPEAT_SQL = """
+WITH batch AS MATERIALIZED (SELECT unnest(%(batch)s::uuid[]) AS id),
+marked AS (
+UPDATE incidents n SET status = 'skipped', duplicate_of = d.first_id, completed_at = n.updated_at,
+       skip_reason = 'duplicate: repeats ' || d.first_id || ' (fault ' || n.fault_id
+                     || ' within dedup_window_seconds ' || %(window_text)s || ')'
+FROM batch b, LATERAL (SELECT x.incident_id AS id, (
+        SELECT c.incident_id FROM incidents c
+        WHERE c.fault_id = x.fault_id AND c.cluster = x.cluster AND c.duplicate_of IS NULL
+          AND c.skip_reason IS NULL AND c.fault_id <> '' AND c.incident_id <> x.incident_id
+          AND (c.status IN ('pending', 'investigating')
+               OR c.completed_at >= x.created_at - make_interval(secs => %(window)s)
+               OR c.last_recurred_at >= x.created_at - make_interval(secs => %(window)s))
+          AND (c.incident_id NOT IN (SELECT id FROM batch)
+               OR (c.created_at, c.incident_id) < (x.created_at, x.incident_id))
+        ORDER BY c.incident_id IN (SELECT id FROM batch),
+                 CASE WHEN c.incident_id IN (SELECT id FROM batch) THEN c.created_at END,
+                 c.created_at DESC
+        LIMIT 1) AS first_id
+      FROM incidents x  -- one primary-key lookup per new incident, however much else is pending:
+      WHERE x.incident_id = b.id AND x.status = 'pending' AND x.fault_id <> '' OFFSET 0) d  -- not flattened
+WHERE n.incident_id = d.id AND d.first_id IS NOT NULL
+RETURNING n.duplicate_of, n.created_at)
+UPDATE incidents p SET recurrences = p.recurrences + d.n,
+       last_recurred_at = GREATEST(p.last_recurred_at, d.last)
+FROM (SELECT duplicate_of, count(*) AS n, max(created_at) AS last FROM marked GROUP BY duplicate_of) d
+WHERE p.incident_id = d.duplicate_of"""
+
+
 def _pg_text(value: str) -> str:
     """Text for a PostgreSQL text column: NUL, which it cannot hold, written as \\u0000.
     Parsed notifications never hold one (see :func:`load_json`); this guards other callers."""
@@ -3646,6 +4087,7 @@ def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> S
     opens an existing database without migrating, repairing or writing.
     """
     storage = config.state_storage
+    store: SqlStore
     if storage.type == "postgres":
         store = PostgresStore(postgres_dsn(storage), read_only=read_only,
                               max_open=storage.postgres_max_open_conns,
@@ -3660,9 +4102,19 @@ def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> S
             except BaseException:
                 store.close()
                 raise
-        return store
-    return SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout,
-                       read_only=read_only, owner=owner)
+    else:
+        store = SqliteStore(config.sqlite_path, busy_timeout=storage.sqlite_busy_timeout,
+                            read_only=read_only, owner=owner)
+    store.rules = triage_rules(config)
+    return store
+
+
+def triage_rules(config: Config) -> TriageRules:
+    """The rules the configuration sets for which incidents get an agent."""
+    threshold = "" if config.severity_threshold == "debug" else config.severity_threshold  # none is below
+    return TriageRules(dedup_window=config.dedup_window_seconds, severity_threshold=threshold,
+                       cluster_queue_size=config.cluster_queue_size,
+                       event_ttl=config.event_ttl_seconds, daily_budget_usd=config.agent_daily_budget_usd)
 
 
 ###############################################################################
@@ -5117,6 +5569,11 @@ The facts you observed, each with the command that showed it.
 
 ## Recommendations
 Numbered, concrete next steps for a human, most urgent first.
+
+Then write the same findings as JSON to output/triage.json, one object with exactly these keys:
+"summary" (string), "root_cause" (string), "confidence" ("HIGH", "MEDIUM" or "LOW"), "severity"
+("CRITICAL", "ERROR", "WARNING" or "INFO"), "affected_resources" (a list of objects with "kind",
+"name" and, for namespaced resources, "namespace") and "recommendations" (a list of strings).
 """
 
 AGENT_HOME = "/home/agent"
@@ -6090,26 +6547,31 @@ def agent_cli_command(config: Config) -> list[str]:
 
     The prompt is read from the mounted prompt file rather than quoted into the
     command line, and no pipe follows the CLI, so its exit code is the
-    container's.
+    container's. The CLI's machine-readable result goes to
+    ``logs/agent-result.json`` (relative to the agent's working directory, the
+    workspace), for :func:`read_run_spend`.
     """
     prompt = f'"$(cat {AGENT_HOME}/prompt-sent.md)"'
     model = shlex.quote(config.agent_model)
     if config.agent_cli == "claude":
-        line = (f"claude -p {prompt} --model {model} --output-format text "
+        line = (f"claude -p {prompt} --model {model} --output-format json "
                 f"--allowedTools {shlex.quote(config.agent_allowed_tools)}")
         if config.agent_verbose:
             line += " --verbose"
+        line += f" >{AGENT_RESULT_RELPATH}"
     elif config.agent_cli == "codex":
         mapped = {"opus": "gpt-5-codex", "sonnet": "gpt-5.2", "haiku": "gpt-4o"}.get(
             config.agent_model, config.agent_model)
         # Current codex releases know skills without a feature flag and reject `--enable skills`.
         line = ('printenv OPENAI_API_KEY | codex login --with-api-key && codex exec --skip-git-repo-check '
-                f"--dangerously-bypass-approvals-and-sandbox -m {shlex.quote(mapped)} {prompt}")
+                f"--dangerously-bypass-approvals-and-sandbox --json -m {shlex.quote(mapped)} {prompt} "
+                f">{AGENT_RESULT_RELPATH}")
     elif config.agent_cli == "gemini":
         tools = {"Read": "read_file", "Write": "write_file", "Grep": "grep", "Glob": "glob",
                  "Bash": "run_shell_command"}
         allowed = ",".join(tools[t] for t in config.agent_allowed_tools.split(",") if t in tools)
-        line = f"gemini -p {prompt} --model {model} --allowed-tools {shlex.quote(allowed)}"
+        line = (f"gemini -p {prompt} --model {model} --allowed-tools {shlex.quote(allowed)} "
+                f"--output-format json >{AGENT_RESULT_RELPATH}")
     else:
         line = f"GOOSE_DISABLE_KEYRING=1 goose run --no-session --text {prompt} --model {model}"
     return ["/bin/bash", "-c", f"set -o pipefail; {line}"]
@@ -6505,6 +6967,153 @@ def stage_agent_job(config: Config, incident: Incident, workspace: str, instance
                     timeout=config.agent_timeout, kubeconfig=kubeconfig)
 
 
+AGENT_RESULT_RELPATH = "logs/agent-result.json"
+AGENT_RESULT_MAX_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunSpend:
+    """What one agent run used, as its CLI reported it; None where the CLI said nothing."""
+
+    tokens_used: int | None = None
+    cost_usd: float | None = None
+    text: str = ""  # the CLI's final answer, for the readable stdout log
+
+
+def read_run_spend(workspace: str) -> RunSpend:
+    """The spend in the CLI's machine-readable result (``logs/agent-result.json``).
+
+    claude's ``--output-format json`` (or the last ``result`` line of
+    ``stream-json``) carries ``total_cost_usd`` and ``usage``; codex ``exec
+    --json`` reports usage in ``turn.completed`` events; gemini's
+    ``--output-format json`` in ``stats.models.*.tokens``. A missing, unreadable
+    or foreign file gives an empty RunSpend: spend is recorded, never required.
+    The file was written by the agent, so every value is checked for its type.
+    """
+    try:
+        data, _ = read_workspace_file(workspace, AGENT_RESULT_RELPATH, AGENT_RESULT_MAX_BYTES)
+    except OSError:
+        return RunSpend()
+    documents = []
+    for line in data.decode("utf-8", "replace").splitlines() or [""]:
+        try:
+            documents.append(json.loads(line))
+        except ValueError:
+            continue
+    if not documents:
+        try:
+            documents = [json.loads(data)]
+        except ValueError:
+            return RunSpend()
+    return _spend_of([d for d in documents if isinstance(d, dict)])
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _spend_of(documents: list[dict[str, Any]]) -> RunSpend:
+    tokens = 0
+    cost: float | None = None
+    text = ""
+    reported = False
+    for doc in documents:
+        usage = doc.get("usage")
+        if doc.get("type") == "result" or "total_cost_usd" in doc:  # claude
+            if isinstance(usage, dict):
+                tokens = sum(_count(usage.get(k)) for k in ("input_tokens", "output_tokens",
+                                                            "cache_creation_input_tokens",
+                                                            "cache_read_input_tokens"))
+                reported = True
+            value = doc.get("total_cost_usd")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e9:
+                cost = float(value)
+            text = doc.get("result") if isinstance(doc.get("result"), str) else text
+        elif doc.get("type") == "turn.completed" and isinstance(usage, dict):  # codex
+            tokens += sum(_count(usage.get(k)) for k in ("input_tokens", "output_tokens"))
+            reported = True
+        elif doc.get("type") == "item.completed" and isinstance(doc.get("item"), dict):
+            item = doc["item"]
+            if item.get("type") == "agent_message" and isinstance(item.get("text"), str):
+                text = item["text"]
+        elif isinstance(doc.get("stats"), dict):  # gemini
+            models = doc["stats"].get("models")
+            for model in (models.values() if isinstance(models, dict) else ()):
+                counted = model.get("tokens") if isinstance(model, dict) else None
+                if isinstance(counted, dict):
+                    tokens += _count(counted.get("total"))
+                    reported = True
+            text = doc.get("response") if isinstance(doc.get("response"), str) else text
+    return RunSpend(tokens if reported else None, cost, text)
+
+
+def log_run_answer(workspace: str, spend: RunSpend) -> None:
+    """Append the CLI's final answer to the stdout log, which the JSON result replaced,
+    so that the log stays readable on the pages."""
+    if not spend.text:
+        return
+    try:
+        fd = open_agent_log(workspace, "agent-stdout.log")
+    except OSError:
+        return
+    try:
+        os.write(fd, (spend.text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+TRIAGE_RESULT_RELPATH = "output/triage.json"
+TRIAGE_RESULT_MAX_BYTES = 256 * 1024
+TRIAGE_SCHEMA_FILE = "triage.schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def triage_validator() -> Any:
+    """A validator for the shipped JSON Schema of ``output/triage.json``."""
+    import jsonschema
+    schema = json.loads(resource_text(TRIAGE_SCHEMA_FILE))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def read_triage_result(workspace: str) -> tuple[dict[str, Any] | None, str]:
+    """(the agent's ``output/triage.json`` when it follows the shipped schema, else None; why not).
+
+    The file was written by the agent: read through the workspace helpers, at most
+    ``TRIAGE_RESULT_MAX_BYTES``, and every problem becomes the reason, never an exception.
+    """
+    try:
+        data, size = read_workspace_file(workspace, TRIAGE_RESULT_RELPATH, TRIAGE_RESULT_MAX_BYTES)
+    except FileNotFoundError:
+        return None, f"no {TRIAGE_RESULT_RELPATH}"
+    except OSError as exc:
+        return None, f"{TRIAGE_RESULT_RELPATH} refused: {_short_error(exc)}"
+    if size > TRIAGE_RESULT_MAX_BYTES:
+        return None, f"{TRIAGE_RESULT_RELPATH} is larger than {TRIAGE_RESULT_MAX_BYTES} bytes"
+    try:
+        document, _ = load_json(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, f"{TRIAGE_RESULT_RELPATH} is not JSON: {_truncate(str(exc), 200)}"
+    error = next(iter(sorted(triage_validator().iter_errors(document), key=str)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "the document"
+        return None, (f"{TRIAGE_RESULT_RELPATH} does not follow the schema at {where}: "
+                      f"{_truncate(error.message, 200)}")
+    return document, ""
+
+
+def stored_summary(report: TriageReport) -> ReportSummary:
+    """The root cause and confidence of a stored report: from its structured result when valid,
+    else read from its Markdown."""
+    structured = json.loads(report.structured_data) if isinstance(report.structured_data, str) \
+        else report.structured_data
+    if isinstance(structured, dict) and isinstance(structured.get("root_cause"), str):
+        return ReportSummary(_truncate(clean_text(structured["root_cause"]).strip(), ROOT_CAUSE_MAX_CHARS),
+                             str(structured.get("confidence", UNKNOWN_CONFIDENCE)))
+    return summarize_report(report.report_markdown)
+
+
 def judge_outcome(outcome: AgentOutcome, workspace: str, timeout: float, min_size: int
                   ) -> tuple[str, str | None]:
     """(status, reason) by the Go original's failure rules, in its order."""
@@ -6587,12 +7196,15 @@ class Dispatcher(threading.Thread):
     incidents to pending. :meth:`abort` does that at once, within
     ``ABORT_SECONDS``. Every worker's future is checked: an exception that
     escaped it is logged and counted (``nightcrier_worker_errors_total``).
+    Once a UTC day's runs have cost the store's daily budget, exactly one
+    process calls ``on_budget_spent(spent, budget)`` that day.
     """
 
     def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
                  work_available: threading.Event, metrics: Metrics, instance: str,
                  on_finished: Callable[[Incident], None] | None = None,
-                 permissions: Callable[[], Mapping[str, dict[str, Any]]] = dict):
+                 permissions: Callable[[], Mapping[str, dict[str, Any]]] = dict,
+                 on_budget_spent: Callable[[float, float], None] | None = None):
         from concurrent.futures import ThreadPoolExecutor
         super().__init__(name="dispatcher", daemon=True)
         self.config = config
@@ -6602,6 +7214,7 @@ class Dispatcher(threading.Thread):
         self.metrics = metrics
         self.instance = instance
         self.on_finished = on_finished
+        self.on_budget_spent = on_budget_spent
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         if isinstance(runner, DockerRunner):
@@ -6803,6 +7416,17 @@ class Dispatcher(threading.Thread):
             self.runner.remove_orphans(self._is_live)
         if requeued:
             self.wake.set()
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        budget = self.store.rules.daily_budget_usd
+        if not budget or self.on_budget_spent is None:
+            return
+        spent = self.store.spent_today()
+        if spent >= budget and self.store.first_notice(f"budget-spent/{_utc_midnight().date().isoformat()}"):
+            log_event(logging.WARNING, "daily agent budget spent; incidents are skipped until midnight UTC",
+                      spent_usd=round(spent, 4), budget_usd=budget)
+            self.on_budget_spent(spent, budget)
 
     def _claim_lost(self, incident_id: str) -> None:
         run = self._running.get(incident_id)
@@ -6881,25 +7505,28 @@ class Dispatcher(threading.Thread):
         self.runner_error = ""
         self._runner_backoff.reset()
         self.metrics.agent_duration.observe(time.monotonic() - started)
+        spend = read_run_spend(workspace)  # spent even when the run's verdict is discarded
+        log_run_answer(workspace, spend)
         if self._aborting.is_set():  # abort() gave the incident back already
-            self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs)
+            self.store.finish_execution(execution.execution_id, outcome.exit_code, ABORTED_REASON, logs,
+                                        spend)
             return
         if run.lost:
             # Another process owns the incident now: nothing of this run may become its verdict.
             self._record(run, incident, lambda: self.store.finish_execution(
-                execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs))
+                execution.execution_id, outcome.exit_code, CLAIM_LOST_REASON, logs, spend))
             log_event(logging.WARNING, "run discarded: its claim was lost", incident_id=incident.incident_id)
             return
         if outcome.cancelled:
             self._record(run, incident, lambda: self.store.finish_execution(
-                execution.execution_id, outcome.exit_code, outcome.error or None, logs))
+                execution.execution_id, outcome.exit_code, outcome.error or None, logs, spend))
             self._record(run, incident, lambda: self._release(
                 incident, "nightcrier shut down while the agent ran"))
             return
         status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
                                        config.investigation_min_size_bytes)
         result = RunOutcome(execution.execution_id, outcome.exit_code, outcome.error or None, logs, status,
-                            reason, self._report(incident, execution.execution_id, workspace))
+                            reason, self._report(incident, execution.execution_id, workspace), spend)
         recorded = self._record(run, incident, lambda: self.store.finish_run(
             incident.incident_id, self.instance, result))
         if recorded:
@@ -6945,9 +7572,14 @@ class Dispatcher(threading.Thread):
             log_event(logging.WARNING, "report larger than report_max_bytes, stored truncated",
                       incident_id=incident.incident_id, report_max_bytes=self.config.report_max_bytes)
         page = publish_report(markdown, incident.incident_id, workspace)
-        return TriageReport(new_id(), incident.incident_id, execution_id, utcnow(), markdown,
-                            report_html=page, summary_text=summarize_report(markdown).text,
-                            raw_report_path=path, storage_type="filesystem")
+        structured, problem = read_triage_result(workspace)
+        if structured is None:
+            log_event(logging.INFO, "no structured result; the summary comes from the Markdown report",
+                      incident_id=incident.incident_id, reason=problem)
+        report = TriageReport(new_id(), incident.incident_id, execution_id, utcnow(), markdown,
+                              report_html=page, raw_report_path=path, storage_type="filesystem",
+                              structured_data=json.dumps(structured) if structured else None)
+        return dataclasses.replace(report, summary_text=stored_summary(report).text)
 
     def _finished(self, run: _Run, incident: Incident, status: str, exit_code: int | None, reason: str | None,
                   workspace: str | None = None, logs: Mapping[str, str] | None = None) -> None:
@@ -7600,6 +8232,13 @@ def incident_message(incident: Incident, summary: ReportSummary, url: str | None
                           blocks, "good" if resolved else "danger", footer)
 
 
+def budget_alert(spent: float, budget: float) -> dict[str, Any]:
+    """Told once per UTC day: the agent budget is spent and incidents are skipped until midnight."""
+    blocks = [_fields([("Spent today (UTC)", f"${spent:.2f}"), ("agent_daily_budget_usd", f"${budget:g}")])]
+    return _slack_message("Daily agent budget spent", blocks, "warning",
+                          "New incidents are stored and skipped (reason: budget) until midnight UTC.")
+
+
 def degraded_alert(stats: BreakerStats, shown: int = FAILURE_REASONS_SHOWN) -> dict[str, Any]:
     """The Go original's "AI Agent System Degraded" alert."""
     reasons = "\n".join(f"• {_clip(_slack_escape(r), 500)}" for r in stats.reasons[-shown:])
@@ -7633,6 +8272,7 @@ def _clock(moment: dt.datetime | None) -> str:
 NOTICE_INCIDENT = "incident.finished"
 NOTICE_DEGRADED = "agents.degraded"
 NOTICE_RECOVERED = "agents.recovered"
+NOTICE_BUDGET = "budget.spent"
 WEBHOOK_DOCUMENT_VERSION = 1
 WEBHOOK_SIGNATURE_HEADER = "X-Nightcrier-Signature"
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")   # most severe first
@@ -7648,11 +8288,13 @@ ADAPTIVE_CARD_TYPE = "application/vnd.microsoft.card.adaptive"
 
 @dataclass(frozen=True)
 class Notice:
-    """What a channel is asked to say: one finished incident, or the agents' health changing.
+    """What a channel is asked to say: one finished incident, the agents' health changing, or the
+    day's agent budget spent.
 
     ``incident``, ``summary`` and ``report_url`` are set for ``NOTICE_INCIDENT``
     (``triaged`` says whether the summary comes from a stored report); ``stats``
-    for ``NOTICE_DEGRADED`` and ``NOTICE_RECOVERED``.
+    for ``NOTICE_DEGRADED`` and ``NOTICE_RECOVERED``; ``budget`` (spent, limit in
+    US dollars) for ``NOTICE_BUDGET``.
     """
 
     kind: str
@@ -7661,6 +8303,7 @@ class Notice:
     triaged: bool = False
     report_url: str | None = None
     stats: BreakerStats | None = None
+    budget: tuple[float, float] | None = None
 
 
 class Channel:
@@ -7715,6 +8358,8 @@ class SlackChannel(Channel):
     name = "slack"
 
     def message(self, notice: Notice) -> dict[str, Any] | None:
+        if notice.kind == NOTICE_BUDGET and notice.budget:
+            return budget_alert(*notice.budget)
         if notice.kind == NOTICE_DEGRADED and notice.stats:
             return degraded_alert(notice.stats)
         if notice.kind == NOTICE_RECOVERED and notice.stats:
@@ -7753,6 +8398,9 @@ class WebhookChannel(Channel):
             document["agents"] = {"failures": stats.count, "first_failure": _stamp(stats.first_failure),
                                   "last_failure": _stamp(stats.last_failure),
                                   "recovered_at": _stamp(stats.recovered_at), "reasons": list(stats.reasons)}
+        if notice.budget is not None:
+            spent, limit = notice.budget
+            document["budget"] = {"spent_usd": round(spent, 4), "daily_budget_usd": limit}
         return document
 
     def request(self, message: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
@@ -8078,7 +8726,9 @@ class Notifier(_DrainingThread):
     which raises the degraded and recovered alerts when
     ``notify_on_agent_failure`` is on (a ``resolved`` one ends the episode);
     any other incident the channel ``wants`` gets a notification with the
-    report's summary (read from the store); the rest are ignored.
+    report's summary (read from the store); the rest -- ``skipped`` ones among
+    them, so a repeat of a fault is never told again -- are ignored.
+    :meth:`alert_budget` queues the daily budget alert.
 
     A delivery is retried with exponential backoff on timeouts, connection
     errors and 5xx answers, after ``Retry-After`` (else the backoff) on 429, and
@@ -8126,9 +8776,14 @@ class Notifier(_DrainingThread):
                     break
                 self._count("notifications_dropped")
                 log_event(logging.WARNING, "notification queue full, oldest message dropped",
-                          channel=self.channel.name, incident_id=oldest[0].incident_id,
+                          channel=self.channel.name,
+                          incident_id=oldest[0].incident_id if oldest[0] else "",
                           queue_limit=self.queue_limit)
             self._queue.put((incident, summary, uploaded_url))
+
+    def alert_budget(self, spent: float, budget: float) -> None:
+        """Queue the alert that the day's agent budget is spent; never blocks or raises."""
+        self._queue.put((None, Notice(NOTICE_BUDGET, budget=(spent, budget)), "budget alert"))
 
     drain_seconds = NOTIFY_DRAIN_SECONDS
     out_of_time = "notifier out of time, dropping undelivered messages"
@@ -8144,7 +8799,10 @@ class Notifier(_DrainingThread):
                 if self._abort.is_set():
                     continue
                 try:
-                    self._handle(*item)
+                    if item[0] is None:
+                        self.send(item[1], item[2])
+                    else:
+                        self._handle(*item)
                 except Exception as exc:  # one bad message must not end the notifier
                     import traceback
                     # Exception texts may quote the channel's URL, so even the traceback is scrubbed.
@@ -8216,7 +8874,7 @@ class Notifier(_DrainingThread):
         if report is None:
             return ReportSummary("Triage ended without a report" if incident.status == FAILED
                                  else SUMMARY_FALLBACK), False
-        return summarize_report(report.report_markdown), report.report_html is not None
+        return stored_summary(report), report.report_html is not None
 
     def send(self, notice: Notice, what: str, **fields: Any) -> bool:
         """Deliver one notice, retrying as the class describes; True once the channel accepted it."""
@@ -8292,6 +8950,10 @@ class Notifiers:
                 uploaded_url: str | None = None) -> None:
         for notifier in self.each:
             notifier.enqueue(incident, summary, uploaded_url)
+
+    def alert_budget(self, spent: float, budget: float) -> None:
+        for notifier in self.each:
+            notifier.alert_budget(spent, budget)
 
     def start(self) -> None:
         for notifier in self.each:
@@ -8743,6 +9405,14 @@ class Metrics:
                                       registry=self.registry)
         self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
                                     ("status",), registry=self.registry)
+        self.agent_cost = prom.Gauge("nightcrier_agent_cost_usd", "What the agent runs recorded in the "
+                                     "database cost, as their CLIs reported it, by cluster", ("cluster",),
+                                     registry=self.registry)
+        self.agent_tokens = prom.Gauge("nightcrier_agent_tokens", "Tokens the agent runs recorded in the "
+                                       "database used, by cluster", ("cluster",), registry=self.registry)
+        self.skipped = prom.Gauge("nightcrier_incidents_skipped", "Skipped incidents in the database, "
+                                  "by the cause their skip_reason begins with", ("reason",),
+                                  registry=self.registry)
 
     def declare_clusters(self, clusters: Iterable[str]) -> None:
         """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
@@ -9308,7 +9978,9 @@ class WebPages:
         criteria = IncidentFilter(statuses=(status,) if status else (), cluster=cluster, since=since,
                                   limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE)
         incidents = self.store.list_incidents(criteria)
-        rows = [{"incident": i, "took": _took(i.started_at, i.completed_at)} for i in incidents[:PAGE_SIZE]]
+        summaries = self.store.report_summaries([i.incident_id for i in incidents[:PAGE_SIZE]])
+        rows = [{"incident": i, "took": _took(i.started_at, i.completed_at),
+                 "summary": summaries.get(i.incident_id, "")} for i in incidents[:PAGE_SIZE]]
 
         def page_link(n: int) -> str:
             params = {k: v for k, v in (("status", status), ("cluster", cluster), ("since", since_text)) if v}
@@ -9440,6 +10112,72 @@ def _permission_warnings(result: Mapping[str, Any]) -> list[str]:
     return warnings
 
 
+# -- retention ---------------------------------------------------------------------
+
+PRUNE_BATCH = 200                 # incidents removed per transaction: each lock is short
+RETENTION_INTERVAL_SECONDS = 600.0
+
+
+def prune_incidents(store: StateStore, workspace_root: str, finished_before: dt.datetime,
+                    dry_run: bool = False, stop: threading.Event | None = None) -> list[str]:
+    """Remove every incident finished before ``finished_before`` and its workspace, in batches of
+    ``PRUNE_BATCH``; returns the ids removed (or, ``dry_run``, that would be). Stops between
+    batches when ``stop`` is set. A workspace is removed after its rows are: a crash in between
+    leaves a directory no row names, never a row without its files."""
+    if dry_run:
+        return store.prune(finished_before, 1_000_000, dry_run=True)
+    removed: list[str] = []
+    while not (stop and stop.is_set()):
+        batch = store.prune(finished_before, PRUNE_BATCH)
+        for incident_id in batch:
+            remove_workspace(workspace_root, incident_id)
+        removed += batch
+        if len(batch) < PRUNE_BATCH:
+            break
+    return removed
+
+
+def remove_workspace(workspace_root: str, incident_id: str) -> None:
+    """Delete ``<workspace_root>/<incident_id>``; a symlink an agent left inside is removed, not followed."""
+    import shutil
+    path = os.path.join(os.path.abspath(workspace_root), incident_id)
+    if is_uuid(incident_id) and os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class RetentionSweeper(threading.Thread):
+    """Removes incidents finished more than ``retention_days`` ago, with their workspaces, at start
+    and every ``RETENTION_INTERVAL_SECONDS``, in short batches (see :func:`prune_incidents`).
+
+    Every replica may sweep; a batch another replica removed first is simply
+    not found. A failed round is logged and counted, and the next one tries
+    again. Never touches pending or investigating incidents.
+    """
+
+    def __init__(self, config: Config, store: StateStore, metrics: Metrics):
+        super().__init__(name="retention", daemon=True)
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            cutoff = utcnow() - dt.timedelta(days=self.config.retention_days)
+            try:
+                removed = prune_incidents(self.store, self.config.workspace_root, cutoff, stop=self._stopping)
+                if removed:
+                    log_event(logging.INFO, "old incidents removed", count=len(removed),
+                              retention_days=self.config.retention_days)
+            except StoreError as exc:
+                log_event(logging.ERROR, "retention round failed", error=_short_error(exc))
+                self.metrics.inc("thread_errors", "retention")
+            self._stopping.wait(RETENTION_INTERVAL_SECONDS)
+
+
 class PermissionChecker(threading.Thread):
     """Checks each triage-enabled cluster's RBAC with ``kubectl auth can-i``, at start and then
     every ``permission_check_interval`` minutes.
@@ -9561,7 +10299,7 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 ###############################################################################
 
 SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "link", "demo", "simulate", "stub-agent",
-               "version", "agent-check")
+               "version", "agent-check", "prune", "retry")
 EXIT_CONFIG = 2
 
 
@@ -9603,7 +10341,10 @@ class Service:
                        else self.notifiers.enqueue if self.notifiers else None)
         self.dispatcher = Dispatcher(config, self.store, runner, self.work_available, self.metrics,
                                      self.instance, permissions=self.permissions.results,
-                                     on_finished=on_finished)
+                                     on_finished=on_finished,
+                                     on_budget_spent=self.notifiers.alert_budget if self.notifiers else None)
+        self.retention = (RetentionSweeper(config, self.store, self.metrics) if config.retention_days
+                          else None)
         self.pages = WebPages(config, self.store, self.cluster_health, config.health_bind)
         # Given when it was bound before the database was reached, to report the wait in /readyz.
         self.health_server = health_server or (HealthServer(config.health_bind, config.health_port,
@@ -9651,6 +10392,8 @@ class Service:
         if self.uploader is not None:
             self.uploader.start()
         self.dispatcher.start()
+        if self.retention is not None:
+            self.retention.start()
         self._watcher.start()
         self.permissions.start()
         self.ownership.start()
@@ -9753,6 +10496,11 @@ class Service:
         try:
             for status, count in self.store.count_by_status().items():
                 self.metrics.incidents.labels(status).set(count)
+            for cause, count in self.store.count_skipped_by_cause().items():
+                self.metrics.skipped.labels(cause).set(count)
+            for cluster, (tokens, cost) in self.store.spend_by_cluster().items():
+                self.metrics.agent_tokens.labels(cluster).set(tokens)
+                self.metrics.agent_cost.labels(cluster).set(cost)
         except StoreError:
             self.metrics.inc("db_errors")
         return prometheus_client.generate_latest(self.metrics.registry)
@@ -9768,6 +10516,8 @@ class Service:
         if self.health_server is not None:
             self.health_server.shutting_down = True
         self.permissions.stop()
+        if self.retention is not None:
+            self.retention.stop()
         self._stop_watching.set()
         for listener in self.listeners:
             listener.stop()
@@ -10273,6 +11023,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Needs report_base_url; the link opens that one report until it expires.")
     link.add_argument("incident_id", help="the incident's id or an unambiguous prefix of it")
     link.add_argument("--ttl", default="24h", help="how long the link works, e.g. 30m, 24h (default 24h)")
+    prune = _command(sub, "prune", "remove finished incidents older than a duration, with their workspaces",
+                     "nightcrier prune --older-than 30d --dry-run --config config.yaml", [config_file],
+                     "Works while the service runs; pending and investigating incidents are never touched.")
+    prune.add_argument("--older-than", required=True, metavar="DURATION",
+                       help="finished longer ago than this: 30d, 12h, 90m or a Go duration such as 720h")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    retry = _command(sub, "retry", "put a finished or skipped incident back in the queue as a new attempt",
+                     "nightcrier retry 3f2a9c01 --config config.yaml", [config_file],
+                     "Works while the service runs.")
+    retry.add_argument("incident_id", help="the incident's id or an unambiguous prefix of it")
     simulate = _command(sub, "simulate", "serve simulated clusters that emit faults, for trying the whole "
                         "service without a cluster", "nightcrier simulate --port 9100 --rate 0.2",
                         details="Each listens like an events-enabled kubernetes-mcp-server; point a "
@@ -10826,9 +11586,49 @@ def cmd_incidents(args: argparse.Namespace) -> int:
         return 0
     rows = [(i.incident_id, _short_time(i.created_at), i.status, i.cluster, i.fault_type, i.severity,
              "/".join(p for p in (i.resource_kind, i.resource_namespace, i.resource_name) if p),
-             _duration(i)) for i in incidents]
+             _duration(i), _recurred(i), skip_cause(i.skip_reason)) for i in incidents]
     print(format_table(("INCIDENT", "CREATED (UTC)", "STATUS", "CLUSTER", "FAULT", "SEVERITY", "RESOURCE",
-                        "DURATION"), rows))
+                        "DURATION", "RECURRED", "SKIPPED"), rows))
+    return 0
+
+
+def parse_age(text: str) -> float:
+    """Seconds in an age such as 30d, 12h or 90m, or in a Go duration such as 720h30m."""
+    match = re.fullmatch(r"(\d+)\s*d", text.strip())
+    return int(match.group(1)) * 86400.0 if match else parse_go_duration(text.strip())
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove finished incidents older than --older-than, and their workspaces; say what went."""
+    config, _ = _load_or_exit(args)
+    try:
+        seconds = parse_age(args.older_than)
+    except ValueError as exc:
+        print(f"nightcrier: --older-than: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    cutoff = utcnow() - dt.timedelta(seconds=seconds)
+    with _cli_store(config, read_only=False) as store:
+        removed = prune_incidents(store, config.workspace_root, cutoff, dry_run=args.dry_run)
+    for incident_id in removed:
+        print(incident_id)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} incident(s) finished before {_short_time(cutoff)} UTC", file=sys.stderr)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Put one finished or skipped incident back in the queue."""
+    config, _ = _load_or_exit(args)
+    with _cli_store(config, read_only=False) as store:
+        resolved, why = resolve_incident_id(store, args.incident_id)
+        incident = store.retry(resolved) if resolved else None
+        if incident is None:
+            current = store.get_incident(resolved) if resolved else None
+            print(f"nightcrier: {why or f'no incident {args.incident_id!r}'}" if current is None else
+                  f"nightcrier: incident {current.incident_id} is {current.status}; only a finished or "
+                  "skipped incident can be retried", file=sys.stderr)
+            return 1
+    print(f"incident {incident.incident_id} is pending again (cluster {incident.cluster})")
     return 0
 
 
@@ -10846,6 +11646,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root),
                                                         incident.incident_id)
     document = {**_incident_json(incident), "runs": len(executions), "workspace": workspace,
+                "recurred": _recurred(incident),
                 "logs": agent_log_paths(workspace),
                 "executions": [{**dataclasses.asdict(e), "started_at": e.started_at.isoformat(),
                                 "completed_at": e.completed_at.isoformat() if e.completed_at else None}
@@ -10858,7 +11659,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     for key in ("incident_id", "status", "cluster", "fault_type", "severity", "fault_id", "resource",
                 "created_at", "started_at", "completed_at", "attempts", "exit_code", "failure_reason",
-                "workspace"):
+                "skip_reason", "duplicate_of", "recurred", "workspace"):
         if key == "attempts":
             line = _attempts_line(incident.attempts, len(executions), config.max_attempts,
                                   final=incident.status not in (PENDING, INVESTIGATING))
@@ -10872,6 +11673,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for e in executions:
         ended = _short_time(e.completed_at) if e.completed_at else "running"
         print(f"  {_short_time(e.started_at)} -> {ended}  exit={e.exit_code}  image={e.agent_image}"
+              + (f"  tokens={e.tokens_used}" if e.tokens_used is not None else "")
+              + (f"  cost=${e.cost_usd:.4f}" if e.cost_usd is not None else "")
               + (f"  error={e.error_message}" if e.error_message else ""))
         if "agent-stdout.log" in e.log_paths:
             print(f"    logs {os.path.dirname(e.log_paths['agent-stdout.log'])}")
@@ -10937,11 +11740,13 @@ def _attempts_line(attempts: int, runs: int, max_attempts: int, final: bool) -> 
 
 
 @contextmanager
-def _cli_store(config: Config) -> Iterator[StateStore]:
+def _cli_store(config: Config, read_only: bool = True) -> Iterator[StateStore]:
     """The database of a running (or stopped) service, for commands that read it: opened
-    read-only, so it never migrates, repairs or writes, and works beside a running ``run``."""
+    read-only, so it never migrates, repairs or writes, and works beside a running ``run``.
+    Commands that change it (``read_only=False``) work beside ``run`` too: they take no
+    liveness lock, so ``run`` keeps owning the database."""
     try:
-        store = open_store(config, read_only=True)
+        store = open_store(config, read_only=read_only)
     except StoreError as exc:
         print(f"nightcrier: cannot open the database: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -10980,6 +11785,13 @@ def _incident_json(incident: Incident) -> dict[str, Any]:
     return data
 
 
+def _recurred(incident: Incident) -> str:
+    """How often a triaged fault condition came back, and when last."""
+    if not incident.recurrences:
+        return ""
+    return f"{incident.recurrences}x, last {_short_time(incident.last_recurred_at)}"
+
+
 def _short_time(value: dt.datetime | None) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
@@ -11015,7 +11827,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": cmd_run, "check-config": cmd_check_config, "tail": cmd_tail,
                "incidents": cmd_incidents, "show": cmd_show, "simulate": cmd_simulate,
                "demo": cmd_demo, "stub-agent": cmd_stub_agent, "agent-check": cmd_agent_check,
-               "link": cmd_link}[args.command]
+               "link": cmd_link, "prune": cmd_prune, "retry": cmd_retry}[args.command]
     try:
         return handler(args)
     except ModuleNotFoundError as exc:

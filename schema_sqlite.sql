@@ -165,3 +165,20 @@ ALTER TABLE fault_events ADD COLUMN emission_key_even TEXT;
 ALTER TABLE fault_events ADD COLUMN emission_key_odd TEXT;
 CREATE UNIQUE INDEX uq_fault_events_emission_even ON fault_events (cluster, emission_key_even);
 CREATE UNIQUE INDEX uq_fault_events_emission_odd ON fault_events (cluster, emission_key_odd);
+
+-- version: 5
+
+-- Which incidents get no agent, and why. skip_reason begins with its cause's
+-- word (duplicate, severity, stale, backlog, budget, disabled). A repeat of a
+-- fault condition points at the incident that is triaged for it
+-- (duplicate_of), and that incident counts its repeats. Each run's spend is
+-- what its CLI reported.
+ALTER TABLE incidents ADD COLUMN duplicate_of TEXT;
+ALTER TABLE incidents ADD COLUMN skip_reason TEXT;
+ALTER TABLE incidents ADD COLUMN recurrences INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE incidents ADD COLUMN last_recurred_at TEXT;
+ALTER TABLE agent_executions ADD COLUMN cost_usd REAL;
+UPDATE incidents SET skip_reason = 'disabled: triage is off for the cluster' WHERE status = 'skipped';
+-- The repeat check at intake looks up the incidents that may be repeated.
+CREATE INDEX idx_incidents_repeatable ON incidents (fault_id, cluster)
+    WHERE duplicate_of IS NULL AND skip_reason IS NULL AND fault_id <> '';

@@ -130,9 +130,10 @@ def assert_conversation(model: ScriptedModel, cli: Cli, prompt_marker: str) -> d
 def test_image_runs_the_cli_as_uid_1000_on_a_read_only_root(
         cli: Cli, docker_client: Any, model: ScriptedModel, tmp_path: Path) -> None:
     """``docker run`` of the image as an operator would lock it down, the CLI's command from nightcrier."""
-    output = tmp_path / "output"
-    output.mkdir()
-    os.chmod(output, 0o777)
+    output, logs_dir = tmp_path / "output", tmp_path / "logs"
+    for directory in (output, logs_dir):
+        directory.mkdir()
+        os.chmod(directory, 0o777)
     prompt = tmp_path / "prompt-sent.md"
     prompt.write_text("Investigate incident image-direct-7f3a: pod payments/api-7f8b9c is crash looping.\n")
     os.chmod(prompt, 0o644)
@@ -142,14 +143,16 @@ def test_image_runs_the_cli_as_uid_1000_on_a_read_only_root(
         read_only=True, tmpfs={"/tmp": "rw,exec,size=256m"}, cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
         environment={cli.key_env: KEYS[cli.key_env], cli.base_url_env: model.url + cli.base_path},
-        volumes=[f"{prompt}:/home/agent/prompt-sent.md:ro", f"{output}:/home/agent/output:rw"])
+        volumes=[f"{prompt}:/home/agent/prompt-sent.md:ro", f"{output}:/home/agent/output:rw",
+                 f"{logs_dir}:/home/agent/logs:rw"])
     try:
         status = container.wait(timeout=240)
         logs = container.logs().decode("utf-8", "replace")
     finally:
         container.remove(force=True)
     assert status["StatusCode"] == 0, logs[-3000:]
-    assert FINAL_TEXT in logs
+    # the CLI's machine-readable result, which nightcrier reads the spend and the answer from
+    assert nc.read_run_spend(str(tmp_path)).text.strip() == FINAL_TEXT
     assert (output / "investigation.md").read_text() == REPORT
     env = assert_conversation(model, cli, "image-direct-7f3a")
     # /home/agent is not writable on a read-only root: the entrypoint gave the CLI a HOME in /tmp.
@@ -159,9 +162,10 @@ def test_image_runs_the_cli_as_uid_1000_on_a_read_only_root(
 def test_home_is_usable_by_any_uid(docker_client: Any, model: ScriptedModel, tmp_path: Path) -> None:
     """A uid the image does not know keeps /home/agent as HOME and can write its settings there."""
     cli = CLIS[0]
-    output = tmp_path / "output"
-    output.mkdir()
-    os.chmod(output, 0o777)
+    output, logs_dir = tmp_path / "output", tmp_path / "logs"
+    for directory in (output, logs_dir):
+        directory.mkdir()
+        os.chmod(directory, 0o777)
     prompt = tmp_path / "prompt-sent.md"
     prompt.write_text("Investigate incident any-uid-51c2.\n")
     os.chmod(prompt, 0o644)
@@ -171,7 +175,8 @@ def test_home_is_usable_by_any_uid(docker_client: Any, model: ScriptedModel, tmp
     container = docker_client.containers.run(
         CLI_IMAGE, command, detach=True, user="4321:4321", network_mode="host",
         environment={cli.key_env: KEYS[cli.key_env], cli.base_url_env: model.url},
-        volumes=[f"{prompt}:/home/agent/prompt-sent.md:ro", f"{output}:/home/agent/output:rw"])
+        volumes=[f"{prompt}:/home/agent/prompt-sent.md:ro", f"{output}:/home/agent/output:rw",
+                 f"{logs_dir}:/home/agent/logs:rw"])
     try:
         status = container.wait(timeout=240)
         logs = container.logs().decode("utf-8", "replace")
@@ -253,6 +258,13 @@ def test_real_cli_resolves_an_incident_through_the_docker_runner(
     env = assert_conversation(model, cli, incident.incident_id)
     assert "api-7f8b9c" in model.agent_requests()[0].text
     assert env.get("INCIDENT_ID") == incident.incident_id
+    # The run's spend, from the CLI's own result: tokens from every CLI, a cost from claude's
+    # (computed by the CLI from the usage in the scripted model's message events).
+    execution, = store.list_executions(incident.incident_id)
+    assert execution.tokens_used is not None and execution.tokens_used > 0
+    assert (execution.cost_usd is not None and execution.cost_usd > 0) == (cli.name == "claude")
+    stdout_log = Path(incident.workspace_path or "", "logs", "agent-stdout.log").read_text()
+    assert FINAL_TEXT in stdout_log and "total_cost_usd" not in stdout_log, "the stdout log reads as text"
 
 
 # -- behind the network gate ------------------------------------------------------------------

@@ -102,10 +102,14 @@ def test_go_original_config_loads_with_warnings(tmp_path: Path) -> None:
     assert config.sqlite_path == "./data/nightcrier.db"
     assert config.global_queue_size == 100 and config.anthropic_api_key == "sk-ant-go-config-secret"
     text = "\n".join(warnings)
-    for obsolete in ("agent_script_path", "severity_threshold", "cluster_queue_size",
-                     "dedup_window_seconds", "queue_overflow_policy", "sse_read_timeout",
+    for obsolete in ("agent_script_path", "queue_overflow_policy", "sse_read_timeout",
                      "upload_failed_investigations", "state_storage.migrations_path"):
         assert f"{obsolete}: no longer used" in text
+    # the Go keys that choose which faults get an agent mean what they meant there
+    assert (config.severity_threshold, config.cluster_queue_size, config.dedup_window_seconds) == \
+        ("error", 10, 300)
+    assert nc.triage_rules(config) == nc.TriageRules(dedup_window=300, severity_threshold="error",
+                                                     cluster_queue_size=10)
     assert "azure_storage" not in text and nc.object_storage_type(config) == "filesystem"
     assert "state_storage.type: 'filesystem' is read as 'sqlite'" in text
 

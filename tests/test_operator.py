@@ -297,8 +297,8 @@ def test_help_lists_only_real_commands() -> None:
     assert result.returncode == 0
     assert "SUPPRESS" not in result.stdout
     listed = re.findall(r"^    ([a-z-]+)", result.stdout, re.MULTILINE)
-    assert listed == ["run", "check-config", "tail", "incidents", "show", "link", "simulate", "demo",
-                      "agent-check", "stub-agent", "version"]
+    assert listed == ["run", "check-config", "tail", "incidents", "show", "link", "prune", "retry",
+                      "simulate", "demo", "agent-check", "stub-agent", "version"]
     for command in listed:
         assert cli(command, "--help").returncode == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -111,11 +112,21 @@ def test_health_and_metrics_while_the_pipeline_runs(pipeline: tuple[nc.Service, 
     assert metric(after, "nightcrier_claim_latency_seconds_count") > 0
     assert metric(after, "nightcrier_listener_errors_total", cluster="unreachable") >= 1
     assert "nightcrier_ingest_queue_depth 0.0" in after and "nightcrier_agents_running 0.0" in after
+    # the same condition again, within the default dedup window: stored, skipped, counted by reason
+    later = (nc.utcnow() + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")  # not a copy of the first
+    server.emit(make_fault(name="pod-0", timestamp=later))
+    wait_for(lambda: service.store.count_by_status()[nc.SKIPPED] == 1, what="the repeat stored")
+    again = get(base + "/metrics")[1]
+    assert metric(again, "nightcrier_incidents_skipped", reason="duplicate") == 1
+    assert metric(again, "nightcrier_incidents_skipped", reason="budget") == 0
+    # the runs' spend by cluster (this agent's CLI reports none: tokens and cost are zero)
+    assert 'nightcrier_agent_tokens{cluster="ops"} 0.0' in again.splitlines()
+    assert 'nightcrier_agent_cost_usd{cluster="ops"} 0.0' in again.splitlines()
 
     clusters = json.loads(get(base + "/health/clusters")[1])
     by_name = {c["name"]: c for c in clusters["clusters"]}
     assert [c["name"] for c in clusters["clusters"]] == ["ops", "unreachable"]
-    assert by_name["ops"]["status"] == "active" and by_name["ops"]["event_count"] == 3
+    assert by_name["ops"]["status"] == "active" and by_name["ops"]["event_count"] == 4
     assert by_name["ops"]["labels"] == {"region": "eu-1"} and by_name["ops"]["triage_enabled"] is True
     assert by_name["ops"]["subscription_id"].startswith("sub-") and "last_event" in by_name["ops"]
     assert by_name["unreachable"]["status"] in ("failed", "connecting") and by_name["unreachable"]["error"]
@@ -263,7 +274,7 @@ def test_incidents_lists_filters_and_prints_json(populated: Path) -> None:
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["INCIDENT", "CREATED", "(UTC)", "STATUS", "CLUSTER", "FAULT", "SEVERITY",
-                                "RESOURCE", "DURATION"]
+                                "RESOURCE", "DURATION", "RECURRED", "SKIPPED"]
     assert len(lines) == 5
     assert len({line.index("STATUS") if n == 0 else len(line[:lines[0].index("STATUS")])
                 for n, line in enumerate(lines)}) == 1, "columns are aligned"
@@ -277,6 +288,24 @@ def test_incidents_lists_filters_and_prints_json(populated: Path) -> None:
     assert future.stdout.splitlines()[1:] == []
     bad = nightcrier_cli("incidents", "--config", str(populated), "--status", "exploded")
     assert bad.returncode == 2 and "unknown status exploded" in bad.stderr
+
+
+def test_show_and_incidents_tell_a_repeat_and_how_often_the_first_recurred(populated: Path,
+                                                                          store: nc.StateStore) -> None:
+    store.rules = nc.TriageRules(dedup_window=300)
+    first, repeat = store.insert_events([make_event("prod", fault_id="loop", received_at=nc.utcnow())
+                                         for _ in range(2)])
+    shown = nightcrier_cli("show", repeat, "--config", str(populated))
+    assert shown.returncode == 0, shown.stderr
+    lines = {line[:16].strip(): line[16:] for line in shown.stdout.splitlines()}
+    assert lines["duplicate of"] == first
+    assert lines["skip reason"].startswith(f"duplicate: repeats {first}")
+    original = nightcrier_cli("show", first, "--config", str(populated)).stdout
+    recurred = [line[16:] for line in original.splitlines() if line.startswith("recurred")]
+    assert recurred[0].startswith("1x, last ")
+    table = nightcrier_cli("incidents", "--config", str(populated)).stdout.splitlines()
+    assert "1x, last" in [line for line in table if line.startswith(first)][0]
+    assert [line for line in table if line.startswith(repeat)][0].endswith("duplicate")
 
 
 def test_show_prints_the_incident_its_runs_and_report(populated: Path) -> None:

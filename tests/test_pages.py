@@ -576,6 +576,27 @@ def test_the_list_shows_rows_counts_and_filters(site: Site) -> None:
         assert site.authed(f"/incidents?{bad}")[0] == 400, bad
 
 
+def test_the_pages_show_a_repeat_what_it_repeats_and_how_often_the_first_recurred(site: Site) -> None:
+    site.store.rules = nc.TriageRules(dedup_window=300)
+    first = site.ids[0]
+    repeat, = site.store.insert_events([make_event("prod-eu", received_at=nc.utcnow())])
+    _, _, body = site.authed(f"/incidents/{repeat}")
+    assert re.search(rf'id="duplicate-of"><a\s+href="[^"]*{first}"', body)
+    assert f"duplicate: repeats {first}" in body
+    _, _, body = site.authed(f"/incidents/{first}")
+    assert re.search(r'id="recurrences">1\s+time, last ', body)
+    _, _, body = site.authed("/incidents")
+    assert "×2" in body and 'class="muted skip-reason">duplicate: repeats' in body
+
+
+def test_the_incident_page_shows_each_runs_spend(site: Site) -> None:
+    (incident_id,) = site.store.insert_events([make_event("spend", received_at=nc.utcnow())])
+    execution = site.store.start_execution(incident_id, "process", {})
+    site.store.finish_execution(execution.execution_id, 0, None, {}, nc.RunSpend(1600, 0.75))
+    _, _, body = site.authed(f"/incidents/{incident_id}")
+    assert '<td class="tokens">1600</td>' in body and '<td class="cost">$0.7500</td>' in body
+
+
 def test_the_list_pages_through_incidents(site: Site) -> None:
     for n in range(nc.PAGE_SIZE):
         earlier = nc.utcnow() - dt.timedelta(hours=1, seconds=n)

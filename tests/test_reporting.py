@@ -401,6 +401,16 @@ def test_agent_failed_and_skipped_incidents_send_no_notification(
     assert "no notification for an agent failure" in caplog.text
 
 
+def test_the_budget_alert_is_posted_with_spend_and_budget(
+        webhook: Webhook, notifier_for: Callable[..., nc.SlackNotifier]) -> None:
+    notifier = notifier_for()
+    notifier.alert_budget(1.2, 1.0)
+    notifier.stop()
+    message, = webhook.messages()
+    text = json.dumps(message)
+    assert "Daily agent budget spent" in text and "$1.20" in text and "agent_daily_budget_usd" in text
+
+
 def test_degraded_alert_at_the_threshold_and_recovered_alert_after_a_success(
         webhook: Webhook, notifier_for: Callable[..., nc.Notifier]) -> None:
     minute = dt.timedelta(minutes=1)

@@ -130,7 +130,7 @@ def test_archive_holds_nightcrier_its_schemas_and_every_dependency(app: App) -> 
         names = set(zf.namelist())
         main = zf.read("__main__.py").decode()
     assert f'BUILD_ID = "{app.build_id}"' in main
-    for name in ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql"):
+    for name in ("nightcrier.py", "schema_sqlite.sql", "schema_postgres.sql", "triage.schema.json"):
         assert f"site-packages/common/{name}" in names
 
     def norm(name: str) -> str:
