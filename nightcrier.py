@@ -34,36 +34,69 @@ Usage::
     python nightcrier.py --config config.yaml            # run the service
     python nightcrier.py check-config --config config.yaml
 
-The module is organised in sections, in the order data flows through it:
-Config, Model, Store, MCP client, Intake, Engine, Reporting, Ops, CLI.
+Contents, one banner comment per section, in this order (no section uses a name
+defined in a later one):
+
+     1. Utilities   logging, retry backoff and timing, files shipped beside the module, metrics
+     2. Config      dataclasses, YAML + environment + flags, validation
+     3. Model       fault events, incidents, statuses, parsing what a server sends
+     4. Store       StateStore and its SQLite and PostgreSQL engines
+     5. MCP client  one session: handshake, stream, ping, subscribe
+     6. Intake      listeners, ingest writer, spool, cluster ownership
+     7. Engine      runners, workspaces, report summary and page, the dispatcher
+     8. Reporting   Slack and the other channels, circuit breaker, notifier, object storage
+     9. Ops         health and metrics server, incident pages, permission checks, retention
+    10. Service     the composition root: start, reload, stop
+    11. CLI         run, check-config, incidents, show, tail, link, prune, retry, version
+    12. Tools       simulator, demo, stub agent, agent-check; main
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import codecs
 import dataclasses
 import datetime as dt
+import difflib
 import errno
+import faulthandler
+import fcntl
 import functools
+import glob
+import hashlib
+import hmac
+import http
+import http.server
+import importlib.util
+import ipaddress
 import itertools
 import json
 import logging
 import os
 import queue
+import random
 import re
 import shlex
+import shutil
+import signal
 import socket
 import sqlite3
 import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
 import typing
 import urllib.parse
 import uuid
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -74,6 +107,217 @@ BUILD_ID = ""  # set by the nightcrier.pyz bootstrap: a hash of the archive's co
 log = logging.getLogger("nightcrier")
 
 T = TypeVar("T")
+
+
+###############################################################################
+# Utilities ####################################################################
+###############################################################################
+
+# -- logging ------------------------------------------------------------------------
+
+def _short_error(exc: BaseException) -> str:
+    """One line naming what failed, without the nested repr chains of urllib3."""
+    text = str(exc).strip() or type(exc).__name__
+    for marker in ("Caused by ", "(Caused by"):
+        if marker in text:
+            text = text.split(marker, 1)[1].strip("() ")
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(),
+                 "level": record.levelname, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(
+            timespec="milliseconds")
+        line = f'time={stamp} level={record.levelname} msg="{record.getMessage()}"'
+        for key, value in getattr(record, "fields", {}).items():
+            text = str(value)
+            line += f" {key}={json.dumps(text) if (' ' in text or not text) else text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
+    """Send nightcrier's log lines to ``stream`` (stderr) in ``fmt`` (text or json)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel({"warn": "WARNING"}.get(level, level.upper()))
+    log.propagate = False
+    # The health server's own warnings (its connection limit reached, say) in the same format.
+    server_log = logging.getLogger("waitress")
+    server_log.handlers[:] = [handler]
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
+    # A request waiting for a free answering thread is the bound working, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def log_event(level: int, message: str, **fields: Any) -> None:
+    """One structured log line: a short message plus key=value fields."""
+    log.log(level, message, extra={"fields": fields})
+
+
+# -- backoff and timing -------------------------------------------------------------
+
+class Backoff:
+    """Exponential backoff with full jitter: each delay is uniform in [0, min(max, base * 2**n)]."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+DISPATCHER_JOIN_SECONDS = 2.0    # what shutdown waits for a dispatcher stuck on the database
+
+
+# -- resources ----------------------------------------------------------------------
+
+def resource_text(relative: str) -> str:
+    """A file shipped beside this module (a template, a schema), read from disk or from a zip.
+
+    Raises OSError when it is missing.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), *relative.split("/"))
+    loader = globals().get("__loader__")
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path).decode("utf-8")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+# -- metrics ------------------------------------------------------------------------
+
+class Metrics:
+    """Counters and histograms of one running service, in the Prometheus registry it owns.
+
+    Thread-safe (prometheus_client locks internally). Counter names are short
+    keys: ``inc("received", cluster)`` increments
+    ``nightcrier_events_received_total{cluster=...}``.
+    """
+
+    COUNTERS = {
+        "received": ("nightcrier_events_received_total", "Fault notifications received", ("cluster",)),
+        "rejected": ("nightcrier_events_rejected_total", "Notifications rejected as malformed",
+                     ("cluster",)),
+        "spooled": ("nightcrier_events_spooled_total", "Items written to the on-disk spool", ("cluster",)),
+        "dropped": ("nightcrier_events_dropped_total", "Items lost: queue full and spool unwritable",
+                    ("cluster",)),
+        "refused": ("nightcrier_events_refused_total",
+                    "Items the database refused, kept in rejected_events instead", ("cluster",)),
+        "reconnects": ("nightcrier_reconnects_total", "Subscriptions regained after a gap", ("cluster",)),
+        "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
+                            ("cluster",)),
+        "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
+        "notifications_sent": ("nightcrier_notifications_sent_total", "Notifications delivered, by channel",
+                               ("channel",)),
+        "notifications_failed": ("nightcrier_notifications_failed_total",
+                                 "Notifications given up on, by channel", ("channel",)),
+        "notifications_dropped": ("nightcrier_notifications_dropped_total",
+                                  "Notifications dropped, oldest first, because the channel's queue was full",
+                                  ("channel",)),
+        "uploads": ("nightcrier_storage_uploads_total", "Incidents whose artifacts reached the object store",
+                    ()),
+        "upload_retries": ("nightcrier_storage_upload_retries_total",
+                           "Object storage requests that failed and were tried again", ()),
+        "upload_failed": ("nightcrier_storage_uploads_failed_total",
+                          "Incidents whose upload was given up on", ()),
+        "worker_errors": ("nightcrier_worker_errors_total",
+                          "Exceptions that escaped a worker while finishing or releasing an incident", ()),
+        "claims_lost": ("nightcrier_claims_lost_total",
+                        "Runs cancelled because their claim was swept or taken over", ()),
+        "egress_refused": ("nightcrier_egress_refused_total",
+                           "Agent connections the network gate refused", ("cluster",)),
+        "thread_errors": ("nightcrier_thread_errors_total",
+                          "Errors a background thread survived", ("thread",)),
+    }
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+        self.registry = prom.CollectorRegistry()
+        self._counters = {key: prom.Counter(name, doc, labels, registry=self.registry)
+                          for key, (name, doc, labels) in self.COUNTERS.items()}
+        self._children: dict[tuple[str, str], Any] = {}
+        self.ingest_latency = prom.Histogram(
+            "nightcrier_ingest_latency_seconds", "From receiving a fault to committing its incident",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30), registry=self.registry)
+        self.claim_latency = prom.Histogram(
+            "nightcrier_claim_latency_seconds", "Time one claim query takes",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.5),
+            registry=self.registry)
+        self.agents_running = prom.Gauge("nightcrier_agents_running", "Agents running in this process",
+                                         registry=self.registry)
+        self.agent_duration = prom.Histogram(
+            "nightcrier_agent_duration_seconds", "Wall time of agent runs",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600), registry=self.registry)
+        self.outcomes = prom.Counter("nightcrier_incident_outcomes_total", "Incidents finished, by status",
+                                     ("status",), registry=self.registry)
+        self.queue_depth = prom.Gauge("nightcrier_ingest_queue_depth", "Items waiting for the ingest writer",
+                                      registry=self.registry)
+        self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
+                                    ("status",), registry=self.registry)
+        self.agent_cost = prom.Gauge("nightcrier_agent_cost_usd", "What the agent runs recorded in the "
+                                     "database cost, as their CLIs reported it, by cluster", ("cluster",),
+                                     registry=self.registry)
+        self.agent_tokens = prom.Gauge("nightcrier_agent_tokens", "Tokens the agent runs recorded in the "
+                                       "database used, by cluster", ("cluster",), registry=self.registry)
+        self.skipped = prom.Gauge("nightcrier_incidents_skipped", "Skipped incidents in the database, "
+                                  "by the cause their skip_reason begins with", ("reason",),
+                                  registry=self.registry)
+
+    def declare_clusters(self, clusters: Iterable[str]) -> None:
+        """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
+        self._declare("cluster", clusters)
+
+    def declare_channels(self, channels: Iterable[str]) -> None:
+        """Create every per-channel series at 0, as :meth:`declare_clusters` does for clusters."""
+        self._declare("channel", channels)
+
+    def _declare(self, label: str, values: Iterable[str]) -> None:
+        values = list(values)
+        for counter in self._counters.values():
+            if counter._labelnames == (label,):
+                for value in values:
+                    counter.labels(value)
+
+    def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
+        """Add to a counter; ``cluster`` is the value of its one label (a cluster or a channel)."""
+        # Listeners count every event: the labelled child is looked up once, not per event
+        # under the metric's lock. A race fills the cache twice with the same child.
+        child = self._children.get((key, cluster))
+        if child is None:
+            counter = self._counters[key]
+            child = counter.labels(cluster) if counter._labelnames else counter
+            self._children[(key, cluster)] = child
+        child.inc(amount)
+
+    def value(self, key: str, cluster: str = "") -> float:
+        """Current value of a counter, for health output and tests."""
+        name = self.COUNTERS[key][0].removesuffix("_total")
+        labels = {label: cluster for label in self.COUNTERS[key][2]}
+        return self.registry.get_sample_value(name + "_total", labels) or 0.0
+
+    def observe_ingest(self, cluster: str, seconds: float) -> None:
+        self.ingest_latency.observe(max(seconds, 0.0))
 
 
 ###############################################################################
@@ -392,7 +636,6 @@ class Config:
         return self.state_storage.sqlite_path or os.path.join(self.workspace_root, "nightcrier.db")
 
 
-
 class ConfigError(Exception):
     """The configuration is unusable; ``problems`` lists every reason, ``warnings`` what else was
     noticed (unknown keys), so that a typo is shown next to the error it caused."""
@@ -457,7 +700,6 @@ def _field_names(cls: type) -> list[str]:
 
 def _closest(name: str, known: Iterable[str]) -> str:
     """' (did you mean `x`?)' for the known key nearest to ``name``, or ''."""
-    import difflib
     known = list(known)
     match = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
     if not match:
@@ -553,110 +795,6 @@ def _checked(key: _Key, value: Any, bad: Callable[[str], None]) -> Any:
     recorded. An empty value means "unset" and is left to the key's own meaning."""
     why = VALUE_CHECKS[key.kind](value) if key.kind and value else ""
     return bad(why) if why else value
-
-
-# -- checks of a value's form, one per kind of value ----------------------------------------------
-# Each returns why the value cannot work, or "". They reject at load what would otherwise fail
-# only when an agent starts, in the words of the key's own documentation.
-
-GO_DURATION_EXAMPLE = "e.g. 168h, 30m or 1h30m"
-DOCKER_MIN_MEMORY = 6 * 1024 * 1024   # the engine refuses a smaller memory limit
-DOCKER_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)([kmg]b?|b)?", re.IGNORECASE)  # docker-py's parse_bytes
-TMPFS_SIZE_RE = re.compile(r"\d+[kmgtpe]?|\d+%", re.IGNORECASE)  # the kernel's tmpfs size= option
-DOCKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # moby's rule for the names of things
-DOCKER_NETWORK_MODES = ("bridge", "host", "none", "default")
-POSIX_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
-MIN_TOKEN_LENGTH = 16
-LINUX_CAPABILITIES = frozenset((
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
-    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK",
-    "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN",
-    "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
-    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND",
-    "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))
-
-
-def _duration_problem(text: str) -> str:
-    try:
-        seconds = parse_go_duration(text)
-    except ValueError as exc:
-        return f"{exc}; use a Go duration, {GO_DURATION_EXAMPLE}"
-    return "" if seconds > 0 else f"must be positive, {GO_DURATION_EXAMPLE}"
-
-
-def _docker_memory_problem(text: str) -> str:
-    match = DOCKER_MEMORY_RE.fullmatch(text)
-    if not match:
-        return "must be a size such as 512m or 2g (a number of bytes, or with unit b, k, m or g)"
-    unit = (match.group(2) or "b")[0].lower()
-    size = float(match.group(1)) * {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit]
-    return "" if size >= DOCKER_MIN_MEMORY else "must be at least 6m, the smallest limit Docker accepts"
-
-
-def _tmpfs_size_problem(text: str) -> str:
-    if TMPFS_SIZE_RE.fullmatch(text):
-        return ""
-    return ("must be a tmpfs size such as 512m, 1g or 50% (whole number, unit k, m or g), "
-            "and nothing else: the mount options are nightcrier's")
-
-
-def _capabilities_problem(names: list[str]) -> str:
-    unknown = [n for n in names if n.upper().removeprefix("CAP_") not in LINUX_CAPABILITIES | {"ALL"}]
-    if not unknown:
-        return ""
-    verb = "is not a Linux capability" if len(unknown) == 1 else "are not Linux capabilities"
-    return f"{', '.join(map(repr, unknown))} {verb} (such as NET_RAW or SYS_PTRACE; see capabilities(7))"
-
-
-def _docker_network_problem(text: str) -> str:
-    """Docker's own modes, ``container:<name>``, or a user-defined network's name. Whether that
-    network exists is the engine's to say: the runner checks before each agent (see
-    :meth:`DockerRunner.check`)."""
-    if text in DOCKER_NETWORK_MODES:
-        return ""
-    if text.startswith("container:"):
-        return "" if DOCKER_NAME_RE.fullmatch(text.removeprefix("container:")) else (
-            "container:<name> needs a container name or id")
-    if DOCKER_NAME_RE.fullmatch(text):
-        return ""
-    return ("must be bridge, host, none, container:<name> or the name of a Docker network "
-            "(letters, digits, '_', '.', '-')")
-
-
-def _network_near_miss(network: str) -> list[str]:
-    """A warning for a network name a typo away from one of Docker's modes (``bridg``): a valid
-    name, but one that only works if such a network was created."""
-    close = "" if network in DOCKER_NETWORK_MODES else _closest(network, DOCKER_NETWORK_MODES)
-    if not close:
-        return []
-    return [f"agent_network: {network!r} is not one of Docker's modes, so it must be a network created "
-            f"with docker network create; agents wait until it exists{close}"]
-
-
-def _docker_user_problem(text: str) -> str:
-    parts = text.split(":")
-    if len(parts) <= 2 and all(p.isdigit() or POSIX_USER_RE.fullmatch(p) for p in parts):
-        return ""
-    return "must be user, uid, user:group or uid:gid, e.g. 1000:1000"
-
-
-def _token_problem(text: str) -> str:
-    if len(text) >= MIN_TOKEN_LENGTH:
-        return ""
-    return (f"must be at least {MIN_TOKEN_LENGTH} characters (it guards reports and agent logs); "
-            "make one with: openssl rand -hex 32")
-
-
-VALUE_CHECKS: dict[str, Callable[[Any], str]] = {
-    "argv": lambda _argv: "",  # split like a shell (see _coerce_list); any words will do
-    "duration": _duration_problem,
-    "docker_memory": _docker_memory_problem,
-    "tmpfs_size": _tmpfs_size_problem,
-    "capabilities": _capabilities_problem,
-    "docker_network": _docker_network_problem,
-    "docker_user": _docker_user_problem,
-    "token": _token_problem,
-}
 
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -989,63 +1127,6 @@ def _readable_file(path: str) -> bool:
         return False
 
 
-_DNS_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
-
-
-@dataclass(frozen=True)
-class EgressRule:
-    """One allowed destination: ``host`` is a lower-case name, an IP literal, or ``*.suffix``."""
-
-    host: str
-    port: int
-
-    @property
-    def wildcard(self) -> bool:
-        return self.host.startswith("*.")
-
-    def matches(self, host: str, port: int) -> bool:
-        if port != self.port:
-            return False
-        return host.endswith(self.host[1:]) if self.wildcard else host == self.host
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_destination(text: str, wildcard: bool = False) -> EgressRule:
-    """``host:port`` (``[v6]:port`` for IPv6) as a rule; ``*.name`` only when ``wildcard``.
-
-    Raises ValueError saying what is wrong. Names are lower-cased without a trailing dot and
-    IP literals normalised, so that one destination has one spelling.
-    """
-    import ipaddress
-    if not isinstance(text, str) or len(text) > 260:
-        raise ValueError("must be a host:port string of at most 260 characters")
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError("must be host:port")
-    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError("the port must be a number from 1 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return EgressRule(str(ipaddress.IPv6Address(host[1:-1])), int(port_text))
-        except ValueError:
-            raise ValueError("not an IPv6 address in brackets") from None
-    host = host.lower().removesuffix(".")
-    try:
-        return EgressRule(str(ipaddress.IPv4Address(host)), int(port_text))
-    except ValueError:
-        pass
-    name = host[2:] if wildcard and host.startswith("*.") else host
-    labels = name.split(".")
-    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
-        raise ValueError("the host must be a DNS name, an IPv4 address or [an IPv6 address]"
-                         + (", or *.name" if wildcard else ""))
-    if name != host and len(labels) < 2:
-        raise ValueError("a wildcard must keep at least two labels, e.g. *.example.com")
-    return EgressRule(host, int(port_text))
-
-
 def _cross_check(config: Config, problems: list[str]) -> None:
     """Rules that involve more than one key."""
     if config.sse_reconnect_max_backoff < config.sse_reconnect_initial_backoff:
@@ -1172,7 +1253,6 @@ def _azure_connection_string_problem(text: str) -> str:
 
 def _importable(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it (the client libraries are slow to load)."""
-    import importlib.util
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -1314,6 +1394,166 @@ def config_as_dict(config: Config, masked: bool = True) -> dict[str, Any]:
                 cluster["mcp"]["api_key"] = SECRET_MASK
     data["state_storage"]["sqlite_path"] = config.sqlite_path
     return data
+
+
+# -- checks of a value's form, one per kind of value ----------------------------------------------
+# Each returns why the value cannot work, or "". They reject at load what would otherwise fail
+# only when an agent starts, in the words of the key's own documentation.
+
+GO_DURATION_EXAMPLE = "e.g. 168h, 30m or 1h30m"
+DOCKER_MIN_MEMORY = 6 * 1024 * 1024   # the engine refuses a smaller memory limit
+DOCKER_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)([kmg]b?|b)?", re.IGNORECASE)  # docker-py's parse_bytes
+TMPFS_SIZE_RE = re.compile(r"\d+[kmgtpe]?|\d+%", re.IGNORECASE)  # the kernel's tmpfs size= option
+DOCKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # moby's rule for the names of things
+DOCKER_NETWORK_MODES = ("bridge", "host", "none", "default")
+POSIX_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+MIN_TOKEN_LENGTH = 16
+LINUX_CAPABILITIES = frozenset((
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK",
+    "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN",
+    "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND",
+    "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))
+
+
+def _duration_problem(text: str) -> str:
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError as exc:
+        return f"{exc}; use a Go duration, {GO_DURATION_EXAMPLE}"
+    return "" if seconds > 0 else f"must be positive, {GO_DURATION_EXAMPLE}"
+
+
+def _docker_memory_problem(text: str) -> str:
+    match = DOCKER_MEMORY_RE.fullmatch(text)
+    if not match:
+        return "must be a size such as 512m or 2g (a number of bytes, or with unit b, k, m or g)"
+    unit = (match.group(2) or "b")[0].lower()
+    size = float(match.group(1)) * {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit]
+    return "" if size >= DOCKER_MIN_MEMORY else "must be at least 6m, the smallest limit Docker accepts"
+
+
+def _tmpfs_size_problem(text: str) -> str:
+    if TMPFS_SIZE_RE.fullmatch(text):
+        return ""
+    return ("must be a tmpfs size such as 512m, 1g or 50% (whole number, unit k, m or g), "
+            "and nothing else: the mount options are nightcrier's")
+
+
+def _capabilities_problem(names: list[str]) -> str:
+    unknown = [n for n in names if n.upper().removeprefix("CAP_") not in LINUX_CAPABILITIES | {"ALL"}]
+    if not unknown:
+        return ""
+    verb = "is not a Linux capability" if len(unknown) == 1 else "are not Linux capabilities"
+    return f"{', '.join(map(repr, unknown))} {verb} (such as NET_RAW or SYS_PTRACE; see capabilities(7))"
+
+
+def _docker_network_problem(text: str) -> str:
+    """Docker's own modes, ``container:<name>``, or a user-defined network's name. Whether that
+    network exists is the engine's to say: the runner checks before each agent (see
+    :meth:`DockerRunner.check`)."""
+    if text in DOCKER_NETWORK_MODES:
+        return ""
+    if text.startswith("container:"):
+        return "" if DOCKER_NAME_RE.fullmatch(text.removeprefix("container:")) else (
+            "container:<name> needs a container name or id")
+    if DOCKER_NAME_RE.fullmatch(text):
+        return ""
+    return ("must be bridge, host, none, container:<name> or the name of a Docker network "
+            "(letters, digits, '_', '.', '-')")
+
+
+def _network_near_miss(network: str) -> list[str]:
+    """A warning for a network name a typo away from one of Docker's modes (``bridg``): a valid
+    name, but one that only works if such a network was created."""
+    close = "" if network in DOCKER_NETWORK_MODES else _closest(network, DOCKER_NETWORK_MODES)
+    if not close:
+        return []
+    return [f"agent_network: {network!r} is not one of Docker's modes, so it must be a network created "
+            f"with docker network create; agents wait until it exists{close}"]
+
+
+def _docker_user_problem(text: str) -> str:
+    parts = text.split(":")
+    if len(parts) <= 2 and all(p.isdigit() or POSIX_USER_RE.fullmatch(p) for p in parts):
+        return ""
+    return "must be user, uid, user:group or uid:gid, e.g. 1000:1000"
+
+
+def _token_problem(text: str) -> str:
+    if len(text) >= MIN_TOKEN_LENGTH:
+        return ""
+    return (f"must be at least {MIN_TOKEN_LENGTH} characters (it guards reports and agent logs); "
+            "make one with: openssl rand -hex 32")
+
+
+VALUE_CHECKS: dict[str, Callable[[Any], str]] = {
+    "argv": lambda _argv: "",  # split like a shell (see _coerce_list); any words will do
+    "duration": _duration_problem,
+    "docker_memory": _docker_memory_problem,
+    "tmpfs_size": _tmpfs_size_problem,
+    "capabilities": _capabilities_problem,
+    "docker_network": _docker_network_problem,
+    "docker_user": _docker_user_problem,
+    "token": _token_problem,
+}
+
+
+_DNS_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """One allowed destination: ``host`` is a lower-case name, an IP literal, or ``*.suffix``."""
+
+    host: str
+    port: int
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+    def matches(self, host: str, port: int) -> bool:
+        if port != self.port:
+            return False
+        return host.endswith(self.host[1:]) if self.wildcard else host == self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_destination(text: str, wildcard: bool = False) -> EgressRule:
+    """``host:port`` (``[v6]:port`` for IPv6) as a rule; ``*.name`` only when ``wildcard``.
+
+    Raises ValueError saying what is wrong. Names are lower-cased without a trailing dot and
+    IP literals normalised, so that one destination has one spelling.
+    """
+    if not isinstance(text, str) or len(text) > 260:
+        raise ValueError("must be a host:port string of at most 260 characters")
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be host:port")
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return EgressRule(str(ipaddress.IPv6Address(host[1:-1])), int(port_text))
+        except ValueError:
+            raise ValueError("not an IPv6 address in brackets") from None
+    host = host.lower().removesuffix(".")
+    try:
+        return EgressRule(str(ipaddress.IPv4Address(host)), int(port_text))
+    except ValueError:
+        pass
+    name = host[2:] if wildcard and host.startswith("*.") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
+        raise ValueError("the host must be a DNS name, an IPv4 address or [an IPv6 address]"
+                         + (", or *.name" if wildcard else ""))
+    if name != host and len(labels) < 2:
+        raise ValueError("a wildcard must keep at least two labels, e.g. *.example.com")
+    return EgressRule(host, int(port_text))
 
 
 ###############################################################################
@@ -1816,6 +2056,30 @@ TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "completed_a
                           "received_at", "generated_at", "ended_at", "last_recurred_at"})
 
 
+# -- Which incidents get an agent --------------------------------------------
+
+# Go's severity levels; the events server's info/warning/critical are among them.
+SEVERITY_LEVELS = {"debug": 0, "info": 1, "warning": 2, "warn": 2, "error": 3, "critical": 4}
+
+
+# The words a skip_reason begins with.
+SKIP_CAUSES = ("duplicate", "severity", "stale", "backlog", "budget", "disabled")
+
+
+def skip_cause(skip_reason: str | None) -> str:
+    """The word a skip reason begins with: what the reasons are grouped by."""
+    return (skip_reason or "").split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class RunSpend:
+    """What one agent run used, as its CLI reported it; None where the CLI said nothing."""
+
+    tokens_used: int | None = None
+    cost_usd: float | None = None
+    text: str = ""  # the CLI's final answer, for the readable stdout log
+
+
 ###############################################################################
 # Store ########################################################################
 ###############################################################################
@@ -1851,12 +2115,6 @@ class SchemaTooNew(StoreError):
 
 class DatabaseOwned(StoreError):
     """Another live nightcrier process owns this SQLite database; the message names it."""
-
-
-# -- Which incidents get an agent --------------------------------------------
-
-# Go's severity levels; the events server's info/warning/critical are among them.
-SEVERITY_LEVELS = {"debug": 0, "info": 1, "warning": 2, "warn": 2, "error": 3, "critical": 4}
 
 
 @dataclass(frozen=True)
@@ -2280,15 +2538,6 @@ def _row_to(cls: type[T], row: Mapping[str, Any]) -> T:
             value = str(value)
         values[f.name] = value
     return cls(**values)
-
-
-# The words a skip_reason begins with.
-SKIP_CAUSES = ("duplicate", "severity", "stale", "backlog", "budget", "disabled")
-
-
-def skip_cause(skip_reason: str | None) -> str:
-    """The word a skip reason begins with: what the reasons are grouped by."""
-    return (skip_reason or "").split(":", 1)[0]
 
 
 def _repeat_key(event: FaultEvent) -> str:
@@ -3144,7 +3393,6 @@ class SqliteStore(SqlStore):
     def _take_lock(path: str) -> int:
         """A descriptor of ``<path>.lock`` holding its lock. Raises DatabaseOwned naming the
         process that holds it, StoreUnavailable when the file cannot be opened."""
-        import fcntl
         lock_path = path + ".lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -3722,7 +3970,6 @@ class PostgresStore(SqlStore):
 
     @staticmethod
     def liveness_key(instance: str) -> int:
-        import zlib
         return zlib.crc32(instance.encode("utf-8")) & 0x7FFF_FFFF
 
     def hold_liveness(self, instance: str) -> None:
@@ -4438,7 +4685,6 @@ def _bounded_chunks(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
     """``chunks`` as valid UTF-8, raising McpError as soon as one event passes ``limit`` bytes,
     whether it arrives in one chunk or in many. The previous chunk's last bytes are kept, so an
     event end cut between two chunks still counts as one."""
-    import codecs
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pending, tail = 0, b""
     for raw in chunks:
@@ -4474,15 +4720,6 @@ def _json_or_none(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
-
-
-def _short_error(exc: BaseException) -> str:
-    """One line naming what failed, without the nested repr chains of urllib3."""
-    text = str(exc).strip() or type(exc).__name__
-    for marker in ("Caused by ", "(Caused by"):
-        if marker in text:
-            text = text.split(marker, 1)[1].strip("() ")
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
 
 
 ###############################################################################
@@ -4682,14 +4919,12 @@ class IngestSink:
     """
 
     def __init__(self, queue_size: int, spool: Spool, metrics: Metrics):
-        import queue
         self.queue: queue.Queue[IngestItem] = queue.Queue(maxsize=queue_size)
         self.spool = spool
         self.metrics = metrics
 
     def put(self, item: IngestItem) -> str:
         """Hand over one item; returns "queued", "spooled" or "dropped"."""
-        import queue
         try:
             self.queue.put_nowait(item)
             return "queued"
@@ -4785,7 +5020,6 @@ class IngestWriter(threading.Thread):
         self.join(timeout)
         if not self.is_alive():
             return
-        import queue
         held = list(self._inflight)
         while True:
             try:
@@ -4838,7 +5072,6 @@ class IngestWriter(threading.Thread):
             self._spool_queue()
 
     def _next_batch(self) -> list[IngestItem]:
-        import queue
         try:
             first = self.sink.queue.get(timeout=0.1)
         except queue.Empty:
@@ -5084,24 +5317,6 @@ def _raw_of(item: Any) -> str:
         return json.dumps(_spool_record(item), default=str)
     except Exception:  # an item odd enough to fail this is described rather than lost
         return repr(item)
-
-
-class Backoff:
-    """Exponential backoff with full jitter: each delay is uniform in [0, min(max, base * 2**n)]."""
-
-    def __init__(self, initial: float, maximum: float):
-        self.initial = initial
-        self.maximum = maximum
-        self.attempt = 0
-
-    def next(self) -> float:
-        import random
-        ceiling = min(self.maximum, self.initial * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return random.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass
@@ -5580,7 +5795,7 @@ AGENT_HOME = "/home/agent"
 STOP_GRACE_SECONDS = 10.0
 RUNNER_CHECK_INTERVAL = 30.0   # seconds between checks that the runner could start an agent
 ORPHAN_CHECK_SECONDS = 2.0       # how often dead processes' claims are looked for
-DISPATCHER_JOIN_SECONDS = 2.0    # what shutdown waits for a dispatcher stuck on the database
+
 RECORD_RETRY_INITIAL = 0.2       # backoff of a worker recording its run while the database is down
 RECORD_RETRY_MAX = 5.0
 ABORT_SECONDS = 2.0              # what a second signal may spend killing agents and releasing claims
@@ -5651,7 +5866,6 @@ class ProcessRunner:
 
     def kill_all(self) -> None:
         """SIGKILL every running agent's process group at once (a second signal; any thread)."""
-        import signal
         for proc in list(self._procs.values()):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -5659,8 +5873,6 @@ class ProcessRunner:
                 pass
 
     def run(self, job: AgentJob, cancel: threading.Event) -> AgentOutcome:
-        import shutil
-        import subprocess
         env = {**_process_base_env(), **job.env}
         program = job.command[0] if job.command else ""
         if not shutil.which(program if os.path.isabs(program) or "/" not in program
@@ -5703,8 +5915,6 @@ class ProcessRunner:
             self._procs.pop(job.incident_id, None)
 
     def _stop_group(self, proc: Any) -> None:
-        import signal
-        import subprocess
         for sig, wait in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
@@ -5730,7 +5940,6 @@ def _with_parent_death_signal(command: list[str]) -> list[str]:
     child of a threaded process. Where setpriv is missing the agent can outlive
     a crashed nightcrier; the next start's recovery re-runs its incident.
     """
-    import shutil
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--", *command] if setpriv else command
 
@@ -5739,352 +5948,6 @@ def _process_base_env() -> dict[str, str]:
     """What the agent process inherits: a plain environment, none of nightcrier's own settings."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "TMPDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
     return {k: os.environ[k] for k in keep if k in os.environ}
-
-
-# -- agent network gate ---------------------------------------------------------------
-#
-# agent_egress: allowlist. The container has no network (network_mode none). nightcrier listens on
-# a Unix socket in a private host directory mounted into the container; the image's forwarder
-# (nightcrier-egress) listens inside the container on loopback, one 127.77.x.y address per
-# allowed name (mapped in the container's /etc/hosts) and the allowed port, plus a CONNECT proxy
-# for wildcard entries and addresses that cannot be bound (HTTPS_PROXY). Each connection is
-# tunnelled: the forwarder writes "host:port\n", the gate checks it against the allow-list,
-# answers "OK\n" or "NO <reason>\n", connects and splices bytes both ways, and writes one line of
-# logs/egress.log per connection. What the agent reaches is decided here, never in the container.
-
-EGRESS_MODES = ("allowlist", "open", "none")
-EGRESS_LOG_NAME = "egress.log"
-EGRESS_FORWARDER = "nightcrier-egress"
-EGRESS_SOCKET_DIR = "/run/nightcrier-gate"        # in the container
-EGRESS_SOCKET_NAME = "gate.sock"
-EGRESS_DIRECTORY_PREFIX = "nightcrier-gate-"      # in the host's temporary directory, then the pid
-EGRESS_PROXY_ADDRESS = ("127.77.255.254", 3128)   # the forwarder's CONNECT proxy, in the container
-EGRESS_MAX_CONNECTIONS = 128                      # open tunnels per agent; more are refused
-EGRESS_CONNECT_TIMEOUT = 10.0
-EGRESS_REQUEST_MAX = 300                          # bytes of "host:port\n"
-EGRESS_BUFFER = 256 * 1024
-# The container's own deadline, past agent_timeout: it ends the agent even when nightcrier is gone.
-CONTAINER_DEADLINE_GRACE = 5
-CONTAINER_DEADLINE_KILL_AFTER = 3
-# The selected CLI's model endpoint: the base-URL variable its vendor documents, else its API host.
-MODEL_ENDPOINTS = {"claude": ("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
-                   "codex": ("OPENAI_BASE_URL", "https://api.openai.com"),
-                   "gemini": ("GOOGLE_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com")}
-GOOSE_MODEL_ENDPOINTS = {"anthropic": ("ANTHROPIC_HOST", "https://api.anthropic.com"),
-                         "openai": ("OPENAI_HOST", "https://api.openai.com"),
-                         "google": ("GOOGLE_HOST", "https://generativelanguage.googleapis.com"),
-                         "gemini": ("GOOGLE_HOST", "https://generativelanguage.googleapis.com")}
-def _url_destination(url: str) -> EgressRule | None:
-    """The host:port an http(s) URL connects to, or None when it names none."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
-        if not parts.hostname or not port:
-            return None
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        return parse_destination(f"{host}:{port}")
-    except ValueError:
-        return None
-
-
-def kubeconfig_servers(path: str) -> list[EgressRule]:
-    """The API servers a kubeconfig names (every cluster in it); [] when unreadable."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
-    clusters = data.get("clusters") if isinstance(data, dict) else None
-    found = []
-    for entry in clusters if isinstance(clusters, list) else []:
-        cluster = entry.get("cluster") if isinstance(entry, dict) else None
-        server = cluster.get("server") if isinstance(cluster, dict) else None
-        rule = _url_destination(server) if isinstance(server, str) else None
-        if rule is not None:
-            found.append(rule)
-    return found
-
-
-def model_endpoint(config: Config, env: Mapping[str, str]) -> EgressRule | None:
-    """The selected CLI's model endpoint: its base URL from the agent's environment, else its vendor's."""
-    if config.agent_cli == "goose":
-        provider = (env.get("GOOSE_PROVIDER") or "anthropic").lower()
-        variable, default = GOOSE_MODEL_ENDPOINTS.get(provider, ("", ""))
-    else:
-        variable, default = MODEL_ENDPOINTS.get(config.agent_cli, ("", ""))
-    url = env.get(variable) or default if variable else ""
-    return _url_destination(url) if url else None
-
-
-class EgressPolicy:
-    """What one agent may reach: the configured rules, its model endpoint and its cluster's API server.
-
-    Immutable once built; :meth:`allows` is called from gate threads.
-    """
-
-    def __init__(self, rules: Iterable[EgressRule]):
-        self.rules = tuple(dict.fromkeys(rules))
-
-    @classmethod
-    def for_job(cls, config: Config, job: AgentJob) -> EgressPolicy:
-        rules = [parse_destination(entry, wildcard=True) for entry in config.agent_egress_allow]
-        model = model_endpoint(config, job.env)
-        implicit = ([model] if model else []) + (kubeconfig_servers(job.kubeconfig) if job.kubeconfig else [])
-        return cls(rules + implicit)
-
-    def allows(self, rule: EgressRule) -> bool:
-        return any(allowed.matches(rule.host, rule.port) for allowed in self.rules)
-
-    def container_plan(self) -> tuple[dict[str, str], list[dict[str, Any]]]:
-        """Names for the container's /etc/hosts and the forwarder's listeners.
-
-        Each allowed name gets its own loopback address; a loopback IP literal is listened on
-        as it is. Wildcards and other IP literals get no listener: they are reached through the
-        CONNECT proxy.
-        """
-        import ipaddress
-        hosts: dict[str, str] = {}
-        listeners = []
-        for rule in self.rules:
-            if rule.wildcard:
-                continue
-            try:
-                address = ipaddress.ip_address(rule.host)
-            except ValueError:
-                address = None
-            if address is not None:
-                if address.version == 4 and address.is_loopback:
-                    listeners.append({"addr": rule.host, "port": rule.port, "dest": str(rule)})
-                continue
-            if rule.host == "localhost":
-                listeners.append({"addr": "127.0.0.1", "port": rule.port, "dest": str(rule)})
-                continue
-            if rule.host not in hosts:
-                index = len(hosts)
-                hosts[rule.host] = f"127.77.{index // 250}.{index % 250 + 2}"
-            listeners.append({"addr": hosts[rule.host], "port": rule.port, "dest": str(rule)})
-        return hosts, listeners
-
-
-class EgressGate:
-    """The host side of one agent's network: a Unix socket that tunnels allowed connections.
-
-    :meth:`start` binds ``<directory>/gate.sock`` (the directory is private to nightcrier and
-    the container's group, and is removed by :meth:`close`) and accepts on a thread of its own;
-    each tunnel runs on two threads, at most ``EGRESS_MAX_CONNECTIONS`` at once. Every
-    connection passed and every request refused is one line of the audit log ``log_fd``
-    (opened by the caller, written here, never closed here); ``on_refused`` is called once per
-    refusal. Never raises from its threads: a failing destination is a logged failure.
-    """
-
-    def __init__(self, policy: EgressPolicy, log_fd: int, on_refused: Callable[[], None] | None = None):
-        import tempfile
-        self.policy = policy
-        self.log_fd = log_fd
-        self.on_refused = on_refused
-        # Named after this process, so that a later start can remove what a killed one left.
-        self.directory = tempfile.mkdtemp(prefix=f"{EGRESS_DIRECTORY_PREFIX}{os.getpid()}-")
-        self.path = os.path.join(self.directory, EGRESS_SOCKET_NAME)
-        self._listener: socket.socket | None = None
-        self._closed = threading.Event()
-        self._log_lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-
-    def start(self) -> None:
-        os.chmod(self.directory, 0o750)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.path)
-        os.chmod(self.path, 0o660)
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept_loop, name="egress-gate", daemon=True).start()
-
-    def close(self) -> None:
-        """Stop accepting, cut every open tunnel and remove the socket's directory."""
-        import shutil
-        self._closed.set()
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-        with self._open_lock:
-            for sock in list(self._open):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), name="egress-tunnel", daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        started = time.monotonic()
-        try:
-            request = self._read_request(client)
-        except (OSError, ValueError) as exc:
-            self._refuse(client, "?", f"malformed request: {exc}")
-            return
-        try:
-            rule = parse_destination(request)
-        except ValueError as exc:
-            self._refuse(client, request[:80], f"malformed destination: {exc}")
-            return
-        if not self.policy.allows(rule):
-            self._refuse(client, str(rule), "not allowed")
-            return
-        with self._open_lock:
-            crowded = len(self._open) >= 2 * EGRESS_MAX_CONNECTIONS
-        if crowded:
-            self._refuse(client, str(rule), "too many open connections")
-            return
-        try:
-            upstream = socket.create_connection((rule.host, rule.port), timeout=EGRESS_CONNECT_TIMEOUT)
-        except OSError as exc:
-            self._write(f"failed {rule} error={_short_error(exc)!r}")
-            self._answer(client, f"NO cannot connect: {exc.strerror or exc}")
-            client.close()
-            return
-        upstream.settimeout(None)
-        client.settimeout(None)
-        sent, received = self._splice(client, upstream)
-        self._write(f"allowed {rule} sent={sent} received={received} "
-                    f"duration={time.monotonic() - started:.3f}s")
-
-    @staticmethod
-    def _read_request(client: socket.socket) -> str:
-        client.settimeout(EGRESS_CONNECT_TIMEOUT)
-        data = b""
-        while b"\n" not in data:
-            chunk = client.recv(EGRESS_REQUEST_MAX + 1 - len(data))
-            if not chunk:
-                raise ValueError("closed before a destination was named")
-            data += chunk
-            if len(data) > EGRESS_REQUEST_MAX:
-                raise ValueError("too long")
-        line, _, rest = data.partition(b"\n")
-        if rest:
-            raise ValueError("data before the answer")
-        return line.decode("ascii")
-
-    def _refuse(self, client: socket.socket, destination: str, reason: str) -> None:
-        shown = destination if destination.isprintable() and " " not in destination else repr(destination)
-        self._write(f"refused {shown} reason={reason!r}")
-        if self.on_refused is not None:  # counted before the agent hears of it
-            self.on_refused()
-        self._answer(client, f"NO {reason}")
-        client.close()
-
-    @staticmethod
-    def _answer(client: socket.socket, line: str) -> None:
-        try:
-            client.sendall(line.encode("ascii", "replace") + b"\n")
-        except OSError:
-            pass
-
-    def _splice(self, client: socket.socket, upstream: socket.socket) -> tuple[int, int]:
-        """Copy both ways until both sides are done; bytes (agent -> destination, back)."""
-        with self._open_lock:
-            self._open.update((client, upstream))
-        counts = [0, 0]
-
-        def pump(source: socket.socket, sink: socket.socket, slot: int) -> None:
-            buffer = bytearray(EGRESS_BUFFER)
-            view = memoryview(buffer)
-            try:
-                while True:
-                    n = source.recv_into(buffer)
-                    if not n:
-                        break
-                    sink.sendall(view[:n])
-                    counts[slot] += n
-            except OSError:
-                pass
-            try:
-                sink.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        try:
-            self._answer(client, "OK")
-            back = threading.Thread(target=pump, args=(upstream, client, 1), name="egress-tunnel",
-                                    daemon=True)
-            back.start()
-            pump(client, upstream, 0)
-            back.join()
-        finally:
-            with self._open_lock:
-                self._open.difference_update((client, upstream))
-            client.close()
-            upstream.close()
-        return counts[0], counts[1]
-
-    def _write(self, line: str) -> None:
-        stamped = f"{_iso(utcnow())} {line}\n".encode("utf-8", "replace")
-        with self._log_lock:
-            try:
-                os.write(self.log_fd, stamped)
-            except OSError as exc:  # the log's disk is full; the tunnel itself is unaffected
-                log_event(logging.WARNING, "egress log not written", error=_short_error(exc))
-
-
-def _pid_gone(pid: int) -> bool:
-    """Whether no process has ``pid`` in this pid namespace (one we may not signal is there)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def remove_stale_gate_directories() -> list[str]:
-    """Remove the gate directories that processes killed before closing their gates left behind
-    (ours and live processes' are kept); returns their paths."""
-    import glob
-    import shutil
-    import tempfile
-    removed = []
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{EGRESS_DIRECTORY_PREFIX}*-*")):
-        pid = os.path.basename(path)[len(EGRESS_DIRECTORY_PREFIX):].split("-")[0]
-        try:
-            info = os.lstat(path)
-        except OSError:
-            continue
-        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and pid.isdigit()
-                and int(pid) != os.getpid() and _pid_gone(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def container_deadline_command(command: list[str], timeout: float, gated: bool) -> list[str]:
-    """``command`` wrapped so that the container ends by itself after ``timeout`` plus a grace,
-    when nightcrier is no longer there to stop it; ``gated`` starts the image's forwarder first.
-
-    An image without ``timeout`` runs without a deadline of its own, and one without the
-    forwarder runs with no network at all; agent-check reports both.
-    """
-    deadline = int(timeout) + CONTAINER_DEADLINE_GRACE
-    script = ""
-    if gated:
-        script += (f"if command -v {EGRESS_FORWARDER} >/dev/null 2>&1; then {EGRESS_FORWARDER} || exit 125; "
-                   f"else echo 'nightcrier: the image has no {EGRESS_FORWARDER}; the agent has no network' "
-                   ">&2; fi; ")
-    script += ('command -v timeout >/dev/null 2>&1 || exec "$@"; '
-               f'exec timeout -s TERM -k {CONTAINER_DEADLINE_KILL_AFTER} {deadline} "$@"')
-    return ["/bin/sh", "-c", script, "nightcrier-agent", *command]
 
 
 class DockerRunner:
@@ -6577,6 +6440,348 @@ def agent_cli_command(config: Config) -> list[str]:
     return ["/bin/bash", "-c", f"set -o pipefail; {line}"]
 
 
+# -- agent network gate ---------------------------------------------------------------
+#
+# agent_egress: allowlist. The container has no network (network_mode none). nightcrier listens on
+# a Unix socket in a private host directory mounted into the container; the image's forwarder
+# (nightcrier-egress) listens inside the container on loopback, one 127.77.x.y address per
+# allowed name (mapped in the container's /etc/hosts) and the allowed port, plus a CONNECT proxy
+# for wildcard entries and addresses that cannot be bound (HTTPS_PROXY). Each connection is
+# tunnelled: the forwarder writes "host:port\n", the gate checks it against the allow-list,
+# answers "OK\n" or "NO <reason>\n", connects and splices bytes both ways, and writes one line of
+# logs/egress.log per connection. What the agent reaches is decided here, never in the container.
+
+EGRESS_MODES = ("allowlist", "open", "none")
+EGRESS_LOG_NAME = "egress.log"
+EGRESS_FORWARDER = "nightcrier-egress"
+EGRESS_SOCKET_DIR = "/run/nightcrier-gate"        # in the container
+EGRESS_SOCKET_NAME = "gate.sock"
+EGRESS_DIRECTORY_PREFIX = "nightcrier-gate-"      # in the host's temporary directory, then the pid
+EGRESS_PROXY_ADDRESS = ("127.77.255.254", 3128)   # the forwarder's CONNECT proxy, in the container
+EGRESS_MAX_CONNECTIONS = 128                      # open tunnels per agent; more are refused
+EGRESS_CONNECT_TIMEOUT = 10.0
+EGRESS_REQUEST_MAX = 300                          # bytes of "host:port\n"
+EGRESS_BUFFER = 256 * 1024
+# The container's own deadline, past agent_timeout: it ends the agent even when nightcrier is gone.
+CONTAINER_DEADLINE_GRACE = 5
+CONTAINER_DEADLINE_KILL_AFTER = 3
+# The selected CLI's model endpoint: the base-URL variable its vendor documents, else its API host.
+MODEL_ENDPOINTS = {"claude": ("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+                   "codex": ("OPENAI_BASE_URL", "https://api.openai.com"),
+                   "gemini": ("GOOGLE_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com")}
+GOOSE_MODEL_ENDPOINTS = {"anthropic": ("ANTHROPIC_HOST", "https://api.anthropic.com"),
+                         "openai": ("OPENAI_HOST", "https://api.openai.com"),
+                         "google": ("GOOGLE_HOST", "https://generativelanguage.googleapis.com"),
+                         "gemini": ("GOOGLE_HOST", "https://generativelanguage.googleapis.com")}
+
+
+def _url_destination(url: str) -> EgressRule | None:
+    """The host:port an http(s) URL connects to, or None when it names none."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+        if not parts.hostname or not port:
+            return None
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return parse_destination(f"{host}:{port}")
+    except ValueError:
+        return None
+
+
+def kubeconfig_servers(path: str) -> list[EgressRule]:
+    """The API servers a kubeconfig names (every cluster in it); [] when unreadable."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    clusters = data.get("clusters") if isinstance(data, dict) else None
+    found = []
+    for entry in clusters if isinstance(clusters, list) else []:
+        cluster = entry.get("cluster") if isinstance(entry, dict) else None
+        server = cluster.get("server") if isinstance(cluster, dict) else None
+        rule = _url_destination(server) if isinstance(server, str) else None
+        if rule is not None:
+            found.append(rule)
+    return found
+
+
+def model_endpoint(config: Config, env: Mapping[str, str]) -> EgressRule | None:
+    """The selected CLI's model endpoint: its base URL from the agent's environment, else its vendor's."""
+    if config.agent_cli == "goose":
+        provider = (env.get("GOOSE_PROVIDER") or "anthropic").lower()
+        variable, default = GOOSE_MODEL_ENDPOINTS.get(provider, ("", ""))
+    else:
+        variable, default = MODEL_ENDPOINTS.get(config.agent_cli, ("", ""))
+    url = env.get(variable) or default if variable else ""
+    return _url_destination(url) if url else None
+
+
+class EgressPolicy:
+    """What one agent may reach: the configured rules, its model endpoint and its cluster's API server.
+
+    Immutable once built; :meth:`allows` is called from gate threads.
+    """
+
+    def __init__(self, rules: Iterable[EgressRule]):
+        self.rules = tuple(dict.fromkeys(rules))
+
+    @classmethod
+    def for_job(cls, config: Config, job: AgentJob) -> EgressPolicy:
+        rules = [parse_destination(entry, wildcard=True) for entry in config.agent_egress_allow]
+        model = model_endpoint(config, job.env)
+        implicit = ([model] if model else []) + (kubeconfig_servers(job.kubeconfig) if job.kubeconfig else [])
+        return cls(rules + implicit)
+
+    def allows(self, rule: EgressRule) -> bool:
+        return any(allowed.matches(rule.host, rule.port) for allowed in self.rules)
+
+    def container_plan(self) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """Names for the container's /etc/hosts and the forwarder's listeners.
+
+        Each allowed name gets its own loopback address; a loopback IP literal is listened on
+        as it is. Wildcards and other IP literals get no listener: they are reached through the
+        CONNECT proxy.
+        """
+        hosts: dict[str, str] = {}
+        listeners = []
+        for rule in self.rules:
+            if rule.wildcard:
+                continue
+            try:
+                address = ipaddress.ip_address(rule.host)
+            except ValueError:
+                address = None
+            if address is not None:
+                if address.version == 4 and address.is_loopback:
+                    listeners.append({"addr": rule.host, "port": rule.port, "dest": str(rule)})
+                continue
+            if rule.host == "localhost":
+                listeners.append({"addr": "127.0.0.1", "port": rule.port, "dest": str(rule)})
+                continue
+            if rule.host not in hosts:
+                index = len(hosts)
+                hosts[rule.host] = f"127.77.{index // 250}.{index % 250 + 2}"
+            listeners.append({"addr": hosts[rule.host], "port": rule.port, "dest": str(rule)})
+        return hosts, listeners
+
+
+class EgressGate:
+    """The host side of one agent's network: a Unix socket that tunnels allowed connections.
+
+    :meth:`start` binds ``<directory>/gate.sock`` (the directory is private to nightcrier and
+    the container's group, and is removed by :meth:`close`) and accepts on a thread of its own;
+    each tunnel runs on two threads, at most ``EGRESS_MAX_CONNECTIONS`` at once. Every
+    connection passed and every request refused is one line of the audit log ``log_fd``
+    (opened by the caller, written here, never closed here); ``on_refused`` is called once per
+    refusal. Never raises from its threads: a failing destination is a logged failure.
+    """
+
+    def __init__(self, policy: EgressPolicy, log_fd: int, on_refused: Callable[[], None] | None = None):
+        self.policy = policy
+        self.log_fd = log_fd
+        self.on_refused = on_refused
+        # Named after this process, so that a later start can remove what a killed one left.
+        self.directory = tempfile.mkdtemp(prefix=f"{EGRESS_DIRECTORY_PREFIX}{os.getpid()}-")
+        self.path = os.path.join(self.directory, EGRESS_SOCKET_NAME)
+        self._listener: socket.socket | None = None
+        self._closed = threading.Event()
+        self._log_lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def start(self) -> None:
+        os.chmod(self.directory, 0o750)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        os.chmod(self.path, 0o660)
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept_loop, name="egress-gate", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting, cut every open tunnel and remove the socket's directory."""
+        self._closed.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        with self._open_lock:
+            for sock in list(self._open):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), name="egress-tunnel", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        started = time.monotonic()
+        try:
+            request = self._read_request(client)
+        except (OSError, ValueError) as exc:
+            self._refuse(client, "?", f"malformed request: {exc}")
+            return
+        try:
+            rule = parse_destination(request)
+        except ValueError as exc:
+            self._refuse(client, request[:80], f"malformed destination: {exc}")
+            return
+        if not self.policy.allows(rule):
+            self._refuse(client, str(rule), "not allowed")
+            return
+        with self._open_lock:
+            crowded = len(self._open) >= 2 * EGRESS_MAX_CONNECTIONS
+        if crowded:
+            self._refuse(client, str(rule), "too many open connections")
+            return
+        try:
+            upstream = socket.create_connection((rule.host, rule.port), timeout=EGRESS_CONNECT_TIMEOUT)
+        except OSError as exc:
+            self._write(f"failed {rule} error={_short_error(exc)!r}")
+            self._answer(client, f"NO cannot connect: {exc.strerror or exc}")
+            client.close()
+            return
+        upstream.settimeout(None)
+        client.settimeout(None)
+        sent, received = self._splice(client, upstream)
+        self._write(f"allowed {rule} sent={sent} received={received} "
+                    f"duration={time.monotonic() - started:.3f}s")
+
+    @staticmethod
+    def _read_request(client: socket.socket) -> str:
+        client.settimeout(EGRESS_CONNECT_TIMEOUT)
+        data = b""
+        while b"\n" not in data:
+            chunk = client.recv(EGRESS_REQUEST_MAX + 1 - len(data))
+            if not chunk:
+                raise ValueError("closed before a destination was named")
+            data += chunk
+            if len(data) > EGRESS_REQUEST_MAX:
+                raise ValueError("too long")
+        line, _, rest = data.partition(b"\n")
+        if rest:
+            raise ValueError("data before the answer")
+        return line.decode("ascii")
+
+    def _refuse(self, client: socket.socket, destination: str, reason: str) -> None:
+        shown = destination if destination.isprintable() and " " not in destination else repr(destination)
+        self._write(f"refused {shown} reason={reason!r}")
+        if self.on_refused is not None:  # counted before the agent hears of it
+            self.on_refused()
+        self._answer(client, f"NO {reason}")
+        client.close()
+
+    @staticmethod
+    def _answer(client: socket.socket, line: str) -> None:
+        try:
+            client.sendall(line.encode("ascii", "replace") + b"\n")
+        except OSError:
+            pass
+
+    def _splice(self, client: socket.socket, upstream: socket.socket) -> tuple[int, int]:
+        """Copy both ways until both sides are done; bytes (agent -> destination, back)."""
+        with self._open_lock:
+            self._open.update((client, upstream))
+        counts = [0, 0]
+
+        def pump(source: socket.socket, sink: socket.socket, slot: int) -> None:
+            buffer = bytearray(EGRESS_BUFFER)
+            view = memoryview(buffer)
+            try:
+                while True:
+                    n = source.recv_into(buffer)
+                    if not n:
+                        break
+                    sink.sendall(view[:n])
+                    counts[slot] += n
+            except OSError:
+                pass
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        try:
+            self._answer(client, "OK")
+            back = threading.Thread(target=pump, args=(upstream, client, 1), name="egress-tunnel",
+                                    daemon=True)
+            back.start()
+            pump(client, upstream, 0)
+            back.join()
+        finally:
+            with self._open_lock:
+                self._open.difference_update((client, upstream))
+            client.close()
+            upstream.close()
+        return counts[0], counts[1]
+
+    def _write(self, line: str) -> None:
+        stamped = f"{_iso(utcnow())} {line}\n".encode("utf-8", "replace")
+        with self._log_lock:
+            try:
+                os.write(self.log_fd, stamped)
+            except OSError as exc:  # the log's disk is full; the tunnel itself is unaffected
+                log_event(logging.WARNING, "egress log not written", error=_short_error(exc))
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether no process has ``pid`` in this pid namespace (one we may not signal is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_gate_directories() -> list[str]:
+    """Remove the gate directories that processes killed before closing their gates left behind
+    (ours and live processes' are kept); returns their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{EGRESS_DIRECTORY_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(EGRESS_DIRECTORY_PREFIX):].split("-")[0]
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and pid.isdigit()
+                and int(pid) != os.getpid() and _pid_gone(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def container_deadline_command(command: list[str], timeout: float, gated: bool) -> list[str]:
+    """``command`` wrapped so that the container ends by itself after ``timeout`` plus a grace,
+    when nightcrier is no longer there to stop it; ``gated`` starts the image's forwarder first.
+
+    An image without ``timeout`` runs without a deadline of its own, and one without the
+    forwarder runs with no network at all; agent-check reports both.
+    """
+    deadline = int(timeout) + CONTAINER_DEADLINE_GRACE
+    script = ""
+    if gated:
+        script += (f"if command -v {EGRESS_FORWARDER} >/dev/null 2>&1; then {EGRESS_FORWARDER} || exit 125; "
+                   f"else echo 'nightcrier: the image has no {EGRESS_FORWARDER}; the agent has no network' "
+                   ">&2; fi; ")
+    script += ('command -v timeout >/dev/null 2>&1 || exec "$@"; '
+               f'exec timeout -s TERM -k {CONTAINER_DEADLINE_KILL_AFTER} {deadline} "$@"')
+    return ["/bin/sh", "-c", script, "nightcrier-agent", *command]
+
+
 # -- workspace safety ---------------------------------------------------------------
 #
 # Everything below a workspace may have been written by an agent, which may be hostile. nightcrier
@@ -6899,7 +7104,6 @@ def _lexists_at(name: str, dir_fd: int) -> bool:
 
 
 def _empty_dir_at(name: str, dir_fd: int) -> bool:
-    import stat
     if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
         return False
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -6969,15 +7173,6 @@ def stage_agent_job(config: Config, incident: Incident, workspace: str, instance
 
 AGENT_RESULT_RELPATH = "logs/agent-result.json"
 AGENT_RESULT_MAX_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RunSpend:
-    """What one agent run used, as its CLI reported it; None where the CLI said nothing."""
-
-    tokens_used: int | None = None
-    cost_usd: float | None = None
-    text: str = ""  # the CLI's final answer, for the readable stdout log
 
 
 def read_run_spend(workspace: str) -> RunSpend:
@@ -7148,11 +7343,436 @@ def read_report(workspace: str, max_bytes: int) -> tuple[str, bool]:
     data, size = read_workspace_file(workspace, REPORT_RELPATH, max_bytes)
     if size <= max_bytes and len(data) == size:
         return data.decode("utf-8", "replace"), False
-    import codecs
     # Not final: a character cut in half at the limit is held back rather than replaced.
     text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
     return (text + f"\n\n---\n*Report truncated: the first {len(data)} of {size} bytes are shown; "
             f"the whole report is {REPORT_RELPATH} in the incident workspace.*\n"), True
+
+
+# -- summary ------------------------------------------------------------------------
+
+SUMMARY_FALLBACK = "See investigation report"
+UNKNOWN_CONFIDENCE = "UNKNOWN"
+ROOT_CAUSE_MAX_CHARS = 500
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What a report says in one line: its root cause and how confident the agent was.
+
+    ``confidence`` is HIGH, MEDIUM, LOW or UNKNOWN; ``root_cause`` is plain text
+    (no Markdown) of at most ``ROOT_CAUSE_MAX_CHARS`` characters.
+    """
+
+    root_cause: str = SUMMARY_FALLBACK
+    confidence: str = UNKNOWN_CONFIDENCE
+
+    @property
+    def text(self) -> str:
+        """The line stored as ``triage_reports.summary_text``."""
+        return f"{self.root_cause} (confidence: {self.confidence})"
+
+
+SUMMARY_LINE_CHARS = 1000        # more never matters for a summary; less work on hostile input
+SUMMARY_MAX_CHARS = 200_000      # parsing is ~3 ms per KB; a root cause further in is not looked for
+_SECTION_NUMBER_RE = re.compile(r"^(?:section\s+)?\d+(?:\.\d+)*[.):]?\s+", re.I)
+_TASK_BOX_RE = re.compile(r"^\[[ xX]\]\s+")
+_ROOT_CAUSE_KEY_RE = re.compile(
+    r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*causes?\b", re.I)
+_PRIMARY_HYPOTHESIS_RE = re.compile(r"^\W*primary\s+hypothes[ie]s\b", re.I)
+_CAUSE_KEY_RE = re.compile(
+    r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?(?:root[\s-]*causes?|cause)\b"
+    r"|^\W*primary\s+hypothes[ie]s\b", re.I)
+_CONFIDENCE_KEY_RE = re.compile(r"^\W*confidence\b", re.I)
+_FIRST_HYPOTHESIS_RE = re.compile(r"^\W*H1\b\s*[:.)\-—–]?\s*")
+_OTHER_HYPOTHESIS_RE = re.compile(r"^\W*H\d\b")
+_INLINE_ROOT_CAUSE_RE = re.compile(
+    r"^(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*cause"
+    r"(?:\s*\([^)]*\))?\s*[:—–-]\s*(\S.*)$", re.I)
+_LABEL_PREFIX_RE = re.compile(r"^(?:statement|summary|hypothesis|root[\s-]*cause)\s*:\s*", re.I)
+_CONFIDENCE_WORD_RE = re.compile(r"\bconfidence\b", re.I)
+_LEVEL_RE = re.compile(r"\b(high|medium|low)\b", re.I)
+_LEVEL_AFTER_RE = re.compile(r"\s*(?:level|rating)?\s*(?:is|was)?[\s:=|\-—–(\[]*(high|medium|low)\b", re.I)
+_LEVEL_BEFORE_RE = re.compile(r"\b(high|medium|low)[\s-]+$", re.I)
+_CONFIDENCE_CLAUSE_RE = re.compile(
+    r"\s*[-—–,;:|]*\s*\(?\s*(?:confidence(?:\s+level)?\s*[:=]?\s*(?:high|medium|low)\b"
+    r"|(?:high|medium|low)\s+confidence\b)\s*\)?.*$", re.I)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One unit of a report as the summary reads it, from markdown-it's token stream.
+
+    ``heading`` (``level``, ``text``); ``line``: one line of a paragraph (``item``
+    when it starts a list item); ``end``: the end of a paragraph or of a code block;
+    ``rule``; ``table`` (``header`` cells or None, ``rows`` of cells, ``bold`` when
+    the first cell of the header or first row is bold throughout). Text is what a
+    reader sees: no Markdown syntax, whitespace collapsed.
+    """
+
+    kind: str
+    text: str = ""
+    level: int = 0
+    item: bool = False
+    header: tuple[str, ...] | None = None
+    rows: tuple[tuple[str, ...], ...] = ()
+    bold: bool = False
+
+    @property
+    def title(self) -> str:
+        """A heading's text without its numbering ("3. Root Cause" -> "Root Cause")."""
+        return _SECTION_NUMBER_RE.sub("", self.text)
+
+    def texts(self) -> list[str]:
+        if self.kind == "table":
+            return [" | ".join(row) for row in ([self.header] if self.header else []) + list(self.rows)]
+        return [self.text] if self.text else []
+
+
+def summarize_report(markdown: str) -> ReportSummary:
+    """The root cause and confidence of an agent's report; never raises.
+
+    Understands both the simple layout of the built-in prompt (``## Root
+    Cause`` followed by a paragraph and ``**Confidence:** HIGH``) and the
+    7-section template of the triage skill (``## 3. Root Cause Analysis`` with
+    ranked hypotheses ``### H1: ... — Confidence: High`` and their
+    ``**Statement**``, an Executive Triage Card table, a ``### Primary
+    Hypothesis``). The report is read as CommonMark (with tables), so code
+    blocks never count and emphasis or code spans do not hide a key; only its
+    first ``SUMMARY_MAX_CHARS`` characters are read. Headings and
+    keys match case-insensitively, confidence levels only as whole words (FLOW
+    is not LOW). Without a root cause the summary says ``See investigation
+    report``; without a confidence, UNKNOWN.
+    """
+    lines = markdown[:SUMMARY_MAX_CHARS].splitlines()
+    blocks = _report_blocks("\n".join(line[:SUMMARY_LINE_CHARS] for line in lines))
+    found = (_root_cause_section(blocks) or _table_entry(blocks, _CAUSE_KEY_RE)
+             or _inline_root_cause(blocks) or _primary_hypothesis(blocks))
+    root_cause, region = found if found else (SUMMARY_FALLBACK, [])
+    confidence = (_level_in(region) or _level_of(_table_entry(blocks, _CONFIDENCE_KEY_RE))
+                  or _level_in((_primary_hypothesis(blocks) or ("", []))[1])
+                  or _level_in([text for block in blocks for text in block.texts()]))
+    return ReportSummary(root_cause, confidence or UNKNOWN_CONFIDENCE)
+
+
+def _report_blocks(markdown: str) -> list[_Block]:
+    """The report's headings, paragraph lines, rules and tables in order; code blocks only end a paragraph."""
+    from markdown_it import MarkdownIt
+    tokens = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]).parse(markdown)
+    blocks: list[_Block] = []
+    item_starts = False
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token.type == "heading_open":
+            text = " ".join(_inline_lines(tokens[index + 1].children or []))
+            blocks.append(_Block("heading", text, level=int(token.tag[1:])))
+            item_starts = False
+        elif token.type == "list_item_open":
+            item_starts = True
+        elif token.type == "paragraph_open":
+            for number, line in enumerate(_inline_lines(tokens[index + 1].children or [])):
+                if number == 0 and item_starts:
+                    line = _TASK_BOX_RE.sub("", line)
+                blocks.append(_Block("line", line, item=item_starts and number == 0))
+            blocks.append(_Block("end"))
+            item_starts = False
+        elif token.type == "table_open":
+            end = next(i for i in range(index, len(tokens)) if tokens[i].type == "table_close")
+            blocks.append(_table_block(tokens[index:end]))
+            index = end
+        elif token.type == "hr":
+            blocks.append(_Block("rule"))
+        elif token.type in ("fence", "code_block"):
+            blocks.append(_Block("end"))
+        index += 1
+    return _pipe_paragraphs(blocks)
+
+
+def _inline_lines(children: Sequence[Any]) -> list[str]:
+    """The plain text of an inline token's children, one string per line (soft or hard break)."""
+    lines: list[list[str]] = [[]]
+    for child in children:
+        if child.type in ("text", "code_inline"):
+            lines[-1].append(child.content)
+        elif child.type == "image":
+            lines[-1].extend(_inline_lines(child.children or []))
+        elif child.type in ("softbreak", "hardbreak"):
+            lines.append([])
+    return [text for text in (" ".join("".join(parts).split()) for parts in lines) if text]
+
+
+def _bold_throughout(children: Sequence[Any]) -> bool:
+    """Whether a cell is one bold run, perhaps followed by a colon ("**Root Cause**:")."""
+    kinds = [c for c in children if not (c.type == "text" and c.content.strip() in ("", ":"))]
+    return len(kinds) >= 3 and kinds[0].type == "strong_open" and kinds[-1].type == "strong_close"
+
+
+def _table_block(tokens: Sequence[Any]) -> _Block:
+    rows: list[tuple[str, ...]] = []
+    bold: list[bool] = []
+    header = False
+    for token in tokens:
+        if token.type == "thead_open":
+            header = True
+        elif token.type == "tr_open":
+            rows.append(())
+            bold.append(False)
+        elif token.type == "inline" and rows:
+            children = token.children or []
+            if not rows[-1]:
+                bold[-1] = _bold_throughout(children)
+            rows[-1] = (*rows[-1], " ".join(_inline_lines(children)))
+    if header and rows:
+        return _Block("table", header=rows[0], rows=tuple(rows[1:]),
+                      bold=bold[0] or (len(bold) > 1 and bold[1]))
+    return _Block("table", rows=tuple(rows))
+
+
+def _pipe_paragraphs(blocks: list[_Block]) -> list[_Block]:
+    """Paragraph lines that look like table rows but have no delimiter row become a table without header."""
+    result: list[_Block] = []
+    rows: list[tuple[str, ...]] = []
+    for block in [*blocks, _Block("end")]:
+        if block.kind == "line" and block.text.startswith("|"):
+            rows.append(tuple(c.strip() for c in re.split(r"(?<!\\)\|", block.text.strip().strip("|"))))
+            continue
+        if rows:
+            result.append(_Block("table", rows=tuple(rows)))
+            rows = []
+        result.append(block)
+    return result[:-1]
+
+
+def _section(blocks: list[_Block], start: int) -> list[_Block]:
+    """The heading at ``start`` and everything up to the next heading of the same or a higher level."""
+    level = blocks[start].level
+    end = start + 1
+    while end < len(blocks) and not (blocks[end].kind == "heading" and blocks[end].level <= level):
+        end += 1
+    return blocks[start:end]
+
+
+def _texts(blocks: list[_Block]) -> list[str]:
+    return [text for block in blocks for text in block.texts()]
+
+
+def _root_cause_section(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for index, block in enumerate(blocks):
+        if block.kind == "heading" and _ROOT_CAUSE_KEY_RE.match(block.title):
+            section = _section(blocks, index)
+            found = _first_hypothesis(section[1:])
+            if found:
+                return found
+            value = _table_entry(section[1:], _CAUSE_KEY_RE)
+            text = value[0] if value else _first_paragraph(section[1:])
+            if text:
+                return text, _texts(section)
+    return None
+
+
+def _first_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    """The top-ranked hypothesis (H1): its statement, or else its name."""
+    for index, block in enumerate(blocks):
+        if block.kind not in ("heading", "line"):
+            continue
+        title = block.title if block.kind == "heading" else block.text
+        if not _FIRST_HYPOTHESIS_RE.match(title):
+            continue
+        region = _section(blocks, index) if block.kind == "heading" else _hypothesis_blocks(blocks, index)
+        for candidate in region[1:]:
+            text = candidate.text
+            if candidate.kind == "line" and re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
+                return _root_cause_text(text), _texts(region)
+        name = _root_cause_text(_FIRST_HYPOTHESIS_RE.sub("", title, count=1))
+        if name:
+            return name, _texts(region)
+    return None
+
+
+def _hypothesis_blocks(blocks: list[_Block], start: int) -> list[_Block]:
+    """A hypothesis written as a line ("**H1: ...**"): it runs to the next heading or H-line."""
+    end = start + 1
+    while end < len(blocks) and not (blocks[end].kind == "heading" or (
+            blocks[end].kind == "line" and _OTHER_HYPOTHESIS_RE.match(blocks[end].text))):
+        end += 1
+    return blocks[start:end]
+
+
+def _table_entry(blocks: list[_Block], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
+    """The value a table gives for ``key``: in a Field | Value row, or under a column headed ``key``."""
+    for table in (b for b in blocks if b.kind == "table"):
+        header, rows = table.header, table.rows
+        for row in rows:
+            if len(row) >= 2 and key.match(row[0]) and row[1]:
+                return _root_cause_text(row[1]), [" | ".join(row)]
+        if header is None:
+            continue
+        if table.bold and len(header) >= 2 and key.match(header[0]) and header[1]:
+            return _root_cause_text(header[1]), [" | ".join(header)]
+        for column, title in enumerate(header):
+            if not table.bold and key.match(title) and rows and column < len(rows[0]):
+                return _root_cause_text(rows[0][column]), [title + ": " + rows[0][column]]
+    return None
+
+
+def _inline_root_cause(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for block in blocks:
+        match = _INLINE_ROOT_CAUSE_RE.match(block.text) if block.kind == "line" else None
+        if match and _root_cause_text(match.group(1)):
+            return _root_cause_text(match.group(1)), [block.text]
+    return None
+
+
+def _primary_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
+    for index, block in enumerate(blocks):
+        if block.kind == "heading" and _PRIMARY_HYPOTHESIS_RE.match(block.title):
+            section = _section(blocks, index)
+            text = _first_paragraph(section[1:])
+            if text:
+                return text, _texts(section)
+    return None
+
+
+def _first_paragraph(blocks: list[_Block]) -> str:
+    """The first paragraph of prose (or first list item), skipping labels and confidence lines."""
+    collected: list[str] = []
+    for block in blocks:
+        text = block.text
+        if block.kind != "line" or text.startswith("<"):
+            if collected:
+                break
+            continue
+        if _CONFIDENCE_KEY_RE.match(text) or (text.endswith(":") and len(text) <= 40):
+            if collected:
+                break
+            continue
+        if collected and block.item:
+            break
+        collected.append(text)
+        if block.item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
+            break
+    return _root_cause_text(" ".join(collected))
+
+
+def _root_cause_text(text: str) -> str:
+    """One line without labels or a trailing confidence, cut to a readable length."""
+    text = _LABEL_PREFIX_RE.sub("", " ".join(text.split()))
+    without = _CONFIDENCE_CLAUSE_RE.sub("", text).strip(" -—–:|")
+    text = without or text
+    if len(text) > ROOT_CAUSE_MAX_CHARS:
+        text = text[:ROOT_CAUSE_MAX_CHARS - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
+    return text
+
+
+def _level_in(texts: Iterable[str]) -> str:
+    """The first confidence level stated in a text that mentions confidence, or ''."""
+    for text in texts:
+        level = _level_near_confidence(text)
+        if level:
+            return level
+    return ""
+
+
+def _level_of(found: tuple[str, list[str]] | None) -> str:
+    if not found:
+        return ""
+    match = _LEVEL_RE.search(found[0])
+    return match.group(1).upper() if match else ""
+
+
+def _level_near_confidence(text: str) -> str:
+    """HIGH, MEDIUM or LOW right after "confidence" (or right before it: "HIGH confidence")."""
+    for keyword in _CONFIDENCE_WORD_RE.finditer(text):
+        level = (_LEVEL_AFTER_RE.match(text, keyword.end())
+                 or _LEVEL_BEFORE_RE.search(text, 0, keyword.start()))
+        if level:
+            return level.group(1).upper()
+    return ""
+
+
+# -- HTML ---------------------------------------------------------------------------
+
+REPORT_HTML_NAME = "investigation.html"
+
+SAFE_LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+
+TEMPLATE_NAME_RE = re.compile(r"[a-z_]{1,40}\.html")
+
+
+@functools.lru_cache(maxsize=1)
+def page_templates() -> Any:
+    """The Jinja2 environment of ``templates/`` beside this module, autoescaping on.
+
+    Made at first use, so that jinja2 is imported only by a process that renders a page.
+    """
+    import jinja2
+
+    def source(name: str) -> str | None:
+        if not TEMPLATE_NAME_RE.fullmatch(name):
+            return None
+        try:
+            return resource_text(f"templates/{name}")
+        except OSError:
+            return None
+
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(source), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["when"] = _when
+    return env
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
+def render_report_html(markdown: str, incident_id: str) -> str:
+    """The report as a standalone HTML page in the Go original's layout, safe to open in a browser.
+
+    The report is written by a model that read cluster data, so it is
+    untrusted: raw HTML in it is shown as text, links and images may only use
+    http(s), mailto or relative URLs (``javascript:`` and ``data:`` links stay
+    plain text), links open in a new tab without a referrer, and the page's
+    Content-Security-Policy forbids scripts should anything slip through.
+    Single newlines inside a paragraph are kept as line breaks, so that
+    ``**Key:** value`` lines do not run together.
+    """
+    from markupsafe import Markup
+    body = Markup(_markdown_renderer().render(markdown))  # the renderer escapes; see above
+    return page_templates().get_template("report.html").render(incident_id=incident_id, body=body)
+
+
+def _markdown_renderer() -> Any:
+    """A new CommonMark parser with tables and strikethrough, raw HTML off and unsafe links refused."""
+    from markdown_it import MarkdownIt
+    md = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
+    default_validate = md.validateLink
+
+    def validate_link(url: str) -> bool:
+        scheme = urllib.parse.urlsplit(url.strip()).scheme.lower() if ":" in url else ""
+        return default_validate(url) and (not scheme or scheme in SAFE_LINK_SCHEMES)
+
+    def link_open(renderer: Any, tokens: list[Any], idx: int, options: Any, env: Any) -> str:
+        tokens[idx].attrSet("target", "_blank")
+        tokens[idx].attrSet("rel", "noopener noreferrer")
+        return renderer.renderToken(tokens, idx, options, env)
+
+    md.validateLink = validate_link
+    md.add_render_rule("link_open", link_open)
+    return md
+
+
+def publish_report(markdown: str, incident_id: str, workspace: str) -> str:
+    """Render the report and write it as ``<workspace>/investigation.html`` (0600); returns the HTML.
+
+    A failed write is logged, not raised: the HTML still goes to the database.
+    """
+    page = render_report_html(markdown, incident_id)
+    try:
+        write_private(os.path.join(workspace, REPORT_HTML_NAME), page)
+    except OSError as exc:
+        log_event(logging.ERROR, "cannot write the HTML report", incident_id=incident_id, error=str(exc))
+    return page
 
 
 # -- dispatch -----------------------------------------------------------------------
@@ -7205,7 +7825,6 @@ class Dispatcher(threading.Thread):
                  on_finished: Callable[[Incident], None] | None = None,
                  permissions: Callable[[], Mapping[str, dict[str, Any]]] = dict,
                  on_budget_spent: Callable[[float, float], None] | None = None):
-        from concurrent.futures import ThreadPoolExecutor
         super().__init__(name="dispatcher", daemon=True)
         self.config = config
         self.store = store
@@ -7623,12 +8242,6 @@ class Dispatcher(threading.Thread):
 # Reporting ####################################################################
 ###############################################################################
 
-REPORT_HTML_NAME = "investigation.html"
-SUMMARY_FALLBACK = "See investigation report"
-UNKNOWN_CONFIDENCE = "UNKNOWN"
-ROOT_CAUSE_MAX_CHARS = 500
-SAFE_LINK_SCHEMES = frozenset({"http", "https", "mailto"})
-
 SLACK_TEXT_LIMIT = 3000          # characters in one text object of a block
 SLACK_FIELD_LIMIT = 2000         # characters in one field of a section
 SLACK_HEADER_LIMIT = 150
@@ -7638,450 +8251,6 @@ NOTIFY_DRAIN_SECONDS = 30.0
 NOTIFY_QUEUE_LIMIT = 1000        # messages waiting per channel at most; beyond it the oldest is dropped
 FAILURE_REASONS_TRACKED = 5
 FAILURE_REASONS_SHOWN = 3
-
-
-# -- summary ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReportSummary:
-    """What a report says in one line: its root cause and how confident the agent was.
-
-    ``confidence`` is HIGH, MEDIUM, LOW or UNKNOWN; ``root_cause`` is plain text
-    (no Markdown) of at most ``ROOT_CAUSE_MAX_CHARS`` characters.
-    """
-
-    root_cause: str = SUMMARY_FALLBACK
-    confidence: str = UNKNOWN_CONFIDENCE
-
-    @property
-    def text(self) -> str:
-        """The line stored as ``triage_reports.summary_text``."""
-        return f"{self.root_cause} (confidence: {self.confidence})"
-
-
-SUMMARY_LINE_CHARS = 1000        # more never matters for a summary; less work on hostile input
-SUMMARY_MAX_CHARS = 200_000      # parsing is ~3 ms per KB; a root cause further in is not looked for
-_SECTION_NUMBER_RE = re.compile(r"^(?:section\s+)?\d+(?:\.\d+)*[.):]?\s+", re.I)
-_TASK_BOX_RE = re.compile(r"^\[[ xX]\]\s+")
-_ROOT_CAUSE_KEY_RE = re.compile(
-    r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*causes?\b", re.I)
-_PRIMARY_HYPOTHESIS_RE = re.compile(r"^\W*primary\s+hypothes[ie]s\b", re.I)
-_CAUSE_KEY_RE = re.compile(
-    r"^\W*(?:(?:probable|likely|most likely|primary|suspected)\s+)?(?:root[\s-]*causes?|cause)\b"
-    r"|^\W*primary\s+hypothes[ie]s\b", re.I)
-_CONFIDENCE_KEY_RE = re.compile(r"^\W*confidence\b", re.I)
-_FIRST_HYPOTHESIS_RE = re.compile(r"^\W*H1\b\s*[:.)\-—–]?\s*")
-_OTHER_HYPOTHESIS_RE = re.compile(r"^\W*H\d\b")
-_INLINE_ROOT_CAUSE_RE = re.compile(
-    r"^(?:(?:probable|likely|most likely|primary|suspected)\s+)?root[\s-]*cause"
-    r"(?:\s*\([^)]*\))?\s*[:—–-]\s*(\S.*)$", re.I)
-_LABEL_PREFIX_RE = re.compile(r"^(?:statement|summary|hypothesis|root[\s-]*cause)\s*:\s*", re.I)
-_CONFIDENCE_WORD_RE = re.compile(r"\bconfidence\b", re.I)
-_LEVEL_RE = re.compile(r"\b(high|medium|low)\b", re.I)
-_LEVEL_AFTER_RE = re.compile(r"\s*(?:level|rating)?\s*(?:is|was)?[\s:=|\-—–(\[]*(high|medium|low)\b", re.I)
-_LEVEL_BEFORE_RE = re.compile(r"\b(high|medium|low)[\s-]+$", re.I)
-_CONFIDENCE_CLAUSE_RE = re.compile(
-    r"\s*[-—–,;:|]*\s*\(?\s*(?:confidence(?:\s+level)?\s*[:=]?\s*(?:high|medium|low)\b"
-    r"|(?:high|medium|low)\s+confidence\b)\s*\)?.*$", re.I)
-
-
-@dataclass(frozen=True)
-class _Block:
-    """One unit of a report as the summary reads it, from markdown-it's token stream.
-
-    ``heading`` (``level``, ``text``); ``line``: one line of a paragraph (``item``
-    when it starts a list item); ``end``: the end of a paragraph or of a code block;
-    ``rule``; ``table`` (``header`` cells or None, ``rows`` of cells, ``bold`` when
-    the first cell of the header or first row is bold throughout). Text is what a
-    reader sees: no Markdown syntax, whitespace collapsed.
-    """
-
-    kind: str
-    text: str = ""
-    level: int = 0
-    item: bool = False
-    header: tuple[str, ...] | None = None
-    rows: tuple[tuple[str, ...], ...] = ()
-    bold: bool = False
-
-    @property
-    def title(self) -> str:
-        """A heading's text without its numbering ("3. Root Cause" -> "Root Cause")."""
-        return _SECTION_NUMBER_RE.sub("", self.text)
-
-    def texts(self) -> list[str]:
-        if self.kind == "table":
-            return [" | ".join(row) for row in ([self.header] if self.header else []) + list(self.rows)]
-        return [self.text] if self.text else []
-
-
-def summarize_report(markdown: str) -> ReportSummary:
-    """The root cause and confidence of an agent's report; never raises.
-
-    Understands both the simple layout of the built-in prompt (``## Root
-    Cause`` followed by a paragraph and ``**Confidence:** HIGH``) and the
-    7-section template of the triage skill (``## 3. Root Cause Analysis`` with
-    ranked hypotheses ``### H1: ... — Confidence: High`` and their
-    ``**Statement**``, an Executive Triage Card table, a ``### Primary
-    Hypothesis``). The report is read as CommonMark (with tables), so code
-    blocks never count and emphasis or code spans do not hide a key; only its
-    first ``SUMMARY_MAX_CHARS`` characters are read. Headings and
-    keys match case-insensitively, confidence levels only as whole words (FLOW
-    is not LOW). Without a root cause the summary says ``See investigation
-    report``; without a confidence, UNKNOWN.
-    """
-    lines = markdown[:SUMMARY_MAX_CHARS].splitlines()
-    blocks = _report_blocks("\n".join(line[:SUMMARY_LINE_CHARS] for line in lines))
-    found = (_root_cause_section(blocks) or _table_entry(blocks, _CAUSE_KEY_RE)
-             or _inline_root_cause(blocks) or _primary_hypothesis(blocks))
-    root_cause, region = found if found else (SUMMARY_FALLBACK, [])
-    confidence = (_level_in(region) or _level_of(_table_entry(blocks, _CONFIDENCE_KEY_RE))
-                  or _level_in((_primary_hypothesis(blocks) or ("", []))[1])
-                  or _level_in([text for block in blocks for text in block.texts()]))
-    return ReportSummary(root_cause, confidence or UNKNOWN_CONFIDENCE)
-
-
-def _report_blocks(markdown: str) -> list[_Block]:
-    """The report's headings, paragraph lines, rules and tables in order; code blocks only end a paragraph."""
-    from markdown_it import MarkdownIt
-    tokens = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]).parse(markdown)
-    blocks: list[_Block] = []
-    item_starts = False
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if token.type == "heading_open":
-            text = " ".join(_inline_lines(tokens[index + 1].children or []))
-            blocks.append(_Block("heading", text, level=int(token.tag[1:])))
-            item_starts = False
-        elif token.type == "list_item_open":
-            item_starts = True
-        elif token.type == "paragraph_open":
-            for number, line in enumerate(_inline_lines(tokens[index + 1].children or [])):
-                if number == 0 and item_starts:
-                    line = _TASK_BOX_RE.sub("", line)
-                blocks.append(_Block("line", line, item=item_starts and number == 0))
-            blocks.append(_Block("end"))
-            item_starts = False
-        elif token.type == "table_open":
-            end = next(i for i in range(index, len(tokens)) if tokens[i].type == "table_close")
-            blocks.append(_table_block(tokens[index:end]))
-            index = end
-        elif token.type == "hr":
-            blocks.append(_Block("rule"))
-        elif token.type in ("fence", "code_block"):
-            blocks.append(_Block("end"))
-        index += 1
-    return _pipe_paragraphs(blocks)
-
-
-def _inline_lines(children: Sequence[Any]) -> list[str]:
-    """The plain text of an inline token's children, one string per line (soft or hard break)."""
-    lines: list[list[str]] = [[]]
-    for child in children:
-        if child.type in ("text", "code_inline"):
-            lines[-1].append(child.content)
-        elif child.type == "image":
-            lines[-1].extend(_inline_lines(child.children or []))
-        elif child.type in ("softbreak", "hardbreak"):
-            lines.append([])
-    return [text for text in (" ".join("".join(parts).split()) for parts in lines) if text]
-
-
-def _bold_throughout(children: Sequence[Any]) -> bool:
-    """Whether a cell is one bold run, perhaps followed by a colon ("**Root Cause**:")."""
-    kinds = [c for c in children if not (c.type == "text" and c.content.strip() in ("", ":"))]
-    return len(kinds) >= 3 and kinds[0].type == "strong_open" and kinds[-1].type == "strong_close"
-
-
-def _table_block(tokens: Sequence[Any]) -> _Block:
-    rows: list[tuple[str, ...]] = []
-    bold: list[bool] = []
-    header = False
-    for token in tokens:
-        if token.type == "thead_open":
-            header = True
-        elif token.type == "tr_open":
-            rows.append(())
-            bold.append(False)
-        elif token.type == "inline" and rows:
-            children = token.children or []
-            if not rows[-1]:
-                bold[-1] = _bold_throughout(children)
-            rows[-1] = (*rows[-1], " ".join(_inline_lines(children)))
-    if header and rows:
-        return _Block("table", header=rows[0], rows=tuple(rows[1:]),
-                      bold=bold[0] or (len(bold) > 1 and bold[1]))
-    return _Block("table", rows=tuple(rows))
-
-
-def _pipe_paragraphs(blocks: list[_Block]) -> list[_Block]:
-    """Paragraph lines that look like table rows but have no delimiter row become a table without header."""
-    result: list[_Block] = []
-    rows: list[tuple[str, ...]] = []
-    for block in [*blocks, _Block("end")]:
-        if block.kind == "line" and block.text.startswith("|"):
-            rows.append(tuple(c.strip() for c in re.split(r"(?<!\\)\|", block.text.strip().strip("|"))))
-            continue
-        if rows:
-            result.append(_Block("table", rows=tuple(rows)))
-            rows = []
-        result.append(block)
-    return result[:-1]
-
-
-def _section(blocks: list[_Block], start: int) -> list[_Block]:
-    """The heading at ``start`` and everything up to the next heading of the same or a higher level."""
-    level = blocks[start].level
-    end = start + 1
-    while end < len(blocks) and not (blocks[end].kind == "heading" and blocks[end].level <= level):
-        end += 1
-    return blocks[start:end]
-
-
-def _texts(blocks: list[_Block]) -> list[str]:
-    return [text for block in blocks for text in block.texts()]
-
-
-def _root_cause_section(blocks: list[_Block]) -> tuple[str, list[str]] | None:
-    for index, block in enumerate(blocks):
-        if block.kind == "heading" and _ROOT_CAUSE_KEY_RE.match(block.title):
-            section = _section(blocks, index)
-            found = _first_hypothesis(section[1:])
-            if found:
-                return found
-            value = _table_entry(section[1:], _CAUSE_KEY_RE)
-            text = value[0] if value else _first_paragraph(section[1:])
-            if text:
-                return text, _texts(section)
-    return None
-
-
-def _first_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
-    """The top-ranked hypothesis (H1): its statement, or else its name."""
-    for index, block in enumerate(blocks):
-        if block.kind not in ("heading", "line"):
-            continue
-        title = block.title if block.kind == "heading" else block.text
-        if not _FIRST_HYPOTHESIS_RE.match(title):
-            continue
-        region = _section(blocks, index) if block.kind == "heading" else _hypothesis_blocks(blocks, index)
-        for candidate in region[1:]:
-            text = candidate.text
-            if candidate.kind == "line" and re.match(r"statement\s*:", text, re.I) and _root_cause_text(text):
-                return _root_cause_text(text), _texts(region)
-        name = _root_cause_text(_FIRST_HYPOTHESIS_RE.sub("", title, count=1))
-        if name:
-            return name, _texts(region)
-    return None
-
-
-def _hypothesis_blocks(blocks: list[_Block], start: int) -> list[_Block]:
-    """A hypothesis written as a line ("**H1: ...**"): it runs to the next heading or H-line."""
-    end = start + 1
-    while end < len(blocks) and not (blocks[end].kind == "heading" or (
-            blocks[end].kind == "line" and _OTHER_HYPOTHESIS_RE.match(blocks[end].text))):
-        end += 1
-    return blocks[start:end]
-
-
-def _table_entry(blocks: list[_Block], key: re.Pattern[str]) -> tuple[str, list[str]] | None:
-    """The value a table gives for ``key``: in a Field | Value row, or under a column headed ``key``."""
-    for table in (b for b in blocks if b.kind == "table"):
-        header, rows = table.header, table.rows
-        for row in rows:
-            if len(row) >= 2 and key.match(row[0]) and row[1]:
-                return _root_cause_text(row[1]), [" | ".join(row)]
-        if header is None:
-            continue
-        if table.bold and len(header) >= 2 and key.match(header[0]) and header[1]:
-            return _root_cause_text(header[1]), [" | ".join(header)]
-        for column, title in enumerate(header):
-            if not table.bold and key.match(title) and rows and column < len(rows[0]):
-                return _root_cause_text(rows[0][column]), [title + ": " + rows[0][column]]
-    return None
-
-
-def _inline_root_cause(blocks: list[_Block]) -> tuple[str, list[str]] | None:
-    for block in blocks:
-        match = _INLINE_ROOT_CAUSE_RE.match(block.text) if block.kind == "line" else None
-        if match and _root_cause_text(match.group(1)):
-            return _root_cause_text(match.group(1)), [block.text]
-    return None
-
-
-def _primary_hypothesis(blocks: list[_Block]) -> tuple[str, list[str]] | None:
-    for index, block in enumerate(blocks):
-        if block.kind == "heading" and _PRIMARY_HYPOTHESIS_RE.match(block.title):
-            section = _section(blocks, index)
-            text = _first_paragraph(section[1:])
-            if text:
-                return text, _texts(section)
-    return None
-
-
-def _first_paragraph(blocks: list[_Block]) -> str:
-    """The first paragraph of prose (or first list item), skipping labels and confidence lines."""
-    collected: list[str] = []
-    for block in blocks:
-        text = block.text
-        if block.kind != "line" or text.startswith("<"):
-            if collected:
-                break
-            continue
-        if _CONFIDENCE_KEY_RE.match(text) or (text.endswith(":") and len(text) <= 40):
-            if collected:
-                break
-            continue
-        if collected and block.item:
-            break
-        collected.append(text)
-        if block.item or sum(map(len, collected)) > ROOT_CAUSE_MAX_CHARS:
-            break
-    return _root_cause_text(" ".join(collected))
-
-
-def _root_cause_text(text: str) -> str:
-    """One line without labels or a trailing confidence, cut to a readable length."""
-    text = _LABEL_PREFIX_RE.sub("", " ".join(text.split()))
-    without = _CONFIDENCE_CLAUSE_RE.sub("", text).strip(" -—–:|")
-    text = without or text
-    if len(text) > ROOT_CAUSE_MAX_CHARS:
-        text = text[:ROOT_CAUSE_MAX_CHARS - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
-    return text
-
-
-def _level_in(texts: Iterable[str]) -> str:
-    """The first confidence level stated in a text that mentions confidence, or ''."""
-    for text in texts:
-        level = _level_near_confidence(text)
-        if level:
-            return level
-    return ""
-
-
-def _level_of(found: tuple[str, list[str]] | None) -> str:
-    if not found:
-        return ""
-    match = _LEVEL_RE.search(found[0])
-    return match.group(1).upper() if match else ""
-
-
-def _level_near_confidence(text: str) -> str:
-    """HIGH, MEDIUM or LOW right after "confidence" (or right before it: "HIGH confidence")."""
-    for keyword in _CONFIDENCE_WORD_RE.finditer(text):
-        level = (_LEVEL_AFTER_RE.match(text, keyword.end())
-                 or _LEVEL_BEFORE_RE.search(text, 0, keyword.start()))
-        if level:
-            return level.group(1).upper()
-    return ""
-
-
-# -- HTML ---------------------------------------------------------------------------
-
-TEMPLATE_NAME_RE = re.compile(r"[a-z_]{1,40}\.html")
-
-
-@functools.lru_cache(maxsize=1)
-def page_templates() -> Any:
-    """The Jinja2 environment of ``templates/`` beside this module, autoescaping on.
-
-    Made at first use, so that jinja2 is imported only by a process that renders a page.
-    """
-    import jinja2
-
-    def source(name: str) -> str | None:
-        if not TEMPLATE_NAME_RE.fullmatch(name):
-            return None
-        try:
-            return resource_text(f"templates/{name}")
-        except OSError:
-            return None
-
-    env = jinja2.Environment(loader=jinja2.FunctionLoader(source), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["when"] = _when
-    return env
-
-
-def resource_text(relative: str) -> str:
-    """A file shipped beside this module (a template, a schema), read from disk or from a zip.
-
-    Raises OSError when it is missing.
-    """
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), *relative.split("/"))
-    loader = globals().get("__loader__")
-    if loader is not None and hasattr(loader, "get_data"):
-        return loader.get_data(path).decode("utf-8")
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
-
-
-def _when(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
-
-
-def render_report_html(markdown: str, incident_id: str) -> str:
-    """The report as a standalone HTML page in the Go original's layout, safe to open in a browser.
-
-    The report is written by a model that read cluster data, so it is
-    untrusted: raw HTML in it is shown as text, links and images may only use
-    http(s), mailto or relative URLs (``javascript:`` and ``data:`` links stay
-    plain text), links open in a new tab without a referrer, and the page's
-    Content-Security-Policy forbids scripts should anything slip through.
-    Single newlines inside a paragraph are kept as line breaks, so that
-    ``**Key:** value`` lines do not run together.
-    """
-    from markupsafe import Markup
-    body = Markup(_markdown_renderer().render(markdown))  # the renderer escapes; see above
-    return page_templates().get_template("report.html").render(incident_id=incident_id, body=body)
-
-
-def _markdown_renderer() -> Any:
-    """A new CommonMark parser with tables and strikethrough, raw HTML off and unsafe links refused."""
-    from markdown_it import MarkdownIt
-    md = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
-    default_validate = md.validateLink
-
-    def validate_link(url: str) -> bool:
-        scheme = urllib.parse.urlsplit(url.strip()).scheme.lower() if ":" in url else ""
-        return default_validate(url) and (not scheme or scheme in SAFE_LINK_SCHEMES)
-
-    def link_open(renderer: Any, tokens: list[Any], idx: int, options: Any, env: Any) -> str:
-        tokens[idx].attrSet("target", "_blank")
-        tokens[idx].attrSet("rel", "noopener noreferrer")
-        return renderer.renderToken(tokens, idx, options, env)
-
-    md.validateLink = validate_link
-    md.add_render_rule("link_open", link_open)
-    return md
-
-
-def publish_report(markdown: str, incident_id: str, workspace: str) -> str:
-    """Render the report and write it as ``<workspace>/investigation.html`` (0600); returns the HTML.
-
-    A failed write is logged, not raised: the HTML still goes to the database.
-    """
-    page = render_report_html(markdown, incident_id)
-    try:
-        write_private(os.path.join(workspace, REPORT_HTML_NAME), page)
-    except OSError as exc:
-        log_event(logging.ERROR, "cannot write the HTML report", incident_id=incident_id, error=str(exc))
-    return page
-
-
-# -- Slack messages -----------------------------------------------------------------
-
-
-def go_duration(seconds: float) -> str:
-    """A duration rounded to seconds in Go's notation: 4m12s, 1h0m5s, 0s."""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 # -- signed report links -----------------------------------------------------------
@@ -8102,8 +8271,6 @@ def report_link_key(config: Config, store: StateStore) -> bytes:
 
 
 def _report_link_signature(key: bytes, incident_id: str, expires: int) -> str:
-    import hashlib
-    import hmac
     # The purpose prefix keeps these signatures from being valid for anything else signed with the key.
     return hmac.new(key, f"nightcrier-report\n{incident_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
@@ -8147,7 +8314,6 @@ def verify_report_link(incident_id: str, query: Mapping[str, Sequence[str]], key
     Exactly one ``expires`` (Unix seconds) and one ``sig`` (64 lower-case hex digits) are accepted;
     anything else, repeated or malformed, is refused. Never raises.
     """
-    import hmac
     expires, signature = query.get("expires", ()), query.get("sig", ())
     if len(expires) != 1 or len(signature) != 1:
         return False
@@ -8156,6 +8322,18 @@ def verify_report_link(incident_id: str, query: Mapping[str, Sequence[str]], key
     moment = int(expires[0])
     expected = _report_link_signature(key, incident_id, moment)
     return hmac.compare_digest(expected, signature[0]) and moment > (now or utcnow()).timestamp()
+
+
+# -- Slack messages -----------------------------------------------------------------
+
+def go_duration(seconds: float) -> str:
+    """A duration rounded to seconds in Go's notation: 4m12s, 1h0m5s, 0s."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def _slack_escape(text: str) -> str:
@@ -8411,8 +8589,6 @@ class WebhookChannel(Channel):
 
 def webhook_signature(key: bytes, body: bytes) -> str:
     """The ``X-Nightcrier-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
-    import hashlib
-    import hmac
     return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
@@ -8437,7 +8613,6 @@ def pagerduty_severity(fault_severity: str) -> str:
 def pagerduty_dedup_key(incident: Incident) -> str:
     """One key per fault condition: the server gives every emission of a condition the same
     ``faultId``, so PagerDuty folds them into one alert. Without a faultId, one per incident."""
-    import hashlib
     condition = incident.fault_id or f"incident:{incident.incident_id}"
     return hashlib.sha256(f"{incident.cluster}\n{condition}".encode()).hexdigest()
 
@@ -8581,7 +8756,6 @@ def notification_channels(config: Config) -> list[Channel]:
 
 # -- circuit breaker ----------------------------------------------------------------
 
-
 @dataclass(frozen=True)
 class BreakerStats:
     """One episode of consecutive agent failures, as the alerts report it."""
@@ -8699,7 +8873,6 @@ class _DrainingThread(threading.Thread):
         return None if item is _STOP else item
 
     def stop(self, timeout: float | None = None) -> None:
-        import queue
         if not self.is_alive():
             return
         self._stopping.set()
@@ -8752,7 +8925,6 @@ class Notifier(_DrainingThread):
         self.breaker = CircuitBreaker(config.failure_threshold_for_alert)
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        import queue
         self._queue: queue.Queue[Any] = queue.Queue()
         self.queue_limit = max(1, queue_limit)
         self._enqueue_lock = threading.Lock()
@@ -8764,7 +8936,6 @@ class Notifier(_DrainingThread):
         """Queue a finished incident; ``summary`` overrides the one read from its stored report;
         ``uploaded_url`` is the signed link to its artifacts in the object store, if they got there.
         When ``queue_limit`` messages wait already, the oldest is dropped (counted, logged)."""
-        import queue
         with self._enqueue_lock:
             while self._queue.qsize() >= self.queue_limit:
                 try:
@@ -8804,7 +8975,6 @@ class Notifier(_DrainingThread):
                     else:
                         self._handle(*item)
                 except Exception as exc:  # one bad message must not end the notifier
-                    import traceback
                     # Exception texts may quote the channel's URL, so even the traceback is scrubbed.
                     log_event(logging.ERROR, "notifier error", channel=self.channel.name,
                               error=self.channel.scrub(_short_error(exc)),
@@ -9203,7 +9373,6 @@ class ReportUploader(_DrainingThread):
                  metrics: Metrics | None = None,
                  notify: Callable[[Incident, str | None], None] | None = None, *,
                  retry_initial: float = 1.0, retry_max: float = 30.0, queue_size: int = UPLOAD_QUEUE_SIZE):
-        import queue
         super().__init__("report-uploader")
         self.config = config
         self.store = store
@@ -9218,7 +9387,6 @@ class ReportUploader(_DrainingThread):
 
     def enqueue(self, incident: Incident) -> None:
         """Queue a finished incident for upload; never blocks."""
-        import queue
         try:
             self._queue.put_nowait(incident)
         except queue.Full:
@@ -9337,120 +9505,6 @@ class ReportUploader(_DrainingThread):
 # Ops ##########################################################################
 ###############################################################################
 
-class Metrics:
-    """Counters and histograms of one running service, in the Prometheus registry it owns.
-
-    Thread-safe (prometheus_client locks internally). Counter names are short
-    keys: ``inc("received", cluster)`` increments
-    ``nightcrier_events_received_total{cluster=...}``.
-    """
-
-    COUNTERS = {
-        "received": ("nightcrier_events_received_total", "Fault notifications received", ("cluster",)),
-        "rejected": ("nightcrier_events_rejected_total", "Notifications rejected as malformed",
-                     ("cluster",)),
-        "spooled": ("nightcrier_events_spooled_total", "Items written to the on-disk spool", ("cluster",)),
-        "dropped": ("nightcrier_events_dropped_total", "Items lost: queue full and spool unwritable",
-                    ("cluster",)),
-        "refused": ("nightcrier_events_refused_total",
-                    "Items the database refused, kept in rejected_events instead", ("cluster",)),
-        "reconnects": ("nightcrier_reconnects_total", "Subscriptions regained after a gap", ("cluster",)),
-        "listener_errors": ("nightcrier_listener_errors_total", "Failed MCP connections or sessions",
-                            ("cluster",)),
-        "db_errors": ("nightcrier_database_errors_total", "Database operations that failed", ()),
-        "notifications_sent": ("nightcrier_notifications_sent_total", "Notifications delivered, by channel",
-                               ("channel",)),
-        "notifications_failed": ("nightcrier_notifications_failed_total",
-                                 "Notifications given up on, by channel", ("channel",)),
-        "notifications_dropped": ("nightcrier_notifications_dropped_total",
-                                  "Notifications dropped, oldest first, because the channel's queue was full",
-                                  ("channel",)),
-        "uploads": ("nightcrier_storage_uploads_total", "Incidents whose artifacts reached the object store",
-                    ()),
-        "upload_retries": ("nightcrier_storage_upload_retries_total",
-                           "Object storage requests that failed and were tried again", ()),
-        "upload_failed": ("nightcrier_storage_uploads_failed_total",
-                          "Incidents whose upload was given up on", ()),
-        "worker_errors": ("nightcrier_worker_errors_total",
-                          "Exceptions that escaped a worker while finishing or releasing an incident", ()),
-        "claims_lost": ("nightcrier_claims_lost_total",
-                        "Runs cancelled because their claim was swept or taken over", ()),
-        "egress_refused": ("nightcrier_egress_refused_total",
-                           "Agent connections the network gate refused", ("cluster",)),
-        "thread_errors": ("nightcrier_thread_errors_total",
-                          "Errors a background thread survived", ("thread",)),
-    }
-
-    def __init__(self) -> None:
-        import prometheus_client as prom
-        self.registry = prom.CollectorRegistry()
-        self._counters = {key: prom.Counter(name, doc, labels, registry=self.registry)
-                          for key, (name, doc, labels) in self.COUNTERS.items()}
-        self._children: dict[tuple[str, str], Any] = {}
-        self.ingest_latency = prom.Histogram(
-            "nightcrier_ingest_latency_seconds", "From receiving a fault to committing its incident",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30), registry=self.registry)
-        self.claim_latency = prom.Histogram(
-            "nightcrier_claim_latency_seconds", "Time one claim query takes",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.5),
-            registry=self.registry)
-        self.agents_running = prom.Gauge("nightcrier_agents_running", "Agents running in this process",
-                                         registry=self.registry)
-        self.agent_duration = prom.Histogram(
-            "nightcrier_agent_duration_seconds", "Wall time of agent runs",
-            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600), registry=self.registry)
-        self.outcomes = prom.Counter("nightcrier_incident_outcomes_total", "Incidents finished, by status",
-                                     ("status",), registry=self.registry)
-        self.queue_depth = prom.Gauge("nightcrier_ingest_queue_depth", "Items waiting for the ingest writer",
-                                      registry=self.registry)
-        self.incidents = prom.Gauge("nightcrier_incidents", "Incidents in the database, by status",
-                                    ("status",), registry=self.registry)
-        self.agent_cost = prom.Gauge("nightcrier_agent_cost_usd", "What the agent runs recorded in the "
-                                     "database cost, as their CLIs reported it, by cluster", ("cluster",),
-                                     registry=self.registry)
-        self.agent_tokens = prom.Gauge("nightcrier_agent_tokens", "Tokens the agent runs recorded in the "
-                                       "database used, by cluster", ("cluster",), registry=self.registry)
-        self.skipped = prom.Gauge("nightcrier_incidents_skipped", "Skipped incidents in the database, "
-                                  "by the cause their skip_reason begins with", ("reason",),
-                                  registry=self.registry)
-
-    def declare_clusters(self, clusters: Iterable[str]) -> None:
-        """Create every per-cluster series at 0, so that an alert on a rate sees 0, not no data."""
-        self._declare("cluster", clusters)
-
-    def declare_channels(self, channels: Iterable[str]) -> None:
-        """Create every per-channel series at 0, as :meth:`declare_clusters` does for clusters."""
-        self._declare("channel", channels)
-
-    def _declare(self, label: str, values: Iterable[str]) -> None:
-        values = list(values)
-        for counter in self._counters.values():
-            if counter._labelnames == (label,):
-                for value in values:
-                    counter.labels(value)
-
-    def inc(self, key: str, cluster: str = "", amount: float = 1) -> None:
-        """Add to a counter; ``cluster`` is the value of its one label (a cluster or a channel)."""
-        # Listeners count every event: the labelled child is looked up once, not per event
-        # under the metric's lock. A race fills the cache twice with the same child.
-        child = self._children.get((key, cluster))
-        if child is None:
-            counter = self._counters[key]
-            child = counter.labels(cluster) if counter._labelnames else counter
-            self._children[(key, cluster)] = child
-        child.inc(amount)
-
-    def value(self, key: str, cluster: str = "") -> float:
-        """Current value of a counter, for health output and tests."""
-        name = self.COUNTERS[key][0].removesuffix("_total")
-        labels = {label: cluster for label in self.COUNTERS[key][2]}
-        return self.registry.get_sample_value(name + "_total", labels) or 0.0
-
-    def observe_ingest(self, cluster: str, seconds: float) -> None:
-        self.ingest_latency.observe(max(seconds, 0.0))
-
-
-
 HEALTH_THREADS = 4               # requests answered at once; the others wait for a free thread
 HEALTH_CONNECTION_LIMIT = 500    # open connections; beyond it new ones wait in the listen backlog
 HEALTH_IDLE_SECONDS = 30         # a connection that sends nothing for this long is closed
@@ -9539,7 +9593,6 @@ class HealthServer:
     def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """The WSGI application waitress calls, on one of its answering threads."""
         response = self._respond(environ)
-        import http
         start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}",
                        [("Content-Type", response.content_type), ("Content-Length", str(response.length)),
                         *response.headers])
@@ -9695,7 +9748,6 @@ class PageResponse:
 
 def is_loopback(bind: str) -> bool:
     """Whether a bind address only accepts connections from this machine."""
-    import ipaddress
     if bind.strip().lower() == "localhost":
         return True
     try:
@@ -9838,13 +9890,10 @@ class WebPages:
                 ("Cache-Control", "no-store")]
 
     def _cookie_value(self) -> str:
-        import hashlib
-        import hmac
         return hmac.new(self.config.web_token.encode(), b"nightcrier-web-cookie", hashlib.sha256).hexdigest()
 
     def _credentials(self, query: Mapping[str, list[str]], headers: Mapping[str, str]) -> str:
         """"ok", "grant" (a right token in the query), "missing", "bad" or "closed"."""
-        import hmac
         token = self.config.web_token
         if not token:
             return "ok" if self.open_without_token else "closed"
@@ -10054,6 +10103,35 @@ class WebPages:
                          runner=document.get("runner", {}), summary=document.get("summary", {}))
 
 
+def resolve_incident_id(store: StateStore, text: str) -> tuple[str | None, str]:
+    """The full id an operator meant by ``text`` (a whole id or any unambiguous prefix), or None
+    and the reason: no such incident, or the candidates a prefix matches."""
+    if is_uuid(text):
+        return text.lower(), ""
+    shown = 10
+    matches = store.find_incident_ids(text, limit=shown + 1)
+    if len(matches) == 1:
+        return matches[0], ""
+    if not matches:
+        return None, f"no incident {text!r}"
+    more = " and more" if len(matches) > shown else ""
+    return None, (f"{text!r} matches several incidents: {', '.join(matches[:shown])}{more}; "
+                  "give more of the id")
+
+
+def parse_since(text: str) -> dt.datetime:
+    """A point in time: ISO 8601 (UTC unless it says otherwise) or an age such as 30m, 6h, 2d."""
+    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
+    if match:
+        seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return utcnow() - dt.timedelta(seconds=seconds)
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age like 30m, 6h or 2d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
 # -- RBAC checks ---------------------------------------------------------------------
 
 PERMISSION_CHECKS = (("can_get_pods", "pods"), ("can_get_logs", "pods/log"), ("can_get_events", "events"),
@@ -10066,7 +10144,6 @@ def check_cluster_permissions(cluster: ClusterConfig, kubectl: str, timeout: flo
     """What the cluster's kubeconfig may read, in the Go original's
     incident_cluster_permissions.json shape; ``error`` is set when kubectl failed or
     did not answer within ``timeout`` seconds (all checks together)."""
-    import subprocess
     deadline = time.monotonic() + timeout
     result: dict[str, Any] = {"cluster_name": cluster.name, "validated_at": utcnow().isoformat(),
                               "secrets_access_allowed": cluster.triage.allow_secrets_access}
@@ -10112,6 +10189,76 @@ def _permission_warnings(result: Mapping[str, Any]) -> list[str]:
     return warnings
 
 
+class PermissionChecker(threading.Thread):
+    """Checks each triage-enabled cluster's RBAC with ``kubectl auth can-i``, at start and then
+    every ``permission_check_interval`` minutes.
+
+    Clusters are checked in parallel, each within ``timeout`` seconds, on this
+    thread's own pool, so a slow or hanging kubectl delays neither startup nor
+    other clusters. A failed check marks the cluster degraded; nothing aborts.
+    Does nothing when kubectl is not on PATH. :meth:`results` is thread-safe.
+    """
+
+    def __init__(self, config: Config, timeout: float = 30.0, metrics: Metrics | None = None):
+        super().__init__(name="permission-checks", daemon=True)
+        self.config = config
+        self.metrics = metrics
+        self.timeout = timeout
+        self.kubectl = shutil.which("kubectl")
+        self.clusters: list[ClusterConfig] = []
+        self.watch(config.clusters)
+        self._results: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.rounds = 0
+
+    def watch(self, clusters: Sequence[ClusterConfig]) -> None:
+        """Check these clusters from the next round on (those with triage and checks enabled)."""
+        self.clusters = [c for c in clusters if c.triage.enabled and c.triage.check_permissions]
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self._results)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        if not self.kubectl or not self.clusters:
+            return
+        while not self._stopping.is_set():
+            try:
+                self.check_all()
+            except Exception as exc:  # a failed round must not end the checks
+                log_event(logging.ERROR, "permission check round failed", error=_short_error(exc))
+                if self.metrics is not None:
+                    self.metrics.inc("thread_errors", "permission-checks")
+            self._stopping.wait(self.config.permission_check_interval * 60)
+
+    def check_all(self) -> None:
+        assert self.kubectl is not None
+        with ThreadPoolExecutor(min(8, len(self.clusters)), thread_name_prefix="kubectl") as pool:
+            futures = {c.name: pool.submit(check_cluster_permissions, c, self.kubectl, self.timeout)
+                       for c in self.clusters}
+            for name, future in futures.items():
+                try:
+                    result = future.result()
+                except Exception as exc:  # one cluster's broken check leaves the others' results
+                    result = {"cluster_name": name, "validated_at": utcnow().isoformat(),
+                              "error": f"permission check failed: {_short_error(exc)}",
+                              **{key: False for key, _ in PERMISSION_CHECKS + SECRET_CHECKS},
+                              "minimum_permissions_met": False, "warnings": []}
+                with self._lock:
+                    self._results[name] = result
+                if result.get("error"):
+                    log_event(logging.WARNING, "permission check failed, cluster degraded", cluster=name,
+                              error=result["error"])
+                elif not result["minimum_permissions_met"]:
+                    log_event(logging.WARNING, "kubeconfig lacks minimum permissions", cluster=name,
+                              warnings="; ".join(result["warnings"]))
+        self.rounds += 1
+
+
 # -- retention ---------------------------------------------------------------------
 
 PRUNE_BATCH = 200                 # incidents removed per transaction: each lock is short
@@ -10139,7 +10286,6 @@ def prune_incidents(store: StateStore, workspace_root: str, finished_before: dt.
 
 def remove_workspace(workspace_root: str, incident_id: str) -> None:
     """Delete ``<workspace_root>/<incident_id>``; a symlink an agent left inside is removed, not followed."""
-    import shutil
     path = os.path.join(os.path.abspath(workspace_root), incident_id)
     if is_uuid(incident_id) and os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -10178,130 +10324,9 @@ class RetentionSweeper(threading.Thread):
             self._stopping.wait(RETENTION_INTERVAL_SECONDS)
 
 
-class PermissionChecker(threading.Thread):
-    """Checks each triage-enabled cluster's RBAC with ``kubectl auth can-i``, at start and then
-    every ``permission_check_interval`` minutes.
-
-    Clusters are checked in parallel, each within ``timeout`` seconds, on this
-    thread's own pool, so a slow or hanging kubectl delays neither startup nor
-    other clusters. A failed check marks the cluster degraded; nothing aborts.
-    Does nothing when kubectl is not on PATH. :meth:`results` is thread-safe.
-    """
-
-    def __init__(self, config: Config, timeout: float = 30.0, metrics: Metrics | None = None):
-        import shutil
-        super().__init__(name="permission-checks", daemon=True)
-        self.config = config
-        self.metrics = metrics
-        self.timeout = timeout
-        self.kubectl = shutil.which("kubectl")
-        self.clusters: list[ClusterConfig] = []
-        self.watch(config.clusters)
-        self._results: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self.rounds = 0
-
-    def watch(self, clusters: Sequence[ClusterConfig]) -> None:
-        """Check these clusters from the next round on (those with triage and checks enabled)."""
-        self.clusters = [c for c in clusters if c.triage.enabled and c.triage.check_permissions]
-
-    def results(self) -> dict[str, dict[str, Any]]:
-        with self._lock:
-            return dict(self._results)
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def run(self) -> None:
-        if not self.kubectl or not self.clusters:
-            return
-        while not self._stopping.is_set():
-            try:
-                self.check_all()
-            except Exception as exc:  # a failed round must not end the checks
-                log_event(logging.ERROR, "permission check round failed", error=_short_error(exc))
-                if self.metrics is not None:
-                    self.metrics.inc("thread_errors", "permission-checks")
-            self._stopping.wait(self.config.permission_check_interval * 60)
-
-    def check_all(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-        assert self.kubectl is not None
-        with ThreadPoolExecutor(min(8, len(self.clusters)), thread_name_prefix="kubectl") as pool:
-            futures = {c.name: pool.submit(check_cluster_permissions, c, self.kubectl, self.timeout)
-                       for c in self.clusters}
-            for name, future in futures.items():
-                try:
-                    result = future.result()
-                except Exception as exc:  # one cluster's broken check leaves the others' results
-                    result = {"cluster_name": name, "validated_at": utcnow().isoformat(),
-                              "error": f"permission check failed: {_short_error(exc)}",
-                              **{key: False for key, _ in PERMISSION_CHECKS + SECRET_CHECKS},
-                              "minimum_permissions_met": False, "warnings": []}
-                with self._lock:
-                    self._results[name] = result
-                if result.get("error"):
-                    log_event(logging.WARNING, "permission check failed, cluster degraded", cluster=name,
-                              error=result["error"])
-                elif not result["minimum_permissions_met"]:
-                    log_event(logging.WARNING, "kubeconfig lacks minimum permissions", cluster=name,
-                              warnings="; ".join(result["warnings"]))
-        self.rounds += 1
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(),
-                 "level": record.levelname, "msg": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(
-            timespec="milliseconds")
-        line = f'time={stamp} level={record.levelname} msg="{record.getMessage()}"'
-        for key, value in getattr(record, "fields", {}).items():
-            text = str(value)
-            line += f" {key}={json.dumps(text) if (' ' in text or not text) else text}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
-    """Send nightcrier's log lines to ``stream`` (stderr) in ``fmt`` (text or json)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel({"warn": "WARNING"}.get(level, level.upper()))
-    log.propagate = False
-    # The health server's own warnings (its connection limit reached, say) in the same format.
-    server_log = logging.getLogger("waitress")
-    server_log.handlers[:] = [handler]
-    server_log.setLevel(logging.WARNING)
-    server_log.propagate = False
-    # A request waiting for a free answering thread is the bound working, not news.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-
-
-def log_event(level: int, message: str, **fields: Any) -> None:
-    """One structured log line: a short message plus key=value fields."""
-    log.log(level, message, extra={"fields": fields})
-
-
 ###############################################################################
-# CLI ##########################################################################
+# Service ######################################################################
 ###############################################################################
-
-SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "link", "demo", "simulate", "stub-agent",
-               "version", "agent-check", "prune", "retry")
-EXIT_CONFIG = 2
-
 
 class Service:
     """The running nightcrier: a store, one listener per cluster, the ingest writer and the dispatcher.
@@ -10571,6 +10596,47 @@ def open_store_with_retry(config: Config, stop: threading.Event | None = None,
                 raise
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {name[4:]: value for name, value in vars(args).items()
+            if name.startswith("set:") and value is not None}
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys (never their values) besides ``clusters`` whose value differs: a restart applies them."""
+    return [key.path for key in SCALAR_KEYS
+            if getattr(_resolve(old, key.owner), key.name) != getattr(_resolve(new, key.owner), key.name)]
+
+
+def reread_config(args: argparse.Namespace) -> Config | None:
+    """The configuration file and environment read again, or None -- with every problem logged as
+    ``check-config`` prints it -- when the result is not valid (the running one then stays)."""
+    path = find_config_file(args.config)
+    try:
+        config, warnings = load_config(path, flags=_flags(args))
+    except ConfigError as exc:
+        for warning in exc.warnings:
+            log_event(logging.WARNING, "configuration reload: warning", detail=warning)
+        for problem in exc.problems:
+            log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
+                      problem=problem)
+        return None
+    except Exception as exc:  # a value no check foresaw must not end the service
+        log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
+                  problem=f"invalid configuration in {path}: {type(exc).__name__}: {exc}")
+        return None
+    for warning in warnings:
+        log_event(logging.WARNING, "configuration reload: warning", detail=warning)
+    return config
+
+
+###############################################################################
+# CLI ##########################################################################
+###############################################################################
+
+SUBCOMMANDS = ("run", "check-config", "tail", "incidents", "show", "link", "demo", "simulate", "stub-agent",
+               "version", "agent-check", "prune", "retry")
+EXIT_CONFIG = 2
+
 
 def _config_file_parser() -> argparse.ArgumentParser:
     """The option of every subcommand that reads the configuration: which file."""
@@ -10591,384 +10657,6 @@ def _config_parser() -> argparse.ArgumentParser:
                            if isinstance(key.type, type) else "ARGS",
                            help=key.doc.replace("%", "%%"))  # argparse formats help with %
     return parser
-
-
-# -- simulate: a stand-in for kubernetes-mcp-server -------------------------------------
-
-SIMULATED_FAULTS = {
-    # faultType: (apiVersion, kind, severity, context)
-    "PodCrash": ("v1", "Pod", "warning",
-                 "Container crashed with exit code 137, reason: OOMKilled"),
-    "CrashLoop": ("v1", "Pod", "critical",
-                  "Container entered CrashLoopBackOff state, restart count: 5, last exit code: 1, "
-                  "last reason: Error"),
-    "NodeUnhealthy": ("v1", "Node", "critical",
-                      "Node became unhealthy: Ready=False, reason: KubeletNotReady"),
-    "DeploymentFailure": ("apps/v1", "Deployment", "critical",
-                          "Deployment rollout failed: ProgressDeadlineExceeded"),
-    "JobFailure": ("batch/v1", "Job", "critical",
-                   "Job failed, reason: BackoffLimitExceeded, message: Job has reached the specified "
-                   "backoff limit"),
-}
-
-
-def simulated_fault(cluster: str, number: int, run: str = "") -> dict[str, Any]:
-    """A fault payload of one of the five real types, shaped like the server's.
-
-    Each number names a resource of its own, so every generated fault is a
-    distinct emission (its own ``faultId``), as the server's would be.
-    """
-    fault_type = list(SIMULATED_FAULTS)[number % len(SIMULATED_FAULTS)]
-    api_version, kind, severity, context = SIMULATED_FAULTS[fault_type]
-    name, uid, fault_id = _simulated_identity(cluster, fault_type, number, run)
-    resource = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
-    if kind != "Node":
-        resource["namespace"] = "default"
-    return {"cluster": cluster, "faultId": fault_id, "faultType": fault_type, "severity": severity,
-            "resource": resource, "context": context, "timestamp": _simulated_now()}
-
-
-def _simulated_identity(cluster: str, fault_type: str, number: int, run: str = "") -> tuple[str, str, str]:
-    """(resource name, uid, faultId) of generated fault ``number``, the id made like the server's.
-
-    ``run`` tells simulators apart: a restarted one numbers its faults from 0 again, and its
-    resources must not take the ids of the previous run's (they would read as copies of them).
-    """
-    import hashlib
-    kind = SIMULATED_FAULTS[fault_type][1]
-    name = f"{kind.lower()}-{number}"
-    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{run}/{kind}/{name}"))
-    return name, uid, hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()[:16]
-
-
-def _simulated_now() -> str:
-    return utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-@dataclass
-class _SimSession:
-    level: str = ""
-    stream: Any = None            # queue.Queue of bytes for the open GET stream, or None
-    subscriptions: set[str] = field(default_factory=set)
-
-
-class SimulatedServer:
-    """A stand-in for the events-enabled kubernetes-mcp-server, on one local port.
-
-    Speaks MCP Streamable HTTP the way the Go server does, gates included: a
-    session receives no notification before ``logging/setLevel``; a fault that
-    finds the session without an open GET stream cancels the subscription;
-    there are no keepalive comments; unknown sessions get 404; DELETE ends a
-    session. Faults go out as ``notifications/message`` (logger
-    ``kubernetes/faults``) on the GET stream. :meth:`emit` sends one fault now;
-    ``POST /_simulate/emit {"count": n, "rate": r}`` makes it send ``n`` faults
-    at ``r`` per second (0 = as fast as it can) in the background. Thread-safe.
-    """
-
-    def __init__(self, cluster: str = "simulated", host: str = "127.0.0.1", port: int = 0):
-        self.cluster = cluster
-        self._lock = threading.Lock()
-        self._sessions: dict[str, _SimSession] = {}
-        self._owners: dict[str, str] = {}     # subscription id -> session id
-        self._frames: dict[tuple[str, int], tuple[bytes, str]] = {}
-        self._run = new_id()[:8]  # see _simulated_identity
-        self._emitted = 0
-        self._httpd = _make_sim_httpd(self, host, port)
-        self.port = self._httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}/mcp"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
-                                        name=f"simulate-{cluster}")
-
-    def start(self) -> SimulatedServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        with self._lock:
-            for session in self._sessions.values():
-                if session.stream is not None:
-                    session.stream.put(None)
-            self._sessions.clear()
-            self._owners.clear()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def subscription_count(self) -> int:
-        with self._lock:
-            return len(self._owners)
-
-    def emit(self, fault: dict[str, Any] | None = None) -> int:
-        """Send one fault (a generated one by default) to every subscription; returns how many got it."""
-        with self._lock:
-            number = self._emitted
-            self._emitted += 1
-            targets = list(self._owners.items())
-        delivered = 0
-        for subscription_id, session_id in targets:
-            frame = self._frame(subscription_id, number) if fault is None else _sse_event(
-                _fault_message(dict(fault, subscriptionId=subscription_id)))
-            with self._lock:
-                session = self._sessions.get(session_id)
-                if session is None or not session.level:
-                    continue
-                if session.stream is None:
-                    session.subscriptions.discard(subscription_id)
-                    self._owners.pop(subscription_id, None)
-                    continue
-                session.stream.put(frame)
-            delivered += 1
-        return delivered
-
-    def _frame(self, subscription_id: str, number: int) -> bytes:
-        """The SSE frame of generated fault ``number``. A few hundred templates are rendered once
-        and reused, so that a fast emitter spends its time sending, not formatting; only the
-        resource's identity and the time are filled in per fault."""
-        key = (subscription_id, number % 512)
-        if key not in self._frames:
-            data = dict(simulated_fault(self.cluster, number, self._run), subscriptionId=subscription_id)
-            data.update(faultId="@@FAULT_ID@@", timestamp="@@TIMESTAMP@@")
-            data["resource"].update(name="@@NAME@@", uid="@@UID@@")
-            self._frames[key] = (_sse_event(_fault_message(data)), data["faultType"])
-        template, fault_type = self._frames[key]
-        name, uid, fault_id = _simulated_identity(self.cluster, fault_type, number, self._run)
-        return (template.replace(b"@@FAULT_ID@@", fault_id.encode()).replace(b"@@NAME@@", name.encode())
-                .replace(b"@@UID@@", uid.encode()).replace(b"@@TIMESTAMP@@", _simulated_now().encode()))
-
-    def emit_many(self, count: int, rate: float) -> threading.Thread:
-        """Emit ``count`` faults at ``rate`` per second (0 = unpaced) on a background thread."""
-        def run() -> None:
-            start = time.monotonic()
-            for n in range(count):
-                if rate > 0:
-                    delay = start + n / rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                self.emit()
-        thread = threading.Thread(target=run, daemon=True, name=f"simulate-emit-{self.cluster}")
-        thread.start()
-        return thread
-
-    # -- protocol (called by the HTTP handler threads) --------------------------------
-
-    def handle_rpc(self, session_id: str, message: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        method = message.get("method")
-        params = message.get("params") if isinstance(message.get("params"), dict) else {}
-        if method == "initialize":
-            session_id = _sim_session_id()
-            with self._lock:
-                self._sessions[session_id] = _SimSession()
-            version = params.get("protocolVersion")
-            return {"protocolVersion": version if version in MCP_KNOWN_VERSIONS else MCP_PROTOCOL_VERSION,
-                    "capabilities": {"logging": {}, "tools": {"listChanged": True}},
-                    "serverInfo": {"name": "kubernetes-mcp-server",
-                                   "version": f"nightcrier-simulate-{__version__}"}}, session_id
-        with self._lock:
-            session = self._sessions[session_id]
-            if method == "logging/setLevel":
-                session.level = str(params.get("level", "info"))
-                return {}, session_id
-            if method == "ping":
-                return {}, session_id
-            if method == "tools/call":
-                return self._tool(session_id, session, params), session_id
-        raise _SimRpcError(-32601, f"method not found: {method}")
-
-    def _tool(self, session_id: str, session: _SimSession, params: dict[str, Any]) -> dict[str, Any]:
-        name, arguments = params.get("name"), params.get("arguments") or {}
-        if name == "events_subscribe":
-            mode = arguments.get("mode") or "events"
-            if mode not in ("events", "faults"):
-                return _tool_text("failed to create subscription: invalid mode: must be 'events' or "
-                                  "'faults'", error=True)
-            subscription_id = "sub-" + uuid.uuid4().hex[:8]
-            session.subscriptions.add(subscription_id)
-            self._owners[subscription_id] = session_id
-            body = {"subscriptionId": subscription_id, "cluster": self.cluster, "mode": mode,
-                    "filters": {}, "createdAt": utcnow().isoformat(), "status": "active"}
-            return _tool_text("# Event Subscription Created\n\n" + json.dumps(body, indent=2)
-                              + "\n\nYou will receive event notifications via the logging/message protocol.")
-        if name == "events_unsubscribe":
-            subscription_id = str(arguments.get("subscriptionId", ""))
-            if self._owners.get(subscription_id) != session_id:
-                return _tool_text("failed to cancel subscription: subscription not found", error=True)
-            del self._owners[subscription_id]
-            session.subscriptions.discard(subscription_id)
-            return _tool_text("# Subscription Cancelled\n\n" + json.dumps(
-                {"subscriptionId": subscription_id, "cancelled": True, "status": "success"}))
-        return _tool_text(f"unknown tool {name}", error=True)
-
-    def has_session(self, session_id: str) -> bool:
-        with self._lock:
-            return session_id in self._sessions
-
-    def attach_stream(self, session_id: str) -> Any:
-        """The queue feeding this session's GET stream; None if one is already open (409)."""
-        import queue
-        with self._lock:
-            session = self._sessions[session_id]
-            if session.stream is not None:
-                return None
-            session.stream = queue.Queue()
-            return session.stream
-
-    def detach_stream(self, session_id: str, stream: Any) -> None:
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None and session.stream is stream:
-                session.stream = None
-
-    def end_session(self, session_id: str) -> bool:
-        with self._lock:
-            session = self._sessions.pop(session_id, None)
-            if session is None:
-                return False
-            for subscription_id in session.subscriptions:
-                self._owners.pop(subscription_id, None)
-            if session.stream is not None:
-                session.stream.put(None)
-            return True
-
-
-class _SimRpcError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def _tool_text(text: str, error: bool = False) -> dict[str, Any]:
-    result: dict[str, Any] = {"content": [{"type": "text", "text": text}]}
-    if error:
-        result["isError"] = True
-    return result
-
-
-def _sim_session_id() -> str:
-    import base64
-    return base64.b32encode(os.urandom(20)).decode()[:26]
-
-
-def _fault_message(data: dict[str, Any]) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "method": "notifications/message",
-            "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}}
-
-
-def _sse_event(message: dict[str, Any]) -> bytes:
-    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _make_sim_httpd(server: SimulatedServer, host: str, port: int) -> Any:
-    import http.server
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _reply(self, status: int, body: bytes = b"", content_type: str = "text/plain",
-                   headers: Mapping[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path.startswith("/_simulate/emit"):
-                return self._control(body)
-            accept = self.headers.get("Accept", "")
-            if "application/json" not in accept or "text/event-stream" not in accept:
-                return self._reply(400, b"Accept must contain both application/json and text/event-stream")
-            message = _json_or_none(body.decode("utf-8", "replace"))
-            if not isinstance(message, dict):
-                return self._reply(400, b"invalid JSON-RPC message")
-            session_id = self.headers.get("Mcp-Session-Id", "")
-            if message.get("method") != "initialize" and not server.has_session(session_id):
-                return self._reply(404, b"session not found")
-            if "id" not in message:
-                return self._reply(202)
-            try:
-                result, session_id = server.handle_rpc(session_id, message)
-                reply = {"jsonrpc": "2.0", "id": message["id"], "result": result}
-            except _SimRpcError as exc:
-                reply = {"jsonrpc": "2.0", "id": message["id"],
-                         "error": {"code": exc.code, "message": str(exc)}}
-            except KeyError:
-                return self._reply(404, b"session not found")
-            self._reply(200, _sse_event(reply), "text/event-stream", {"Mcp-Session-Id": session_id})
-
-        def _control(self, body: bytes) -> None:
-            request = _json_or_none(body.decode("utf-8", "replace")) or {}
-            count, rate = int(request.get("count", 1)), float(request.get("rate", 0))
-            server.emit_many(count, rate)
-            self._reply(202, json.dumps({"count": count, "rate": rate}).encode(), "application/json")
-
-        def do_GET(self) -> None:
-            if "text/event-stream" not in self.headers.get("Accept", ""):
-                return self._reply(400, b"Accept must contain text/event-stream")
-            session_id = self.headers.get("Mcp-Session-Id", "")
-            if not session_id:
-                return self._reply(405, b"no session")
-            if not server.has_session(session_id):
-                return self._reply(404, b"session not found")
-            stream = server.attach_stream(session_id)
-            if stream is None:
-                return self._reply(409, b"stream already open")
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache, no-transform")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.flush()
-            self.close_connection = True
-            try:
-                while (chunk := stream.get()) is not None:
-                    while not stream.empty() and len(chunk) < 65536:
-                        more = stream.get_nowait()
-                        if more is None:
-                            stream.put(None)
-                            break
-                        chunk += more
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-            except OSError:
-                pass
-            finally:
-                server.detach_stream(session_id, stream)
-
-        def do_DELETE(self) -> None:
-            ended = server.end_session(self.headers.get("Mcp-Session-Id", ""))
-            self._reply(204 if ended else 404)
-
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    return Server((host, port), Handler)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Serve simulated clusters until interrupted; print one JSON line per server."""
-    configure_logging("info", "text")
-    servers = [SimulatedServer(f"{args.cluster}-{n}" if args.servers > 1 else args.cluster,
-                               args.host, args.port + n if args.port else 0).start()
-               for n in range(args.servers)]
-    for server in servers:
-        print(json.dumps({"cluster": server.cluster, "endpoint": server.url}), flush=True)
-    stop = threading.Event()
-    _install_signal_handlers(stop)
-    if args.rate > 0 or args.count:
-        for server in servers:
-            server.emit_many(args.count or sys.maxsize, args.rate)
-    while not stop.wait(0.5):  # see cmd_run: keep the main thread responsive to signals
-        pass
-    for server in servers:
-        server.stop()
-    return 0
 
 
 PARSER_EPILOG = """\
@@ -11074,11 +10762,6 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return ["run", *argv]
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {name[4:]: value for name, value in vars(args).items()
-            if name.startswith("set:") and value is not None}
-
-
 def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The configuration, or exit 2 with every problem (and warning) on stderr, never a traceback."""
     path = find_config_file(args.config)
@@ -11103,34 +10786,6 @@ def _load_or_exit(args: argparse.Namespace) -> tuple[Config, list[str]]:
     return config, warnings
 
 
-def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """The keys (never their values) besides ``clusters`` whose value differs: a restart applies them."""
-    return [key.path for key in SCALAR_KEYS
-            if getattr(_resolve(old, key.owner), key.name) != getattr(_resolve(new, key.owner), key.name)]
-
-
-def reread_config(args: argparse.Namespace) -> Config | None:
-    """The configuration file and environment read again, or None -- with every problem logged as
-    ``check-config`` prints it -- when the result is not valid (the running one then stays)."""
-    path = find_config_file(args.config)
-    try:
-        config, warnings = load_config(path, flags=_flags(args))
-    except ConfigError as exc:
-        for warning in exc.warnings:
-            log_event(logging.WARNING, "configuration reload: warning", detail=warning)
-        for problem in exc.problems:
-            log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
-                      problem=problem)
-        return None
-    except Exception as exc:  # a value no check foresaw must not end the service
-        log_event(logging.ERROR, "configuration reload refused, the running configuration stays",
-                  problem=f"invalid configuration in {path}: {type(exc).__name__}: {exc}")
-        return None
-    for warning in warnings:
-        log_event(logging.WARNING, "configuration reload: warning", detail=warning)
-    return config
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     import yaml
     config, _ = _load_or_exit(args)
@@ -11146,239 +10801,7 @@ def cmd_version(_args: argparse.Namespace) -> int:
     return 0
 
 
-# -- demo: the whole pipeline on one machine ------------------------------------------
-
-def _self_command() -> list[str]:
-    """How to run this very program again: the .pyz it came from, or this file.
-
-    A packaged nightcrier runs from an extracted copy that a newer build may
-    prune; the archive it was started as (argv[0]) is what stays.
-    """
-    return [sys.executable, os.path.abspath(sys.argv[0] if BUILD_ID else __file__)]
-
-
 DEMO_PORT = 8080
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Run a simulated cluster, nightcrier on SQLite and a stub agent; print incidents as they go.
-    With ``--serve``, the incident pages are on and it keeps running until interrupted."""
-    import secrets
-    directory = os.path.abspath(args.dir)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    configure_logging("warning", "text")
-    # Off loopback the pages need a token; the printed link carries it (and sets the cookie).
-    token = secrets.token_urlsafe(24) if args.serve is not None and not is_loopback(args.bind) else ""
-    simulator = SimulatedServer("demo-cluster").start()
-    pages = None if args.serve is None else (args.bind, args.serve)
-    path = _write_demo_config(directory, simulator.url, pages, token)
-    config, _ = load_config(path, env={})
-    stop = threading.Event()
-    _install_signal_handlers(stop)
-    try:
-        service = Service(config).start()
-    except (StartupError, OSError) as exc:
-        simulator.stop()
-        print(f"nightcrier: the demo cannot start: {exc}", file=sys.stderr)
-        return 1
-    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}")
-    base = pages_url(config)
-    open_url = f"{base}incidents" + (f"?token={token}" if token else "") if base else ""
-    if open_url:
-        print(f"  incident pages: {open_url}")
-    earlier = sum(service.store.count_by_status().values())
-    if earlier:
-        print(f"  reusing this directory: its {earlier} earlier incident{'s' if earlier != 1 else ''} "
-              "stay in the database; only new faults are shown and counted (use --dir for a fresh one)")
-    print()
-    started = utcnow()
-    try:
-        if not _wait_until(lambda: service.health()[0].status == ACTIVE, 30, stop):
-            print("nightcrier: the demo cluster did not become active", file=sys.stderr)
-            return 1
-        simulator.emit_many(args.faults or sys.maxsize, args.rate)
-        _follow_demo(service.store, args.faults, stop, since=started)
-        if open_url and not stop.is_set():
-            print(f"\nall faults triaged; the pages stay up: open {open_url}  (Ctrl-C to stop)", flush=True)
-            stop.wait()
-    finally:
-        service.stop()
-        simulator.stop()
-    program = shlex.join(_self_command())  # the interpreter this demo ran under, not a guess
-    print(f"\nlook around:\n  {program} incidents --config {path}\n"
-          f"  {program} show <incident-id> --config {path}\n  {program} tail <incident-id> --config {path}")
-    return 0
-
-
-def _write_demo_config(directory: str, endpoint: str, pages: tuple[str, int] | None = None,
-                       web_token: str = "") -> str:
-    """The demo's config file; ``pages`` (address, port) turns the pages on, with report links to them."""
-    import yaml
-    kubeconfig = os.path.join(directory, "kubeconfig")
-    write_private(kubeconfig, "apiVersion: v1\nkind: Config\n# the demo cluster has no API server\n")
-    path = os.path.join(directory, "config.yaml")
-    served: dict[str, Any] = {"health_port": 0}
-    if pages is not None:
-        bind, port = pages
-        served = {"health_bind": bind, "health_port": port, "web_token": web_token}
-        served["report_base_url"] = pages_url(Config(health_bind=bind, health_port=port))
-    write_private(path, yaml.safe_dump({
-        "workspace_root": os.path.join(directory, "workspaces"), **served, "log_level": "warning",
-        "agent_runner": "process", "agent_command": [*_self_command(), "stub-agent"],
-        "max_concurrent_agents": 2, "agent_timeout": 60,
-        "state_storage": {"type": "sqlite", "sqlite_path": os.path.join(directory, "nightcrier.db")},
-        "clusters": [{"name": "demo", "mcp": {"endpoint": endpoint},
-                      "triage": {"enabled": True, "kubeconfig": kubeconfig, "check_permissions": False}}]},
-        sort_keys=False))
-    return path
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, stop: threading.Event) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if stop.wait(0.05) or time.monotonic() > deadline:
-            return False
-    return True
-
-
-def _follow_demo(store: StateStore, faults: int, stop: threading.Event,
-                 since: dt.datetime | None = None) -> None:
-    """Print each incident created since ``since`` when it is created and when it finishes; return
-    after ``faults`` of them have finished (0: until interrupted)."""
-    seen: dict[str, str] = {}
-    while not stop.wait(0.2):
-        for incident in reversed(store.list_incidents(IncidentFilter(since=since, limit=1000))):
-            if seen.get(incident.incident_id) == incident.status:
-                continue
-            if incident.incident_id not in seen:
-                print(f"{_short_time(incident.created_at)}  created   {incident.incident_id}  "
-                      f"{incident.fault_type} {incident.resource_kind}/{incident.resource_name}", flush=True)
-            if incident.status in TERMINAL_STATUSES:
-                print(f"{_short_time(incident.completed_at)}  {incident.status:<9} {incident.incident_id}"
-                      + (f"  ({incident.failure_reason})" if incident.failure_reason else ""), flush=True)
-            seen[incident.incident_id] = incident.status
-        finished = sum(status in TERMINAL_STATUSES for status in seen.values())
-        if faults and finished >= faults:
-            return
-
-
-def cmd_stub_agent(_args: argparse.Namespace) -> int:
-    """A stand-in for an AI agent: reads incident.json, writes a plausible report."""
-    with open("incident.json", encoding="utf-8") as fh:
-        incident = json.load(fh)
-    resource = incident.get("resource", {})
-    target = f"{resource.get('kind', 'resource')} {resource.get('namespace', '')}/{resource.get('name', '')}"
-    print(f"stub agent: triaging {incident.get('faultType')} on {target}", flush=True)
-    causes = {"CrashLoop": "the container exits at start-up because a required setting is missing",
-              "PodCrash": "the container was killed for exceeding its memory limit",
-              "NodeUnhealthy": "the kubelet stopped reporting: its container runtime is not ready",
-              "DeploymentFailure": "the new ReplicaSet's pods never became ready before the deadline",
-              "JobFailure": "every retry of the job failed with the same error"}
-    cause = causes.get(incident.get("faultType", ""), "the workload failed its health checks")
-    report = (f"# Investigation: {incident.get('faultType')} on {target}\n\n## Summary\n\n"
-              f"Cluster `{incident.get('cluster')}` reported {incident.get('faultType')} "
-              f"({incident.get('severity')}) at {incident.get('timestamp')}.\n\n## Root Cause\n\n"
-              f"Most likely {cause}.\n\n**Confidence:** MEDIUM\n\n## Evidence\n\n"
-              f"- Fault context: {incident.get('context', '')[:500]}\n\n## Recommendations\n\n"
-              "1. Check the workload's recent changes and its events.\n"
-              "2. Compare its resource limits with its actual usage.\n\n"
-              "_Written by the nightcrier demo's stub agent; no cluster was contacted._\n")
-    os.makedirs("output", exist_ok=True)
-    write_private(os.path.join("output", "investigation.md"), report)
-    print("stub agent: report written to output/investigation.md", flush=True)
-    return 0
-
-
-AGENT_CHECK_TAIL_LINES = 20
-
-
-def canned_incident(cluster: str) -> Incident:
-    """The incident agent-check runs: a crash-looping pod, as a real fault would describe it."""
-    now = utcnow()
-    return Incident(incident_id=new_id(), event_id=new_id(), status=INVESTIGATING, cluster=cluster,
-                    created_at=now, updated_at=now, started_at=now, fault_id=f"agent-check-{new_id()[:8]}",
-                    fault_type="CrashLoop", severity="critical",
-                    context="Container entered CrashLoopBackOff state, restart count: 5, last exit code: 1. "
-                            "This is a test incident from 'nightcrier agent-check': investigate what you "
-                            "can, then write the report as for a real incident.",
-                    timestamp=now.isoformat(), resource_api_version="v1", resource_kind="Pod",
-                    resource_name="agent-check", resource_namespace="default", attempts=1)
-
-
-def _log_tail(workspace: str, name: str, lines: int, window: int = 64 * 1024) -> list[str]:
-    try:
-        fd = open_workspace_file(workspace, f"logs/{name}")
-    except OSError:
-        return []
-    with os.fdopen(fd, "rb") as fh:
-        fh.seek(max(0, os.fstat(fd).st_size - window))
-        return fh.read().decode("utf-8", errors="replace").splitlines()[-lines:]
-
-
-def cmd_agent_check(args: argparse.Namespace) -> int:
-    """Run a canned incident through the configured runner, image, CLI, keys, environment and network
-    in a temporary workspace; print pass/fail, the time taken and the tail of the agent's logs."""
-    import shutil
-    import tempfile
-    config, _ = _load_or_exit(args)
-    configure_logging("error", config.log_format)
-    names = [c.name for c in config.clusters]
-    if args.cluster and args.cluster not in names:
-        print(f"nightcrier: agent-check: no cluster {args.cluster!r} in the configuration "
-              f"(clusters: {', '.join(names) or 'none'})", file=sys.stderr)
-        return EXIT_CONFIG
-    incident = canned_incident(args.cluster or (names[0] if names else "agent-check"))
-    os.makedirs(os.path.abspath(config.workspace_root), mode=0o700, exist_ok=True)
-    root = tempfile.mkdtemp(prefix=".agent-check-", dir=os.path.abspath(config.workspace_root))
-    instance = f"{socket.gethostname()}:{os.getpid()}:agent-check"
-    runner = DockerRunner(config, instance) if config.agent_runner == "docker" else ProcessRunner()
-    print(f"agent-check: {runner.name} runner"
-          + (f", image {config.agent_image}" if runner.name == "docker" else "")
-          + f", cli {config.agent_cli}, cluster {incident.cluster}, workspace {root}", flush=True)
-    stop = threading.Event()
-    _install_signal_handlers(stop)
-    started = time.monotonic()
-    workspace = ""
-    try:
-        workspace = prepare_workspace(root, incident)
-        job = stage_agent_job(config, incident, workspace, instance, None)
-        problems = []
-        if isinstance(runner, DockerRunner):
-            rules = EgressPolicy.for_job(config, job).rules if config.egress_mode == "allowlist" else ()
-            print(f"agent-check: agent_egress {config.egress_mode}"
-                  + (f", allowed: {', '.join(map(str, rules)) or 'nothing'}" if rules else ""), flush=True)
-            runner.check()
-            problems = runner.image_problems()
-            for problem in problems:
-                print(f"agent-check: image {config.agent_image}: {problem}", flush=True)
-        outcome = runner.run(job, stop)
-        status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
-                                       config.investigation_min_size_bytes)
-        if outcome.cancelled:
-            status, reason = AGENT_FAILED, "interrupted"
-        elif problems:
-            status, reason = AGENT_FAILED, "the image lacks what nightcrier needs: " + "; ".join(problems)
-    except RunnerUnavailable as exc:
-        status, reason = AGENT_FAILED, f"runner unavailable: {exc}"
-    except OSError as exc:
-        status, reason = AGENT_FAILED, f"cannot prepare the workspace: {exc}"
-    elapsed = time.monotonic() - started
-    if status == RESOLVED:
-        size = workspace_file_size(workspace, REPORT_RELPATH)
-        print(f"PASS: report of {size} bytes (at least {config.investigation_min_size_bytes}) "
-              f"in {elapsed:.1f} s")
-    else:
-        print(f"FAIL: {reason} (after {elapsed:.1f} s)")
-    for name in AGENT_LOG_NAMES:
-        tail = _log_tail(workspace, name, AGENT_CHECK_TAIL_LINES) if workspace else []
-        print(f"--- {name}, last {len(tail)} lines ---")
-        for line in tail:
-            print(f"  {line}")
-    if args.keep:
-        print(f"workspace kept: {workspace or root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if status == RESOLVED else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -11485,8 +10908,6 @@ def _install_signal_handlers(stop: threading.Event, on_second: Callable[[], Any]
     give their incidents back, bounded), then leave at once. SIGUSR1: dump every thread's
     stack to stderr, for a process that seems stuck. SIGHUP: ``on_reload`` (which only flags
     the request: the main loop reloads, outside the handler)."""
-    import faulthandler
-    import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
@@ -11522,22 +10943,6 @@ def cmd_tail(args: argparse.Namespace) -> int:
                      else "agent-stdout.log", sys.stdout.buffer)
     finally:
         store.close()
-
-
-def resolve_incident_id(store: StateStore, text: str) -> tuple[str | None, str]:
-    """The full id an operator meant by ``text`` (a whole id or any unambiguous prefix), or None
-    and the reason: no such incident, or the candidates a prefix matches."""
-    if is_uuid(text):
-        return text.lower(), ""
-    shown = 10
-    matches = store.find_incident_ids(text, limit=shown + 1)
-    if len(matches) == 1:
-        return matches[0], ""
-    if not matches:
-        return None, f"no incident {text!r}"
-    more = " and more" if len(matches) > shown else ""
-    return None, (f"{text!r} matches several incidents: {', '.join(matches[:shown])}{more}; "
-                  "give more of the id")
 
 
 def _tail(store: StateStore, config: Config, incident_id: str, log_name: str, out: Any,
@@ -11756,19 +11161,6 @@ def _cli_store(config: Config, read_only: bool = True) -> Iterator[StateStore]:
         store.close()
 
 
-def parse_since(text: str) -> dt.datetime:
-    """A point in time: ISO 8601 (UTC unless it says otherwise) or an age such as 30m, 6h, 2d."""
-    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
-    if match:
-        seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return utcnow() - dt.timedelta(seconds=seconds)
-    try:
-        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age like 30m, 6h or 2d") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-
-
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Columns padded to their widest cell, two spaces apart."""
     cells = [[str(c) for c in header], *[["" if c is None else str(c) for c in row] for row in rows]]
@@ -11818,6 +11210,617 @@ def _copy_new_bytes(workspace: str, relpath: str, offset: int, out: Any) -> int:
         out.flush()
     return offset + len(data)
 
+
+###############################################################################
+# Tools ########################################################################
+###############################################################################
+
+# -- simulate: a stand-in for kubernetes-mcp-server -------------------------------------
+
+SIMULATED_FAULTS = {
+    # faultType: (apiVersion, kind, severity, context)
+    "PodCrash": ("v1", "Pod", "warning",
+                 "Container crashed with exit code 137, reason: OOMKilled"),
+    "CrashLoop": ("v1", "Pod", "critical",
+                  "Container entered CrashLoopBackOff state, restart count: 5, last exit code: 1, "
+                  "last reason: Error"),
+    "NodeUnhealthy": ("v1", "Node", "critical",
+                      "Node became unhealthy: Ready=False, reason: KubeletNotReady"),
+    "DeploymentFailure": ("apps/v1", "Deployment", "critical",
+                          "Deployment rollout failed: ProgressDeadlineExceeded"),
+    "JobFailure": ("batch/v1", "Job", "critical",
+                   "Job failed, reason: BackoffLimitExceeded, message: Job has reached the specified "
+                   "backoff limit"),
+}
+
+
+def simulated_fault(cluster: str, number: int, run: str = "") -> dict[str, Any]:
+    """A fault payload of one of the five real types, shaped like the server's.
+
+    Each number names a resource of its own, so every generated fault is a
+    distinct emission (its own ``faultId``), as the server's would be.
+    """
+    fault_type = list(SIMULATED_FAULTS)[number % len(SIMULATED_FAULTS)]
+    api_version, kind, severity, context = SIMULATED_FAULTS[fault_type]
+    name, uid, fault_id = _simulated_identity(cluster, fault_type, number, run)
+    resource = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
+    if kind != "Node":
+        resource["namespace"] = "default"
+    return {"cluster": cluster, "faultId": fault_id, "faultType": fault_type, "severity": severity,
+            "resource": resource, "context": context, "timestamp": _simulated_now()}
+
+
+def _simulated_identity(cluster: str, fault_type: str, number: int, run: str = "") -> tuple[str, str, str]:
+    """(resource name, uid, faultId) of generated fault ``number``, the id made like the server's.
+
+    ``run`` tells simulators apart: a restarted one numbers its faults from 0 again, and its
+    resources must not take the ids of the previous run's (they would read as copies of them).
+    """
+    kind = SIMULATED_FAULTS[fault_type][1]
+    name = f"{kind.lower()}-{number}"
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"k8s://{cluster}/{run}/{kind}/{name}"))
+    return name, uid, hashlib.sha256(f"{cluster}:{fault_type}:{uid}:app".encode()).hexdigest()[:16]
+
+
+def _simulated_now() -> str:
+    return utcnow().replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class _SimSession:
+    level: str = ""
+    stream: Any = None            # queue.Queue of bytes for the open GET stream, or None
+    subscriptions: set[str] = field(default_factory=set)
+
+
+class SimulatedServer:
+    """A stand-in for the events-enabled kubernetes-mcp-server, on one local port.
+
+    Speaks MCP Streamable HTTP the way the Go server does, gates included: a
+    session receives no notification before ``logging/setLevel``; a fault that
+    finds the session without an open GET stream cancels the subscription;
+    there are no keepalive comments; unknown sessions get 404; DELETE ends a
+    session. Faults go out as ``notifications/message`` (logger
+    ``kubernetes/faults``) on the GET stream. :meth:`emit` sends one fault now;
+    ``POST /_simulate/emit {"count": n, "rate": r}`` makes it send ``n`` faults
+    at ``r`` per second (0 = as fast as it can) in the background. Thread-safe.
+    """
+
+    def __init__(self, cluster: str = "simulated", host: str = "127.0.0.1", port: int = 0):
+        self.cluster = cluster
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _SimSession] = {}
+        self._owners: dict[str, str] = {}     # subscription id -> session id
+        self._frames: dict[tuple[str, int], tuple[bytes, str]] = {}
+        self._run = new_id()[:8]  # see _simulated_identity
+        self._emitted = 0
+        self._httpd = _make_sim_httpd(self, host, port)
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}/mcp"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+                                        name=f"simulate-{cluster}")
+
+    def start(self) -> SimulatedServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            for session in self._sessions.values():
+                if session.stream is not None:
+                    session.stream.put(None)
+            self._sessions.clear()
+            self._owners.clear()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def subscription_count(self) -> int:
+        with self._lock:
+            return len(self._owners)
+
+    def emit(self, fault: dict[str, Any] | None = None) -> int:
+        """Send one fault (a generated one by default) to every subscription; returns how many got it."""
+        with self._lock:
+            number = self._emitted
+            self._emitted += 1
+            targets = list(self._owners.items())
+        delivered = 0
+        for subscription_id, session_id in targets:
+            frame = self._frame(subscription_id, number) if fault is None else _sse_event(
+                _fault_message(dict(fault, subscriptionId=subscription_id)))
+            with self._lock:
+                session = self._sessions.get(session_id)
+                if session is None or not session.level:
+                    continue
+                if session.stream is None:
+                    session.subscriptions.discard(subscription_id)
+                    self._owners.pop(subscription_id, None)
+                    continue
+                session.stream.put(frame)
+            delivered += 1
+        return delivered
+
+    def _frame(self, subscription_id: str, number: int) -> bytes:
+        """The SSE frame of generated fault ``number``. A few hundred templates are rendered once
+        and reused, so that a fast emitter spends its time sending, not formatting; only the
+        resource's identity and the time are filled in per fault."""
+        key = (subscription_id, number % 512)
+        if key not in self._frames:
+            data = dict(simulated_fault(self.cluster, number, self._run), subscriptionId=subscription_id)
+            data.update(faultId="@@FAULT_ID@@", timestamp="@@TIMESTAMP@@")
+            data["resource"].update(name="@@NAME@@", uid="@@UID@@")
+            self._frames[key] = (_sse_event(_fault_message(data)), data["faultType"])
+        template, fault_type = self._frames[key]
+        name, uid, fault_id = _simulated_identity(self.cluster, fault_type, number, self._run)
+        return (template.replace(b"@@FAULT_ID@@", fault_id.encode()).replace(b"@@NAME@@", name.encode())
+                .replace(b"@@UID@@", uid.encode()).replace(b"@@TIMESTAMP@@", _simulated_now().encode()))
+
+    def emit_many(self, count: int, rate: float) -> threading.Thread:
+        """Emit ``count`` faults at ``rate`` per second (0 = unpaced) on a background thread."""
+        def run() -> None:
+            start = time.monotonic()
+            for n in range(count):
+                if rate > 0:
+                    delay = start + n / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                self.emit()
+        thread = threading.Thread(target=run, daemon=True, name=f"simulate-emit-{self.cluster}")
+        thread.start()
+        return thread
+
+    # -- protocol (called by the HTTP handler threads) --------------------------------
+
+    def handle_rpc(self, session_id: str, message: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        method = message.get("method")
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        if method == "initialize":
+            session_id = _sim_session_id()
+            with self._lock:
+                self._sessions[session_id] = _SimSession()
+            version = params.get("protocolVersion")
+            return {"protocolVersion": version if version in MCP_KNOWN_VERSIONS else MCP_PROTOCOL_VERSION,
+                    "capabilities": {"logging": {}, "tools": {"listChanged": True}},
+                    "serverInfo": {"name": "kubernetes-mcp-server",
+                                   "version": f"nightcrier-simulate-{__version__}"}}, session_id
+        with self._lock:
+            session = self._sessions[session_id]
+            if method == "logging/setLevel":
+                session.level = str(params.get("level", "info"))
+                return {}, session_id
+            if method == "ping":
+                return {}, session_id
+            if method == "tools/call":
+                return self._tool(session_id, session, params), session_id
+        raise _SimRpcError(-32601, f"method not found: {method}")
+
+    def _tool(self, session_id: str, session: _SimSession, params: dict[str, Any]) -> dict[str, Any]:
+        name, arguments = params.get("name"), params.get("arguments") or {}
+        if name == "events_subscribe":
+            mode = arguments.get("mode") or "events"
+            if mode not in ("events", "faults"):
+                return _tool_text("failed to create subscription: invalid mode: must be 'events' or "
+                                  "'faults'", error=True)
+            subscription_id = "sub-" + uuid.uuid4().hex[:8]
+            session.subscriptions.add(subscription_id)
+            self._owners[subscription_id] = session_id
+            body = {"subscriptionId": subscription_id, "cluster": self.cluster, "mode": mode,
+                    "filters": {}, "createdAt": utcnow().isoformat(), "status": "active"}
+            return _tool_text("# Event Subscription Created\n\n" + json.dumps(body, indent=2)
+                              + "\n\nYou will receive event notifications via the logging/message protocol.")
+        if name == "events_unsubscribe":
+            subscription_id = str(arguments.get("subscriptionId", ""))
+            if self._owners.get(subscription_id) != session_id:
+                return _tool_text("failed to cancel subscription: subscription not found", error=True)
+            del self._owners[subscription_id]
+            session.subscriptions.discard(subscription_id)
+            return _tool_text("# Subscription Cancelled\n\n" + json.dumps(
+                {"subscriptionId": subscription_id, "cancelled": True, "status": "success"}))
+        return _tool_text(f"unknown tool {name}", error=True)
+
+    def has_session(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def attach_stream(self, session_id: str) -> Any:
+        """The queue feeding this session's GET stream; None if one is already open (409)."""
+        with self._lock:
+            session = self._sessions[session_id]
+            if session.stream is not None:
+                return None
+            session.stream = queue.Queue()
+            return session.stream
+
+    def detach_stream(self, session_id: str, stream: Any) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.stream is stream:
+                session.stream = None
+
+    def end_session(self, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                return False
+            for subscription_id in session.subscriptions:
+                self._owners.pop(subscription_id, None)
+            if session.stream is not None:
+                session.stream.put(None)
+            return True
+
+
+class _SimRpcError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _tool_text(text: str, error: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {"content": [{"type": "text", "text": text}]}
+    if error:
+        result["isError"] = True
+    return result
+
+
+def _sim_session_id() -> str:
+    return base64.b32encode(os.urandom(20)).decode()[:26]
+
+
+def _fault_message(data: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": "notifications/message",
+            "params": {"level": "warning", "logger": "kubernetes/faults", "data": data}}
+
+
+def _sse_event(message: dict[str, Any]) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _make_sim_httpd(server: SimulatedServer, host: str, port: int) -> Any:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _reply(self, status: int, body: bytes = b"", content_type: str = "text/plain",
+                   headers: Mapping[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/_simulate/emit"):
+                return self._control(body)
+            accept = self.headers.get("Accept", "")
+            if "application/json" not in accept or "text/event-stream" not in accept:
+                return self._reply(400, b"Accept must contain both application/json and text/event-stream")
+            message = _json_or_none(body.decode("utf-8", "replace"))
+            if not isinstance(message, dict):
+                return self._reply(400, b"invalid JSON-RPC message")
+            session_id = self.headers.get("Mcp-Session-Id", "")
+            if message.get("method") != "initialize" and not server.has_session(session_id):
+                return self._reply(404, b"session not found")
+            if "id" not in message:
+                return self._reply(202)
+            try:
+                result, session_id = server.handle_rpc(session_id, message)
+                reply = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+            except _SimRpcError as exc:
+                reply = {"jsonrpc": "2.0", "id": message["id"],
+                         "error": {"code": exc.code, "message": str(exc)}}
+            except KeyError:
+                return self._reply(404, b"session not found")
+            self._reply(200, _sse_event(reply), "text/event-stream", {"Mcp-Session-Id": session_id})
+
+        def _control(self, body: bytes) -> None:
+            request = _json_or_none(body.decode("utf-8", "replace")) or {}
+            count, rate = int(request.get("count", 1)), float(request.get("rate", 0))
+            server.emit_many(count, rate)
+            self._reply(202, json.dumps({"count": count, "rate": rate}).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            if "text/event-stream" not in self.headers.get("Accept", ""):
+                return self._reply(400, b"Accept must contain text/event-stream")
+            session_id = self.headers.get("Mcp-Session-Id", "")
+            if not session_id:
+                return self._reply(405, b"no session")
+            if not server.has_session(session_id):
+                return self._reply(404, b"session not found")
+            stream = server.attach_stream(session_id)
+            if stream is None:
+                return self._reply(409, b"stream already open")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache, no-transform")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                while (chunk := stream.get()) is not None:
+                    while not stream.empty() and len(chunk) < 65536:
+                        more = stream.get_nowait()
+                        if more is None:
+                            stream.put(None)
+                            break
+                        chunk += more
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
+            finally:
+                server.detach_stream(session_id, stream)
+
+        def do_DELETE(self) -> None:
+            ended = server.end_session(self.headers.get("Mcp-Session-Id", ""))
+            self._reply(204 if ended else 404)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    return Server((host, port), Handler)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Serve simulated clusters until interrupted; print one JSON line per server."""
+    configure_logging("info", "text")
+    servers = [SimulatedServer(f"{args.cluster}-{n}" if args.servers > 1 else args.cluster,
+                               args.host, args.port + n if args.port else 0).start()
+               for n in range(args.servers)]
+    for server in servers:
+        print(json.dumps({"cluster": server.cluster, "endpoint": server.url}), flush=True)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    if args.rate > 0 or args.count:
+        for server in servers:
+            server.emit_many(args.count or sys.maxsize, args.rate)
+    while not stop.wait(0.5):  # see cmd_run: keep the main thread responsive to signals
+        pass
+    for server in servers:
+        server.stop()
+    return 0
+
+
+# -- demo: the whole pipeline on one machine ------------------------------------------
+
+def _self_command() -> list[str]:
+    """How to run this very program again: the .pyz it came from, or this file.
+
+    A packaged nightcrier runs from an extracted copy that a newer build may
+    prune; the archive it was started as (argv[0]) is what stays.
+    """
+    return [sys.executable, os.path.abspath(sys.argv[0] if BUILD_ID else __file__)]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run a simulated cluster, nightcrier on SQLite and a stub agent; print incidents as they go.
+    With ``--serve``, the incident pages are on and it keeps running until interrupted."""
+    import secrets
+    directory = os.path.abspath(args.dir)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    configure_logging("warning", "text")
+    # Off loopback the pages need a token; the printed link carries it (and sets the cookie).
+    token = secrets.token_urlsafe(24) if args.serve is not None and not is_loopback(args.bind) else ""
+    simulator = SimulatedServer("demo-cluster").start()
+    pages = None if args.serve is None else (args.bind, args.serve)
+    path = _write_demo_config(directory, simulator.url, pages, token)
+    config, _ = load_config(path, env={})
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        service = Service(config).start()
+    except (StartupError, OSError) as exc:
+        simulator.stop()
+        print(f"nightcrier: the demo cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(f"nightcrier demo in {directory}\n  simulated cluster: {simulator.url}\n  config: {path}")
+    base = pages_url(config)
+    open_url = f"{base}incidents" + (f"?token={token}" if token else "") if base else ""
+    if open_url:
+        print(f"  incident pages: {open_url}")
+    earlier = sum(service.store.count_by_status().values())
+    if earlier:
+        print(f"  reusing this directory: its {earlier} earlier incident{'s' if earlier != 1 else ''} "
+              "stay in the database; only new faults are shown and counted (use --dir for a fresh one)")
+    print()
+    started = utcnow()
+    try:
+        if not _wait_until(lambda: service.health()[0].status == ACTIVE, 30, stop):
+            print("nightcrier: the demo cluster did not become active", file=sys.stderr)
+            return 1
+        simulator.emit_many(args.faults or sys.maxsize, args.rate)
+        _follow_demo(service.store, args.faults, stop, since=started)
+        if open_url and not stop.is_set():
+            print(f"\nall faults triaged; the pages stay up: open {open_url}  (Ctrl-C to stop)", flush=True)
+            stop.wait()
+    finally:
+        service.stop()
+        simulator.stop()
+    program = shlex.join(_self_command())  # the interpreter this demo ran under, not a guess
+    print(f"\nlook around:\n  {program} incidents --config {path}\n"
+          f"  {program} show <incident-id> --config {path}\n  {program} tail <incident-id> --config {path}")
+    return 0
+
+
+def _write_demo_config(directory: str, endpoint: str, pages: tuple[str, int] | None = None,
+                       web_token: str = "") -> str:
+    """The demo's config file; ``pages`` (address, port) turns the pages on, with report links to them."""
+    import yaml
+    kubeconfig = os.path.join(directory, "kubeconfig")
+    write_private(kubeconfig, "apiVersion: v1\nkind: Config\n# the demo cluster has no API server\n")
+    path = os.path.join(directory, "config.yaml")
+    served: dict[str, Any] = {"health_port": 0}
+    if pages is not None:
+        bind, port = pages
+        served = {"health_bind": bind, "health_port": port, "web_token": web_token}
+        served["report_base_url"] = pages_url(Config(health_bind=bind, health_port=port))
+    write_private(path, yaml.safe_dump({
+        "workspace_root": os.path.join(directory, "workspaces"), **served, "log_level": "warning",
+        "agent_runner": "process", "agent_command": [*_self_command(), "stub-agent"],
+        "max_concurrent_agents": 2, "agent_timeout": 60,
+        "state_storage": {"type": "sqlite", "sqlite_path": os.path.join(directory, "nightcrier.db")},
+        "clusters": [{"name": "demo", "mcp": {"endpoint": endpoint},
+                      "triage": {"enabled": True, "kubeconfig": kubeconfig, "check_permissions": False}}]},
+        sort_keys=False))
+    return path
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, stop: threading.Event) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if stop.wait(0.05) or time.monotonic() > deadline:
+            return False
+    return True
+
+
+def _follow_demo(store: StateStore, faults: int, stop: threading.Event,
+                 since: dt.datetime | None = None) -> None:
+    """Print each incident created since ``since`` when it is created and when it finishes; return
+    after ``faults`` of them have finished (0: until interrupted)."""
+    seen: dict[str, str] = {}
+    while not stop.wait(0.2):
+        for incident in reversed(store.list_incidents(IncidentFilter(since=since, limit=1000))):
+            if seen.get(incident.incident_id) == incident.status:
+                continue
+            if incident.incident_id not in seen:
+                print(f"{_short_time(incident.created_at)}  created   {incident.incident_id}  "
+                      f"{incident.fault_type} {incident.resource_kind}/{incident.resource_name}", flush=True)
+            if incident.status in TERMINAL_STATUSES:
+                print(f"{_short_time(incident.completed_at)}  {incident.status:<9} {incident.incident_id}"
+                      + (f"  ({incident.failure_reason})" if incident.failure_reason else ""), flush=True)
+            seen[incident.incident_id] = incident.status
+        finished = sum(status in TERMINAL_STATUSES for status in seen.values())
+        if faults and finished >= faults:
+            return
+
+
+def cmd_stub_agent(_args: argparse.Namespace) -> int:
+    """A stand-in for an AI agent: reads incident.json, writes a plausible report."""
+    with open("incident.json", encoding="utf-8") as fh:
+        incident = json.load(fh)
+    resource = incident.get("resource", {})
+    target = f"{resource.get('kind', 'resource')} {resource.get('namespace', '')}/{resource.get('name', '')}"
+    print(f"stub agent: triaging {incident.get('faultType')} on {target}", flush=True)
+    causes = {"CrashLoop": "the container exits at start-up because a required setting is missing",
+              "PodCrash": "the container was killed for exceeding its memory limit",
+              "NodeUnhealthy": "the kubelet stopped reporting: its container runtime is not ready",
+              "DeploymentFailure": "the new ReplicaSet's pods never became ready before the deadline",
+              "JobFailure": "every retry of the job failed with the same error"}
+    cause = causes.get(incident.get("faultType", ""), "the workload failed its health checks")
+    report = (f"# Investigation: {incident.get('faultType')} on {target}\n\n## Summary\n\n"
+              f"Cluster `{incident.get('cluster')}` reported {incident.get('faultType')} "
+              f"({incident.get('severity')}) at {incident.get('timestamp')}.\n\n## Root Cause\n\n"
+              f"Most likely {cause}.\n\n**Confidence:** MEDIUM\n\n## Evidence\n\n"
+              f"- Fault context: {incident.get('context', '')[:500]}\n\n## Recommendations\n\n"
+              "1. Check the workload's recent changes and its events.\n"
+              "2. Compare its resource limits with its actual usage.\n\n"
+              "_Written by the nightcrier demo's stub agent; no cluster was contacted._\n")
+    os.makedirs("output", exist_ok=True)
+    write_private(os.path.join("output", "investigation.md"), report)
+    print("stub agent: report written to output/investigation.md", flush=True)
+    return 0
+
+
+# -- agent-check: a canned incident through the configured agent --------------------
+
+AGENT_CHECK_TAIL_LINES = 20
+
+
+def canned_incident(cluster: str) -> Incident:
+    """The incident agent-check runs: a crash-looping pod, as a real fault would describe it."""
+    now = utcnow()
+    return Incident(incident_id=new_id(), event_id=new_id(), status=INVESTIGATING, cluster=cluster,
+                    created_at=now, updated_at=now, started_at=now, fault_id=f"agent-check-{new_id()[:8]}",
+                    fault_type="CrashLoop", severity="critical",
+                    context="Container entered CrashLoopBackOff state, restart count: 5, last exit code: 1. "
+                            "This is a test incident from 'nightcrier agent-check': investigate what you "
+                            "can, then write the report as for a real incident.",
+                    timestamp=now.isoformat(), resource_api_version="v1", resource_kind="Pod",
+                    resource_name="agent-check", resource_namespace="default", attempts=1)
+
+
+def _log_tail(workspace: str, name: str, lines: int, window: int = 64 * 1024) -> list[str]:
+    try:
+        fd = open_workspace_file(workspace, f"logs/{name}")
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as fh:
+        fh.seek(max(0, os.fstat(fd).st_size - window))
+        return fh.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+def cmd_agent_check(args: argparse.Namespace) -> int:
+    """Run a canned incident through the configured runner, image, CLI, keys, environment and network
+    in a temporary workspace; print pass/fail, the time taken and the tail of the agent's logs."""
+    config, _ = _load_or_exit(args)
+    configure_logging("error", config.log_format)
+    names = [c.name for c in config.clusters]
+    if args.cluster and args.cluster not in names:
+        print(f"nightcrier: agent-check: no cluster {args.cluster!r} in the configuration "
+              f"(clusters: {', '.join(names) or 'none'})", file=sys.stderr)
+        return EXIT_CONFIG
+    incident = canned_incident(args.cluster or (names[0] if names else "agent-check"))
+    os.makedirs(os.path.abspath(config.workspace_root), mode=0o700, exist_ok=True)
+    root = tempfile.mkdtemp(prefix=".agent-check-", dir=os.path.abspath(config.workspace_root))
+    instance = f"{socket.gethostname()}:{os.getpid()}:agent-check"
+    runner = DockerRunner(config, instance) if config.agent_runner == "docker" else ProcessRunner()
+    print(f"agent-check: {runner.name} runner"
+          + (f", image {config.agent_image}" if runner.name == "docker" else "")
+          + f", cli {config.agent_cli}, cluster {incident.cluster}, workspace {root}", flush=True)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    started = time.monotonic()
+    workspace = ""
+    try:
+        workspace = prepare_workspace(root, incident)
+        job = stage_agent_job(config, incident, workspace, instance, None)
+        problems = []
+        if isinstance(runner, DockerRunner):
+            rules = EgressPolicy.for_job(config, job).rules if config.egress_mode == "allowlist" else ()
+            print(f"agent-check: agent_egress {config.egress_mode}"
+                  + (f", allowed: {', '.join(map(str, rules)) or 'nothing'}" if rules else ""), flush=True)
+            runner.check()
+            problems = runner.image_problems()
+            for problem in problems:
+                print(f"agent-check: image {config.agent_image}: {problem}", flush=True)
+        outcome = runner.run(job, stop)
+        status, reason = judge_outcome(outcome, workspace, config.agent_timeout,
+                                       config.investigation_min_size_bytes)
+        if outcome.cancelled:
+            status, reason = AGENT_FAILED, "interrupted"
+        elif problems:
+            status, reason = AGENT_FAILED, "the image lacks what nightcrier needs: " + "; ".join(problems)
+    except RunnerUnavailable as exc:
+        status, reason = AGENT_FAILED, f"runner unavailable: {exc}"
+    except OSError as exc:
+        status, reason = AGENT_FAILED, f"cannot prepare the workspace: {exc}"
+    elapsed = time.monotonic() - started
+    if status == RESOLVED:
+        size = workspace_file_size(workspace, REPORT_RELPATH)
+        print(f"PASS: report of {size} bytes (at least {config.investigation_min_size_bytes}) "
+              f"in {elapsed:.1f} s")
+    else:
+        print(f"FAIL: {reason} (after {elapsed:.1f} s)")
+    for name in AGENT_LOG_NAMES:
+        tail = _log_tail(workspace, name, AGENT_CHECK_TAIL_LINES) if workspace else []
+        print(f"--- {name}, last {len(tail)} lines ---")
+        for line in tail:
+            print(f"  {line}")
+    if args.keep:
+        print(f"workspace kept: {workspace or root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if status == RESOLVED else 1
+
+
+# -- main ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
