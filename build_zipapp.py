@@ -115,11 +115,15 @@ DEFAULT_PLATFORM = "manylinux2014_x86_64"
 DEFAULT_MACHINE = "x86_64"
 COMMON_DIR = "common"
 FEATURES_DIR = "features"
-# Optional features: the requirements only they need. Their libraries, and everything those need that
-# the rest of nightcrier does not, are extracted only when nightcrier first imports one of their
-# modules (the bootstrap's import hook), and carry no bytecode: a feature is used by few processes, and
-# its first import compiles what it needs into the extraction.
-FEATURES = {"postgres": ("psycopg2-binary",), "s3": ("boto3",), "azure": ("azure-storage-blob",),
+# Features: the requirements only some commands or settings need, in the order a shared dependency is
+# assigned (to the first feature that needs it). Their libraries are extracted only when nightcrier
+# first imports one of their modules (the bootstrap's import hook; an import from one feature's library
+# of another's extracts that one too), and carry no bytecode: the first import compiles what it needs
+# into the extraction. So `--version` extracts nightcrier alone, `check-config` adds PyYAML, and a
+# SQLite deployment without object storage never unpacks PostgreSQL's, AWS's or Azure's libraries.
+FEATURES = {"http": ("requests", "sseclient-py"), "docker": ("docker",),
+            "pages": ("Jinja2", "markdown-it-py", "waitress"), "metrics": ("prometheus-client",),
+            "postgres": ("psycopg2-binary",), "s3": ("boto3",), "azure": ("azure-storage-blob",),
             "triage-result": ("jsonschema",)}
 # The AWS service models the S3 support reads (S3 itself; STS for role and web-identity credentials);
 # botocore ships one for every AWS service, which would be most of the archive.
@@ -613,16 +617,15 @@ def requirement_names(requirements: Path) -> set[str]:
 
 
 def feature_of(dists: dict[str, Dist], requirements: set[str]) -> dict[str, str]:
-    """Which feature each distribution belongs to: "" (always extracted) for what the rest of nightcrier
-    needs and for what two features share, else the one feature that needs it."""
+    """Which feature each distribution belongs to: "" (always extracted) for what nightcrier needs
+    whatever it does, else the first feature (in ``FEATURES`` order) that needs it."""
     roots = {feature: {_normalise(n) for n in names} for feature, names in FEATURES.items()}
-    core = _closure(requirements - set().union(*roots.values()), dists)
     needed_by = {feature: _closure(names, dists) for feature, names in roots.items()}
-    result = {}
-    for name in dists:
-        owners = [feature for feature, needed in needed_by.items() if name in needed]
-        result[name] = "" if name in core or len(owners) != 1 else owners[0]
-    return result
+    # requirements.txt pins some dependencies of features too (MarkupSafe for Jinja2): those are not
+    # what nightcrier needs whatever it does.
+    core = _closure(requirements - set().union(*needed_by.values()), dists)
+    return {name: "" if name in core else next((f for f, needed in needed_by.items() if name in needed), "")
+            for name in dists}
 
 
 def _wheel_tags(info: Path) -> list[str]:
