@@ -67,7 +67,6 @@ import glob
 import hashlib
 import hmac
 import http
-import http.server
 import importlib.util
 import ipaddress
 import itertools
@@ -11476,6 +11475,9 @@ def _sse_event(message: dict[str, Any]) -> bytes:
 
 
 def _make_sim_httpd(server: SimulatedServer, host: str, port: int) -> Any:
+    # Imported here: it costs every other command's start a fifth of its import time.
+    import http.server
+
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -11824,6 +11826,8 @@ def cmd_agent_check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    if argv in (["--version"], ["version"]):  # answered before the parser of every setting is built
+        return cmd_version(argparse.Namespace())
     args = build_parser().parse_args(argv)
     if args.version or args.command == "version":
         return cmd_version(args)
