@@ -11002,13 +11002,26 @@ def parse_age(text: str) -> float:
     return int(match.group(1)) * 86400.0 if match else parse_go_duration(text.strip())
 
 
+def _duration_flag(flag: str, text: str, parse: Callable[[str], float], example: str,
+                   zero: bool = False) -> float | None:
+    """Seconds of a duration given as ``flag``; None, after saying why on stderr, when it is not a
+    duration, or is 0 where ``zero`` is not allowed."""
+    try:
+        seconds = parse(text)
+    except ValueError as exc:
+        print(f"nightcrier: {flag}: {exc}, e.g. {example}", file=sys.stderr)
+        return None
+    if seconds < 0 or (seconds == 0 and not zero):
+        print(f"nightcrier: {flag} must be more than 0, e.g. {example}", file=sys.stderr)
+        return None
+    return seconds
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Remove finished incidents older than --older-than, and their workspaces; say what went."""
     config, _ = _load_or_exit(args)
-    try:
-        seconds = parse_age(args.older_than)
-    except ValueError as exc:
-        print(f"nightcrier: --older-than: {exc}", file=sys.stderr)
+    seconds = _duration_flag("--older-than", args.older_than, parse_age, "30d or 12h", zero=True)
+    if seconds is None:
         return EXIT_CONFIG
     cutoff = utcnow() - dt.timedelta(seconds=seconds)
     with _cli_store(config, read_only=False) as store:
@@ -11110,13 +11123,8 @@ def _report_link_for(config: Config, incident_id: str, ttl: float) -> tuple[str 
 def cmd_link(args: argparse.Namespace) -> int:
     """Print a signed link that opens one incident's report, with no token, until it expires."""
     config, _ = _load_or_exit(args)
-    try:
-        ttl = parse_go_duration(args.ttl)
-    except ValueError as exc:
-        print(f"nightcrier: --ttl: {exc}, e.g. 24h or 30m", file=sys.stderr)
-        return EXIT_CONFIG
-    if ttl <= 0:
-        print("nightcrier: --ttl must be more than 0, e.g. 24h", file=sys.stderr)
+    ttl = _duration_flag("--ttl", args.ttl, parse_go_duration, "24h or 30m")
+    if ttl is None:
         return EXIT_CONFIG
     with _cli_store(config) as store:
         resolved, why = resolve_incident_id(store, args.incident_id)
