@@ -60,7 +60,11 @@ def test_systemd_unit_runs_the_pyz_sandboxed_and_reloads_with_sighup() -> None:
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
                        "ProtectHome": "yes", "CapabilityBoundingSet": ""}.items():
         assert service[key] == value, key
-    assert service["StateDirectory"] == "nightcrier"
+    assert service["StateDirectory"].split()[0] == "nightcrier"
+    # What the Docker engine mounts into agent containers (the egress gate's sockets, made under
+    # TMPDIR) must not be in the private /tmp, which only this service sees.
+    environment = dict(item.split("=", 1) for item in service["Environment"].split())
+    assert environment["TMPDIR"] == "%S/nightcrier/tmp" and "nightcrier/tmp" in service["StateDirectory"]
 
 
 def test_example_host_config_writes_only_where_the_unit_allows_and_passes_check_config(
