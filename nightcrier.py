@@ -7793,6 +7793,87 @@ class _Run:
     logs: dict[str, str] = field(default_factory=dict)
 
 
+class Maintenance:
+    """The dispatcher's periodic work on the database and the Docker engine, one round per call.
+
+    :meth:`run_once` refreshes the heartbeats of this process's running
+    incidents and reports each whose claim is gone (swept, taken over) to
+    ``on_claim_lost``; returns the incidents of dead processes (their liveness
+    lock is free) and those without a heartbeat for ``stale_after_seconds`` (a
+    live but hung process) to pending, or fails them past ``max_attempts``;
+    removes containers no live worker runs; sets ``work_available`` when an
+    incident became pending; and, once a UTC day's runs have cost the store's
+    daily budget, makes exactly one process call ``on_budget_spent(spent,
+    budget)`` that day. All times are the database's.
+
+    Called only from the dispatcher's thread, every :meth:`interval` seconds;
+    it shares no mutable state with the dispatcher: it learns which incidents
+    run here from ``running()`` and reports lost claims through
+    ``on_claim_lost``. Raises what the store raises (``StoreUnavailable``,
+    ``StoreError``); the caller's loop handles those.
+    """
+
+    def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
+                 work_available: threading.Event, instance: str, running: Callable[[], list[str]],
+                 on_claim_lost: Callable[[str], None],
+                 on_budget_spent: Callable[[float, float], None] | None = None):
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.wake = work_available
+        self.instance = instance
+        self.running = running
+        self.on_claim_lost = on_claim_lost
+        self.on_budget_spent = on_budget_spent
+
+    def interval(self) -> float:
+        return max(0.2, min(self.config.stale_after_seconds / 4, ORPHAN_CHECK_SECONDS))
+
+    def run_once(self) -> None:
+        running = self.running()
+        if running:
+            held = self.store.refresh_claims(self.instance, running)
+            for incident_id in set(running) - held:
+                self.on_claim_lost(incident_id)
+        requeued, failed = self.store.recover_stale(float(self.config.stale_after_seconds),
+                                                    self.config.max_attempts)
+        dead_requeued, dead_failed = self.store.recover_orphans(self.instance, self.config.max_attempts)
+        requeued, failed = requeued + dead_requeued, failed + dead_failed
+        for incident_id in requeued:
+            log_event(logging.WARNING, "orphaned incident returned to pending", incident_id=incident_id)
+        for incident_id in failed:
+            log_event(logging.ERROR, "orphaned incident failed", incident_id=incident_id,
+                      reason=ORPHANED_REASON)
+        if isinstance(self.runner, DockerRunner):
+            self.runner.remove_orphans(self.is_live)
+        if requeued:
+            self.wake.set()
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        """Call ``on_budget_spent`` if today's runs cost the budget and no process has yet today."""
+        budget = self.store.rules.daily_budget_usd
+        if not budget or self.on_budget_spent is None:
+            return
+        spent = self.store.spent_today()
+        if spent >= budget and self.store.first_notice(f"budget-spent/{_utc_midnight().date().isoformat()}"):
+            log_event(logging.WARNING, "daily agent budget spent; incidents are skipped until midnight UTC",
+                      spent_usd=round(spent, 4), budget_usd=budget)
+            self.on_budget_spent(spent, budget)
+
+    def is_live(self, incident_id: str) -> bool:
+        """Whether some live worker, here or in another process, is running this incident."""
+        if incident_id in self.running():
+            return True
+        incident = self.store.get_incident(incident_id)
+        if incident is None:  # not of this database: another deployment's agent, not ours to remove
+            return True
+        if incident.status != INVESTIGATING or incident.claimed_by == self.instance:
+            return False
+        stale_before = self.store.now() - dt.timedelta(seconds=self.config.stale_after_seconds)
+        return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
+
+
 class Dispatcher(threading.Thread):
     """Claims pending incidents and runs each on a pool of ``max_concurrent_agents`` workers.
 
@@ -7802,12 +7883,11 @@ class Dispatcher(threading.Thread):
     that has no agent running. Per-cluster locks keep one agent per cluster in
     this process; the database keeps it so across processes.
 
-    It also refreshes heartbeats of running incidents -- a run whose claim is
-    gone (swept, taken over) is cancelled and its result discarded --, returns
-    the incidents of dead processes (their liveness lock is free) to pending
-    every ``ORPHAN_CHECK_SECONDS``, sweeps incidents without a heartbeat for
-    ``stale_after_seconds`` (a live but hung process) the same way, and removes
-    orphaned containers. All times are the database's. When the runner is
+    Between claims its thread runs one round of :class:`Maintenance` every
+    :meth:`Maintenance.interval` seconds (heartbeats, sweeps, container
+    cleanup, the daily budget); a run whose claim that round finds gone (swept,
+    taken over) is cancelled and its result discarded. The runner check stays
+    here because claiming pauses on it and workers report to it. When the runner is
     unavailable before the agent started, the incident returns to pending
     without counting the attempt and claiming pauses with backoff; after the
     agent started, the attempt counts. :meth:`stop` stops claiming, waits up to
@@ -7815,8 +7895,7 @@ class Dispatcher(threading.Thread):
     incidents to pending. :meth:`abort` does that at once, within
     ``ABORT_SECONDS``. Every worker's future is checked: an exception that
     escaped it is logged and counted (``nightcrier_worker_errors_total``).
-    Once a UTC day's runs have cost the store's daily budget, exactly one
-    process calls ``on_budget_spent(spent, budget)`` that day.
+    Started and stopped by the main thread; :meth:`abort` may run in a signal handler.
     """
 
     def __init__(self, config: Config, store: StateStore, runner: ProcessRunner | DockerRunner,
@@ -7832,7 +7911,6 @@ class Dispatcher(threading.Thread):
         self.metrics = metrics
         self.instance = instance
         self.on_finished = on_finished
-        self.on_budget_spent = on_budget_spent
         self.permissions = permissions
         self.pool = ThreadPoolExecutor(config.max_concurrent_agents, thread_name_prefix="worker")
         if isinstance(runner, DockerRunner):
@@ -7850,6 +7928,8 @@ class Dispatcher(threading.Thread):
         self._paused_until = 0.0
         self._runner_backoff = Backoff(1.0, 60.0)
         self._next_runner_check = 0.0
+        self.maintenance = Maintenance(config, store, runner, work_available, instance, self.running,
+                                       self._claim_lost, on_budget_spent)
 
     # -- public ---------------------------------------------------------------
 
@@ -7924,7 +8004,7 @@ class Dispatcher(threading.Thread):
         self._check_runner()
         while not self._stopping.is_set():
             if not first:  # a restart looks for the dead process's incidents at once
-                self.wake.wait(min(self.config.dispatch_poll_interval, self._heartbeat_interval()))
+                self.wake.wait(min(self.config.dispatch_poll_interval, self.maintenance.interval()))
             first = False
             self.wake.clear()
             if self._stopping.is_set():
@@ -7934,7 +8014,7 @@ class Dispatcher(threading.Thread):
                     self._check_runner()
                 if time.monotonic() >= next_maintenance:
                     self._maintain()
-                    next_maintenance = time.monotonic() + self._heartbeat_interval()
+                    next_maintenance = time.monotonic() + self.maintenance.interval()
                 self._fill_slots()
             except StoreUnavailable as exc:
                 self.metrics.inc("db_errors")
@@ -7985,9 +8065,6 @@ class Dispatcher(threading.Thread):
             self._runner_backoff.reset()
         self._next_runner_check = time.monotonic() + RUNNER_CHECK_INTERVAL
 
-    def _heartbeat_interval(self) -> float:
-        return max(0.2, min(self.config.stale_after_seconds / 4, ORPHAN_CHECK_SECONDS))
-
     def _fill_slots(self) -> None:
         if time.monotonic() < self._paused_until:
             return
@@ -8016,35 +8093,8 @@ class Dispatcher(threading.Thread):
                       error=_short_error(error))
 
     def _maintain(self) -> None:
-        running = self.running()
-        if running:
-            held = self.store.refresh_claims(self.instance, running)
-            for incident_id in set(running) - held:
-                self._claim_lost(incident_id)
-        requeued, failed = self.store.recover_stale(float(self.config.stale_after_seconds),
-                                                    self.config.max_attempts)
-        dead_requeued, dead_failed = self.store.recover_orphans(self.instance, self.config.max_attempts)
-        requeued, failed = requeued + dead_requeued, failed + dead_failed
-        for incident_id in requeued:
-            log_event(logging.WARNING, "orphaned incident returned to pending", incident_id=incident_id)
-        for incident_id in failed:
-            log_event(logging.ERROR, "orphaned incident failed", incident_id=incident_id,
-                      reason=ORPHANED_REASON)
-        if isinstance(self.runner, DockerRunner):
-            self.runner.remove_orphans(self._is_live)
-        if requeued:
-            self.wake.set()
-        self._check_budget()
-
-    def _check_budget(self) -> None:
-        budget = self.store.rules.daily_budget_usd
-        if not budget or self.on_budget_spent is None:
-            return
-        spent = self.store.spent_today()
-        if spent >= budget and self.store.first_notice(f"budget-spent/{_utc_midnight().date().isoformat()}"):
-            log_event(logging.WARNING, "daily agent budget spent; incidents are skipped until midnight UTC",
-                      spent_usd=round(spent, 4), budget_usd=budget)
-            self.on_budget_spent(spent, budget)
+        """One round of :class:`Maintenance`, on the dispatcher's thread."""
+        self.maintenance.run_once()
 
     def _claim_lost(self, incident_id: str) -> None:
         run = self._running.get(incident_id)
@@ -8056,16 +8106,12 @@ class Dispatcher(threading.Thread):
         log_event(logging.WARNING, "claim lost while the agent ran, cancelling it", incident_id=incident_id)
 
     def _is_live(self, incident_id: str) -> bool:
-        """Whether some live worker, here or in another process, is running this incident."""
-        if incident_id in self.running():
-            return True
-        incident = self.store.get_incident(incident_id)
-        if incident is None:  # not of this database: another deployment's agent, not ours to remove
-            return True
-        if incident.status != INVESTIGATING or incident.claimed_by == self.instance:
-            return False
-        stale_before = self.store.now() - dt.timedelta(seconds=self.config.stale_after_seconds)
-        return incident.heartbeat_at is not None and incident.heartbeat_at >= stale_before
+        """See :meth:`Maintenance.is_live`."""
+        return self.maintenance.is_live(incident_id)
+
+    def _check_budget(self) -> None:
+        """See :meth:`Maintenance.check_budget`."""
+        self.maintenance.check_budget()
 
     # -- worker ---------------------------------------------------------------
 
