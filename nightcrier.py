@@ -4980,12 +4980,12 @@ class IngestWriter(threading.Thread):
     ``rejected_events`` rows (reason and escaped body, counted as ``refused``),
     the others are stored. Nothing leaves the writer without becoming an
     incident, a rejected row, a spooled record, or a counted and logged drop.
-    Spool replay streams each segment through the same path; a line that
-    cannot be read or stored is quarantined (see :class:`Spool`) and recorded
-    as rejected, and replay carries on. Rejections made here have ids derived
-    from the item, so replaying a segment twice records them once. Between two
-    batches of replay the writer also stores what is queued, so that a burst
-    larger than the queue spills as little as it can.
+    Rejections made here have ids derived from the item, so storing an item
+    twice records its rejection once. Replay is done by this thread's
+    :class:`SpoolReplayer` (``replayer``), called from the loop before each
+    batch while the spool has items, through the same isolating path; between
+    two batches of replay it has the writer store what is queued, so that a
+    burst larger than the queue spills as little as it can.
 
     The writer also does the spool's disk work (:meth:`Spool.sync`), so that
     the listeners' :meth:`IngestSink.put` never waits on the disk. Every loop
@@ -5012,6 +5012,7 @@ class IngestWriter(threading.Thread):
         self._stopping = threading.Event()
         self._degraded = False
         self._inflight: list[IngestItem] = []
+        self.replayer = SpoolReplayer(self)
 
     def stop(self, timeout: float | None = None) -> None:
         """Ask the writer to finish; wait at most ``timeout`` seconds (None: until it has)."""
@@ -5035,7 +5036,7 @@ class IngestWriter(threading.Thread):
             try:
                 self.spool.sync()
                 if (self._degraded or self.spool.has_items()) and not self._stopping.is_set():
-                    if not self._replay_spool():
+                    if not self.replayer.replay():
                         self._spool_queue()
                         self._spool_while_waiting(backoff.next())
                         continue
@@ -5212,6 +5213,10 @@ class IngestWriter(threading.Thread):
                 log_event(logging.ERROR, "event dropped: database and spool both unavailable",
                           cluster=item.cluster, fault_id=getattr(item, "fault_id", ""), error=str(exc))
 
+    def _replay_segment(self, segment: str) -> bool:
+        """Replay one spool segment now, in this thread (see :meth:`SpoolReplayer.replay_segment`)."""
+        return self.replayer.replay_segment(segment)
+
     def _spool_queue(self) -> None:
         """While the database is down, keep memory free: move everything queued to the spool."""
         for _ in range(self.sink.queue.maxsize // self.batch_size + 1):
@@ -5220,25 +5225,45 @@ class IngestWriter(threading.Thread):
             if len(batch) < self.batch_size:
                 break
 
-    def _replay_spool(self) -> bool:
+class SpoolReplayer:
+    """Reads sealed spool segments back into the database, for an :class:`IngestWriter`.
+
+    Owns nothing that runs by itself: the writer's thread calls :meth:`replay`
+    from its loop (and only that thread), so replay and the queue interleave
+    exactly as the writer orders them. Each segment is streamed in batches of
+    the writer's ``batch_size`` through the writer's item isolation; a line that
+    cannot be read or stored is quarantined (see :class:`Spool`) and recorded
+    as rejected with an id derived from segment and line, so replaying a
+    segment twice records it once. Between two batches it has the writer store
+    what is queued. A segment that cannot be read at all is set aside as
+    ``*.unreadable``. Clears the writer's degraded state once the spool is
+    empty. Raises nothing from :meth:`replay`; :meth:`replay_segment` raises
+    StoreUnavailable and OSError.
+    """
+
+    def __init__(self, writer: IngestWriter):
+        self.writer = writer
+        self.spool = writer.spool
+
+    def replay(self) -> bool:
         """Store spooled items in order; True when done (or stopped), False when the database
         is unavailable (the segment being replayed is replayed again later)."""
         try:
             for segment in self.spool.take_segments():
-                if self._stopping.is_set():
+                if self.writer._stopping.is_set():
                     return True
                 try:
-                    if not self._replay_segment(segment):
+                    if not self.replay_segment(segment):
                         return True
                 except OSError as exc:
                     self._set_aside(segment, exc)
         except StoreUnavailable:
-            self.metrics.inc("db_errors")
+            self.writer.metrics.inc("db_errors")
             return False
         except OSError as exc:
             log_event(logging.ERROR, "spool unreadable", directory=self.spool.directory, error=str(exc))
             return False
-        self._degraded = False
+        self.writer._degraded = False
         return True
 
     def _set_aside(self, segment: str, error: OSError) -> None:
@@ -5248,7 +5273,7 @@ class IngestWriter(threading.Thread):
         if os.path.exists(segment):
             os.rename(segment, segment + ".unreadable")
 
-    def _replay_segment(self, segment: str) -> bool:
+    def replay_segment(self, segment: str) -> bool:
         """Replay one segment; False if stop interrupted it. Raises StoreUnavailable, OSError."""
         pending: list[tuple[int, bytes, IngestItem]] = []
         stored = 0
@@ -5259,18 +5284,18 @@ class IngestWriter(threading.Thread):
 
         def flush() -> None:
             nonlocal stored
-            self._write_isolating([item for _, _, item in pending], quarantine)
+            self.writer._write_isolating([item for _, _, item in pending], quarantine)
             stored += len(pending)
             pending.clear()
             # Keep the queue moving too: while it is full, everything arriving is spooled,
             # and a spooled item costs several times what a queued one does. Order between
             # the two does not matter: each incident carries its own receive time.
             queued: list[IngestItem] = []
-            self._take_queued(queued)
+            self.writer._take_queued(queued)
             if queued:
-                self._inflight = queued
-                self._store_with_retry(queued)
-                self._inflight = []
+                self.writer._inflight = queued
+                self.writer._store_with_retry(queued)
+                self.writer._inflight = []
 
         try:
             for number, line, item, error in self.spool.records(segment):
@@ -5278,9 +5303,9 @@ class IngestWriter(threading.Thread):
                     self._quarantine(segment, number, line, error, None)
                     continue
                 pending.append((number, line, item))
-                if len(pending) >= self.batch_size:
+                if len(pending) >= self.writer.batch_size:
                     flush()
-                    if self._stopping.is_set():
+                    if self.writer._stopping.is_set():
                         return False
             if pending:
                 flush()
@@ -5304,7 +5329,7 @@ class IngestWriter(threading.Thread):
             clean_text(cluster), clean_text(f"spool record quarantined: {reason}")[:2000],
             storable_raw(line.decode("utf-8", "backslashreplace").rstrip("\n")), received_at=utcnow(),
             rejected_id=str(uuid.uuid5(_REFUSED_NAMESPACE, f"{os.path.basename(segment)}:{number}")))
-        self._store_rejection(rejected, item)
+        self.writer._store_rejection(rejected, item)
 
 
 def _raw_of(item: Any) -> str:
