@@ -11131,6 +11131,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             return 1
         executions = store.list_executions(incident.incident_id)
         report = store.get_report(incident.incident_id)
+        ttl = parse_go_duration(config.report_link_ttl)
+        link = (_report_link_for(config, store, incident.incident_id, ttl)
+                if report is not None and config.report_base_url else None)
     workspace = incident.workspace_path or os.path.join(os.path.abspath(config.workspace_root),
                                                         incident.incident_id)
     document = {**_incident_json(incident), "runs": len(executions), "workspace": workspace,
@@ -11171,19 +11174,18 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"summary: {report.summary_text or 'See investigation report'}")
     if (url := pages_url(config)) is not None:
         print(f"\npage: {url}incidents/{incident.incident_id}")
-        if report is not None and config.report_base_url:
-            link = _report_link_for(config, incident.incident_id, parse_go_duration(config.report_link_ttl))
+        if link is not None:
             print(f"report link: {link[0] or link[1]}")
     return 0
 
 
-def _report_link_for(config: Config, incident_id: str, ttl: float) -> tuple[str | None, str]:
+def _report_link_for(config: Config, store: StateStore, incident_id: str, ttl: float
+                     ) -> tuple[str | None, str]:
     """A signed report link for ``incident_id`` valid for ``ttl`` seconds, or None and why not."""
     if not config.report_base_url:
         return None, "report links need report_base_url (env REPORT_BASE_URL): nightcrier's public URL"
     try:
-        with _cli_store(config) as store:
-            key = report_link_key(config, store)
+        key = report_link_key(config, store)
     except StoreError as exc:
         return None, (f"cannot read the report link key ({exc}); it is made by the first `run` with "
                       "report_base_url set, or set report_link_secret")
@@ -11199,10 +11201,10 @@ def cmd_link(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     with _cli_store(config) as store:
         resolved, why = resolve_incident_id(store, args.incident_id)
-    if resolved is None:
-        print(f"nightcrier: {why}", file=sys.stderr)
-        return 1
-    url, why = _report_link_for(config, resolved, ttl)
+        if resolved is None:
+            print(f"nightcrier: {why}", file=sys.stderr)
+            return 1
+        url, why = _report_link_for(config, store, resolved, ttl)
     if url is None:
         print(f"nightcrier: {why}", file=sys.stderr)
         return EXIT_CONFIG if not config.report_base_url else 1
