@@ -3733,6 +3733,61 @@ def _sqlite_insert_rows(conn: sqlite3.Connection, table: str, columns: Sequence[
 
 # -- PostgreSQL ----------------------------------------------------------------
 
+PG_NAME_BYTES = 63  # what PostgreSQL keeps of an application_name (NAMEDATALEN - 1)
+
+
+def pg_application_name(text: str) -> str:
+    """``text`` as an application_name, exactly as the server stores it.
+
+    Printable ASCII only (the server rewrites anything else) cut to 63 bytes. Instance ids put
+    their random part first (see :func:`new_instance_id`), so the names of two processes differ
+    however long their host's name: a process recognises its own earlier sessions by this name
+    and ends them, and must never take another's for its own.
+    """
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:PG_NAME_BYTES]
+
+
+def pg_connect(dsn: str, application_name: str, *, dead_after: float, connect_timeout: float = 0,
+               both_ends: bool = False) -> Any:
+    """A new psycopg2 connection that notices a dead peer within about ``dead_after`` seconds.
+
+    Every connection to PostgreSQL is opened here, so that how quickly each kind notices a
+    lost server is one decision. TCP keepalives (an idle time, then three probes) and a TCP
+    user timeout add up to ``dead_after``; ``connect_timeout`` (default ``dead_after``) applies
+    unless the DSN sets one. ``both_ends`` asks the server to watch its end the same way: for
+    sessions whose advisory locks other processes wait on, which the server must free within
+    seconds of their host vanishing, where its own keepalive default is two hours (a server
+    without such a setting keeps its default). ``application_name`` is cut to what the server
+    keeps. Raises ``psycopg2.Error``; the connection is not in autocommit mode.
+    """
+    import psycopg2
+    import psycopg2.errors
+    probe = max(1, int(dead_after) // 6)
+    user_timeout_ms = max(1000, int(dead_after * 1000))
+    kwargs: dict[str, Any] = {"application_name": pg_application_name(application_name),
+                              "keepalives": 1, "keepalives_idle": max(1, int(dead_after) - 3 * probe),
+                              "keepalives_interval": probe, "keepalives_count": 3,
+                              "tcp_user_timeout": user_timeout_ms}
+    if "connect_timeout" not in _parse_dsn(dsn):
+        kwargs["connect_timeout"] = max(1, int(connect_timeout or dead_after))
+    conn = psycopg2.connect(dsn, **kwargs)
+    if both_ends:
+        settings = [(f"tcp_{name}", kwargs[name])
+                    for name in ("keepalives_idle", "keepalives_interval", "keepalives_count")]
+        try:
+            with conn.cursor() as cur:
+                for name, value in [*settings, ("tcp_user_timeout", user_timeout_ms)]:
+                    try:
+                        cur.execute(f"SET {name} = %s", (value,))
+                        conn.commit()
+                    except psycopg2.errors.UndefinedObject:  # an older server: its default applies
+                        conn.rollback()
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
 class PostgresPool:
     """A bounded set of psycopg2 connections shared by threads.
 
@@ -3742,6 +3797,10 @@ class PostgresPool:
     than ``max_lifetime`` or idle longer than ``max_idle_time`` is closed rather
     than reused. Every connection runs with ``statement_timeout`` and UTC.
     """
+
+    # A server gone without a word (a cut network) is given up on after this long; a busy
+    # statement is stopped sooner by statement_timeout.
+    DEAD_AFTER_SECONDS = 60.0
 
     def __init__(self, dsn: str, *, max_open: int = 25, max_idle: int = 5,
                  max_lifetime: float = 300.0, max_idle_time: float = 600.0, wait: float = 30.0,
@@ -3825,12 +3884,9 @@ class PostgresPool:
 
     def _connect(self) -> Any:
         import psycopg2
-        kwargs: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-                                  "keepalives_count": 3, "application_name": "nightcrier"}
-        if "connect_timeout" not in _parse_dsn(self.dsn):
-            kwargs["connect_timeout"] = self.connect_timeout
         try:
-            conn = psycopg2.connect(self.dsn, **kwargs)
+            conn = pg_connect(self.dsn, "nightcrier", dead_after=self.DEAD_AFTER_SECONDS,
+                              connect_timeout=self.connect_timeout)
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (self.statement_timeout_ms,))
                 cur.execute("SET TIME ZONE 'UTC'")
@@ -3844,20 +3900,6 @@ class PostgresPool:
         with self._cond:
             self._born[id(conn)] = time.monotonic()
         return conn
-
-
-PG_NAME_BYTES = 63  # what PostgreSQL keeps of an application_name (NAMEDATALEN - 1)
-
-
-def pg_application_name(text: str) -> str:
-    """``text`` as an application_name, exactly as the server stores it.
-
-    Printable ASCII only (the server rewrites anything else) cut to 63 bytes. Instance ids put
-    their random part first (see :func:`new_instance_id`), so the names of two processes differ
-    however long their host's name: a process recognises its own earlier sessions by this name
-    and ends them, and must never take another's for its own.
-    """
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:PG_NAME_BYTES]
 
 
 class PostgresStore(SqlStore):
@@ -3885,6 +3927,7 @@ class PostgresStore(SqlStore):
     LIVENESS_CLASS = 0x6E63_6C76  # first key of (class, instance) liveness locks; no other lock uses it
     INTAKE_CLASS = 0x6E63_7274  # first key of (class, hash) locks on fault conditions and cluster queues
     LIVENESS_CHECK_SECONDS = 1.0
+    LIVENESS_DEAD_AFTER_SECONDS = 8.0  # a vanished host's liveness lock is freed within this
     LIVENESS_SETTLE_SECONDS = 15.0  # after a server start: longer than re-taking a lock takes
     _empty = False  # read-only on a database nightcrier never ran on
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
@@ -3908,11 +3951,11 @@ class PostgresStore(SqlStore):
         """LISTEN on a dedicated connection; reconnect with backoff when it breaks."""
         import select
 
-        import psycopg2
         backoff = Backoff(0.5, 30.0)
         while not stop.is_set():
             try:
-                conn = psycopg2.connect(self._pool.dsn, application_name="nightcrier-listen")
+                conn = pg_connect(self._pool.dsn, "nightcrier-listen",
+                                  dead_after=PostgresPool.DEAD_AFTER_SECONDS)
             except Exception:  # psycopg2.Error or worse: this thread must outlive it and retry
                 stop.wait(backoff.next())
                 continue
@@ -3988,23 +4031,15 @@ class PostgresStore(SqlStore):
         """A connection holding this instance's lock; raises StoreUnavailable if none can be had."""
         import psycopg2
         try:
-            conn = psycopg2.connect(self._pool.dsn,
-                                    application_name=pg_application_name(f"nightcrier-live {instance}"),
-                                    connect_timeout=5, keepalives=1, keepalives_idle=5,
-                                    keepalives_interval=1, keepalives_count=3)
+            # The server, too, must notice within seconds that a vanished host's session (and
+            # so its lock) is dead.
+            conn = pg_connect(self._pool.dsn, f"nightcrier-live {instance}",
+                              dead_after=self.LIVENESS_DEAD_AFTER_SECONDS, connect_timeout=5, both_ends=True)
         except psycopg2.Error as exc:
             raise StoreUnavailable(f"liveness lock: {str(exc).strip()}") from exc
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                # The server, too, must notice within seconds that a vanished host's session
-                # (and so its lock) is dead; its own keepalive default is two hours.
-                for setting_sql in ("SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 1",
-                                    "SET tcp_keepalives_count = 3", "SET tcp_user_timeout = 8000"):
-                    try:
-                        cur.execute(setting_sql)
-                    except psycopg2.Error:  # an older server without it: its default applies
-                        pass
                 # Not the blocking form: a session of ours the server has not yet noticed
                 # is dead may still hold it for a moment.
                 cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
@@ -5456,12 +5491,9 @@ class ClusterOwnership(threading.Thread):
         self._close(conn)
 
     def _connect(self) -> Any:
-        import psycopg2
-        timeout_ms = int(self.interval * 1000)
-        conn = psycopg2.connect(self.dsn, application_name=self.app_name,
-                                connect_timeout=max(1, int(self.interval)), keepalives=1,
-                                keepalives_idle=max(1, int(self.interval)), keepalives_interval=1,
-                                keepalives_count=2, tcp_user_timeout=timeout_ms)
+        # Other processes wait on this session's locks to take a cluster over: both ends give
+        # it up as soon as a check could have failed.
+        conn = pg_connect(self.dsn, self.app_name, dead_after=self.interval, both_ends=True)
         conn.autocommit = True
         return conn
 

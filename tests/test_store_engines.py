@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+import yaml
 from conftest import wait_for
 from test_store_contract import make_event
 
@@ -365,6 +366,67 @@ def test_work_announced_by_one_process_wakes_another(pg_url: str) -> None:
         watcher.join(10)
         writer.close()
         other.close()
+
+
+def test_every_kind_of_connection_notices_a_lost_peer_as_its_kind_must(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool and LISTEN give a silent server a minute; the sessions whose locks other processes
+    wait on (liveness, cluster ownership) give it seconds, and make the server do the same."""
+    seen: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+    opening = nc.pg_connect
+
+    def recording(dsn: str, application_name: str, **options: object) -> object:
+        conn = opening(dsn, application_name, **options)
+        with conn.cursor() as cur:
+            cur.execute("SELECT name, setting FROM pg_settings WHERE name IN ('tcp_keepalives_idle', "
+                        "'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout')")
+            server = dict(cur.fetchall())
+        conn.rollback()
+        seen[application_name.split(" ")[0]] = (conn.get_dsn_parameters(), server)
+        return conn
+
+    monkeypatch.setattr(nc, "pg_connect", recording)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "failover_seconds": 12, "state_storage": {"type": "postgres", "postgres_connection_string": pg_url},
+        "clusters": [{"name": "a", "mcp": {"endpoint": "http://127.0.0.1:9/mcp"}}]}))
+    config, _ = nc.load_config(str(tmp_path / "config.yaml"), env={})
+    store = nc.PostgresStore(pg_url)
+    owner = nc.ClusterOwnership(config, "test:kinds", on_change=lambda: None)
+    stop = threading.Event()
+    watcher = threading.Thread(target=store.watch_for_work, args=(lambda: None, stop), daemon=True)
+    try:
+        store.hold_liveness("test:kinds")
+        watcher.start()
+        owner.start()
+        wait_for(lambda: {"nightcrier", "nightcrier-listen", "nightcrier-owner"} <= seen.keys(),
+                 what="a connection of each kind")
+    finally:
+        owner.stop()
+        stop.set()
+        watcher.join(10)
+        owner.join(10)
+        store.close()
+    client = {"keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout"}
+    minute = {"keepalives_idle": "30", "keepalives_interval": "10", "keepalives_count": "3",
+              "tcp_user_timeout": "60000"}
+    for kind in ("nightcrier", "nightcrier-listen"):
+        params, server = seen[kind]
+        assert {k: params[k] for k in client} == minute, kind
+        assert server["tcp_user_timeout"] == "0", f"{kind}: the server's own default stays"
+    seconds = {"nightcrier-live": {**minute, "keepalives_idle": "5", "keepalives_interval": "1",
+                                   "tcp_user_timeout": "8000"},
+               "nightcrier-owner": {**minute, "keepalives_idle": "1", "keepalives_interval": "1",
+                                    "tcp_user_timeout": "4000"}}  # failover_seconds / 3
+    for kind, as_set in seconds.items():
+        params, server = seen[kind]
+        assert {k: params[k] for k in client} == as_set, kind
+        assert server == {f"tcp_{k}" if k.startswith("keep") else k: v for k, v in as_set.items()}, kind
+
+
+def test_no_connection_is_opened_but_by_the_factory() -> None:
+    source = Path(nc.__file__).read_text()
+    assert source.count("psycopg2.connect(") == 1
+    assert source.index("psycopg2.connect(") > source.index("def pg_connect(")
 
 
 def test_sqlite_has_no_notifications_and_returns_at_once(tmp_path: Path) -> None:
