@@ -1780,7 +1780,8 @@ class _Reject(Exception):
 # rejection because the fault itself is real: one unrepresentable number in
 # its context must not cost it its incident, and the string keeps what was
 # sent. A notification that needed cleaning is stored re-serialised; every
-# other one exactly as received.
+# other one exactly as received. The store applies the same rules to every
+# value it is given (see storable), so this is the one policy for both engines.
 NUL_ESCAPE = "\\u0000"
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _HAZARDOUS_ESCAPE_RE = re.compile(r"\\u(?:0000|[dD][89abcdefABCDEF])")
@@ -1825,6 +1826,21 @@ def clean_text(text: str) -> str:
         text = text.replace("\x00", NUL_ESCAPE)
     if not text.isascii():
         text = _SURROGATE_RE.sub("\ufffd", text)
+    return text
+
+
+class JsonText(str):
+    """Text bound for a JSON column (jsonb on PostgreSQL, TEXT on SQLite): the store cleans
+    it by :func:`clean_json`, where it cleans any other string by :func:`clean_text`."""
+
+
+def clean_json(text: str) -> str:
+    """JSON text whose every string is cleaned as :func:`clean_text` cleans text (a NUL in a
+    string is the six characters \\u0000 there too) and whose non-finite numbers are strings:
+    what jsonb accepts, and the same on both engines. ``text`` itself when nothing needs it,
+    found by a few C-speed scans; raises ValueError when it is not JSON."""
+    if _needs_cleaning(text) or "NaN" in text or "Infinity" in text:
+        return json.dumps(_clean(_CLEANING_DECODER.decode(text)), ensure_ascii=False, allow_nan=False)
     return text
 
 
@@ -2496,6 +2512,16 @@ def _require_current_schema(rows: Sequence[Mapping[str, Any]], engine: str) -> N
                          f"({latest}); start `nightcrier run` once to migrate it")
 
 
+def storable(value: Any) -> Any:
+    """A statement parameter as both engines store it -- the one policy for text neither may
+    hold: a :class:`JsonText` cleaned by :func:`clean_json`, any other string by
+    :func:`clean_text`, anything else as it is. So a NUL reads back as the six characters
+    \\u0000 on both engines, and text that already held those six reads back unchanged."""
+    if isinstance(value, str):
+        return clean_json(value) if type(value) is JsonText else clean_text(value)
+    return value
+
+
 def _ts(value: Any) -> dt.datetime | None:
     """A stored timestamp (ISO text from SQLite, datetime from PostgreSQL) as aware UTC."""
     if value is None or value == "":
@@ -2663,18 +2689,17 @@ RECURRENCE_UPDATE = ("UPDATE incidents SET recurrences = recurrences + ?, last_r
 
 def ingest_rows(events: Sequence[FaultEvent], verdicts: Sequence[Verdict],
                 rejected: Sequence[RejectedNotification], gaps: Sequence[SubscriptionGap],
-                ts: Callable[[dt.datetime], Any], text: Callable[[str], Any] = str,
-                payload: Callable[[str], Any] | None = None
+                ts: Callable[[dt.datetime], Any]
                 ) -> list[tuple[str, tuple[str, ...], str, list[tuple[Any, ...]]]]:
     """(table, columns, key, rows) for one ingest batch, as both engines insert it.
 
     ``verdicts`` (from :func:`intake_verdicts`) say how each event's incident is
-    stored. ``ts`` turns a datetime into the engine's timestamp value, ``text``
-    makes a string storable and ``payload`` (default ``text``) the raw JSON;
-    rows are tuples in the column order, built directly because this is the hot
-    path of ingestion.
+    stored. ``ts`` turns a datetime into the engine's timestamp value; strings
+    are cleaned as :func:`storable` cleans them (the raw JSON as JSON), because
+    these rows bypass the statement parameters' cleaning. Rows are tuples in the
+    column order, built directly because this is the hot path of ingestion.
     """
-    payload = payload or text
+    text, payload = clean_text, clean_json
     now = ts(utcnow())
     event_rows = []
     incident_rows = []
@@ -2706,13 +2731,14 @@ def ingest_rows(events: Sequence[FaultEvent], verdicts: Sequence[Verdict],
 
 
 def queue_heads(events: Sequence[FaultEvent], verdicts: Sequence[Verdict]) -> list[tuple[str, dt.datetime]]:
-    """(cluster, receive time of its oldest new pending incident) for cluster_queue."""
+    """(cluster, receive time of its oldest new pending incident) for cluster_queue, the
+    cluster as :func:`ingest_rows` stores it."""
     heads: dict[str, dt.datetime] = {}
     for event, verdict in zip(events, verdicts, strict=True):
         if verdict.status == PENDING and (event.cluster not in heads
                                           or event.received_at < heads[event.cluster]):
             heads[event.cluster] = event.received_at
-    return list(heads.items())
+    return [(clean_text(cluster), at) for cluster, at in heads.items()]
 
 
 # Keeps the earlier of the stored and the new oldest-pending time.
@@ -3081,11 +3107,11 @@ class SqlStore(StateStore):
                     repointed = {name: moved_logs.get(path, path) for name, path in paths.items()}
                     if repointed != paths:
                         run("UPDATE agent_executions SET log_paths = ? WHERE execution_id = ?",
-                            (json.dumps(repointed), str(row["execution_id"])))
+                            (JsonText(json.dumps(repointed)), str(row["execution_id"])))
             run("INSERT INTO agent_executions (execution_id, incident_id, agent_image, started_at, "
                 "log_paths) VALUES (?, ?, ?, ?, ?)",
                 (execution.execution_id, incident_id, agent_image, execution.started_at,
-                 json.dumps(execution.log_paths)))
+                 JsonText(json.dumps(execution.log_paths))))
 
         self._transaction(start)
         return execution
@@ -3102,7 +3128,7 @@ class SqlStore(StateStore):
         spend = spend or RunSpend()
         run("UPDATE agent_executions SET completed_at = ?, exit_code = ?, error_message = ?, "
             "log_paths = ?, tokens_used = ?, cost_usd = ? WHERE execution_id = ?",
-            (utcnow(), exit_code, error_message, json.dumps(dict(log_paths)), spend.tokens_used,
+            (utcnow(), exit_code, error_message, JsonText(json.dumps(dict(log_paths))), spend.tokens_used,
              spend.cost_usd, execution_id))
 
     def record_report(self, report: TriageReport) -> None:
@@ -3111,6 +3137,8 @@ class SqlStore(StateStore):
     @staticmethod
     def _insert_report(run: Callable[..., Any], report: TriageReport) -> None:
         values = dataclasses.asdict(report)
+        if report.structured_data is not None:
+            values["structured_data"] = JsonText(report.structured_data)
         run(_insert_sql("triage_reports", tuple(values), "report_id"), tuple(values.values()))
 
     def set_report_storage(self, incident_id: str, storage_type: str, raw_report_path: str) -> bool:
@@ -3692,7 +3720,7 @@ def _sqlite_outage(exc: sqlite3.Error) -> bool:
 
 
 def _sqlite_param(value: Any) -> Any:
-    return _iso(value) if isinstance(value, dt.datetime) else value
+    return _iso(value) if isinstance(value, dt.datetime) else storable(value)
 
 
 def _insert_sql(table: str, columns: Sequence[str], key: str, rows: int = 1) -> str:
@@ -3945,7 +3973,7 @@ class PostgresStore(SqlStore):
         taken in one order (no deadlock); a later statement's snapshot sees what a concurrent
         batch that held one of them committed."""
         return cur.mogrify("SELECT count(pg_advisory_xact_lock(%s, hashtext(k))) "
-                           "FROM unnest(%s::text[]) AS k", (self.INTAKE_CLASS, [_pg_clean(k) for k in keys]))
+                           "FROM unnest(%s::text[]) AS k", (self.INTAKE_CLASS, [storable(k) for k in keys]))
 
     def watch_for_work(self, wake: Callable[[], None], stop: threading.Event) -> None:
         """LISTEN on a dedicated connection; reconnect with backoff when it breaks."""
@@ -4221,12 +4249,12 @@ class PostgresStore(SqlStore):
             lock = [self._intake_lock_sql(cur, locks)] if locks else []
 
             def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                statement = cur.mogrify(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                statement = cur.mogrify(sql.replace("?", "%s"), [storable(p) for p in params])
                 cur.execute(lock.pop() + b";\n" + statement if lock else statement)
                 return cur
             rules = dataclasses.replace(self.rules, dedup_window=0) if in_sql else self.rules
             verdicts, repeats = intake_verdicts(events, skipped_clusters, rules, run)
-            tables = ingest_rows(events, verdicts, rejected, gaps, _iso, _pg_text, _pg_json)
+            tables = ingest_rows(events, verdicts, rejected, gaps, _iso)
             heads = queue_heads(events, verdicts)
             (_, ev_columns, _, ev_rows), (_, inc_columns, _, inc_rows), *others = tables
             statements: list[bytes] = []
@@ -4275,7 +4303,7 @@ class PostgresStore(SqlStore):
     def _transaction(self, fn: Callable[[Callable[..., Any]], T]) -> T:
         def body(cur: Any) -> T:
             def run(sql: str, params: Sequence[Any] = ()) -> Any:
-                cur.execute(sql.replace("?", "%s"), [_pg_clean(p) for p in params])
+                cur.execute(sql.replace("?", "%s"), [storable(p) for p in params])
                 return cur
             return fn(run)
         return self._tx(body)
@@ -4287,7 +4315,7 @@ class PostgresStore(SqlStore):
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         def run(cur: Any) -> list[dict[str, Any]]:
-            cur.execute(sql, params)
+            cur.execute(sql, [storable(p) for p in params])
             return cur.fetchall()
         return self._tx(run, writes=False)
 
@@ -4296,10 +4324,6 @@ class PostgresStore(SqlStore):
         if self._liveness_thread is not None:
             self._liveness_thread.join(self.LIVENESS_CHECK_SECONDS + 5)
         self._pool.close()
-
-
-# A \u0000 escape, not an escaped backslash followed by "u0000".
-_JSON_NUL_ESCAPE_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 # The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted, after
@@ -4335,29 +4359,6 @@ UPDATE incidents p SET recurrences = p.recurrences + d.n,
        last_recurred_at = GREATEST(p.last_recurred_at, d.last)
 FROM (SELECT duplicate_of, count(*) AS n, max(created_at) AS last FROM marked GROUP BY duplicate_of) d
 WHERE p.incident_id = d.duplicate_of"""
-
-
-def _pg_text(value: str) -> str:
-    """Text for a PostgreSQL text column: NUL, which it cannot hold, written as \\u0000.
-    Parsed notifications never hold one (see :func:`load_json`); this guards other callers."""
-    return value.replace("\x00", NUL_ESCAPE) if "\x00" in value else value
-
-
-def _pg_json(value: str) -> str:
-    """JSON for a jsonb column, which refuses the \\u0000 escape: written as U+FFFD."""
-    if "\x00" in value:
-        value = value.replace("\x00", NUL_ESCAPE)
-    if "\\u0000" in value:
-        value = _JSON_NUL_ESCAPE_RE.sub(lambda m: m.group(1) + "\\ufffd", value)
-    return value
-
-
-def _pg_clean(value: Any) -> Any:
-    """PostgreSQL text cannot hold NUL characters (nor JSON the \\u0000 escape);
-    replace them rather than lose the row."""
-    if isinstance(value, str) and ("\x00" in value or "\\u0000" in value):
-        return value.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd")
-    return value
 
 
 def open_store(config: Config, *, read_only: bool = False, owner: str = "") -> StateStore:

@@ -262,8 +262,7 @@ def raw_ceiling_postgres(events: list[nc.FaultEvent], url: str) -> float:
     store = nc.PostgresStore(url)
     store.close()
     conn = psycopg2.connect(url)
-    tables = nc.ingest_rows(events, [nc.Verdict(nc.PENDING)] * len(events), (), (), lambda t: t,
-                            nc._pg_text, nc._pg_json)[:2]
+    tables = nc.ingest_rows(events, [nc.Verdict(nc.PENDING)] * len(events), (), (), lambda t: t)[:2]
     start = time.monotonic()
     with conn.cursor() as cur:
         for i in range(0, len(events), BATCH):

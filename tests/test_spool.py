@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -37,7 +38,8 @@ def test_replay_quarantines_bad_lines_stores_the_rest_and_the_service_stays_heal
     spool_dir = tmp_path / "ws" / "spool"
     spool_dir.mkdir(parents=True, mode=0o700)
     good = [_event(f"spooled-{n}") for n in range(30)]
-    poisoned = _event("poisoned-\ud800")  # stored by nobody: no engine's driver encodes a lone surrogate
+    # Stored by nobody: both engines refuse an empty fault type (the surrogate they would store cleaned).
+    poisoned = dataclasses.replace(_event("poisoned-\ud800"), fault_type="")
     (spool_dir / "00000000000000000001.sealed").write_bytes(
         b"".join(_line(e) for e in good[:10])
         + b'{"kind": "event", "cluster": "pr\xff\xfe torn and corrupt\n'
@@ -75,7 +77,8 @@ def test_replay_quarantines_bad_lines_stores_the_rest_and_the_service_stays_heal
             ("00000000000000000001.sealed", 23)]
         assert "unreadable spool record" in quarantined[0]["reason"]
         assert "\\xff\\xfe" in quarantined[0]["text"]
-        assert "refused" in quarantined[1]["reason"] or "value refused" in quarantined[1]["reason"]
+        refusal = quarantined[1]["reason"]
+        assert refusal.startswith("RecordRefused") and "fault_type" in refusal
         assert json.loads(quarantined[1]["text"])["resource_name"] == "poisoned-\ud800"
         assert "bogus" in quarantined[2]["text"]
         assert (os.stat(spool_dir / nc.Spool.QUARANTINE).st_mode & 0o777) == 0o600

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+from conftest import stored_payload
 
 import nightcrier as nc
 from nightcrier import IncidentFilter, StateStore
@@ -156,11 +157,34 @@ def test_large_and_unusual_text_round_trips(store: StateStore) -> None:
     assert store.get_incident(incident_id).context == context  # type: ignore[union-attr]
 
 
-def test_nul_characters_do_not_lose_the_event(store: StateStore) -> None:
-    (incident_id,) = insert(store, make_event(context="before\x00after",
-                                              mcp_payload='{"data": "a\\u0000b"}'))
-    context = store.get_incident(incident_id).context  # type: ignore[union-attr]
-    assert context.startswith("before") and context.endswith("after")
+# One policy for what neither engine may hold, on both: a NUL is stored as the six characters
+# \u0000 -- in text and inside JSON alike --, and text that already held those six is kept as it is.
+NUL_TEXT = "before\x00after, and a literal \\u0000 too"
+NUL_STORED = "before\\u0000after, and a literal \\u0000 too"
+
+
+def test_nul_is_stored_as_its_escape_and_a_literal_escape_as_itself(store: StateStore) -> None:
+    event = make_event("nul\x00cluster", context=NUL_TEXT, mcp_payload=json.dumps({"data": NUL_TEXT}))
+    (incident_id,) = insert(store, event)
+    incident = store.get_incident(incident_id)
+    assert incident is not None and (incident.cluster, incident.context) == ("nul\\u0000cluster", NUL_STORED)
+    assert stored_payload(store, event.event_id) == {"data": NUL_STORED}
+    # A query holding a NUL finds what was stored for it, on both engines alike.
+    found = store.list_incidents(IncidentFilter(cluster="nul\x00cluster"))
+    assert [i.incident_id for i in found] == [incident_id]
+
+    claimed = store.claim_next("w")
+    assert claimed is not None and claimed.incident_id == incident_id
+    execution = store.start_execution(incident_id, "agent:1", {"stdout": "/ws/\x00/out.log"})
+    store.finish_execution(execution.execution_id, 1, NUL_TEXT, {"stdout": "/ws/\x00/out.log"})
+    store.record_report(nc.TriageReport(
+        nc.new_id(), incident_id, execution.execution_id, nc.utcnow(), report_markdown=NUL_TEXT,
+        structured_data=json.dumps({"root_cause": NUL_TEXT, "confidence": float("nan")})))
+    (stored,) = store.list_executions(incident_id)
+    assert (stored.error_message, stored.log_paths) == (NUL_STORED, {"stdout": "/ws/\\u0000/out.log"})
+    report = store.get_report(incident_id)
+    assert report is not None and report.report_markdown == NUL_STORED
+    assert json.loads(report.structured_data or "") == {"root_cause": NUL_STORED, "confidence": "NaN"}
 
 
 # -- claim_next ---------------------------------------------------------------------
