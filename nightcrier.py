@@ -2668,6 +2668,13 @@ def _pending_counts(events: Sequence[FaultEvent], run: Callable[..., Any]) -> di
         f"AND cluster IN ({','.join('?' * len(clusters))}) GROUP BY cluster", clusters).fetchall()}
 
 
+def repeats_itself(events: Sequence[FaultEvent], verdicts: Sequence[Verdict]) -> bool:
+    """Whether two pending incidents of one batch share a fault condition."""
+    keys = [_repeat_key(e) for e, v in zip(events, verdicts, strict=True)
+            if v.status == PENDING and e.fault_id]
+    return len(set(keys)) != len(keys)
+
+
 def intake_lock_keys(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules
                      ) -> list[str]:
     """What an ingest transaction locks so that the verdicts of concurrent ones agree."""
@@ -4238,11 +4245,13 @@ class PostgresStore(SqlStore):
             # lock and must then win it back from the listeners: the whole batch goes in one
             # execute. Incidents are inserted for the events stored by it; when a copy of a
             # stored emission was among them, settle_copies finds what the rest are.
-            # Without a backlog limit, repeats are settled by SQL in the batch's one round trip
-            # (PG_REPEAT_SQL), after the queue upsert: that row lock on each cluster with a new
-            # pending incident already makes concurrent batches of one cluster take turns, and
-            # the statements after it see what the other committed. With a backlog limit the
-            # intake locks travel with the first lookup. Each statement has a snapshot of its own.
+            # Without a backlog limit, repeats are settled by SQL after the queue upsert: that row
+            # lock on each cluster with a new pending incident already makes concurrent batches of
+            # one cluster take turns, and the statements after it see what the other committed.
+            # The insert probes for a stored repeat (PG_REPEAT_PROBE); only when it or the batch
+            # itself holds one does PG_REPEAT_SQL follow, in a second round trip. With a backlog
+            # limit the intake locks travel with the first lookup. Each statement has a snapshot
+            # of its own.
             in_sql = bool(self.rules.dedup_window and not self.rules.cluster_queue_size)
             locks = intake_lock_keys(events, skipped_clusters, self.rules) \
                 if self.rules.checks_intake and not in_sql else []
@@ -4272,21 +4281,24 @@ class PostgresStore(SqlStore):
                            for n, last, i in repeats]
             if ev_rows:
                 # No conflict target: a copy of a stored emission is skipped like a stored id.
+                result = b") SELECT count(*) AS stored FROM ev"
+                if in_sql:
+                    result = (b" RETURNING fault_id, cluster, created_at, status) SELECT (SELECT count(*) "
+                              b"FROM ev) AS stored, " + cur.mogrify(PG_REPEAT_PROBE, {
+                                  "window": float(self.rules.dedup_window)}) + b" AS repeats")
                 statements.append(
                     b"WITH ev AS (" + recordset_insert(cur, "fault_events", ev_columns, ev_rows)
                     + b" ON CONFLICT DO NOTHING RETURNING event_id), inc AS ("
                     + recordset_insert(cur, "incidents", inc_columns, inc_rows,
                                        "WHERE r.event_id IN (SELECT event_id FROM ev)")
-                    + b" ON CONFLICT (incident_id) DO NOTHING) SELECT count(*) AS stored FROM ev")
+                    + b" ON CONFLICT (incident_id) DO NOTHING" + result)
             batch = [e.incident_id for e in events]
-            if in_sql and ev_rows:
-                # Then the count of stored events comes last, in place of the insert's own.
-                statements += [self._repeat_sql(cur, batch),
-                               cur.mogrify("SELECT count(*) AS stored FROM fault_events WHERE event_id = "
-                                           "ANY(%s::uuid[])", ([e.event_id for e in events],))]
             if statements:
                 cur.execute(b";\n".join(statements))
-            if not ev_rows or cur.fetchone()["stored"] == len(ev_rows):
+            inserted = cur.fetchone() if ev_rows else None
+            if in_sql and inserted and (inserted["repeats"] or repeats_itself(events, verdicts)):
+                cur.execute(self._repeat_sql(cur, batch))
+            if not inserted or inserted["stored"] == len(ev_rows):
                 return own_incident_ids()
             present, incident_ids = settle_copies(run, events)
             rows = [row for row in inc_rows if row[1] in present]
@@ -4324,6 +4336,19 @@ class PostgresStore(SqlStore):
         if self._liveness_thread is not None:
             self._liveness_thread.join(self.LIVENESS_CHECK_SECONDS + 5)
         self._pool.close()
+
+
+# Whether a pending incident that the ingest statement just inserted (``inc``, its RETURNING)
+# repeats a stored one: that statement's snapshot sees every stored incident and none of its
+# own, so a batch that repeats nothing -- the common one -- costs one index probe per incident
+# and no second statement. PG_REPEAT_SQL runs only when this, or the batch itself, finds one.
+PG_REPEAT_PROBE = """EXISTS (SELECT 1 FROM inc x WHERE x.status = 'pending' AND x.fault_id <> '' AND EXISTS (
+    SELECT 1 FROM incidents c
+    WHERE c.fault_id = x.fault_id AND c.cluster = x.cluster AND c.duplicate_of IS NULL
+      AND c.skip_reason IS NULL AND c.fault_id <> ''
+      AND (c.status IN ('pending', 'investigating')
+           OR c.completed_at >= x.created_at - make_interval(secs => %(window)s)
+           OR c.last_recurred_at >= x.created_at - make_interval(secs => %(window)s))))"""
 
 
 # The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted, after
