@@ -4342,13 +4342,14 @@ class PostgresStore(SqlStore):
 # repeats a stored one: that statement's snapshot sees every stored incident and none of its
 # own, so a batch that repeats nothing -- the common one -- costs one index probe per incident
 # and no second statement. PG_REPEAT_SQL runs only when this, or the batch itself, finds one.
-PG_REPEAT_PROBE = """EXISTS (SELECT 1 FROM inc x WHERE x.status = 'pending' AND x.fault_id <> '' AND EXISTS (
-    SELECT 1 FROM incidents c
+PG_REPEAT_PROBE = """EXISTS (SELECT 1 FROM inc x WHERE x.status = 'pending' AND x.fault_id <> '' AND (
+    SELECT TRUE FROM incidents c  -- a scalar subquery, never a join: one index lookup per incident
     WHERE c.fault_id = x.fault_id AND c.cluster = x.cluster AND c.duplicate_of IS NULL
       AND c.skip_reason IS NULL AND c.fault_id <> ''
       AND (c.status IN ('pending', 'investigating')
            OR c.completed_at >= x.created_at - make_interval(secs => %(window)s)
-           OR c.last_recurred_at >= x.created_at - make_interval(secs => %(window)s))))"""
+           OR c.last_recurred_at >= x.created_at - make_interval(secs => %(window)s))
+    LIMIT 1))"""
 
 
 # The repeat rule of intake_verdicts, as PostgreSQL applies it to a batch just inserted, after
