@@ -429,6 +429,27 @@ def test_no_connection_is_opened_but_by_the_factory() -> None:
     assert source.index("psycopg2.connect(") > source.index("def pg_connect(")
 
 
+def _plan_nodes(node: dict) -> list[dict]:
+    return [node, *(n for child in node.get("Plans", ()) for n in _plan_nodes(child))]
+
+
+def test_the_repeat_probe_looks_each_new_incident_up_by_its_fault_condition(pg_url: str) -> None:
+    """Planned as a join, the probe read the whole repeatable index once per new incident."""
+    store = nc.PostgresStore(pg_url)
+    store.rules = nc.TriageRules(dedup_window=300)
+    store.insert_events([make_event(f"c{n % 10}", fault_id=f"fault-{n}") for n in range(2000)])
+    store.close()
+    probe = nc.PG_REPEAT_PROBE.replace("%(window)s", "300")
+    with psycopg2.connect(pg_url) as conn, conn.cursor() as cur:
+        cur.execute("EXPLAIN (FORMAT JSON) WITH inc AS (INSERT INTO incidents SELECT * FROM "
+                    "json_populate_recordset(NULL::incidents, '[]') RETURNING fault_id, cluster, created_at, "
+                    f"status) SELECT {probe} AS repeats")
+        (plan,), = cur.fetchall()
+    lookups = [n for n in _plan_nodes(plan[0]["Plan"]) if n.get("Relation Name") == "incidents"
+               and n["Node Type"] != "ModifyTable"]
+    assert lookups and all("x.fault_id" in n.get("Index Cond", "") for n in lookups), lookups
+
+
 def test_sqlite_has_no_notifications_and_returns_at_once(tmp_path: Path) -> None:
     store = nc.SqliteStore(str(tmp_path / "nc.db"))
     store.watch_for_work(lambda: None, threading.Event())
