@@ -572,12 +572,14 @@ def test_kill_9_during_an_outage_and_restart(fleet: Fleet, mcp_servers: list[Mcp
     stream = FaultStream(mcp_servers).start()
 
     def kill_once_spooled() -> None:
+        # Counted once the database is down: what was delivered before may have been stored.
+        delivered_before_down = len(stream.snapshot())
         wait_for(lambda: "spooling events" in fleet.log("a"), timeout=30, what="the events to be spooled")
         # Bytes a process has received but not yet written anywhere die with it; kill it once
         # everything delivered to it is on disk, then let faults flow to nobody.
         threading.Event().wait(OUTAGE / 3)
         stream.pause()
-        since_down = [m for m, n in stream.snapshot().items() if n and int(m[2:]) >= sent_before_outage]
+        since_down = [m for m, n in stream.snapshot().items() if n and int(m[2:]) >= delivered_before_down]
         def all_spooled() -> bool:
             spool = fleet.spooled("a")
             return all(m in spool for m in since_down)
@@ -593,7 +595,6 @@ def test_kill_9_during_an_outage_and_restart(fleet: Fleet, mcp_servers: list[Mcp
 
     try:
         flow_until_stored(stream, database, 50)
-        sent_before_outage = len(stream.snapshot())
         run_outage(postgres_server, stream, during=kill_once_spooled)
         # The holder died during the outage: the standby takes its clusters once it has given the
         # holder failover_seconds to come back; the restarted one stores what the dead one spooled.
