@@ -2569,6 +2569,12 @@ def _repeat_key(event: FaultEvent) -> str:
     return f"{event.cluster}\x1f{event.fault_id}"
 
 
+def repeats_itself(events: Iterable[FaultEvent]) -> bool:
+    """Whether two of ``events`` share a fault condition; an empty faultId shares none."""
+    keys = [_repeat_key(e) for e in events if e.fault_id]
+    return len(set(keys)) != len(keys)
+
+
 def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules,
                     run: Callable[..., Any]) -> tuple[list[Verdict], list[tuple[int, Any, str]]]:
     """Verdicts for a batch, in the order of ``events``, and the recurrence updates
@@ -2586,10 +2592,9 @@ def intake_verdicts(events: Sequence[FaultEvent], skipped_clusters: Iterable[str
         return [_TRIAGE] * len(events), []
     checked = [e for e in events if e.cluster not in skipped]
     repeatables = _stored_repeatables(checked, rules, run) if rules.dedup_window and checked else {}
-    if not repeatables and not skipped and not rules.severity_threshold and not rules.cluster_queue_size:
-        keys = [_repeat_key(e) for e in events if e.fault_id]
-        if len(set(keys)) == len(keys):
-            return [_TRIAGE] * len(events), []  # the common batch: nothing in it repeats anything
+    if not (repeatables or skipped or rules.severity_threshold or rules.cluster_queue_size
+            or repeats_itself(events)):
+        return [_TRIAGE] * len(events), []  # the common batch: nothing in it repeats anything
     pending = _pending_counts(checked, run) if rules.cluster_queue_size and checked else {}
     verdicts: list[Verdict] = []
     stored_repeats: dict[str, list[Any]] = {}
@@ -2666,13 +2671,6 @@ def _pending_counts(events: Sequence[FaultEvent], run: Callable[..., Any]) -> di
     return {row["cluster"]: int(row["n"]) for row in run(
         "SELECT cluster, COUNT(*) AS n FROM incidents WHERE status = 'pending' "
         f"AND cluster IN ({','.join('?' * len(clusters))}) GROUP BY cluster", clusters).fetchall()}
-
-
-def repeats_itself(events: Sequence[FaultEvent], verdicts: Sequence[Verdict]) -> bool:
-    """Whether two pending incidents of one batch share a fault condition."""
-    keys = [_repeat_key(e) for e, v in zip(events, verdicts, strict=True)
-            if v.status == PENDING and e.fault_id]
-    return len(set(keys)) != len(keys)
 
 
 def intake_lock_keys(events: Sequence[FaultEvent], skipped_clusters: Iterable[str], rules: TriageRules
@@ -4296,7 +4294,8 @@ class PostgresStore(SqlStore):
             if statements:
                 cur.execute(b";\n".join(statements))
             inserted = cur.fetchone() if ev_rows else None
-            if in_sql and inserted and (inserted["repeats"] or repeats_itself(events, verdicts)):
+            if in_sql and inserted and (inserted["repeats"] or repeats_itself(
+                    e for e, v in zip(events, verdicts, strict=True) if v.status == PENDING)):
                 cur.execute(self._repeat_sql(cur, batch))
             if not inserted or inserted["stored"] == len(ev_rows):
                 return own_incident_ids()
